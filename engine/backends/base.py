@@ -1,0 +1,43 @@
+"""The contract between the HTTP layer and an engine. Both engines implement it, so clients, metrics and
+the operator cannot tell them apart except by speed and footprint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Literal, Protocol
+
+from gearshift.engine.outputs import EngineStats, RequestOutput
+from gearshift.engine.sampling_params import SamplingParams
+
+
+class Backend(Protocol):
+    name: Literal["paged", "gguf"]
+    model_name: str  # the served model name
+    max_model_len: int  # context length in tokens (prompt + output)
+
+    async def start(self) -> None:
+        """Load the model and start the worker. Raises ModelLoadError with a clear message."""
+
+    async def stop(self) -> None:
+        """Stop the worker; every unfinished request ends with finish_reason 'abort'."""
+
+    def ready(self) -> bool:
+        """Model loaded and the worker stepping (GET /ready)."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def decode(self, token_ids: list[int]) -> str: ...
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """Render chat messages with the model's own template (from tokenizer_config or GGUF metadata)."""
+
+    def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Stream cumulative outputs until finished.
+
+        Validation happens before anything is queued: InvalidRequestError (prompt too long, bad values)
+        or EngineOverloadedError (queue full) is raised on the first `__anext__`. Closing the iterator
+        early (client gone, timeout) aborts the request and frees its resources at the next step.
+        """
+
+    def stats(self) -> EngineStats: ...

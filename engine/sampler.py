@@ -1,0 +1,124 @@
+"""Batched sampling from the last-position logits of every sequence that samples this step.
+
+Order of operations (vLLM's): penalties on the raw logits, then greedy rows take the argmax; the
+others are divided by their temperature, cut by top-k, top-p and min-p, and drawn. A seeded request
+owns a torch.Generator, so its draws depend on nothing else in the batch; unseeded rows share the
+engine's generator. Logprobs are the model's own (log-softmax of the raw logits), like vLLM's default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gearshift.engine.outputs import Logprob
+from gearshift.engine.sequence import Sequence
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[Logprob | None]  # per row; None where the request asked for none
+
+
+class Sampler:
+    def __init__(self, seed: int = 0) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        """logits: [B, V] float (any device); seqs: the B sequences, one per row."""
+        assert logits.dim() == 2 and logits.shape[0] == len(seqs), (tuple(logits.shape), len(seqs))
+        raw = logits.float().cpu()  # [B, V]; sampling is tiny next to the model, and generators live on CPU
+        vocab = raw.shape[1]
+        logits = self._apply_penalties(raw, seqs)  # [B, V], a new tensor when any row is penalized
+
+        greedy = torch.tensor([s.params.greedy for s in seqs])
+        chosen = logits.argmax(dim=-1)  # [B]
+        random_rows = (~greedy).nonzero().flatten().tolist()
+        if random_rows:
+            idx = torch.tensor(random_rows)
+            probs = self._filtered_probs(logits[idx], [seqs[i] for i in random_rows])  # [R, V]
+            # Exponential race (Gumbel-max in probability space): argmax p / q with q ~ Exp(1) draws from p.
+            q = torch.empty_like(probs)
+            unseeded = [j for j, i in enumerate(random_rows) if seqs[i].params.seed is None]
+            if unseeded:
+                q[unseeded] = torch.empty(len(unseeded), vocab).exponential_(generator=self.generator)
+            for j, i in enumerate(random_rows):
+                seq = seqs[i]
+                if seq.params.seed is None:
+                    continue
+                if seq.generator is None:
+                    # Choice k of a seeded request draws from seed + k: reproducible, but not n copies.
+                    seq.generator = torch.Generator().manual_seed(seq.params.seed + seq.index)
+                q[j].exponential_(generator=seq.generator)
+            chosen[idx] = (probs / q.clamp_(min=1e-20)).argmax(dim=-1)
+
+        token_ids = chosen.tolist()
+        logprobs: list[Logprob | None] = [None] * len(seqs)
+        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if want:
+            idx = torch.tensor(want)
+            lp = torch.log_softmax(raw[idx], dim=-1)  # [W, V]
+            k = max(seqs[i].params.logprobs for i in want)
+            top_v, top_i = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long())
+            for j, i in enumerate(want):
+                n = seqs[i].params.logprobs
+                logprobs[i] = Logprob(
+                    token_id=token_ids[i],
+                    logprob=float(lp[j, token_ids[i]]),
+                    top={int(t): float(v) for t, v in zip(top_i[j, :n].tolist(), top_v[j, :n].tolist())},
+                )
+        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+
+    @staticmethod
+    def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        rows = [
+            i for i, s in enumerate(seqs)
+            if s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
+        ]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        vocab = logits.shape[1]
+        for i in rows:  # a handful of rows at most; each is a few vector ops over the vocabulary
+            p = seqs[i].params
+            row = logits[i]  # [V] view
+            if p.repetition_penalty != 1.0:
+                # CTRL-style, over prompt and output: shrink seen tokens' logits toward "less likely".
+                seen = torch.tensor(sorted(set(seqs[i].token_ids)), dtype=torch.long)
+                seen = seen[seen < vocab]
+                vals = row[seen]
+                row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            if p.presence_penalty or p.frequency_penalty:
+                out = torch.tensor(seqs[i].output_token_ids, dtype=torch.long)
+                if out.numel():
+                    counts = torch.bincount(out[out < vocab], minlength=vocab).to(row.dtype)  # [V]
+                    row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+        return logits
+
+    @staticmethod
+    def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """logits: [R, V] -> probabilities after temperature, top-k, top-p and min-p; [R, V]."""
+        temps = torch.tensor([s.params.temperature for s in seqs], dtype=logits.dtype).unsqueeze(1)  # [R, 1]
+        logits = logits / temps
+        vocab = logits.shape[1]
+        top_ks = [s.params.top_k if s.params.top_k > 0 else vocab for s in seqs]
+        top_ps = [s.params.top_p for s in seqs]
+        if any(k < vocab for k in top_ks) or any(p < 1.0 for p in top_ps):
+            sorted_logits, order = logits.sort(dim=-1, descending=True)  # [R, V]
+            ranks = torch.arange(vocab).unsqueeze(0)  # [1, V]
+            cut = ranks >= torch.tensor(top_ks).unsqueeze(1)  # [R, V]: beyond top-k
+            sorted_probs = sorted_logits.masked_fill(cut, float("-inf")).softmax(dim=-1)
+            # Keep the smallest prefix whose mass reaches top_p: drop a token if the mass before it does.
+            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+            cut |= mass_before >= torch.tensor(top_ps, dtype=logits.dtype).unsqueeze(1)
+            cut[:, 0] = False  # the best token always survives
+            logits = torch.empty_like(logits).scatter_(1, order, sorted_logits.masked_fill(cut, float("-inf")))
+        probs = logits.softmax(dim=-1)
+        min_ps = torch.tensor([s.params.min_p for s in seqs], dtype=probs.dtype).unsqueeze(1)  # [R, 1]
+        if bool((min_ps > 0).any()):
+            drop = probs < min_ps * probs.max(dim=-1, keepdim=True).values
+            probs = probs.masked_fill(drop, 0.0)
+            probs = probs / probs.sum(dim=-1, keepdim=True)
+        return probs

@@ -1,0 +1,161 @@
+"""Continuous batching, vLLM v1 style: every step hands out tokens under a budget.
+
+There are no prefill/decode phases. Each sequence knows num_computed_tokens; a step gives each running
+sequence (oldest first) what it still lacks — one token for a decode, a chunk for a prefill — until the
+token budget or the sequence cap is spent, then admits waiting sequences (FCFS) the same way. When
+blocks run out, the newest running sequence is preempted: its blocks are dropped and it recomputes
+later (its full blocks usually come back as prefix-cache hits). Pure Python.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from gearshift.engine.block_manager import BlockManager
+from gearshift.engine.errors import InvalidRequestError
+from gearshift.engine.scheduler_output import ScheduledSeq, SchedulerOutput
+from gearshift.engine.sequence import Sequence, SequenceStatus
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+    ) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # oldest first: preemption takes from the end
+        self.seqs: dict[int, Sequence] = {}  # every unfinished sequence by id
+        self.num_preemptions = 0
+
+    # -- admission checks ----------------------------------------------------------------------------
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int, n: int = 1) -> None:
+        """Raise InvalidRequestError for a request that could never run, before it is queued."""
+        if n > self.max_num_seqs:
+            raise InvalidRequestError(
+                f"n={n} exceeds the engine's max_num_seqs={self.max_num_seqs}", param="n")
+        longest = min(num_prompt_tokens + max_tokens, self.max_model_len)
+        need = self.block_manager.blocks_for(longest)
+        if need > self.block_manager.num_blocks:
+            raise InvalidRequestError(
+                f"the request needs up to {longest} tokens ({need} KV blocks) but the KV cache holds only "
+                f"{self.block_manager.num_blocks} blocks of {self.block_manager.block_size} tokens",
+                param="max_tokens" if num_prompt_tokens <= self.block_manager.num_blocks
+                * self.block_manager.block_size else "prompt",
+            )
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.seqs[seq.seq_id] = seq
+        self.waiting.append(seq)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.seqs)
+
+    # -- one step --------------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        bm = self.block_manager
+        scheduled: list[tuple[Sequence, int]] = []  # (sequence, new tokens this step)
+        preempted: list[int] = []
+
+        # 1. Running sequences, oldest first. Sequences not reached (budget spent) simply wait a step.
+        i = 0
+        while i < len(self.running) and budget > 0 and len(scheduled) < self.max_num_seqs:
+            seq = self.running[i]
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if num_new <= 0:
+                i += 1  # nothing to run (should not happen: every running sequence has a token to feed)
+                continue
+            while not bm.allocate(seq, num_new):
+                victim = self.running.pop()  # the newest
+                self._preempt(victim)
+                preempted.append(victim.seq_id)
+                if victim is seq:
+                    break
+            else:
+                scheduled.append((seq, num_new))
+                budget -= num_new
+                i += 1
+
+        # 2. Waiting sequences, FCFS — but not in a step that had to preempt (memory is short).
+        while self.waiting and budget > 0 and not preempted:
+            seq = self.waiting[0]
+            # A parent reserves room for the siblings it forks when its prompt is done.
+            if self.running and len(self.running) + 1 + seq.pending_forks > self.max_num_seqs:
+                break
+            if len(scheduled) >= self.max_num_seqs:
+                break
+            hits = bm.lookup(seq) if not seq.block_table else []
+            num_new = min(seq.num_tokens - seq.num_computed_tokens - len(hits) * bm.block_size, budget)
+            if not bm.allocate(seq, num_new, hits):
+                break
+            if not seq.num_cached_tokens and seq.num_preemptions == 0:
+                seq.num_cached_tokens = len(hits) * bm.block_size
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append((seq, num_new))
+            budget -= num_new
+
+        out = SchedulerOutput(preempted_seq_ids=preempted, block_copies=bm.drain_copies())
+        decodes = [(s, k) for s, k in scheduled if k == 1 and s.num_uncomputed_tokens == 1]
+        prefills = [(s, k) for s, k in scheduled if not (k == 1 and s.num_uncomputed_tokens == 1)]
+        for seq, num_new in decodes + prefills:
+            start = seq.num_computed_tokens
+            out.seqs.append(ScheduledSeq(
+                seq_id=seq.seq_id,
+                token_ids=seq.token_ids[start:start + num_new],
+                start_pos=start,
+                block_table=list(seq.block_table),
+                sample=start + num_new == seq.num_tokens,
+            ))
+        return out
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute later: drop the blocks (cached full ones stay findable), back to the queue's front."""
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def on_step_done(self, out: SchedulerOutput) -> None:
+        """The runner computed the step: advance each sequence and register its newly full blocks."""
+        for s in out.seqs:
+            seq = self.seqs.get(s.seq_id)
+            if seq is None or seq.is_finished:
+                continue
+            seq.num_computed_tokens = s.context_len
+            self.block_manager.cache_full_blocks(seq)
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def fork(self, parent: Sequence, index: int) -> Sequence:
+        """A sibling of `parent` sharing its blocks, running right after it."""
+        child = parent.fork(index)
+        self.block_manager.fork(parent, child)
+        self.seqs[child.seq_id] = child
+        if parent.status is SequenceStatus.RUNNING:
+            self.running.insert(self.running.index(parent) + 1, child)
+        else:
+            self.waiting.append(child)
+        return child
+
+    def finish(self, seq: Sequence) -> None:
+        """Stopped, hit its length or aborted: free its blocks at once."""
+        if seq.is_finished:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        self.seqs.pop(seq.seq_id, None)

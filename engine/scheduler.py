@@ -89,7 +89,7 @@ class Scheduler:
         while self.waiting and budget > 0 and not preempted:
             seq = self.waiting[0]
             # A parent reserves room for the siblings it forks when its prompt is done.
-            if self.running and len(self.running) + 1 + seq.pending_forks > self.max_num_seqs:
+            if self.running and self._num_reserved() + 1 + seq.pending_forks > self.max_num_seqs:
                 break
             if len(scheduled) >= self.max_num_seqs:
                 break
@@ -118,6 +118,9 @@ class Scheduler:
                 sample=start + num_new == seq.num_tokens,
             ))
         return out
+
+    def _num_reserved(self) -> int:
+        return len(self.running) + sum(s.pending_forks for s in self.running)
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute later: drop the blocks (cached full ones stay findable), back to the queue's front."""

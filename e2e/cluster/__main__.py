@@ -1,0 +1,36 @@
+"""`python -m gearshift.e2e.cluster up|down|status|kubeconfig`: the local control plane by hand."""
+
+from __future__ import annotations
+
+import sys
+
+from gearshift.e2e.cluster import local
+
+
+def main(argv: list[str]) -> int:
+    cmd = argv[0] if argv else "status"
+    try:
+        if cmd == "up":
+            path = local.ensure_cluster()
+            print(f"cluster up: export KUBECONFIG={path}")
+        elif cmd == "down":
+            local.down()
+            print("cluster down")
+        elif cmd == "status":
+            ok = local.running()
+            print("running" if ok else "not running")
+            return 0 if ok else 1
+        elif cmd == "kubeconfig":
+            print(local.KUBECONFIG)
+        else:
+            print(f"usage: python -m gearshift.e2e.cluster up|down|status|kubeconfig (not {cmd!r})",
+                  file=sys.stderr)
+            return 2
+    except local.ClusterError as e:
+        print(f"cluster {cmd}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Build kube-apiserver, kube-controller-manager and kube-scheduler once from Debian's `kubernetes`
+# source package (v1.20) and cache them; install etcd and the build tools from Debian.
+# Idempotent: when the three binaries are cached and etcd is installed, it does nothing.
+# Skipped entirely when KUBECONFIG points at a reachable cluster (kind, minikube, a real one).
+set -euo pipefail
+
+CACHE="${GEARSHIFT_KUBE_CACHE:-$HOME/.cache/gearshift/kube}"
+BIN="$CACHE/bin"
+COMPONENTS=(kube-apiserver kube-controller-manager kube-scheduler)
+
+log() { echo "[build.sh] $*" >&2; }
+
+if [[ -n "${KUBECONFIG:-}" ]] && command -v kubectl >/dev/null \
+    && kubectl --request-timeout=5s version >/dev/null 2>&1; then
+    log "KUBECONFIG=$KUBECONFIG answers: using that cluster, building nothing"
+    exit 0
+fi
+
+have_all() {
+    for c in "${COMPONENTS[@]}"; do [[ -x "$BIN/$c" ]] || return 1; done
+    command -v etcd >/dev/null || [[ -x /usr/bin/etcd ]] || return 1
+    command -v kubectl >/dev/null || return 1
+    command -v openssl >/dev/null || return 1
+}
+if have_all; then
+    log "control plane binaries cached in $BIN"
+    exit 0
+fi
+
+SUDO=""
+[[ $(id -u) -eq 0 ]] || SUDO="sudo"
+apt_install() {
+    local missing=()
+    for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+    ((${#missing[@]} == 0)) && return 0
+    log "apt-get install ${missing[*]}"
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2 \
+        || { $SUDO apt-get update -q >&2 && \
+             $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2; }
+}
+
+apt_install etcd-server openssl ca-certificates
+# kubectl: any recent one works against v1.20; Debian's kubernetes-client is the fallback.
+command -v kubectl >/dev/null || apt_install kubernetes-client
+
+for c in "${COMPONENTS[@]}"; do [[ -x "$BIN/$c" ]] || need_build=1; done
+if [[ -z "${need_build:-}" ]]; then
+    log "done (binaries already cached)"
+    exit 0
+fi
+
+apt_install golang-go rsync jq make dpkg-dev
+SRC_LIST=/etc/apt/sources.list.d/gearshift-debian-src.sources
+if ! apt-cache showsrc kubernetes >/dev/null 2>&1 || ! apt-cache showsrc kubernetes | grep -q '^Package:'; then
+    log "adding a deb-src entry for bookworm main ($SRC_LIST)"
+    $SUDO tee "$SRC_LIST" >/dev/null <<'SRC'
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: bookworm
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    $SUDO apt-get update -q >&2
+fi
+
+SRC="$CACHE/src"
+mkdir -p "$SRC" "$BIN"
+tree=$(find "$SRC" -maxdepth 1 -mindepth 1 -type d -name 'kubernetes-*' | head -n1)
+if [[ -z "$tree" ]]; then
+    log "apt-get source kubernetes into $SRC"
+    (cd "$SRC" && apt-get source -q kubernetes >&2)
+    tree=$(find "$SRC" -maxdepth 1 -mindepth 1 -type d -name 'kubernetes-*' | head -n1)
+fi
+[[ -n "$tree" ]] || { log "no kubernetes source tree under $SRC"; exit 1; }
+
+log "building ${COMPONENTS[*]} in $tree (several minutes)"
+whats=""
+for c in "${COMPONENTS[@]}"; do whats+="cmd/$c "; done
+# Debian's golang-go; one parallel job per core is the default of the Go toolchain.
+# No GOFLAGS: hack/lib/golang.sh splices it into -tags. The vendor/ tree is used by default.
+unset GOFLAGS
+export PATH="/usr/lib/go/bin:$PATH" GO111MODULE=on
+export GOCACHE="$CACHE/gocache" GOPATH="$CACHE/gopath"
+(cd "$tree" && make WHAT="${whats% }" KUBE_BUILD_PLATFORMS=linux/amd64 >&2)
+for c in "${COMPONENTS[@]}"; do
+    f=$(find "$tree/_output" -type f -name "$c" -perm -u+x | head -n1)
+    [[ -n "$f" ]] || { log "build produced no $c"; exit 1; }
+    install -m 0755 "$f" "$BIN/$c"
+done
+log "cached: $(ls "$BIN" | tr '\n' ' ')"

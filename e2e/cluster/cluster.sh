@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The local control plane by hand: cluster.sh up|down|status|kubeconfig (see local.py).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+export PYTHONSAFEPATH=1
+exec "$root/.venv/bin/python" -m gearshift.e2e.cluster "$@"

@@ -1,0 +1,216 @@
+"""A local Kubernetes control plane for tests: etcd + kube-apiserver + kube-controller-manager +
+kube-scheduler as plain processes on 127.0.0.1, no Docker, no kubelet (see `gearshift.e2e.node`).
+
+`ensure_cluster()` is the one entry point for tests: it returns a kubeconfig path. If `KUBECONFIG` points
+at a reachable cluster (kind, minikube, a real one) it returns that and starts nothing. Otherwise it builds
+the binaries once (`e2e/cluster/build.sh`, cached in ~/.cache/gearshift/kube/bin), starts the processes
+detached (they outlive the test run so the next run reuses them; `down()` / `make cluster-down` stops
+them) and waits until the API answers and ServiceAccount tokens are being minted.
+
+State lives in `<repo>/.cache/cluster/` (or $GEARSHIFT_CLUSTER_DIR): pki/, kubeconfig, etcd data, logs/,
+pids/. Ports (loopback only): API $GEARSHIFT_API_PORT (16443), etcd $GEARSHIFT_ETCD_PORT (23790) and +10.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import signal
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from gearshift.e2e.cluster.pki import ensure_pki, kubeconfig_text
+
+REPO = Path(__file__).resolve().parents[2]
+STATE = Path(os.environ.get("GEARSHIFT_CLUSTER_DIR", REPO / ".cache" / "cluster"))
+KUBECONFIG = STATE / "kubeconfig"
+BIN = Path(os.environ.get("GEARSHIFT_KUBE_CACHE", Path.home() / ".cache" / "gearshift" / "kube")) / "bin"
+API_PORT = int(os.environ.get("GEARSHIFT_API_PORT", "16443"))
+ETCD_PORT = int(os.environ.get("GEARSHIFT_ETCD_PORT", "23790"))
+SERVER = f"https://127.0.0.1:{API_PORT}"
+# Start order; `down` stops in reverse.
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
+
+
+class ClusterError(RuntimeError):
+    """The control plane could not be built or started; the message names the log to read."""
+
+
+def _command(name: str) -> list[str]:
+    pki = STATE / "pki"
+    kc = str(KUBECONFIG)
+    if name == "etcd":
+        peer = f"http://127.0.0.1:{ETCD_PORT + 10}"
+        return [shutil.which("etcd") or "/usr/bin/etcd", "--name=gearshift", f"--data-dir={STATE / 'etcd'}",
+                f"--listen-client-urls=http://127.0.0.1:{ETCD_PORT}",
+                f"--advertise-client-urls=http://127.0.0.1:{ETCD_PORT}",
+                f"--listen-peer-urls={peer}", f"--initial-advertise-peer-urls={peer}",
+                f"--initial-cluster=gearshift={peer}", "--log-level=warn"]
+    if name == "kube-apiserver":
+        return [str(BIN / name), f"--etcd-servers=http://127.0.0.1:{ETCD_PORT}",
+                "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={API_PORT}",
+                "--insecure-port=0", f"--tls-cert-file={pki / 'apiserver.crt'}",
+                f"--tls-private-key-file={pki / 'apiserver.key'}", f"--client-ca-file={pki / 'ca.crt'}",
+                f"--service-account-key-file={pki / 'sa.pub'}",
+                f"--service-account-signing-key-file={pki / 'sa.key'}",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                "--service-cluster-ip-range=10.0.0.0/24", "--authorization-mode=Node,RBAC",
+                # The `kubernetes` Service cannot point at a loopback address: don't try.
+                "--endpoint-reconciler-type=none", "--allow-privileged=true", "--v=1"]
+    common = [str(BIN / name), f"--kubeconfig={kc}", "--leader-elect=false", "--port=0",
+              "--secure-port=0", "--v=1"]
+    if name == "kube-controller-manager":
+        # The token controller (root CA + signing key) mints the ServiceAccount token Secrets (v1.20).
+        return common + [f"--root-ca-file={pki / 'ca.crt'}",
+                         f"--service-account-private-key-file={pki / 'sa.key'}",
+                         "--controllers=*,-nodeipam,-cloud-node-lifecycle,-service",
+                         "--concurrent-deployment-syncs=10", "--concurrent-replicaset-syncs=10"]
+    if name == "kube-scheduler":
+        return common
+    raise KeyError(name)
+
+
+def _pid_file(name: str) -> Path:
+    return STATE / "pids" / f"{name}.pid"
+
+
+def _alive(name: str) -> int | None:
+    """The pid of our running `name`, or None (a stale pid file, or a pid reused by another program)."""
+    try:
+        pid = int(_pid_file(name).read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except (OSError, ValueError):
+        return None
+    return pid if cmdline.endswith(name.encode()) else None
+
+
+def reachable(kubeconfig: str | Path, timeout: float = 5.0) -> bool:
+    """True when the cluster in `kubeconfig` answers /version."""
+    from kubernetes import client, config
+
+    try:
+        api = config.new_client_from_config(config_file=str(kubeconfig))
+        client.VersionApi(api).get_code(_request_timeout=timeout)
+        return True
+    except Exception:  # any failure to talk to it means: not usable
+        return False
+
+
+def running() -> bool:
+    """True when all our components run and the API answers."""
+    return all(_alive(c) for c in COMPONENTS) and KUBECONFIG.exists() and reachable(KUBECONFIG)
+
+
+@contextmanager
+def _locked():
+    STATE.mkdir(parents=True, exist_ok=True)
+    with open(STATE / ".lock", "w") as f:  # concurrent test sessions must not start two clusters
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build() -> None:
+    if all((BIN / c).is_file() for c in COMPONENTS[1:]) and (shutil.which("etcd") or Path("/usr/bin/etcd").exists()):
+        return
+    script = REPO / "e2e" / "cluster" / "build.sh"
+    env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+    proc = subprocess.run([str(script)], env=env)
+    if proc.returncode != 0:
+        raise ClusterError(f"{script} failed (exit {proc.returncode}); see its output above")
+
+
+def _wait(until, what: str, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if until():
+            return
+        time.sleep(0.5)
+    tail = log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
+    raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}; {log}:\n{tail}")
+
+
+def _start(name: str) -> None:
+    (STATE / "logs").mkdir(parents=True, exist_ok=True)
+    (STATE / "pids").mkdir(parents=True, exist_ok=True)
+    log = STATE / "logs" / f"{name}.log"
+    with open(log, "ab") as out:
+        # A session of its own: the control plane outlives the test run that started it.
+        proc = subprocess.Popen(_command(name), stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=STATE)
+    _pid_file(name).write_text(str(proc.pid))
+    time.sleep(0.3)
+    if proc.poll() is not None:
+        raise ClusterError(f"{name} exited at once ({proc.returncode}); see {log}")
+
+
+def _tokens_minted() -> bool:
+    from kubernetes import client, config
+
+    try:
+        api = client.CoreV1Api(config.new_client_from_config(config_file=str(KUBECONFIG)))
+        sa = api.read_namespaced_service_account("default", "default", _request_timeout=5)
+        return bool(sa.secrets)
+    except Exception:  # not there yet
+        return False
+
+
+def up() -> Path:
+    """Start our control plane (building it first if needed); returns the kubeconfig path."""
+    with _locked():
+        if running():
+            return KUBECONFIG
+        _build()
+        _stop_all()  # a half-running cluster from a crash: start clean
+        shutil.rmtree(STATE / "etcd", ignore_errors=True)
+        ensure_pki(STATE / "pki")
+        KUBECONFIG.write_text(kubeconfig_text(SERVER, STATE / "pki"))
+        _start("etcd")
+        _start("kube-apiserver")
+        _wait(lambda: reachable(KUBECONFIG, 2), "kube-apiserver", 120, STATE / "logs" / "kube-apiserver.log")
+        _start("kube-controller-manager")
+        _start("kube-scheduler")
+        _wait(_tokens_minted, "ServiceAccount tokens (controller-manager)", 120,
+              STATE / "logs" / "kube-controller-manager.log")
+        for c in COMPONENTS:
+            if not _alive(c):
+                raise ClusterError(f"{c} died during start; see {STATE / 'logs' / (c + '.log')}")
+        return KUBECONFIG
+
+
+def _stop_all() -> None:
+    for name in reversed(COMPONENTS):
+        pid = _alive(name)
+        if pid:
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(100):
+                if not Path(f"/proc/{pid}").exists() or _alive(name) is None:
+                    break
+                try:  # reap it if we are its parent (same process started it)
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+                time.sleep(0.1)
+            else:
+                os.kill(pid, signal.SIGKILL)
+        _pid_file(name).unlink(missing_ok=True)
+
+
+def down() -> None:
+    """Stop our control plane (a cluster given by $KUBECONFIG is never touched)."""
+    with _locked():
+        _stop_all()
+
+
+def ensure_cluster() -> Path:
+    """A kubeconfig for a reachable cluster: $KUBECONFIG's if it answers, else ours (started if needed)."""
+    external = os.environ.get("KUBECONFIG")
+    if external and Path(external) != KUBECONFIG:
+        if reachable(external):
+            return Path(external)
+    return up()

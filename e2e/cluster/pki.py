@@ -1,0 +1,86 @@
+"""Certificates and keys for the local control plane, made with the `openssl` command.
+
+One CA signs the API server's serving certificate (valid for 127.0.0.1 and the in-cluster names) and
+one client certificate in `system:masters` that the controller-manager, the scheduler, the node agent
+and the tests use. The service-account key pair signs ServiceAccount tokens. Files are made once and
+reused; a missing file is made again.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+_DAYS = "3650"
+_SANS = (
+    "IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
+    "DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+)
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _signed(pki: Path, name: str, subject: str, ext: str) -> None:
+    if (pki / f"{name}.crt").exists() and (pki / f"{name}.key").exists():
+        return
+    (pki / f"{name}.ext").write_text(ext)
+    _openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
+             "-out", f"{name}.csr", "-subj", subject, cwd=pki)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+             "-CAcreateserial", "-out", f"{name}.crt", "-days", _DAYS, "-extfile", f"{name}.ext", cwd=pki)
+
+
+def ensure_pki(pki: Path) -> Path:
+    """Make (once) ca, apiserver, admin and service-account keys under `pki`; returns `pki`."""
+    pki.mkdir(parents=True, exist_ok=True)
+    if not (pki / "ca.crt").exists():
+        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+                 "-days", _DAYS, "-subj", "/CN=gearshift-e2e-ca", cwd=pki)
+        for stale in ("apiserver.crt", "admin.crt"):  # signed by a CA that is gone
+            (pki / stale).unlink(missing_ok=True)
+    _signed(pki, "apiserver", "/CN=kube-apiserver",
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+            f"extendedKeyUsage=serverAuth\nsubjectAltName={_SANS}\n")
+    _signed(pki, "admin", "/O=system:masters/CN=gearshift-admin",
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+            "extendedKeyUsage=clientAuth\n")
+    if not (pki / "sa.key").exists():
+        _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
+        _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
+    return pki
+
+
+def kubeconfig_text(server: str, pki: Path, user: str = "admin") -> str:
+    """A kubeconfig for `server` authenticating with the client certificate `pki/<user>.crt`."""
+    return f"""apiVersion: v1
+kind: Config
+clusters:
+- name: gearshift-e2e
+  cluster: {{server: "{server}", certificate-authority: "{pki / 'ca.crt'}"}}
+users:
+- name: {user}
+  user: {{client-certificate: "{pki / (user + '.crt')}", client-key: "{pki / (user + '.key')}"}}
+contexts:
+- name: gearshift-e2e
+  context: {{cluster: gearshift-e2e, user: {user}}}
+current-context: gearshift-e2e
+"""
+
+
+def token_kubeconfig_text(server: str, ca_file: Path, token: str, namespace: str) -> str:
+    """A kubeconfig that authenticates with a bearer token (a ServiceAccount's), like a pod would."""
+    return f"""apiVersion: v1
+kind: Config
+clusters:
+- name: cluster
+  cluster: {{server: "{server}", certificate-authority: "{ca_file}"}}
+users:
+- name: sa
+  user: {{token: "{token}"}}
+contexts:
+- name: sa
+  context: {{cluster: cluster, user: sa, namespace: {namespace}}}
+current-context: sa
+"""

@@ -1,0 +1,178 @@
+"""The FastAPI app in front of either engine: `build_app(backend, config)`.
+
+The app starts and stops the backend with its lifespan, owns a per-app metrics registry and the
+lifecycle (admission, drain), and mounts the OpenAI and Ollama routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from gearshift.engine import __version__
+from gearshift.engine.backends.base import Backend
+from gearshift.engine.config import EngineConfig
+from gearshift.engine.errors import InvalidRequestError
+from gearshift.engine.server import errors
+from gearshift.engine.server.errors import APIError
+from gearshift.engine.server.lifecycle import Lifecycle
+from gearshift.engine.server.metrics import CONTENT_TYPE, ServerMetrics
+from gearshift.engine.server.protocol import DetokenizeRequest, TokenizeRequest
+
+log = logging.getLogger("gearshift.server")
+
+
+@dataclass
+class ServerState:
+    backend: Backend
+    config: EngineConfig
+    metrics: ServerMetrics
+    lifecycle: Lifecycle
+    created: int = field(default_factory=lambda: int(time.time()))
+    stopped: bool = False
+    startup_error: BaseException | None = None
+    on_fatal: Callable[[], None] | None = None  # set by `gearshift serve`: stop the server
+
+    @property
+    def model_name(self) -> str:
+        return self.backend.model_name
+
+    def check_model(self, name: str | None, *, ollama: bool = False) -> None:
+        if name is None or name == self.model_name:
+            return
+        if ollama and name.removesuffix(":latest") == self.model_name:
+            return
+        raise errors.model_not_found(name)
+
+    def vocab_check(self, ids: list[int], param: str) -> None:
+        vocab = getattr(self.backend, "vocab_size", None)
+        for t in ids:
+            if t < 0 or (vocab is not None and t >= vocab):
+                raise InvalidRequestError(f"token id {t} is outside the vocabulary", param=param)
+
+    async def stop_backend(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            await self.backend.stop()
+
+
+class JSONBodyMiddleware:
+    """Read POST bodies as JSON whatever Content-Type says: Ollama's clients and curl examples send JSON
+    without `application/json`, and a form-encoded JSON body should be a clear 400, not a puzzle."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = {**scope, "headers": headers + [(b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.gearshift
+
+
+def require_api_key(request: Request) -> None:
+    key = get_state(request).config.api_key
+    if not key:
+        return
+    auth = request.headers.get("authorization", "")
+    scheme, _, given = auth.partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise APIError(401, "You didn't provide an API key. Send it as `Authorization: Bearer YOUR_KEY`.",
+                       code="invalid_api_key")
+    if not hmac.compare_digest(given.strip().encode(), key.encode()):
+        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+
+def build_app(backend: Backend, config: EngineConfig) -> FastAPI:
+    from gearshift.engine.server import ollama_routes, openai_routes
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Load in the background: /health answers at once, /ready (and generation) once loaded.
+        async def load() -> None:
+            try:
+                await backend.start()
+            except Exception as e:  # one line for the user; `gearshift serve` exits 2 with it
+                state.startup_error = e
+                log.error("the model failed to load: %s", e)
+                if state.on_fatal is not None:
+                    state.on_fatal()
+
+        task = asyncio.create_task(load())
+        try:
+            yield
+        finally:
+            await task
+            if state.startup_error is None:
+                await state.stop_backend()
+
+    app = FastAPI(title="gearshift", version=__version__, lifespan=lifespan,
+                  description="OpenAI- and Ollama-compatible serving for the paged and gguf engines.")
+    state = ServerState(backend=backend, config=config,
+                        metrics=ServerMetrics(config.served_model_name or backend.model_name, backend.stats),
+                        lifecycle=Lifecycle(backend.ready))
+    app.state.gearshift = state
+    app.add_middleware(JSONBodyMiddleware)
+    errors.install(app)
+
+    ops = APIRouter()
+
+    @ops.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @ops.get("/ready")
+    async def ready() -> JSONResponse:
+        if state.lifecycle.draining:
+            return errors.error_response_plain(503, "the server is shutting down")
+        if not backend.ready():
+            return errors.error_response_plain(503, "the model is not ready yet")
+        return JSONResponse({"status": "ready", "model": backend.model_name, "engine": backend.name})
+
+    @ops.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    api = APIRouter(dependencies=[Depends(require_api_key)])
+
+    @api.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{
+            "id": backend.model_name, "object": "model", "created": state.created, "owned_by": "gearshift",
+            "root": config.model, "parent": None, "max_model_len": backend.max_model_len}]}
+
+    @api.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        state.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise InvalidRequestError("send exactly one of prompt or messages", param="prompt")
+        if body.messages is not None:
+            text = openai_routes.render_chat(state, body.messages, body.add_generation_prompt)
+            ids = backend.encode(text, add_special_tokens=False)
+        else:
+            ids = backend.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
+        return {"count": len(ids), "max_model_len": backend.max_model_len, "tokens": ids}
+
+    @api.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        state.check_model(body.model)
+        state.vocab_check(body.tokens, "tokens")
+        return {"prompt": backend.decode(body.tokens)}
+
+    app.include_router(ops)
+    app.include_router(api)
+    app.include_router(openai_routes.router, dependencies=[Depends(require_api_key)])
+    app.include_router(ollama_routes.router, dependencies=[Depends(require_api_key)])
+    return app

@@ -1,0 +1,220 @@
+"""Ollama's API on both engines: `POST /api/chat`, `POST /api/generate` (NDJSON streaming, the default),
+`GET /api/tags`, `GET /api/ps`, `GET /api/version`, so tools that speak Ollama (Open WebUI, editors) work.
+
+Durations are in nanoseconds, as Ollama reports them. Errors are Ollama's `{"error": "..."}`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from gearshift.engine.errors import InvalidRequestError
+from gearshift.engine.outputs import RequestOutput
+from gearshift.engine.sampling_params import SamplingParams
+from gearshift.engine.server.app import ServerState, get_state
+from gearshift.engine.server.errors import APIError
+from gearshift.engine.server.generation import ClientGone, Generation, GenerationStream
+from gearshift.engine.server.openai_routes import render_chat
+from gearshift.engine.server.protocol import ChatMessage
+from pydantic import BaseModel, ConfigDict
+
+router = APIRouter()
+OLLAMA_API_VERSION = "0.6.0"  # the Ollama API level these routes follow
+NDJSON = "application/x-ndjson"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class OllamaOptions(_Strict):
+    # Ollama's own defaults where it has them.
+    temperature: float = 0.8
+    top_p: float = 0.9
+    top_k: int = 40
+    min_p: float = 0.0
+    num_predict: int = -1  # -1: until the model stops (or the context is full)
+    seed: int | None = None
+    stop: list[str] | None = None
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+class OllamaMessage(_Strict):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    images: list[str] | None = None
+
+
+class _OllamaRequest(_Strict):
+    model: str
+    stream: bool = True
+    options: OllamaOptions | None = None
+    format: str | dict[str, Any] | None = None
+    keep_alive: str | int | float | None = None
+
+    def sampling_params(self) -> SamplingParams:
+        if self.format:
+            raise InvalidRequestError("format (structured output) is not supported", param="format")
+        o = self.options or OllamaOptions()
+        if o.num_predict == 0 or o.num_predict < -2:
+            raise InvalidRequestError(f"num_predict must be positive, -1 or -2, got {o.num_predict}", param="num_predict")
+        return SamplingParams(
+            max_tokens=o.num_predict if o.num_predict > 0 else None, temperature=o.temperature, top_p=o.top_p,
+            top_k=o.top_k, min_p=o.min_p, seed=o.seed, stop=list(o.stop or []),
+            repetition_penalty=o.repeat_penalty, presence_penalty=o.presence_penalty,
+            frequency_penalty=o.frequency_penalty)
+
+
+class OllamaGenerateRequest(_OllamaRequest):
+    prompt: str = ""
+    system: str | None = None
+    raw: bool = False
+    images: list[str] | None = None
+
+
+class OllamaChatRequest(_OllamaRequest):
+    messages: list[OllamaMessage] = []
+    tools: list[dict[str, Any]] | None = None
+
+
+def _created_at() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _timings(gen: Generation, out: RequestOutput) -> dict[str, Any]:
+    ns = 1_000_000_000
+    first = gen.first_token_at or gen.finished_at or gen.arrival
+    end = gen.finished_at or first
+    return {"total_duration": int((end - gen.arrival) * ns), "load_duration": 0,
+            "prompt_eval_count": len(out.prompt_token_ids), "prompt_eval_duration": int((first - gen.arrival) * ns),
+            "eval_count": len(out.outputs[0].token_ids), "eval_duration": int((end - first) * ns)}
+
+
+def _line(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+async def _serve(request: Request, state: ServerState, body: _OllamaRequest, ids: list[int],
+                 params: SamplingParams, piece: Any, extra_final: Any) -> Response:
+    gen = Generation(state, ids, params)
+    try:
+        await gen.start(request)
+    except ClientGone:
+        return Response(status_code=499)
+    model = body.model
+
+    def final(out: RequestOutput, text: str) -> dict[str, Any]:
+        return {"model": model, "created_at": _created_at(), **piece(text), "done": True,
+                "done_reason": out.outputs[0].finish_reason or "stop", **_timings(gen, out), **extra_final(out)}
+
+    if body.stream:
+        async def lines() -> AsyncIterator[str]:
+            sent = 0
+            try:
+                async for out in gen.outputs():
+                    text = out.outputs[0].text
+                    delta, sent = text[sent:], max(sent, len(text))
+                    if out.finished:
+                        if delta:
+                            yield _line({"model": model, "created_at": _created_at(), **piece(delta), "done": False})
+                        yield _line(final(out, ""))
+                    elif delta:
+                        yield _line({"model": model, "created_at": _created_at(), **piece(delta), "done": False})
+            except APIError as e:
+                yield _line({"error": e.message})
+
+        return GenerationStream(lines(), gen, media_type=NDJSON)
+    try:
+        out = await gen.collect(request)
+    except ClientGone:
+        return Response(status_code=499)
+    finally:
+        await gen.close()
+    return Response(_line(final(out, out.outputs[0].text)), media_type="application/json")
+
+
+@router.post("/api/generate")
+async def generate(body: OllamaGenerateRequest, request: Request) -> Response:
+    state = get_state(request)
+    state.check_model(body.model, ollama=True)
+    if body.images:
+        raise InvalidRequestError("images are not supported by this model", param="images")
+    params = body.sampling_params()
+    if not body.prompt and not body.system:
+        # Ollama's "load the model" call: the model is always loaded here.
+        return Response(_line({"model": body.model, "created_at": _created_at(), "response": "", "done": True,
+                               "done_reason": "load"}), media_type="application/json")
+    if body.raw:
+        ids = state.backend.encode(body.prompt, add_special_tokens=True)
+    else:
+        msgs = ([ChatMessage(role="system", content=body.system)] if body.system else []) + [
+            ChatMessage(role="user", content=body.prompt)]
+        ids = state.backend.encode(render_chat(state, msgs, True), add_special_tokens=False)
+    return await _serve(request, state, body, ids, params, lambda t: {"response": t},
+                        lambda out: {"context": list(out.prompt_token_ids) + list(out.outputs[0].token_ids)})
+
+
+@router.post("/api/chat")
+async def chat(body: OllamaChatRequest, request: Request) -> Response:
+    state = get_state(request)
+    state.check_model(body.model, ollama=True)
+    if body.tools:
+        raise InvalidRequestError("tools are not supported by this server", param="tools")
+    if any(m.images for m in body.messages):
+        raise InvalidRequestError("images are not supported by this model", param="messages")
+    params = body.sampling_params()
+    if not body.messages:
+        return Response(_line({"model": body.model, "created_at": _created_at(),
+                               "message": {"role": "assistant", "content": ""}, "done": True,
+                               "done_reason": "load"}), media_type="application/json")
+    msgs = [ChatMessage(role=m.role, content=m.content) for m in body.messages]
+    ids = state.backend.encode(render_chat(state, msgs, True), add_special_tokens=False)
+    return await _serve(request, state, body, ids, params,
+                        lambda t: {"message": {"role": "assistant", "content": t}}, lambda out: {})
+
+
+def _model_entry(state: ServerState) -> dict[str, Any]:
+    path = state.config.model
+    name = state.model_name if ":" in state.model_name else f"{state.model_name}:latest"
+    try:
+        st = os.stat(path)
+        size, mtime = (st.st_size if os.path.isfile(path) else _dir_size(path)), st.st_mtime
+    except OSError:
+        size, mtime = 0, 0.0
+    digest = hashlib.sha256(f"{os.path.abspath(path)}:{size}:{mtime}".encode()).hexdigest()
+    return {"name": name, "model": name, "size": size, "digest": digest,
+            "modified_at": dt.datetime.fromtimestamp(mtime, dt.timezone.utc).isoformat().replace("+00:00", "Z"),
+            "details": {"parent_model": "", "format": "gguf" if path.endswith(".gguf") else "safetensors",
+                        "family": "", "families": None, "parameter_size": "", "quantization_level": ""}}
+
+
+def _dir_size(path: str) -> int:
+    return sum(e.stat().st_size for e in os.scandir(path) if e.is_file())
+
+
+@router.get("/api/tags")
+async def tags(request: Request) -> dict[str, Any]:
+    return {"models": [_model_entry(get_state(request))]}
+
+
+@router.get("/api/ps")
+async def ps(request: Request) -> dict[str, Any]:
+    state = get_state(request)
+    entry = _model_entry(state)
+    entry.pop("modified_at")
+    return {"models": [{**entry, "expires_at": "9999-12-31T23:59:59Z", "size_vram": 0,
+                        "context_length": state.backend.max_model_len}]}
+
+
+@router.get("/api/version")
+async def version() -> dict[str, str]:
+    return {"version": OLLAMA_API_VERSION}

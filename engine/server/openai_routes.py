@@ -1,0 +1,210 @@
+"""`POST /v1/completions` and `POST /v1/chat/completions`, streamed (SSE) and not, in OpenAI's shapes.
+
+Engines hand over cumulative outputs; streaming diffs them per choice into deltas. Usage counts come
+from the engine's token ids, so streamed and non-streamed replies agree.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from gearshift.engine.errors import GearshiftError, InvalidRequestError
+from gearshift.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from gearshift.engine.server.app import ServerState, get_state
+from gearshift.engine.server.errors import APIError, error_payload
+from gearshift.engine.server.generation import ClientGone, Generation, GenerationStream
+from gearshift.engine.server.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    new_id,
+    now,
+    usage,
+)
+
+router = APIRouter()
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def render_chat(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+    msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    try:
+        return state.backend.apply_chat_template(msgs, add_generation_prompt)
+    except GearshiftError:
+        raise
+    except Exception as e:  # a template's raise_exception(), or a role order it does not accept
+        raise InvalidRequestError(f"the model's chat template rejected these messages: {e}", param="messages") from None
+
+
+def _top(lp: Logprob, k: int) -> list[tuple[int, float]]:
+    return sorted(lp.top.items(), key=lambda kv: -kv[1])[:k]
+
+
+def chat_logprobs(state: ServerState, lps: list[Logprob], k: int) -> dict[str, Any]:
+    def entry(tid: int, value: float) -> dict[str, Any]:
+        text = state.backend.decode([tid])
+        return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in _top(lp, k)]}
+                        for lp in lps]}
+
+
+def completion_logprobs(state: ServerState, lps: list[Logprob], k: int, offset: int) -> dict[str, Any]:
+    tokens, offsets = [], []
+    for lp in lps:
+        text = state.backend.decode([lp.token_id])
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{state.backend.decode([t]): v for t, v in _top(lp, k)} for lp in lps],
+            "text_offset": offsets}
+
+
+def _usage(out: RequestOutput) -> dict[str, Any]:
+    return usage(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs), out.num_cached_tokens)
+
+
+async def _run(request: Request, state: ServerState, prompt_ids: list[int], body: Any, params: Any,
+               stream_body: Any, reply: Any) -> Response:
+    gen = Generation(state, prompt_ids, params)
+    try:
+        await gen.start(request)
+    except ClientGone:
+        return Response(status_code=499)
+    if body.stream:
+        return GenerationStream(stream_body(gen), gen, media_type="text/event-stream", headers=SSE_HEADERS)
+    try:
+        final = await gen.collect(request)
+    except ClientGone:
+        return Response(status_code=499)
+    finally:
+        await gen.close()
+    return reply(final)
+
+
+class _Cursor:
+    """What has been streamed of each choice so far."""
+
+    def __init__(self, n: int) -> None:
+        self.chars = [0] * n
+        self.tokens = [0] * n
+        self.offset = [0] * n
+        self.done = [False] * n
+
+    def advance(self, c: CompletionOutput) -> tuple[str, list[Logprob]] | None:
+        """New text and logprobs of choice `c`, or None when there is nothing to send."""
+        i = c.index
+        if self.done[i]:
+            return None
+        delta = c.text[self.chars[i]:] if len(c.text) > self.chars[i] else ""
+        lps = (c.logprobs or [])[self.tokens[i]:]
+        if not delta and not c.finished and not lps:
+            return None
+        self.chars[i] = max(self.chars[i], len(c.text))
+        self.tokens[i] = len(c.token_ids)
+        self.done[i] = c.finished
+        return delta, lps
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    state = get_state(request)
+    state.check_model(body.model)
+    params = body.sampling_params()
+    prompt = body.single_prompt()
+    if isinstance(prompt, str):
+        ids = state.backend.encode(prompt, add_special_tokens=True)
+    else:
+        state.vocab_check(prompt, "prompt")
+        ids = list(prompt)
+    rid, created, model, k = new_id("cmpl"), now(), state.model_name, params.logprobs
+
+    def choice(i: int, text: str, lps: list[Logprob], offset: int, c: CompletionOutput) -> dict[str, Any]:
+        return {"index": i, "text": text,
+                "logprobs": completion_logprobs(state, lps, k, offset) if k is not None else None,
+                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+
+    async def stream(gen: Generation) -> AsyncIterator[str]:
+        cur = _Cursor(params.n)
+        base = {"id": rid, "object": "text_completion", "created": created, "model": model}
+        if body.include_usage:
+            base["usage"] = None
+        try:
+            async for out in gen.outputs():
+                for c in out.outputs:
+                    offset = cur.offset[c.index]
+                    step = cur.advance(c)
+                    if step is not None:
+                        cur.offset[c.index] += len(step[0])
+                        yield sse({**base, "choices": [choice(c.index, step[0], step[1], offset, c)]})
+            if body.include_usage and gen.final is not None:
+                yield sse({**base, "choices": [], "usage": _usage(gen.final)})
+        except APIError as e:
+            yield sse(error_payload("/v1/completions", e))
+        yield "data: [DONE]\n\n"
+
+    def reply(out: RequestOutput) -> Response:
+        return _json({"id": rid, "object": "text_completion", "created": created, "model": model,
+                      "choices": [choice(c.index, c.text, c.logprobs or [], 0, c) for c in out.outputs],
+                      "usage": _usage(out), "system_fingerprint": None})
+
+    return await _run(request, state, ids, body, params, stream, reply)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    state = get_state(request)
+    state.check_model(body.model)
+    params = body.sampling_params()
+    text = render_chat(state, body.messages, body.add_generation_prompt)
+    ids = state.backend.encode(text, add_special_tokens=False)
+    rid, created, model, k = new_id("chatcmpl"), now(), state.model_name, params.logprobs
+
+    def logprobs(lps: list[Logprob]) -> dict[str, Any] | None:
+        return chat_logprobs(state, lps, k) if k is not None else None
+
+    async def stream(gen: Generation) -> AsyncIterator[str]:
+        cur = _Cursor(params.n)
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "system_fingerprint": None}
+        if body.include_usage:
+            base["usage"] = None
+        try:
+            for i in range(params.n):  # the role comes first, as OpenAI sends it
+                yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                "logprobs": None, "finish_reason": None}]})
+            async for out in gen.outputs():
+                for c in out.outputs:
+                    step = cur.advance(c)
+                    if step is None:
+                        continue
+                    delta = {"content": step[0]} if step[0] else {}
+                    yield sse({**base, "choices": [{"index": c.index, "delta": delta, "logprobs": logprobs(step[1]),
+                                                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]})
+            if body.include_usage and gen.final is not None:
+                yield sse({**base, "choices": [], "usage": _usage(gen.final)})
+        except APIError as e:
+            yield sse(error_payload("/v1/chat/completions", e))
+        yield "data: [DONE]\n\n"
+
+    def reply(out: RequestOutput) -> Response:
+        return _json({"id": rid, "object": "chat.completion", "created": created, "model": model,
+                      "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                                   "logprobs": logprobs(c.logprobs or []), "finish_reason": c.finish_reason,
+                                   "stop_reason": c.stop_reason} for c in out.outputs],
+                      "usage": _usage(out), "system_fingerprint": None})
+
+    return await _run(request, state, ids, body, params, stream, reply)
+
+
+def _json(obj: dict[str, Any]) -> Response:
+    return Response(json.dumps(obj, ensure_ascii=False, separators=(",", ":")), media_type="application/json")

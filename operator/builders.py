@@ -1,0 +1,275 @@
+"""Spec + engine plan -> the child manifests (Deployment, Service, PVC, HPA, PDB) as plain dicts.
+
+Pure: no Kubernetes client. The same functions render `gearshift plan`, feed the operator's
+server-side apply, and give `gearshift up` its `gearshift serve` arguments, so the three never drift.
+No spec field ever reaches a shell: the pods run `gearshift` with an argument list.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gearshift.operator.policy import EnginePlan
+from gearshift.operator.spec import API_VERSION, ENGINE_ARGS, KIND, InferenceServiceSpec
+
+PORT = 8000
+MODELS_DIR = "/models"
+MANAGED_BY = "gearshift-operator"
+ENGINE_LABEL = "gearshift.dev/engine"
+INSTANCE_LABEL = "app.kubernetes.io/instance"
+RUN_AS = 1000
+# A model load (download + read + warm-up) may take many minutes; liveness waits for the startup probe.
+STARTUP_SECONDS = 30 * 60
+FETCH_IMAGE_PULL_POLICY = "IfNotPresent"
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    """The Deployment's selector: immutable, so it never holds the engine (an engine switch rolls out)."""
+    return {"app.kubernetes.io/name": "gearshift", INSTANCE_LABEL: name}
+
+
+def labels(spec: InferenceServiceSpec, plan: EnginePlan) -> dict[str, str]:
+    return {
+        **selector_labels(spec.name),
+        "app.kubernetes.io/component": "inference-server",
+        "app.kubernetes.io/part-of": "gearshift",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        ENGINE_LABEL: plan.engine,
+    }
+
+
+def owner_reference(owner: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The InferenceService as the children's controller, so deleting it garbage-collects them.
+    Without a uid (a file `gearshift plan` read) there is nothing to point at."""
+    meta = (owner or {}).get("metadata") or {}
+    if not meta.get("uid"):
+        return []
+    return [{"apiVersion": API_VERSION, "kind": KIND, "name": meta["name"], "uid": meta["uid"],
+             "controller": True, "blockOwnerDeletion": True}]
+
+
+def _meta(spec: InferenceServiceSpec, plan: EnginePlan, name: str, owner: dict[str, Any] | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": spec.namespace, "labels": labels(spec, plan)}
+    refs = owner_reference(owner)
+    if refs:
+        meta["ownerReferences"] = refs
+    return meta
+
+
+def cache_claim_name(spec: InferenceServiceSpec) -> str:
+    return f"{spec.name}-model-cache"
+
+
+def model_path(spec: InferenceServiceSpec) -> str:
+    """Where the serving container finds the model."""
+    uri = spec.model.uri
+    if uri.scheme == "file":  # baked into the image (or, under the e2e node agent, on the host)
+        return uri.path
+    if uri.scheme == "pvc":
+        return f"{MODELS_DIR}/{uri.path}"
+    return f"{MODELS_DIR}/{uri.local_name}"
+
+
+def needs_fetch(spec: InferenceServiceSpec) -> bool:
+    return spec.model.uri.scheme in ("https", "http", "hf")
+
+
+def serve_args(spec: InferenceServiceSpec, plan: EnginePlan, model: str, host: str, port: int) -> list[str]:
+    """`gearshift serve` arguments for the plan (everything after the program name)."""
+    args = ["serve", "--engine", plan.engine, "--model", model, "--served-model-name", spec.model.served_name,
+            "--host", host, "--port", str(port), "--device", plan.device,
+            "--max-num-seqs", str(plan.max_num_seqs)]
+    if plan.threads is not None:
+        args += ["--threads", str(plan.threads)]
+    if plan.kv_cache_memory is not None:
+        args += ["--kv-cache-memory", str(plan.kv_cache_memory)]
+    for key, value in sorted(plan.engine_args.items()):
+        flag = ENGINE_ARGS[key][2]
+        if isinstance(value, bool):
+            if value:
+                args.append(flag)
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def _security_context() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS,
+        "runAsGroup": RUN_AS,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _writable_env() -> list[dict[str, Any]]:
+    """The root filesystem is read-only: every cache goes to the /tmp emptyDir."""
+    return [{"name": "HOME", "value": "/tmp"}, {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
+            {"name": "TRITON_CACHE_DIR", "value": "/tmp/.triton"}, {"name": "PYTHONUNBUFFERED", "value": "1"}]
+
+
+def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period,
+            "timeoutSeconds": 5, "failureThreshold": failures}
+
+
+def deployment(spec: InferenceServiceSpec, plan: EnginePlan, image: str,
+               owner: dict[str, Any] | None = None) -> dict[str, Any]:
+    pod_labels = {**spec.pod_template.get("labels", {}), **labels(spec, plan)}  # ours win: the selector
+    annotations = {**spec.pod_template.get("annotations", {}), "prometheus.io/scrape": "true",
+                   "prometheus.io/port": str(PORT), "prometheus.io/path": "/metrics"}
+    env = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}, *_writable_env()]
+    if spec.api_key_secret:
+        name, key = spec.api_key_secret
+        env.append({"name": "GEARSHIFT_API_KEY", "valueFrom": {"secretKeyRef": {"name": name, "key": key}}})
+    mounts = [{"name": "tmp", "mountPath": "/tmp"}]
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
+    init: list[dict[str, Any]] = []
+    uri = spec.model.uri
+    if uri.scheme == "pvc":
+        volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": uri.claim, "readOnly": True}})
+        mounts.append({"name": "models", "mountPath": MODELS_DIR, "readOnly": True})
+    elif needs_fetch(spec):
+        if spec.cache:
+            volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": cache_claim_name(spec)}})
+        else:
+            volumes.append({"name": "models", "emptyDir": {}})
+        mounts.append({"name": "models", "mountPath": MODELS_DIR, "readOnly": True})
+        init.append(_fetch_container(spec, image))
+
+    container = {
+        "name": "engine",
+        "image": image,
+        "command": ["gearshift"],
+        # $(POD_IP) is expanded by the kubelet, not a shell: each pod binds its own address.
+        "args": serve_args(spec, plan, model_path(spec), "$(POD_IP)", PORT),
+        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+        "env": env,
+        "resources": {"requests": dict(plan.requests), "limits": dict(plan.limits)},
+        "volumeMounts": mounts,
+        "startupProbe": _probe("/health", 5, STARTUP_SECONDS // 5),
+        "readinessProbe": _probe("/ready", 5, 2),
+        "livenessProbe": _probe("/health", 10, 3),
+        "securityContext": _security_context(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,  # the engine never talks to the API server
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "terminationGracePeriodSeconds": 60,  # the server drains in-flight requests for up to 30 s
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if init:
+        pod_spec["initContainers"] = init
+    for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName", "serviceAccountName",
+                "imagePullSecrets", "runtimeClassName"):
+        if key in spec.pod_template:
+            pod_spec[key] = spec.pod_template[key]
+
+    dep_spec: dict[str, Any] = {
+        "selector": {"matchLabels": selector_labels(spec.name)},
+        # A new pod must be ready before an old one goes: zero downtime for a rollout or engine switch.
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+        "revisionHistoryLimit": 3,
+        "progressDeadlineSeconds": STARTUP_SECONDS,
+        "template": {"metadata": {"labels": pod_labels, "annotations": annotations}, "spec": pod_spec},
+    }
+    if spec.autoscaling is None:  # with an HPA the replica count is the HPA's field, not ours
+        dep_spec["replicas"] = spec.replicas
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(spec, plan, spec.name, owner),
+            "spec": dep_spec}
+
+
+def _fetch_container(spec: InferenceServiceSpec, image: str) -> dict[str, Any]:
+    args = ["fetch", spec.model.uri.uri, MODELS_DIR]
+    if spec.model.sha256:
+        args += ["--sha256", spec.model.sha256]
+    env = [*_writable_env(), {"name": "HF_HOME", "value": f"{MODELS_DIR}/.hf"}]
+    if spec.model.token_secret:
+        name, key = spec.model.token_secret
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": name, "key": key}}})
+    return {
+        "name": "fetch",
+        "image": image,
+        "imagePullPolicy": FETCH_IMAGE_PULL_POLICY,
+        "command": ["gearshift"],
+        "args": args,
+        "env": env,
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "models", "mountPath": MODELS_DIR}],
+        "securityContext": _security_context(),
+        # The download error becomes the container's termination message, which status surfaces.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def service(spec: InferenceServiceSpec, plan: EnginePlan, owner: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(spec, plan, spec.name, owner),
+            "spec": {"type": "ClusterIP", "selector": selector_labels(spec.name),
+                     "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}]}}
+
+
+def cache_pvc(spec: InferenceServiceSpec, plan: EnginePlan, owner: dict[str, Any] | None = None) -> dict[str, Any]:
+    assert spec.cache is not None
+    pvc_spec: dict[str, Any] = {"accessModes": list(spec.cache.access_modes),
+                                "resources": {"requests": {"storage": spec.cache.size}}}
+    if spec.cache.storage_class is not None:
+        pvc_spec["storageClassName"] = spec.cache.storage_class
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": _meta(spec, plan, cache_claim_name(spec), owner), "spec": pvc_spec}
+
+
+REQUESTS_RUNNING_METRIC = "gearshift_requests_running"
+
+
+def hpa(spec: InferenceServiceSpec, plan: EnginePlan, api_version: str = "autoscaling/v2",
+        owner: dict[str, Any] | None = None) -> dict[str, Any]:
+    """autoscaling/v2 and v2beta2 share these fields; the version is whichever the server serves."""
+    a = spec.autoscaling
+    assert a is not None
+    if a.target_concurrency:  # needs a metrics adapter serving the engine's Prometheus gauge
+        metric = {"type": "Pods", "pods": {"metric": {"name": REQUESTS_RUNNING_METRIC},
+                                           "target": {"type": "AverageValue",
+                                                      "averageValue": str(a.target_concurrency)}}}
+    else:
+        metric = {"type": "Resource", "resource": {"name": "cpu", "target": {
+            "type": "Utilization", "averageUtilization": a.target_cpu_utilization}}}
+    return {"apiVersion": api_version, "kind": "HorizontalPodAutoscaler",
+            "metadata": _meta(spec, plan, spec.name, owner),
+            "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": spec.name},
+                     "minReplicas": a.min_replicas, "maxReplicas": a.max_replicas, "metrics": [metric]}}
+
+
+def wants_pdb(spec: InferenceServiceSpec) -> bool:
+    return spec.autoscaling.max_replicas > 1 if spec.autoscaling else spec.replicas > 1
+
+
+def pdb(spec: InferenceServiceSpec, plan: EnginePlan, api_version: str = "policy/v1",
+        owner: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"apiVersion": api_version, "kind": "PodDisruptionBudget",
+            "metadata": _meta(spec, plan, spec.name, owner),
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(spec.name)}}}
+
+
+def children(spec: InferenceServiceSpec, plan: EnginePlan, image: str, owner: dict[str, Any] | None = None,
+             hpa_version: str = "autoscaling/v2", pdb_version: str = "policy/v1") -> list[dict[str, Any]]:
+    """Every child the spec wants, in apply order (the claim before the pods that mount it)."""
+    out = []
+    if spec.cache and needs_fetch(spec):
+        out.append(cache_pvc(spec, plan, owner))
+    out.append(service(spec, plan, owner))
+    out.append(deployment(spec, plan, image, owner))
+    if spec.autoscaling:
+        out.append(hpa(spec, plan, hpa_version, owner))
+    if wants_pdb(spec):
+        out.append(pdb(spec, plan, pdb_version, owner))
+    return out
+
+
+def url(spec: InferenceServiceSpec) -> str:
+    return f"http://{spec.name}.{spec.namespace}.svc:{PORT}/v1"

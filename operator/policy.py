@@ -1,0 +1,123 @@
+"""Engine policy: which engine serves a spec, why (one sentence for status), and how it is sized.
+
+Pure and table-tested (tests/test_policy.py). Rules, in order:
+1. An explicit engine wins if it can serve the model on the requested hardware; an incompatible pair
+   (gguf engine with safetensors weights, gguf engine on an accelerator) is InvalidSpec, never a guess.
+2. safetensors weights -> paged (the llama.cpp runner reads GGUF only).
+3. An accelerator -> paged (the image's llama.cpp is a CPU build; our Triton kernels run on GPUs).
+4. GGUF on CPU -> gguf below CROSSOVER_CONCURRENCY concurrent requests, paged at or above it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from gearshift.operator.spec import ENGINE_ARGS, InferenceServiceSpec, InvalidSpec, parse_quantity
+
+# The concurrency per replica at which the paged engine's continuous batching overtakes the llama.cpp
+# runner in total output tokens/s on CPU, measured by bench/serve.py on the bundled SmolLM2-135M Q4_1.
+# Placeholder until the lead records the measured figures here (runner vs paged tok/s at 1, 4, 8, 16, 32).
+CROSSOVER_CONCURRENCY = 8
+
+# Share of the memory limit given to the paged engine's KV cache on CPU; the rest holds the weights
+# (dequantized from GGUF on load), activations and the Python process.
+CPU_KV_CACHE_FRACTION = 0.25
+
+# Requests when spec.hardware leaves them out: enough to load a small model.
+DEFAULTS = {
+    "gguf": {"cpu": "1", "memory": "1Gi"},
+    "paged": {"cpu": "2", "memory": "4Gi"},
+    "paged-gpu": {"cpu": "4", "memory": "16Gi"},
+}
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    engine: str  # paged | gguf
+    reason: str  # one sentence for status.engineReason
+    device: str  # cpu | cuda
+    model_format: str  # gguf | safetensors
+    max_num_seqs: int
+    kv_cache_memory: int | None  # bytes; None: the engine sizes it from free memory
+    threads: int | None  # CPU threads for the engine; None: the CPUs the pod may use
+    requests: dict[str, str] = field(default_factory=dict)
+    limits: dict[str, str] = field(default_factory=dict)
+    engine_args: dict[str, Any] = field(default_factory=dict)  # those that apply to `engine`
+
+
+def decide(spec: InferenceServiceSpec) -> EnginePlan:
+    """The engine and its sizing for `spec`; raises InvalidSpec for an engine that cannot serve it."""
+    fmt = spec.model.uri.format
+    hw = spec.hardware
+    accel = f"{hw.accelerator} x{hw.count}" if hw.accelerator else None
+    c = spec.concurrency
+    requests = f"{c} concurrent request{'s' if c != 1 else ''}"
+
+    if spec.engine == "gguf":
+        if fmt != "gguf":
+            raise InvalidSpec("spec.engine", f"gguf needs a .gguf model file, but {spec.model.uri.uri} is {fmt}; "
+                                             "use engine paged or auto")
+        if accel:
+            raise InvalidSpec("spec.engine", "gguf runs on CPU only (the image's llama.cpp is a CPU build); "
+                                             "remove spec.hardware.accelerator or use engine paged or auto")
+        engine, reason = "gguf", f"engine gguf was requested; {requests} on CPU"
+    elif spec.engine == "paged":
+        engine, reason = "paged", f"engine paged was requested; {requests} on {accel or 'CPU'}"
+    elif fmt == "safetensors":
+        engine, reason = "paged", "safetensors weights are served by the paged engine only"
+    elif accel:
+        engine, reason = "paged", f"an accelerator ({accel}) is requested and the paged engine runs on GPUs"
+    elif c < CROSSOVER_CONCURRENCY:
+        engine, reason = "gguf", f"{requests} on CPU: below the paged engine's crossover ({CROSSOVER_CONCURRENCY})"
+    else:
+        engine, reason = "paged", (f"{requests} on CPU: at or above the crossover ({CROSSOVER_CONCURRENCY}) "
+                                   "where the paged engine's batching overtakes the llama.cpp runner")
+    return _size(spec, engine, reason, fmt)
+
+
+def _size(spec: InferenceServiceSpec, engine: str, reason: str, fmt: str) -> EnginePlan:
+    hw = spec.hardware
+    device = "cuda" if hw.accelerator else "cpu"
+    args = _engine_args_for(spec, engine)
+    defaults = DEFAULTS["paged-gpu" if device == "cuda" else engine]
+    cpu = hw.cpu or defaults["cpu"]
+    memory = hw.memory or defaults["memory"]
+    requests = {"cpu": cpu, "memory": memory}
+    limits = {"memory": memory}  # no CPU limit: throttling stalls token generation; memory limit = request
+    if hw.accelerator:
+        requests[hw.accelerator] = str(hw.count)
+        limits[hw.accelerator] = str(hw.count)
+
+    # Each replica decodes its share of the declared concurrency together; with autoscaling the HPA
+    # target is the per-pod load, so a pod must hold at least that many.
+    seqs = spec.concurrency
+    if spec.autoscaling and spec.autoscaling.target_concurrency:
+        seqs = max(seqs, spec.autoscaling.target_concurrency)
+    seqs = int(args.pop("maxNumSeqs", seqs))
+
+    threads = args.pop("threads", None)
+    if threads is None:
+        threads = max(1, math.ceil(parse_quantity(cpu, "spec.hardware.cpu")))
+
+    kv: int | None = None
+    if "kvCacheMemory" in args:
+        kv = int(parse_quantity(args.pop("kvCacheMemory"), "spec.engineArgs.kvCacheMemory"))
+    elif engine == "paged" and device == "cpu":
+        kv = int(parse_quantity(memory, "spec.hardware.memory") * CPU_KV_CACHE_FRACTION)
+    return EnginePlan(engine=engine, reason=reason, device=device, model_format=fmt, max_num_seqs=seqs,
+                      kv_cache_memory=kv, threads=int(threads), requests=requests, limits=limits,
+                      engine_args=args)
+
+
+def _engine_args_for(spec: InferenceServiceSpec, engine: str) -> dict[str, Any]:
+    """engineArgs that apply to `engine`. One for the other engine is an error when the user chose the
+    engine, and is left out when the policy did (it applies again if the policy switches back)."""
+    out: dict[str, Any] = {}
+    for key, value in spec.engine_args.items():
+        if engine in ENGINE_ARGS[key][1]:
+            out[key] = value
+        elif spec.engine != "auto":
+            raise InvalidSpec(f"spec.engineArgs.{key}", f"does not apply to engine {engine}")
+    return out

@@ -1,0 +1,223 @@
+"""Level-based reconcile of one InferenceService against a watch-fed cache of its children.
+
+Every trigger (the owner changed, a child or pod changed, the periodic resync, a retry) runs the same
+function: parse + decide -> desired children -> apply those whose hash or fields differ -> delete those
+no longer wanted -> status from the children -> patch status if it changed. With nothing changed it reads
+only the in-memory cache and writes nothing, so hundreds of resources cost no API calls at rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from gearshift.operator import builders
+from gearshift.operator.apply import HASH_ANNOTATION, Kube, KubeError, needs_apply, now_iso, with_hash
+from gearshift.operator.policy import decide
+from gearshift.operator.spec import InvalidSpec, parse_spec
+from gearshift.operator.status import compute_status, differs
+
+log = logging.getLogger("gearshift.operator")
+Key = tuple[str, str]  # (namespace, name) of an InferenceService
+# Kinds whose presence depends on the spec: deleted when the spec stops wanting them.
+OPTIONAL_KINDS = ("HorizontalPodAutoscaler", "PodDisruptionBudget", "PersistentVolumeClaim")
+# Before the watches have listed everything, a cache miss may be a child that exists: GET it first.
+PRIME_SECONDS = 15.0
+
+
+def _rv(obj: dict[str, Any]) -> int:
+    try:
+        return int(obj.get("metadata", {}).get("resourceVersion") or 0)
+    except ValueError:
+        return 0
+
+
+class Cache:
+    """Objects last seen per (kind, namespace, name); never goes back to an older resourceVersion."""
+
+    def __init__(self) -> None:
+        self._objs: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def put(self, obj: dict[str, Any]) -> dict[str, Any]:
+        meta = obj["metadata"]
+        key = (obj["kind"], meta.get("namespace", ""), meta["name"])
+        with self._lock:
+            old = self._objs.get(key)
+            if old is None or _rv(obj) >= _rv(old) or old["metadata"].get("uid") != meta.get("uid"):
+                self._objs[key] = obj
+            return self._objs[key]
+
+    def drop(self, obj: dict[str, Any]) -> None:
+        meta = obj["metadata"]
+        with self._lock:
+            old = self._objs.get((obj["kind"], meta.get("namespace", ""), meta["name"]))
+            if old is not None and old["metadata"].get("uid") == meta.get("uid"):
+                del self._objs[(obj["kind"], meta.get("namespace", ""), meta["name"])]
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._objs.get((kind, namespace, name))
+
+    def select(self, kind: str, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
+        with self._lock:
+            objs = [o for (k, ns, _), o in self._objs.items() if k == kind and ns == namespace]
+        return [o for o in objs if all((o["metadata"].get("labels") or {}).get(a) == b for a, b in labels.items())]
+
+    def keys(self, kind: str) -> list[Key]:
+        with self._lock:
+            return [(ns, name) for (k, ns, name) in self._objs if k == kind]
+
+
+def controlled_by(obj: dict[str, Any], owner: dict[str, Any]) -> bool:
+    uid = owner["metadata"].get("uid")
+    return any(r.get("uid") == uid and r.get("controller") for r in obj["metadata"].get("ownerReferences") or [])
+
+
+class Reconciler:
+    def __init__(self, kube: Kube, image: str, hpa_version: str = "autoscaling/v2",
+                 pdb_version: str = "policy/v1", clock: Callable[[], str] = now_iso) -> None:
+        self.kube = kube
+        self.image = image
+        self.hpa_version = hpa_version
+        self.pdb_version = pdb_version
+        self.clock = clock
+        self.cache = Cache()
+        self.started = time.monotonic()
+        self._locks: dict[Key, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+        self.retry: dict[Key, float] = {}  # key -> monotonic time of the next attempt
+        self._failures: dict[Key, int] = {}
+
+    # ----------------------------------------------------------------------------- watch triggers
+
+    def owner_event(self, event_type: str | None, obj: dict[str, Any]) -> None:
+        key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+        if event_type == "DELETED":
+            self.cache.drop(obj)
+            self.retry.pop(key, None)
+            return  # the garbage collector removes the owner-referenced children
+        self.cache.put(obj)
+        self.reconcile(key)
+
+    def child_event(self, event_type: str | None, obj: dict[str, Any]) -> None:
+        if event_type == "DELETED":
+            self.cache.drop(obj)
+        else:
+            self.cache.put(obj)
+        meta = obj["metadata"]
+        owner_name = (meta.get("labels") or {}).get(builders.INSTANCE_LABEL)
+        if owner_name and self.cache.get("InferenceService", meta["namespace"], owner_name) is not None:
+            self.reconcile((meta["namespace"], owner_name))
+
+    def resync(self) -> None:
+        """Reconcile everything (drift the watches missed) and what failed earlier once its backoff ends."""
+        for key in self.cache.keys("InferenceService"):
+            self.reconcile(key)
+
+    def due_retries(self) -> list[Key]:
+        now = time.monotonic()
+        return [k for k, t in list(self.retry.items()) if t <= now]
+
+    # ---------------------------------------------------------------------------------- reconcile
+
+    def _lock(self, key: Key) -> threading.Lock:
+        with self._locks_lock:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def reconcile(self, key: Key) -> None:
+        with self._lock(key):
+            owner = self.cache.get("InferenceService", *key)
+            if owner is None or owner["metadata"].get("deletionTimestamp"):
+                return
+            try:
+                self._reconcile(owner)
+                self.retry.pop(key, None)
+                self._failures.pop(key, None)
+            except KubeError as e:
+                n = self._failures[key] = self._failures.get(key, 0) + 1
+                self.retry[key] = time.monotonic() + min(2.0**n, 300.0)
+                log.warning("reconcile of %s/%s failed (attempt %d): %s", *key, n, e)
+                if n == 1:
+                    self.kube.event(owner, "Warning", "ReconcileFailed", str(e))
+
+    def _reconcile(self, owner: dict[str, Any]) -> None:
+        meta = owner["metadata"]
+        generation = meta.get("generation") or 1
+        previous = owner.get("status") or {}
+        spec = plan = error = None
+        try:
+            spec = parse_spec(owner)
+            plan = decide(spec)
+        except InvalidSpec as e:
+            error = str(e)
+
+        if spec is not None and plan is not None:
+            self._apply_children(owner, spec, plan, previous)
+
+        dep = self.cache.get("Deployment", meta["namespace"], meta["name"])
+        if dep is not None and not controlled_by(dep, owner):
+            dep = None
+        pods = self.cache.select("Pod", meta["namespace"], builders.selector_labels(meta["name"]))
+        status = compute_status(name=meta["name"], generation=generation, spec=spec, plan=plan, error=error,
+                                deployment=dep, pods=pods, previous=previous, now=self.clock())
+        if differs(previous, status):
+            out = self.kube.patch_status(owner, status)
+            if out is not None:
+                self.cache.put(out)
+            if error is not None and not _already_reported(previous, generation, error):
+                log.warning("%s/%s: invalid spec: %s", meta["namespace"], meta["name"], error)
+                self.kube.event(owner, "Warning", "InvalidSpec", error)
+
+    def _apply_children(self, owner: dict[str, Any], spec: Any, plan: Any, previous: dict[str, Any]) -> None:
+        ns = spec.namespace
+        desired = [with_hash(c) for c in builders.children(spec, plan, self.image, owner,
+                                                           self.hpa_version, self.pdb_version)]
+        applied = []
+        for obj in desired:
+            live = self._live(obj, ns)
+            if live is not None and not controlled_by(live, owner) and live["metadata"].get("ownerReferences"):
+                raise KubeError(409, f"{obj['kind']} {ns}/{obj['metadata']['name']} belongs to another controller")
+            if needs_apply(obj, live):
+                self.cache.put(self.kube.apply(obj))
+                applied.append(obj["kind"])
+        wanted = {(o["kind"], o["metadata"]["name"]) for o in desired}
+        for kind in OPTIONAL_KINDS:
+            for name in (spec.name, builders.cache_claim_name(spec)):
+                live = self.cache.get(kind, ns, name)
+                if live is not None and (kind, name) not in wanted and controlled_by(live, owner):
+                    self.kube.delete(live["apiVersion"], kind, ns, name)
+                    self.cache.drop(live)
+                    applied.append(f"-{kind}")
+        if previous.get("engine") != plan.engine:
+            self.kube.event(owner, "Normal", "EngineSelected", f"engine {plan.engine}: {plan.reason}")
+        if applied:
+            log.info("%s/%s: applied %s (engine %s)", ns, spec.name, ", ".join(applied), plan.engine)
+            self.kube.event(owner, "Normal", "Applied",
+                            f"applied {', '.join(k for k in applied if not k.startswith('-')) or 'nothing'}"
+                            + "".join(f"; deleted {k[1:]}" for k in applied if k.startswith("-"))
+                            + f" for engine {plan.engine}")
+
+    def _live(self, obj: dict[str, Any], ns: str) -> dict[str, Any] | None:
+        live = self.cache.get(obj["kind"], ns, obj["metadata"]["name"])
+        if live is None and time.monotonic() - self.started < PRIME_SECONDS:
+            live = self.kube.get(obj["apiVersion"], obj["kind"], ns, obj["metadata"]["name"])
+            if live is not None:
+                live.setdefault("apiVersion", obj["apiVersion"])
+                live.setdefault("kind", obj["kind"])
+                self.cache.put(live)
+        return live
+
+
+def _already_reported(previous: dict[str, Any], generation: int, error: str) -> bool:
+    for c in previous.get("conditions") or []:
+        if c.get("type") == "Ready":
+            return c.get("reason") == "InvalidSpec" and c.get("observedGeneration") == generation \
+                and c.get("message") == error
+    return False
+
+
+__all__ = ["Reconciler", "Cache", "HASH_ANNOTATION"]

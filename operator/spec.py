@@ -1,0 +1,311 @@
+"""The InferenceService spec as validated dataclasses. Pure: no Kubernetes client, no I/O.
+
+The CRD's OpenAPI schema rejects most bad objects at the API server, but old servers ignore the CEL
+rules and `gearshift plan`/`up` read files no server has seen, so everything is validated again here.
+Every error names the field (spec.model.uri, spec.hardware.count, ...) and says what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from gearshift.engine.errors import GearshiftError
+from gearshift.engine.fetch import ModelURI, parse_model_uri
+
+GROUP = "gearshift.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "InferenceService"
+PLURAL = "inferenceservices"
+ENGINES = ("auto", "paged", "gguf")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+_QUANTITY = re.compile(r"(\d+(\.\d+)?|\.\d+)(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?")
+_RESOURCE_NAME = re.compile(r"([a-z0-9.-]+/)?[a-zA-Z0-9]([-a-zA-Z0-9_.]*[a-zA-Z0-9])?")
+_SUFFIX = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
+           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
+
+
+class InvalidSpec(GearshiftError):
+    """The spec cannot be served as written. `field` is the JSON path of the offending field."""
+
+    def __init__(self, field_path: str, message: str) -> None:
+        super().__init__(f"{field_path}: {message}")
+        self.field = field_path
+
+
+def parse_quantity(value: Any, field_path: str) -> float:
+    """A Kubernetes quantity ("500m", "2", "4Gi") -> a number (cores or bytes)."""
+    m = _QUANTITY.fullmatch(str(value).strip()) if isinstance(value, (str, int, float)) else None
+    if m is None or isinstance(value, bool):
+        raise InvalidSpec(field_path, f"{value!r} is not a quantity; use e.g. 500m, 2, 512Mi, 4Gi")
+    return float(m.group(1)) * _SUFFIX[m.group(3) or ""]
+
+
+# engineArgs key -> (type, engines that take it, `gearshift serve` flag)
+ENGINE_ARGS: dict[str, tuple[type, tuple[str, ...], str]] = {
+    "maxModelLen": (int, ("paged", "gguf"), "--max-model-len"),
+    "maxNumSeqs": (int, ("paged", "gguf"), "--max-num-seqs"),
+    "threads": (int, ("paged", "gguf"), "--threads"),
+    "seed": (int, ("paged", "gguf"), "--seed"),
+    "dtype": (str, ("paged",), "--dtype"),
+    "maxNumBatchedTokens": (int, ("paged",), "--max-num-batched-tokens"),
+    "blockSize": (int, ("paged",), "--block-size"),
+    "kvCacheMemory": (str, ("paged",), "--kv-cache-memory"),
+    "enforceEager": (bool, ("paged",), "--enforce-eager"),
+}
+
+
+@dataclass(frozen=True)
+class Model:
+    uri: ModelURI
+    served_name: str
+    sha256: str | None = None
+    token_secret: tuple[str, str] | None = None  # (secret name, key) holding HF_TOKEN for hf://
+
+
+@dataclass(frozen=True)
+class Hardware:
+    accelerator: str | None = None  # an extended resource name, e.g. nvidia.com/gpu
+    count: int = 0  # accelerators per replica (0 without one)
+    cpu: str | None = None  # cores per replica, a Kubernetes quantity
+    memory: str | None = None  # bytes per replica, a Kubernetes quantity
+
+    @property
+    def cpu_cores(self) -> float | None:
+        return None if self.cpu is None else parse_quantity(self.cpu, "spec.hardware.cpu")
+
+    @property
+    def memory_bytes(self) -> int | None:
+        return None if self.memory is None else int(parse_quantity(self.memory, "spec.hardware.memory"))
+
+
+@dataclass(frozen=True)
+class Autoscaling:
+    min_replicas: int
+    max_replicas: int
+    target_concurrency: int | None = None  # requests running per pod; None: CPU utilization
+    target_cpu_utilization: int = 80
+
+
+@dataclass(frozen=True)
+class Cache:
+    size: str
+    storage_class: str | None = None
+    access_modes: tuple[str, ...] = ("ReadWriteOnce",)
+
+
+@dataclass(frozen=True)
+class InferenceServiceSpec:
+    name: str
+    namespace: str
+    model: Model
+    concurrency: int = 1
+    hardware: Hardware = field(default_factory=Hardware)
+    engine: str = "auto"
+    replicas: int = 1
+    autoscaling: Autoscaling | None = None
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    api_key_secret: tuple[str, str] | None = None  # (secret name, key)
+    cache: Cache | None = None
+    pod_template: dict[str, Any] = field(default_factory=dict)
+
+
+_POD_TEMPLATE_FIELDS = ("nodeSelector", "tolerations", "affinity", "priorityClassName", "labels",
+                        "annotations", "serviceAccountName", "imagePullSecrets", "runtimeClassName")
+_SPEC_FIELDS = ("model", "concurrency", "hardware", "engine", "replicas", "autoscaling", "engineArgs",
+                "apiKeySecretRef", "cache", "podTemplate")
+
+
+def parse_spec(obj: dict[str, Any]) -> InferenceServiceSpec:
+    """An InferenceService object (as from the API or a YAML file) -> a validated spec."""
+    if not isinstance(obj, dict):
+        raise InvalidSpec("(document)", "an InferenceService must be a mapping")
+    meta = obj.get("metadata") or {}
+    name = meta.get("name")
+    if not isinstance(name, str) or not _DNS1035.fullmatch(name) or len(name) > 52:
+        # 52: the Service takes the name (DNS-1035, 63) and children append up to "-model-cache".
+        raise InvalidSpec("metadata.name", f"{name!r} must be a DNS-1035 label of at most 52 characters")
+    namespace = meta.get("namespace") or "default"
+    spec = obj.get("spec")
+    if not isinstance(spec, dict):
+        raise InvalidSpec("spec", "missing; an InferenceService needs at least spec.model.uri")
+    unknown = sorted(set(spec) - set(_SPEC_FIELDS))
+    if unknown:
+        raise InvalidSpec(f"spec.{unknown[0]}", f"unknown field; allowed: {', '.join(_SPEC_FIELDS)}")
+
+    model = _model(_mapping(spec, "model", required=True), name)
+    concurrency = _int(spec, "concurrency", "spec.concurrency", 1, minimum=1, maximum=4096)
+    hardware = _hardware(_mapping(spec, "hardware"))
+    engine = spec.get("engine", "auto")
+    if engine not in ENGINES:
+        raise InvalidSpec("spec.engine", f"{engine!r} is not one of {', '.join(ENGINES)}")
+    autoscaling = _autoscaling(spec.get("autoscaling"))
+    if autoscaling is not None and "replicas" in spec:
+        raise InvalidSpec("spec.replicas", "set either replicas or autoscaling, not both")
+    replicas = _int(spec, "replicas", "spec.replicas", 1, minimum=0, maximum=1000)
+    return InferenceServiceSpec(
+        name=name,
+        namespace=namespace,
+        model=model,
+        concurrency=concurrency,
+        hardware=hardware,
+        engine=engine,
+        replicas=replicas,
+        autoscaling=autoscaling,
+        engine_args=_engine_args(_mapping(spec, "engineArgs")),
+        api_key_secret=_secret_ref(spec.get("apiKeySecretRef"), "spec.apiKeySecretRef"),
+        cache=_cache(spec.get("cache")),
+        pod_template=_pod_template(_mapping(spec, "podTemplate")),
+    )
+
+
+def _mapping(d: dict[str, Any], key: str, required: bool = False, prefix: str = "spec") -> dict[str, Any]:
+    v = d.get(key)
+    if v is None:
+        if required:
+            raise InvalidSpec(f"{prefix}.{key}", "is required")
+        return {}
+    if not isinstance(v, dict):
+        raise InvalidSpec(f"{prefix}.{key}", f"must be a mapping, got {type(v).__name__}")
+    return v
+
+
+def _int(d: dict[str, Any], key: str, path: str, default: int, minimum: int, maximum: int) -> int:
+    v = d.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise InvalidSpec(path, f"must be an integer, got {v!r}")
+    if not minimum <= v <= maximum:
+        raise InvalidSpec(path, f"must be between {minimum} and {maximum}, got {v}")
+    return v
+
+
+def _model(m: dict[str, Any], default_name: str) -> Model:
+    unknown = sorted(set(m) - {"uri", "servedName", "sha256", "tokenSecretRef"})
+    if unknown:
+        raise InvalidSpec(f"spec.model.{unknown[0]}", "unknown field; allowed: uri, servedName, sha256, tokenSecretRef")
+    try:
+        uri = parse_model_uri(m.get("uri", ""))
+    except GearshiftError as e:
+        raise InvalidSpec("spec.model.uri", str(e)) from None
+    served = m.get("servedName", default_name)
+    if not isinstance(served, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}", served):
+        raise InvalidSpec("spec.model.servedName", f"{served!r}: use letters, digits and . _ : / - (max 128)")
+    sha = m.get("sha256")
+    if sha is not None and (not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha)):
+        raise InvalidSpec("spec.model.sha256", "must be 64 lowercase hex digits")
+    if sha is not None and uri.scheme not in ("https", "http", "file") and not (uri.scheme == "hf" and uri.path):
+        raise InvalidSpec("spec.model.sha256", "is checked on downloaded files only (https://, file://, hf://.../file)")
+    token = _secret_ref(m.get("tokenSecretRef"), "spec.model.tokenSecretRef")
+    return Model(uri=uri, served_name=served, sha256=sha, token_secret=token)
+
+
+def _hardware(h: dict[str, Any]) -> Hardware:
+    unknown = sorted(set(h) - {"accelerator", "count", "cpu", "memory"})
+    if unknown:
+        raise InvalidSpec(f"spec.hardware.{unknown[0]}", "unknown field; allowed: accelerator, count, cpu, memory")
+    acc = h.get("accelerator")
+    if acc is not None and (not isinstance(acc, str) or not _RESOURCE_NAME.fullmatch(acc) or "/" not in acc):
+        raise InvalidSpec("spec.hardware.accelerator", f"{acc!r} is not an extended resource name like nvidia.com/gpu")
+    count = _int(h, "count", "spec.hardware.count", 1 if acc else 0, minimum=0, maximum=64)
+    if acc and count < 1:
+        raise InvalidSpec("spec.hardware.count", "must be at least 1 when an accelerator is set")
+    if not acc and count:
+        raise InvalidSpec("spec.hardware.count", "needs spec.hardware.accelerator")
+    cpu, memory = h.get("cpu"), h.get("memory")
+    hw = Hardware(accelerator=acc, count=count, cpu=None if cpu is None else str(cpu),
+                  memory=None if memory is None else str(memory))
+    if hw.cpu is not None and hw.cpu_cores <= 0:  # type: ignore[operator]
+        raise InvalidSpec("spec.hardware.cpu", "must be more than 0")
+    if hw.memory is not None and hw.memory_bytes < 64 * 2**20:  # type: ignore[operator]
+        raise InvalidSpec("spec.hardware.memory", f"{memory!r} is too small to load a model (min 64Mi)")
+    return hw
+
+
+def _autoscaling(a: Any) -> Autoscaling | None:
+    if a is None:
+        return None
+    if not isinstance(a, dict):
+        raise InvalidSpec("spec.autoscaling", "must be a mapping")
+    unknown = sorted(set(a) - {"minReplicas", "maxReplicas", "targetConcurrency", "targetCPUUtilization"})
+    if unknown:
+        raise InvalidSpec(f"spec.autoscaling.{unknown[0]}", "unknown field")
+    lo = _int(a, "minReplicas", "spec.autoscaling.minReplicas", 1, minimum=1, maximum=1000)
+    if "maxReplicas" not in a:
+        raise InvalidSpec("spec.autoscaling.maxReplicas", "is required")
+    hi = _int(a, "maxReplicas", "spec.autoscaling.maxReplicas", 1, minimum=1, maximum=1000)
+    if hi < lo:
+        raise InvalidSpec("spec.autoscaling.maxReplicas", f"({hi}) must be at least minReplicas ({lo})")
+    target = a.get("targetConcurrency")
+    if target is not None:
+        target = _int(a, "targetConcurrency", "spec.autoscaling.targetConcurrency", 1, minimum=1, maximum=4096)
+    cpu = _int(a, "targetCPUUtilization", "spec.autoscaling.targetCPUUtilization", 80, minimum=1, maximum=100)
+    return Autoscaling(lo, hi, target, cpu)
+
+
+def _engine_args(args: dict[str, Any]) -> dict[str, Any]:
+    for key, value in args.items():
+        if key not in ENGINE_ARGS:
+            raise InvalidSpec(f"spec.engineArgs.{key}", f"unknown engine argument; allowed: {', '.join(ENGINE_ARGS)}")
+        typ = ENGINE_ARGS[key][0]
+        if typ is int and (isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "seed" else 1)):
+            raise InvalidSpec(f"spec.engineArgs.{key}", f"must be a positive integer, got {value!r}")
+        if typ is bool and not isinstance(value, bool):
+            raise InvalidSpec(f"spec.engineArgs.{key}", f"must be true or false, got {value!r}")
+        if typ is str and not isinstance(value, str):
+            raise InvalidSpec(f"spec.engineArgs.{key}", f"must be a string, got {value!r}")
+    if "dtype" in args and args["dtype"] not in DTYPES:
+        raise InvalidSpec("spec.engineArgs.dtype", f"{args['dtype']!r} is not one of {', '.join(DTYPES)}")
+    if "kvCacheMemory" in args:
+        parse_quantity(args["kvCacheMemory"], "spec.engineArgs.kvCacheMemory")
+    return dict(args)
+
+
+def _secret_ref(ref: Any, path: str) -> tuple[str, str] | None:
+    if ref is None:
+        return None
+    if not isinstance(ref, dict) or not isinstance(ref.get("name"), str):
+        raise InvalidSpec(f"{path}.name", "is required: the Secret's name")
+    name, key = ref["name"], ref.get("key", "token")
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name) or len(name) > 253:
+        raise InvalidSpec(f"{path}.name", f"{name!r} is not a valid Secret name")
+    if not isinstance(key, str) or not re.fullmatch(r"[-._a-zA-Z0-9]+", key):
+        raise InvalidSpec(f"{path}.key", f"{key!r} is not a valid Secret key")
+    return name, key
+
+
+def _cache(c: Any) -> Cache | None:
+    if c is None:
+        return None
+    if not isinstance(c, dict) or "size" not in c:
+        raise InvalidSpec("spec.cache.size", "is required when spec.cache is set, e.g. 20Gi")
+    parse_quantity(c["size"], "spec.cache.size")
+    sc = c.get("storageClassName")
+    if sc is not None and not isinstance(sc, str):
+        raise InvalidSpec("spec.cache.storageClassName", "must be a string")
+    modes = c.get("accessModes", ["ReadWriteOnce"])
+    allowed = ("ReadWriteOnce", "ReadWriteMany", "ReadOnlyMany", "ReadWriteOncePod")
+    if not isinstance(modes, list) or not modes or any(m not in allowed for m in modes):
+        raise InvalidSpec("spec.cache.accessModes", f"must be a list of {', '.join(allowed)}")
+    return Cache(size=str(c["size"]), storage_class=sc, access_modes=tuple(modes))
+
+
+def _pod_template(p: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(p) - set(_POD_TEMPLATE_FIELDS))
+    if unknown:
+        raise InvalidSpec(f"spec.podTemplate.{unknown[0]}", f"unknown field; allowed: {', '.join(_POD_TEMPLATE_FIELDS)}")
+    for key in ("nodeSelector", "labels", "annotations"):
+        v = p.get(key)
+        if v is not None and (not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values())):
+            raise InvalidSpec(f"spec.podTemplate.{key}", "must map strings to strings")
+    for key in ("tolerations", "imagePullSecrets"):
+        if key in p and not isinstance(p[key], list):
+            raise InvalidSpec(f"spec.podTemplate.{key}", "must be a list")
+    if "affinity" in p and not isinstance(p["affinity"], dict):
+        raise InvalidSpec("spec.podTemplate.affinity", "must be a mapping")
+    for key in ("priorityClassName", "serviceAccountName", "runtimeClassName"):
+        if key in p and not isinstance(p[key], str):
+            raise InvalidSpec(f"spec.podTemplate.{key}", "must be a string")
+    return dict(p)

@@ -1,0 +1,176 @@
+"""InferenceService status from its children's state. Pure: same inputs, same status (no clock reads:
+the caller passes `now`), so an unchanged world produces an unchanged status and no write.
+
+Conditions (each with observedGeneration, reason, message, lastTransitionTime):
+  Ready        a replica answers requests (or InvalidSpec: the spec cannot be served as written)
+  ModelReady   the model is downloaded and loaded in at least one pod (DownloadFailed carries the error)
+  Progressing  a rollout (new spec, engine switch) is under way
+  Degraded     something needs a human: crash loops, image pulls, failed downloads, restarts, no node
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gearshift.operator.builders import INSTANCE_LABEL, url
+
+CONDITION_TYPES = ("Ready", "ModelReady", "Progressing", "Degraded")
+_BAD_WAITING = {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError",
+                "CreateContainerError", "InvalidImageName", "RunContainerError"}
+_MAX_MESSAGE = 400
+
+
+def _short(text: str) -> str:
+    """The last meaningful lines of a termination message (a log tail), bounded for status."""
+    lines = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
+    msg = " | ".join(lines[-3:])
+    return msg if len(msg) <= _MAX_MESSAGE else "..." + msg[-_MAX_MESSAGE:]
+
+
+def _condition(ctype: str, ok: bool, reason: str, message: str, generation: int,
+               previous: dict[str, dict[str, Any]], now: str) -> dict[str, Any]:
+    status = "True" if ok else "False"
+    prev = previous.get(ctype)
+    since = prev["lastTransitionTime"] if prev and prev.get("status") == status and prev.get(
+        "lastTransitionTime") else now
+    return {"type": ctype, "status": status, "reason": reason, "message": message,
+            "observedGeneration": generation, "lastTransitionTime": since}
+
+
+def _live_pods(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pods not being deleted, newest first (the newest tell the current rollout's story)."""
+    live = [p for p in pods if not p.get("metadata", {}).get("deletionTimestamp")]
+    return sorted(live, key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"]),
+                  reverse=True)
+
+
+def _terminated(cs: dict[str, Any]) -> dict[str, Any] | None:
+    state = cs.get("state") or {}
+    return state.get("terminated") or (cs.get("lastState") or {}).get("terminated")
+
+
+def model_state(pods: list[dict[str, Any]]) -> tuple[bool, str, str]:
+    """(loaded, reason, message) for the ModelReady condition."""
+    live = _live_pods(pods)
+    if not live:
+        return False, "NoPods", "no pod is running the model yet"
+    for p in live:
+        for cs in (p.get("status") or {}).get("containerStatuses") or []:
+            if cs.get("name") == "engine" and cs.get("ready"):
+                return True, "Loaded", f"model loaded in pod {p['metadata']['name']}"
+    pod = live[0]
+    name = pod["metadata"]["name"]
+    st = pod.get("status") or {}
+    for cs in st.get("initContainerStatuses") or []:
+        if cs.get("name") != "fetch":
+            continue
+        term = _terminated(cs)
+        if term and term.get("exitCode", 0) != 0:
+            return False, "DownloadFailed", f"pod {name}: {_short(term.get('message') or term.get('reason') or '')}"
+        if (cs.get("state") or {}).get("running"):
+            return False, "Downloading", f"pod {name} is downloading the model"
+    for cs in st.get("containerStatuses") or []:
+        if cs.get("name") == "engine" and (cs.get("state") or {}).get("running"):
+            return False, "Loading", f"pod {name} is loading the model"
+    return False, "Pending", f"pod {name} is {st.get('phase', 'Pending')}"
+
+
+def degraded_state(pods: list[dict[str, Any]], deployment: dict[str, Any] | None) -> tuple[bool, str, str]:
+    """(degraded, reason, message): the first problem a human must look at."""
+    for c in ((deployment or {}).get("status") or {}).get("conditions") or []:
+        if c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded":
+            return True, "ProgressDeadlineExceeded", _short(c.get("message", ""))
+        if c.get("type") == "ReplicaFailure" and c.get("status") == "True":
+            return True, c.get("reason") or "ReplicaFailure", _short(c.get("message", ""))
+    for p in _live_pods(pods):
+        name = p["metadata"]["name"]
+        st = p.get("status") or {}
+        if st.get("phase") == "Failed":
+            return True, "PodFailed", f"pod {name}: {_short(st.get('message') or st.get('reason') or 'failed')}"
+        for c in st.get("conditions") or []:
+            if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
+                return True, "Unschedulable", f"pod {name}: {_short(c.get('message', ''))}"
+        statuses = (st.get("initContainerStatuses") or []) + (st.get("containerStatuses") or [])
+        for cs in statuses:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in _BAD_WAITING:
+                return True, waiting["reason"], f"pod {name} container {cs['name']}: {_short(waiting.get('message') or waiting['reason'])}"
+        for cs in st.get("initContainerStatuses") or []:
+            term = _terminated(cs)
+            if term and term.get("exitCode", 0) != 0:
+                return True, "DownloadFailed", f"pod {name}: {_short(term.get('message') or term.get('reason') or '')}"
+        for cs in st.get("containerStatuses") or []:
+            term = (cs.get("lastState") or {}).get("terminated")
+            if cs.get("restartCount", 0) > 0 and not cs.get("ready") and term:
+                why = f"exit code {term.get('exitCode')}" + (f", {term['reason']}" if term.get("reason") else "")
+                return True, "ContainerRestarted", (
+                    f"pod {name} container {cs['name']} restarted {cs['restartCount']}x ({why}) and is not ready")
+    return False, "AsExpected", "no problem seen"
+
+
+def compute_status(*, name: str, generation: int, spec: Any, plan: Any, error: str | None,
+                   deployment: dict[str, Any] | None, pods: list[dict[str, Any]],
+                   previous: dict[str, Any] | None, now: str) -> dict[str, Any]:
+    """The whole status object for one InferenceService.
+
+    spec/plan: the parsed spec and engine plan, or None when `error` (an InvalidSpec message) is set.
+    deployment/pods: the children as last seen (None / [] when absent). previous: the current status.
+    """
+    previous = previous or {}
+    prev_conds = {c["type"]: c for c in previous.get("conditions") or [] if "type" in c}
+    dep_status = (deployment or {}).get("status") or {}
+    desired = ((deployment or {}).get("spec") or {}).get("replicas", 1) if deployment else 0
+    ready = dep_status.get("readyReplicas", 0)
+    updated = dep_status.get("updatedReplicas", 0)
+    total = dep_status.get("replicas", 0)
+    available = dep_status.get("availableReplicas", 0)
+    dep_current = bool(deployment) and dep_status.get("observedGeneration", 0) >= (
+        deployment.get("metadata", {}).get("generation") or 0)
+
+    loaded, m_reason, m_msg = model_state(pods)
+    degraded, d_reason, d_msg = degraded_state(pods, deployment)
+
+    def cond(ctype: str, ok: bool, reason: str, message: str) -> dict[str, Any]:
+        return _condition(ctype, ok, reason, message, generation, prev_conds, now)
+
+    status: dict[str, Any] = {"observedGeneration": generation}
+    if error is not None:
+        status["engine"] = previous.get("engine", "")
+        status["engineReason"] = previous.get("engineReason", "")
+        conditions = [cond("Ready", False, "InvalidSpec", error),
+                      cond("ModelReady", loaded, m_reason, m_msg),
+                      cond("Progressing", False, "InvalidSpec", "the spec is not applied until it is fixed"),
+                      cond("Degraded", True, "InvalidSpec", error)]
+    else:
+        status["engine"] = plan.engine
+        status["engineReason"] = plan.reason
+        status["url"] = url(spec)
+        rolled_out = dep_current and updated >= desired and total == updated and available >= desired
+        if deployment is None:
+            progressing = cond("Progressing", True, "Creating", "creating the workload")
+        elif not rolled_out:
+            progressing = cond("Progressing", True, "RollingOut",
+                               f"{updated}/{desired} replicas updated, {ready} ready")
+        else:
+            progressing = cond("Progressing", False, "RolloutComplete", f"{desired} replicas up to date")
+        if deployment is not None and desired == 0:
+            ready_c = cond("Ready", False, "ScaledToZero", "replicas is 0")
+        elif ready >= 1:
+            ready_c = cond("Ready", True, "Available", f"{ready}/{desired} replicas ready at {url(spec)}")
+        elif degraded:
+            ready_c = cond("Ready", False, d_reason, d_msg)
+        else:
+            ready_c = cond("Ready", False, "NoReadyReplicas", m_msg)
+        conditions = [ready_c, cond("ModelReady", loaded, m_reason, m_msg), progressing,
+                      cond("Degraded", degraded, d_reason, d_msg)]
+    status["replicas"] = total
+    status["readyReplicas"] = ready
+    status["selector"] = f"app.kubernetes.io/name=gearshift,{INSTANCE_LABEL}={name}"
+    status["conditions"] = conditions
+    return status
+
+
+def differs(current: dict[str, Any] | None, desired: dict[str, Any]) -> bool:
+    """Whether writing `desired` would change the stored status (fields we own only)."""
+    current = current or {}
+    return any(current.get(k) != v for k, v in desired.items())

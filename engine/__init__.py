@@ -13,3 +13,16 @@ __all__ = [
     "SamplingParams",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # LLM and LLMEngine pull in torch and the model: import them only when asked for.
+    if name == "LLM":
+        from gearshift.engine.llm import LLM
+
+        return LLM
+    if name == "LLMEngine":
+        from gearshift.engine.llm_engine import LLMEngine
+
+        return LLMEngine
+    raise AttributeError(f"module 'gearshift.engine' has no attribute {name!r}")

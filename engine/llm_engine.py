@@ -1,0 +1,289 @@
+"""LLMEngine: requests in, RequestOutputs out, one `step()` at a time.
+
+    engine = LLMEngine(EngineConfig(model=path))
+    engine.add_request("r1", "Hello", SamplingParams(max_tokens=8))   # validates before queuing
+    while engine.has_unfinished():
+        for out in engine.step(): ...                                  # cumulative text per request
+
+A step: the scheduler picks tokens under the budget, the model runner computes logits for every sequence
+that reached its last token, the sampler draws, and each choice's text grows through its incremental
+detokenizer until a stop string, a stop token, EOS or max_tokens ends it. Finished sequences free their
+blocks at once. Not thread-safe by design beyond a lock: the server drives it from one worker thread and
+calls add_request/abort between steps.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from gearshift.engine.block_manager import BlockManager
+from gearshift.engine.config import EngineConfig
+from gearshift.engine.errors import InvalidRequestError
+from gearshift.engine.outputs import CompletionOutput, EngineStats, FinishReason, Logprob, RequestOutput
+from gearshift.engine.sampling_params import SamplingParams
+from gearshift.engine.scheduler import Scheduler
+from gearshift.engine.sequence import Sequence
+
+
+@dataclass
+class _Choice:
+    index: int
+    detok: object  # IncrementalDetokenizer
+    seq: Sequence | None = None  # None until an n>1 parent forks it
+    text: str = ""  # everything decoded so far, truncated at a stop string once found
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Logprob] | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    arrival_time: float
+    choices: list[_Choice] = field(default_factory=list)
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.choices)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, runner: object | None = None) -> None:
+        if runner is None:
+            from gearshift.engine.model_runner import ModelRunner  # torch lives behind this import
+
+            runner = ModelRunner(config)
+        from gearshift.engine.sampler import Sampler
+
+        self.config = config
+        self.runner = runner
+        self.tokenizer = runner.tokenizer
+        self.max_model_len: int = runner.max_model_len
+        self.vocab_size: int = min(getattr(runner, "vocab_size", None) or self.tokenizer.vocab_size,
+                                   self.tokenizer.vocab_size)
+        self.block_manager = BlockManager(runner.num_kv_blocks, runner.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.max_model_len)
+        self.sampler = Sampler(config.seed)
+        self._requests: dict[str, _Request] = {}
+        self._lock = threading.RLock()
+
+    # -- requests ----------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        """Validate, then queue. Raises InvalidRequestError (naming the field) with nothing queued."""
+        with self._lock:
+            self._enqueue(self.prepare_request(request_id, prompt, params, arrival_time))
+
+    def prepare_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                        arrival_time: float | None = None) -> _Request:
+        """Every check add_request makes, without queuing: lets a batch be validated as a whole first."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"sampling params must be SamplingParams, got {type(params).__name__}",
+                                      param="sampling_params")
+        params.validate()
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidRequestError("request_id must be a non-empty string", param="request_id")
+        if request_id in self._requests:
+            raise InvalidRequestError(f"request_id {request_id!r} is already running", param="request_id")
+        ids = self._prompt_ids(prompt)
+        limit = self.max_model_len
+        if len(ids) >= limit:
+            raise InvalidRequestError(
+                f"the prompt is {len(ids)} tokens but max_model_len is {limit}: prompt and at least one "
+                f"generated token must fit", param="prompt")
+        max_tokens = params.max_tokens if params.max_tokens is not None else limit - len(ids)
+        if len(ids) + max_tokens > limit:
+            raise InvalidRequestError(
+                f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) is {len(ids) + max_tokens} tokens, "
+                f"over max_model_len ({limit}); lower max_tokens to at most {limit - len(ids)}", param="max_tokens")
+        self.scheduler.check_fits(len(ids), max_tokens, params.n)
+        from gearshift.engine.tokenizer import IncrementalDetokenizer
+
+        req = _Request(request_id, ids, params, max_tokens, arrival_time if arrival_time is not None else time.time())
+        req.choices = [_Choice(k, IncrementalDetokenizer(self.tokenizer, ids),
+                               logprobs=[] if params.logprobs is not None else None) for k in range(params.n)]
+        return req
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("the prompt is empty", param="prompt")
+            ids = self.tokenizer.encode(prompt)
+            if not ids:
+                raise InvalidRequestError("the prompt encodes to no tokens", param="prompt")
+            return ids
+        if not isinstance(prompt, (list, tuple)):
+            raise InvalidRequestError(f"the prompt must be a string or a list of token ids, got {type(prompt).__name__}",
+                                      param="prompt")
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        for t in prompt:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size:
+                raise InvalidRequestError(
+                    f"prompt token id {t!r} is not in the vocabulary [0, {self.vocab_size})", param="prompt")
+        return list(prompt)
+
+    def _enqueue(self, req: _Request) -> None:
+        with self._lock:
+            if req.request_id in self._requests:
+                raise InvalidRequestError(f"request_id {req.request_id!r} is already running", param="request_id")
+            seq = Sequence(req.request_id, req.prompt_token_ids, req.params, index=0, max_tokens=req.max_tokens)
+            req.choices[0].seq = seq
+            self._requests[req.request_id] = req
+            self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """End a request now (finish_reason 'abort'), freeing its blocks. Returns its final output, or None
+        if it is unknown or already finished. The next step() does not report it again."""
+        with self._lock:
+            req = self._requests.pop(request_id, None)
+            if req is None:
+                return None
+            for c in req.choices:
+                if c.finish_reason is None:
+                    c.finish_reason = "abort"
+                if c.seq is not None:
+                    self.scheduler.finish(c.seq)
+            return self._output(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._requests)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; return the outputs of requests that got a token or finished in it."""
+        with self._lock:
+            out = self.scheduler.schedule()
+            if out.is_empty:
+                return []
+            now = time.time()
+            for s in out.seqs:
+                req = self._requests[self.scheduler.seqs[s.seq_id].request_id]
+                if req.first_scheduled_time is None:
+                    req.first_scheduled_time = now
+            logits = self.runner.execute(out)  # [num seqs with sample=True, vocab]
+            self.scheduler.on_step_done(out)
+
+            targets: list[Sequence] = []
+            rows: list[int] = []
+            for row, s in enumerate(s for s in out.seqs if s.sample):
+                seq = self.scheduler.seqs[s.seq_id]
+                targets.append(seq)
+                rows.append(row)
+                if seq.pending_forks:  # n > 1: the prompt is done; siblings share its blocks from here on
+                    req = self._requests[seq.request_id]
+                    for k in range(1, seq.params.n):
+                        req.choices[k].seq = self.scheduler.fork(seq, k)
+                        targets.append(req.choices[k].seq)
+                        rows.append(row)
+                    seq.pending_forks = 0
+            if not targets:
+                return []
+            if len(rows) != logits.shape[0]:
+                import torch
+
+                logits = logits[torch.tensor(rows, device=logits.device)]  # [len(targets), vocab]
+            sampled = self.sampler.sample(logits, targets)
+
+            now = time.time()
+            touched: dict[str, _Request] = {}
+            for seq, token_id, logprob in zip(targets, sampled.token_ids, sampled.logprobs, strict=True):
+                req = self._requests[seq.request_id]
+                if req.first_token_time is None:
+                    req.first_token_time = now
+                seq.append_token(token_id)
+                choice = req.choices[seq.index]
+                self._on_token(req, choice, token_id, logprob)
+                if choice.finish_reason is not None:
+                    self.scheduler.finish(seq)
+                touched[req.request_id] = req
+            outputs = []
+            for req in touched.values():
+                outputs.append(self._output(req))
+                if req.finished:
+                    del self._requests[req.request_id]
+            return outputs
+
+    def _on_token(self, req: _Request, c: _Choice, token_id: int, logprob: Logprob | None) -> None:
+        p = req.params
+        c.token_ids.append(token_id)
+        if c.logprobs is not None and logprob is not None:
+            c.logprobs.append(logprob)
+        if token_id in p.stop_token_ids:  # like EOS, its text is not part of the output
+            c.finish_reason, c.stop_reason = "stop", token_id
+        elif not p.ignore_eos and token_id in self.tokenizer.eos_token_ids:
+            c.finish_reason = "stop"
+        else:
+            before = len(c.text)
+            c.text += c.detok.add(token_id)
+            if p.stop and self._find_stop(c, p, before):
+                return
+            if len(c.token_ids) >= req.max_tokens:
+                c.finish_reason = "length"
+        if c.finish_reason is not None:
+            # Ended on a token: release bytes held back for an unfinished character (they may finish a stop).
+            before = len(c.text)
+            c.text += c.detok.flush()
+            if p.stop:
+                self._find_stop(c, p, before)
+
+    @staticmethod
+    def _find_stop(c: _Choice, p: SamplingParams, before: int) -> bool:
+        """Stop at the earliest stop string that reaches into the new text; truncate the text there."""
+        start = max(0, before - max(len(s) for s in p.stop) + 1)  # a match ending in older text was seen then
+        best: tuple[int, str] | None = None
+        for s in p.stop:
+            i = c.text.find(s, start)
+            if i != -1 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is None:
+            return False
+        i, s = best
+        c.text = c.text[: i + len(s)] if p.include_stop_str_in_output else c.text[:i]
+        c.finish_reason, c.stop_reason = "stop", s
+        return True
+
+    def _output(self, req: _Request) -> RequestOutput:
+        holdback = 0
+        if req.params.stop and not req.params.include_stop_str_in_output:
+            # Hold back what could still turn out to be the start of a stop string, so that streamed text
+            # never has to be taken back.
+            holdback = max(len(s) for s in req.params.stop) - 1
+        outs = []
+        for c in req.choices:
+            text = c.text
+            if c.finish_reason is None and holdback:
+                text = text[: max(0, len(text) - holdback)]
+            outs.append(CompletionOutput(
+                index=c.index, text=text, token_ids=list(c.token_ids), finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason, logprobs=list(c.logprobs) if c.logprobs is not None else None))
+        first = req.choices[0].seq
+        return RequestOutput(
+            request_id=req.request_id, prompt_token_ids=req.prompt_token_ids, outputs=outs,
+            finished=req.finished, num_cached_tokens=first.num_cached_tokens if first is not None else 0,
+            arrival_time=req.arrival_time, first_scheduled_time=req.first_scheduled_time,
+            first_token_time=req.first_token_time)
+
+    # -- introspection -------------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        with self._lock:
+            bm = self.block_manager
+            return EngineStats(
+                num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+                kv_cache_usage=bm.usage, num_total_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks,
+                num_preemptions=self.scheduler.num_preemptions,
+                prefix_cache_queries=bm.prefix_cache_queries, prefix_cache_hits=bm.prefix_cache_hits)

@@ -1,0 +1,207 @@
+"""Triton kernel: causal attention over the paged KV cache for a flat varlen batch of any query lengths.
+
+One launch serves a mixed step (decodes and prefill chunks together). Each program owns one kv head and
+a "q block": BLOCK_Q consecutive query tokens of one sequence times the G = Hq / Hkv query heads that
+share the kv head, folded into BLOCK_M = BLOCK_Q * G rows (GQA folding, as vLLM's unified triton
+attention does), so K/V tiles are read once per kv head. Online softmax in fp32 (exp2 domain).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
+    # Sequence s owns q blocks from query_start_loc[s] // BLOCK_Q + s on (an upper bound that keeps
+    # the grid computable from T and B alone); binary search the last s starting at or before q_block.
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        start = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if start <= q_block:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _unified_attention_kernel(
+    out_ptr,  # [T, Hq, D]
+    q_ptr,  # [T, Hq, D]
+    k_cache_ptr,  # [num_blocks, BLOCK_SIZE, Hkv, D]
+    v_cache_ptr,  # [num_blocks, BLOCK_SIZE, Hkv, D]
+    block_tables_ptr,  # [B, max_blocks] int32
+    seq_lens_ptr,  # [B] int32: context after this step
+    query_start_loc_ptr,  # [B+1] int32
+    num_seqs,
+    qk_scale,  # softmax scale * log2(e)
+    q_stride_0,
+    q_stride_1,
+    out_stride_0,
+    out_stride_1,
+    block_table_stride,
+    k_stride_0,
+    k_stride_1,
+    k_stride_2,
+    v_stride_0,
+    v_stride_1,
+    v_stride_2,
+    GROUP: tl.constexpr,  # query heads per kv head
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PADDED: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,  # KV-cache block size
+    TILE: tl.constexpr,  # keys per inner iteration (any power of two; may span cache blocks)
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # >= BLOCK_Q * GROUP, power of two, >= 16 (tl.dot minimum)
+    DOT_FP32: tl.constexpr,
+):
+    q_block = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    local_block = q_block - (q_start // BLOCK_Q + seq)
+    if local_block * BLOCK_Q >= q_len:
+        return
+
+    rows = tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM_PADDED)
+    q_pos = local_block * BLOCK_Q + rows // GROUP  # [BLOCK_M] position within this step's queries
+    head = kv_head * GROUP + rows % GROUP  # [BLOCK_M] query head
+    row_ok = (rows < BLOCK_Q * GROUP) & (q_pos < q_len)
+    dim_ok = dims < HEAD_DIM
+    token = (q_start + q_pos).to(tl.int64)
+
+    q = tl.load(
+        q_ptr + token[:, None] * q_stride_0 + head[:, None] * q_stride_1 + dims[None, :],
+        mask=row_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    )  # [BLOCK_M, D]
+    if DOT_FP32:
+        q = q.to(tl.float32)
+
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - q_len  # keys already cached before this step's queries
+    # Causality: the last query row of this q block sees keys [0, context_len + its q_pos].
+    last_pos = tl.minimum(local_block * BLOCK_Q + BLOCK_Q, q_len) - 1
+    kv_end = context_len + last_pos + 1
+    key_limit = context_len + q_pos + 1  # [BLOCK_M] exclusive bound per row
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], dtype=tl.float32)
+    offs = tl.arange(0, TILE)
+    table_row = block_tables_ptr + seq.to(tl.int64) * block_table_stride
+    for start in range(0, kv_end, TILE):
+        key_pos = start + offs  # [TILE]
+        key_ok = key_pos < kv_end
+        block = tl.load(table_row + key_pos // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
+        in_block = key_pos % BLOCK_SIZE
+        k = tl.load(
+            k_cache_ptr
+            + block[None, :] * k_stride_0
+            + in_block[None, :] * k_stride_1
+            + kv_head * k_stride_2
+            + dims[:, None],
+            mask=dim_ok[:, None] & key_ok[None, :],
+            other=0.0,
+        )  # [D, TILE]
+        v = tl.load(
+            v_cache_ptr
+            + block[:, None] * v_stride_0
+            + in_block[:, None] * v_stride_1
+            + kv_head * v_stride_2
+            + dims[None, :],
+            mask=key_ok[:, None] & dim_ok[None, :],
+            other=0.0,
+        )  # [TILE, D]
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, k, input_precision="ieee") * qk_scale  # [BLOCK_M, TILE], log2 domain
+        visible = row_ok[:, None] & (key_pos[None, :] < key_limit[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # Rows with nothing visible yet keep m = -inf; shift by 0 there so exp2 gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        m_i = m_new
+
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # fully masked (padding) rows: write zeros, not NaN
+    out = acc / l_i[:, None]
+    tl.store(
+        out_ptr + token[:, None] * out_stride_0 + head[:, None] * out_stride_1 + dims[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & dim_ok[None, :],
+    )
+
+
+# Triton's interpreter (TRITON_INTERPRET=1, CPU tests) multiplies bfloat16's raw uint16 storage in tl.dot:
+# there, and only there, bf16 operands are upcast to fp32 first (same products; fp32 accumulation anyway).
+INTERPRETED = type(_unified_attention_kernel).__name__ == "InterpretedFunction"
+
+
+def unified_attention(
+    q: torch.Tensor,  # [T, Hq, D], head_dim contiguous
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    seq_lens: torch.Tensor,  # [B] int32
+    query_start_loc: torch.Tensor,  # [B+1] int32
+    max_query_len: int,
+    scale: float,
+    out: torch.Tensor,  # [T, Hq, D]
+) -> torch.Tensor:
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    num_seqs = seq_lens.shape[0]
+    # Decode-heavy steps want small q blocks (little waste per sequence); prefill wants tall ones.
+    rows = 16 if max_query_len * group <= 16 else 64
+    block_m = max(rows, triton.next_power_of_2(group))
+    block_q = block_m // group
+    tile = 32 if head_dim <= 128 else 16
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads)
+    _unified_attention_kernel[grid](
+        out,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        num_seqs,
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PADDED=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_SIZE=k_cache.shape[1],
+        TILE=tile,
+        BLOCK_Q=block_q,
+        BLOCK_M=block_m,
+        DOT_FP32=INTERPRETED and q.dtype == torch.bfloat16,
+        num_warps=4,
+        num_stages=2,
+    )
+    return out

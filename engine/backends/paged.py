@@ -1,0 +1,236 @@
+"""The paged engine behind the Backend contract: `LLMEngine` stepped by one background worker thread.
+
+Threads: the worker owns the engine (add_request / step / abort all happen there, between steps). The
+event loop validates and admits requests, then hands adds and aborts over through a thread-safe inbox;
+each request has its own asyncio queue that the worker feeds with `call_soon_threadsafe`. With nothing
+to do the worker sleeps on an Event, so idle connections cost nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from gearshift.engine.config import EngineConfig
+from gearshift.engine.errors import EngineOverloadedError, GearshiftError, InvalidRequestError, ModelLoadError
+from gearshift.engine.outputs import CompletionOutput, EngineStats, RequestOutput
+from gearshift.engine.sampling_params import SamplingParams
+
+log = logging.getLogger("gearshift.paged")
+
+
+@dataclasses.dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue  # RequestOutput snapshots, or an exception that ends the stream
+    n: int
+    prompt_ids: list[int]
+
+    def post(self, item: RequestOutput | BaseException) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+
+def _snapshot(out: RequestOutput) -> RequestOutput:
+    # The engine may grow its lists in place on the next step while the event loop reads this one.
+    outs = [dataclasses.replace(c, token_ids=list(c.token_ids),
+                                logprobs=list(c.logprobs) if c.logprobs is not None else None)
+            for c in out.outputs]
+    return dataclasses.replace(out, outputs=outs)
+
+
+class PagedBackend:
+    name: Literal["paged", "gguf"] = "paged"
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_name: str = config.served_model_name or "model"
+        self.max_model_len: int = config.max_model_len or 0  # the real value is known after start()
+        self.vocab_size: int | None = None
+        self._engine: Any = None
+        self._tokenizer: Any = None
+        self._inbox: queue.SimpleQueue[tuple[str, str, Any, Any]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._stats = EngineStats()
+        self._live = 0  # admitted and unfinished; touched only on the event loop
+
+    # ----- lifecycle -----
+
+    async def start(self) -> None:
+        try:
+            from gearshift.engine.llm_engine import LLMEngine
+        except ImportError as e:
+            raise ModelLoadError(f"the paged engine is not available in this build: {e}") from None
+        self._engine = await asyncio.to_thread(LLMEngine, self.config)
+        self._tokenizer = self._engine.tokenizer
+        self.max_model_len = int(getattr(self._engine, "max_model_len", None)
+                                 or getattr(getattr(self._engine, "config", None), "max_model_len", None)
+                                 or self.config.max_model_len or 0)
+        self.vocab_size = int(getattr(self._tokenizer, "vocab_size", 0) or len(self._tokenizer)) or None
+        self._stats = self._engine.stats()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._worker, name="paged-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    def ready(self) -> bool:
+        return self._engine is not None and self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    # ----- tokens and templates -----
+
+    def _tok(self) -> Any:
+        if self._tokenizer is None:
+            raise GearshiftError("the paged engine has no model loaded")
+        return self._tokenizer
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tok().encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, token_ids: list[int]) -> str:
+        self._check_ids(token_ids, "tokens")
+        return self._tok().decode(list(token_ids))
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        return self._tok().apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    # ----- requests -----
+
+    def _check_ids(self, ids: list[int], param: str) -> None:
+        vocab = self.vocab_size
+        for t in ids:
+            if not isinstance(t, int) or isinstance(t, bool) or t < 0 or (vocab is not None and t >= vocab):
+                raise InvalidRequestError(f"token id {t!r} is outside the vocabulary [0, {vocab})", param=param)
+
+    def _validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_ids(ids, "prompt")
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        limit = self.max_model_len
+        if len(ids) >= limit:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {limit} tokens, but the prompt has {len(ids)} tokens",
+                param="prompt", code="context_length_exceeded")
+        if params.max_tokens is not None and len(ids) + params.max_tokens > limit:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{len(ids) + params.max_tokens} tokens ({len(ids)} in the prompt, {params.max_tokens} in the "
+                "completion). Please reduce the prompt or max_tokens.",
+                param="max_tokens", code="context_length_exceeded")
+        return ids
+
+    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams
+                       ) -> AsyncIterator[RequestOutput]:
+        ids = self._validate(prompt, params)
+        if not self.ready():
+            raise GearshiftError("the paged engine is not running")
+        # Room for a full batch running plus `max_waiting` queued behind it.
+        if self._live >= self.config.max_num_seqs + self.config.max_waiting:
+            raise EngineOverloadedError(
+                f"{self._live} requests in flight (max_num_seqs={self.config.max_num_seqs}, "
+                f"max_waiting={self.config.max_waiting})")
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n, ids)
+        self._streams[request_id] = stream
+        self._live += 1
+        self._inbox.put(("add", request_id, ids, params))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                # Outputs are cumulative: a consumer that fell behind only needs the newest one.
+                while not stream.queue.empty() and not isinstance(item, BaseException):
+                    item = stream.queue.get_nowait()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._live -= 1
+            if not finished:  # consumer gone (closed, cancelled, timed out): free its blocks next step
+                self._inbox.put(("abort", request_id, None, None))
+                self._wake.set()
+
+    # ----- the worker thread -----
+
+    def _apply_inbox(self) -> None:
+        while True:
+            try:
+                op, rid, ids, params = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if op == "add":
+                if rid not in self._streams:
+                    continue
+                try:
+                    self._engine.add_request(rid, ids, params)
+                except Exception as e:
+                    stream = self._streams.pop(rid)
+                    stream.post(e if isinstance(e, GearshiftError) else GearshiftError(f"cannot add request: {e}"))
+            else:
+                if self._streams.pop(rid, None) is not None:
+                    self._engine.abort(rid)
+
+    def _worker(self) -> None:
+        engine = self._engine
+        while not self._stopping:
+            self._apply_inbox()
+            if not engine.has_unfinished():
+                self._stats = engine.stats()
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as e:  # a failed step ends the requests in it with an error, not the server
+                log.exception("engine step failed")
+                for rid, stream in list(self._streams.items()):
+                    stream.post(GearshiftError(f"generation failed: {e}"))
+                    self._streams.pop(rid, None)
+                    try:
+                        engine.abort(rid)
+                    except Exception:
+                        log.exception("abort of %s failed", rid)
+                continue
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is None:
+                    continue
+                stream.post(_snapshot(out))
+                if out.finished:
+                    self._streams.pop(out.request_id, None)
+            stats = engine.stats()
+            # Requests still in the inbox wait too, from the client's point of view.
+            self._stats = dataclasses.replace(stats, num_waiting=stats.num_waiting + self._inbox.qsize())
+        # Stopping: every unfinished request ends with finish_reason 'abort'.
+        for rid, stream in list(self._streams.items()):
+            try:
+                engine.abort(rid)
+            except Exception:
+                log.exception("abort of %s failed", rid)
+            stream.post(RequestOutput(request_id=rid, prompt_token_ids=stream.prompt_ids, finished=True,
+                                      outputs=[CompletionOutput(index=i, finish_reason="abort") for i in range(stream.n)]))
+        self._streams.clear()
+        self._stats = engine.stats()

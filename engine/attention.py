@@ -1,0 +1,148 @@
+"""Paged attention: write this step's K/V into the cache, then attend causally over each sequence's context.
+
+Two paths behind one function, `paged_attention(q, k, v, k_cache, v_cache, meta, scale)`:
+- CUDA tensors: the Triton kernels of `gearshift.engine.kernels` (imported lazily: CPU never needs Triton).
+- otherwise the torch path below, which is also the reference the kernels are tested against.
+
+Torch path, per step (the gather plan is built once, by the first layer, and reused by every layer):
+- decodes (query length 1) go in one batched SDPA over their contexts gathered from the cache and
+  padded to the longest, GQA folded into the query-length axis (no K/V repeat);
+- each prefill chunk gets its own SDPA: causal over the new tokens alone when it has no cached prefix,
+  else over the gathered context with a causal mask shifted by the prefix length.
+
+Shapes: q [T, Hq, D]; k, v [T, Hkv, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from gearshift.engine.attention_metadata import AttentionMetadata
+
+
+@dataclass
+class _Prefill:
+    rows: slice  # this sequence's rows in the flat batch
+    ctx_slots: torch.Tensor | None  # [L] int64 cache slots of the whole context; None: no cached prefix
+    mask: torch.Tensor | None  # [Lq, L] bool, True = may attend; None: plain causal
+
+
+@dataclass
+class TorchAttentionPlan:
+    decode_rows: torch.Tensor | None  # [Bd] int64 rows of the decode tokens
+    decode_slots: torch.Tensor | None  # [Bd, Lmax] int64 cache slots of each decode's context, 0-padded
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, Lmax] bool, True = a real context position
+    decode_contiguous: bool  # decode rows are exactly [0, Bd): write the output with a slice
+    prefills: list[_Prefill]
+
+
+def build_plan(meta: AttentionMetadata, block_size: int, device: torch.device) -> TorchAttentionPlan:
+    qsl = meta.query_start_loc.tolist()
+    seq_lens = meta.seq_lens.tolist()
+    bt = meta.block_tables.to(device=device, dtype=torch.int64)
+    decode_idx = [i for i in range(len(seq_lens)) if qsl[i + 1] - qsl[i] == 1]
+    decode_rows = decode_slots = decode_mask = None
+    if decode_idx:
+        lmax = max(seq_lens[i] for i in decode_idx)
+        nblk = (lmax + block_size - 1) // block_size
+        sel = torch.tensor(decode_idx, dtype=torch.int64, device=device)
+        offs = torch.arange(block_size, device=device)
+        # [Bd, nblk, bs] -> [Bd, nblk*bs] -> first lmax positions
+        decode_slots = (bt[sel, :nblk, None] * block_size + offs).reshape(len(decode_idx), -1)[:, :lmax]
+        lens = torch.tensor([seq_lens[i] for i in decode_idx], device=device)
+        decode_mask = (torch.arange(lmax, device=device)[None, :] < lens[:, None])[:, None, None, :]
+        decode_rows = torch.tensor([qsl[i] for i in decode_idx], dtype=torch.int64, device=device)
+    contiguous = decode_idx == list(range(len(decode_idx))) and all(
+        qsl[i] == i for i in decode_idx
+    )
+    prefills: list[_Prefill] = []
+    for i in range(len(seq_lens)):
+        lq = qsl[i + 1] - qsl[i]
+        if lq == 1 and i in decode_idx:
+            continue
+        length = seq_lens[i]
+        start = length - lq
+        if start == 0:
+            prefills.append(_Prefill(slice(qsl[i], qsl[i + 1]), None, None))
+            continue
+        pos = torch.arange(length, device=device)
+        slots = bt[i, pos // block_size] * block_size + pos % block_size
+        mask = pos[None, :] <= (start + torch.arange(lq, device=device))[:, None]
+        prefills.append(_Prefill(slice(qsl[i], qsl[i + 1]), slots, mask))
+    return TorchAttentionPlan(decode_rows, decode_slots, decode_mask, contiguous, prefills)
+
+
+def store_kvcache_torch(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """k, v [T, Hkv, D] -> the cache rows slot_mapping [T] (slot = block * block_size + offset)."""
+    hkv, d = k.shape[1], k.shape[2]
+    k_cache.view(-1, hkv, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, hkv, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def paged_attention_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    plan: TorchAttentionPlan | None = None,
+) -> torch.Tensor:
+    """q [T, Hq, D], k/v [T, Hkv, D] (this step's) -> out [T, Hq, D]; writes k/v into the cache first."""
+    store_kvcache_torch(k, v, k_cache, v_cache, meta.slot_mapping)
+    if plan is None:
+        plan = build_plan(meta, k_cache.shape[1], q.device)
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    flat_k = k_cache.view(-1, hkv, d)
+    flat_v = v_cache.view(-1, hkv, d)
+    out = torch.empty_like(q)
+    if plan.decode_rows is not None:
+        bd = plan.decode_rows.shape[0]
+        qd = q[:bd] if plan.decode_contiguous else q.index_select(0, plan.decode_rows)
+        qd = qd.view(bd, hkv, g, d)  # the G query heads sharing a KV head play the query-length axis
+        kd = flat_k[plan.decode_slots].transpose(1, 2)  # [Bd, Lmax, Hkv, D] -> [Bd, Hkv, Lmax, D]
+        vd = flat_v[plan.decode_slots].transpose(1, 2)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=plan.decode_mask, scale=scale)
+        od = od.reshape(bd, hq, d)
+        if plan.decode_contiguous:
+            out[:bd] = od
+        else:
+            out.index_copy_(0, plan.decode_rows, od)
+    for p in plan.prefills:
+        qp = q[p.rows].transpose(0, 1).unsqueeze(0)  # [1, Hq, Lq, D]
+        if p.ctx_slots is None:
+            kp = k[p.rows].transpose(0, 1).unsqueeze(0)  # [1, Hkv, Lq, D]
+            vp = v[p.rows].transpose(0, 1).unsqueeze(0)
+            op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            kp = flat_k[p.ctx_slots].transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+            vp = flat_v[p.ctx_slots].transpose(0, 1).unsqueeze(0)
+            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, scale=scale, enable_gqa=True)
+        out[p.rows] = op.squeeze(0).transpose(0, 1)
+    return out
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    plan: TorchAttentionPlan | None = None,
+) -> torch.Tensor:
+    """Dispatch: Triton kernels for CUDA tensors, the torch path otherwise. Shapes as in the module doc."""
+    if q.is_cuda:
+        from gearshift.engine import kernels  # lazy: Triton is a GPU-only dependency
+
+        kernels.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+        return kernels.paged_attention(q, k_cache, v_cache, meta, scale)
+    return paged_attention_torch(q, k, v, k_cache, v_cache, meta, scale, plan)

@@ -1,0 +1,175 @@
+"""Read one `.gguf` file: metadata -> ModelConfig, tensors -> HF-named float32 weights, tokenizer metadata.
+
+llama.cpp's converter permutes the rows of Llama's Q and K projections so that its interleaved RoPE
+sees pairs (2i, 2i+1); our RoPE (HF's rotate_half) pairs (i, i + hd/2), so those rows are put back.
+Qwen2 files are written unpermuted (llama.cpp runs NeoX-style RoPE for them).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from gearshift.engine.errors import ModelLoadError
+from gearshift.engine.model.config import ModelConfig
+
+# GGUF architecture -> our architecture. Mistral files are written as "llama".
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+_PERMUTED_QK = {"llama", "mistral"}
+
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+@dataclass
+class GGUFModel:
+    path: Path
+    config: ModelConfig
+    reader: object  # gguf.GGUFReader (memory-mapped)
+
+    def field(self, key: str, default=None):
+        f = self.reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, float32 tensor) for every tensor, dequantized, Q/K rows un-permuted."""
+        from gguf.quants import dequantize
+
+        cfg = self.config
+        for t in self.reader.tensors:
+            name = _hf_name(t.name)
+            if name is None:
+                continue  # rope_freqs is folded into the config
+            try:
+                arr = dequantize(t.data, t.tensor_type)
+            except NotImplementedError:
+                raise ModelLoadError(
+                    f"{self.path.name}: tensor {t.name} uses quant type {t.tensor_type.name}, "
+                    "which the gguf package cannot dequantize"
+                ) from None
+            arr = np.asarray(arr, dtype=np.float32).reshape(tuple(int(x) for x in reversed(t.shape)))
+            w = torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # F32 tensors are mmap views
+            if cfg.architecture in _PERMUTED_QK:
+                if name.endswith("self_attn.q_proj.weight"):
+                    w = _unpermute(w, cfg.num_heads)
+                elif name.endswith("self_attn.k_proj.weight"):
+                    w = _unpermute(w, cfg.num_kv_heads)
+            yield name, w
+
+
+def _hf_name(name: str) -> str | None:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    if name.startswith("blk."):
+        _, idx, rest = name.split(".", 2)
+        if rest in _LAYER_NAMES:
+            return f"model.layers.{idx}.{_LAYER_NAMES[rest]}"
+    if name == "rope_freqs.weight":
+        return None
+    raise ModelLoadError(f"unexpected tensor {name!r} in the GGUF file")
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Inverse of llama.cpp's permute: rows grouped (head, half, pair) -> (head, pair, half)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
+
+
+def open_gguf(path: str | os.PathLike) -> GGUFModel:
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"model file {path} does not exist")
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise ModelLoadError(f"{path.name} is not a GGUF file (bad magic bytes)")
+    try:
+        reader = GGUFReader(path, "r")
+    except Exception as e:  # the reader raises ValueError/IndexError/... on damaged headers
+        raise ModelLoadError(f"{path.name} is a corrupt or truncated GGUF file: {e}") from None
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+            raise ModelLoadError(
+                f"{path.name} is truncated: tensor {t.name} needs bytes up to {t.data_offset + t.n_bytes}, "
+                f"the file has {size}"
+            )
+    model = GGUFModel(path, None, reader)  # type: ignore[arg-type]
+    model.config = _config(model, {t.name: t for t in reader.tensors})
+    return model
+
+
+def _config(m: GGUFModel, tensors: dict) -> ModelConfig:
+    arch = m.field("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ModelLoadError(
+            f"{m.path.name}: unsupported architecture {arch!r}; supported: {', '.join(GGUF_ARCHITECTURES)}"
+        )
+
+    def need(key: str):
+        v = m.field(f"{arch}.{key}")
+        if v is None:
+            raise ModelLoadError(f"{m.path.name}: metadata {arch}.{key} is missing")
+        return v
+
+    heads = int(need("attention.head_count"))
+    kv_heads = int(m.field(f"{arch}.attention.head_count_kv", heads))
+    hidden = int(need("embedding_length"))
+    head_dim = int(m.field(f"{arch}.attention.key_length", hidden // heads))
+    tok_field = m.reader.fields.get("tokenizer.ggml.tokens")
+    vocab = int(m.field(f"{arch}.vocab_size", len(tok_field.data) if tok_field else 0))
+    if vocab == 0 and "token_embd.weight" in tensors:
+        vocab = int(tensors["token_embd.weight"].shape[1])
+    scaling = None
+    if "rope_freqs.weight" in tensors:
+        from gguf.quants import dequantize
+
+        t = tensors["rope_freqs.weight"]
+        scaling = {"rope_type": "freq_factors", "factors": torch.from_numpy(dequantize(t.data, t.tensor_type).copy())}
+    elif m.field(f"{arch}.rope.scaling.type") == "linear":
+        scaling = {"rope_type": "linear", "factor": float(m.field(f"{arch}.rope.scaling.factor"))}
+    elif m.field(f"{arch}.rope.scaling.type") not in (None, "none"):
+        raise ModelLoadError(f"{m.path.name}: unsupported rope scaling {m.field(f'{arch}.rope.scaling.type')!r}")
+    eos = m.field("tokenizer.ggml.eos_token_id")
+    eot = m.field("tokenizer.ggml.eot_token_id")
+    eos_ids = [int(x) for x in (eos, eot) if x is not None]
+    return ModelConfig(
+        architecture=GGUF_ARCHITECTURES[arch],
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(need("feed_forward_length")),
+        num_layers=int(need("block_count")),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(m.field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(m.field(f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        max_position_embeddings=int(m.field(f"{arch}.context_length", 4096)),
+        tie_word_embeddings="output.weight" not in tensors,
+        attention_bias="blk.0.attn_q.bias" in tensors,
+        bos_token_id=m.field("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=list(dict.fromkeys(eos_ids)),
+    )

@@ -1,0 +1,69 @@
+"""Rotary position embedding (NeoX / HF `rotate_half` layout), with Llama-3 and linear frequency scaling.
+
+GGUF files store Llama's Q/K rows permuted for llama.cpp's interleaved rotation; the loader undoes that,
+so one layout serves both sources.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from gearshift.engine.errors import ModelLoadError
+
+
+def inv_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """[head_dim/2] float32 inverse frequencies, scaled as the model's rope_scaling says."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / float(scaling["factor"])
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+        old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv
+        # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(is_mid, mid, scaled)
+    if kind == "freq_factors":  # GGUF's rope_freqs tensor: per-frequency divisors (llama3 files)
+        return inv / scaling["factors"].float()
+    raise ModelLoadError(f"unsupported rope scaling type {kind!r}: supported are default, linear, llama3")
+
+
+class RotaryEmbedding(torch.nn.Module):
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None) -> None:
+        super().__init__()
+        self._args = (head_dim, max_positions, theta, scaling)
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.build()
+
+    def build(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the cos/sin tables: [P, D/2] float32, whatever the model dtype (cast at use).
+        Called again after the model is materialized from the meta device."""
+        head_dim, max_positions, theta, scaling = self._args
+        if device is None:
+            device = self.cos.device
+        if torch.device(device).type == "meta":
+            return  # built on a meta model: computed for real by build(real_device) after to_empty()
+        inv = inv_frequencies(head_dim, theta, scaling).to(device)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=device), inv)
+        self.cos, self.sin = freqs.cos(), freqs.sin()
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T]; q [T, Hq, D], k [T, Hkv, D] -> rotated q, k (same shapes and dtype)."""
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D/2]
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -1,0 +1,209 @@
+"""ModelRunner: the only device code of the paged engine. Loads model + tokenizer, owns the KV cache,
+executes one SchedulerOutput per step.
+
+Interface the engine (llm_engine / scheduler / sampler) relies on:
+
+    runner = ModelRunner(config: EngineConfig)     # raises ModelLoadError / GearshiftError naming the problem
+    runner.tokenizer        -> gearshift.engine.tokenizer.Tokenizer (encode/decode/apply_chat_template/eos_token_ids)
+    runner.model_config     -> gearshift.engine.model.config.ModelConfig
+    runner.device           -> torch.device (cpu | cuda)
+    runner.dtype            -> torch.dtype chosen (auto: bf16 where the hardware does it fast, else fp32)
+    runner.num_kv_blocks    -> int   blocks in the preallocated cache (block ids 0 .. num_kv_blocks-1)
+    runner.block_size       -> int   tokens per block (= config.block_size)
+    runner.max_model_len    -> int   prompt + output tokens one sequence may hold
+    runner.vocab_size       -> int   logits width
+    runner.execute(out: SchedulerOutput) -> torch.Tensor
+        float32 logits [number of seqs with sample=True, vocab_size], rows in out.seqs order, on
+        runner.device. out.block_copies (src, dst) are applied first; out.seqs may mix decodes and
+        prefill chunks; each ScheduledSeq.block_table must cover positions [0, start_pos + len(token_ids)).
+        An empty out (no seqs) just applies the copies and returns a [0, vocab_size] tensor.
+
+Contract on K/V: after execute, the cache holds K/V for every scheduled token at its slot
+(block_table[pos // block_size] * block_size + pos % block_size); nothing else is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from gearshift.engine.attention_metadata import AttentionMetadata
+from gearshift.engine.config import EngineConfig, usable_cpus
+from gearshift.engine.errors import GearshiftError
+from gearshift.engine.loader import open_model
+from gearshift.engine.model.llama import LlamaForCausalLM
+from gearshift.engine.scheduler_output import SchedulerOutput
+from gearshift.engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bf16 matmuls beat fp32 only with native bf16 instructions (AVX512-BF16 / AMX); AVX2 emulates them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise GearshiftError("device 'cuda' was requested but no CUDA GPU is visible")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(config.threads or usable_cpus())
+        src = open_model(config.model)
+        self.model_config = cfg = src.config
+        self.tokenizer = Tokenizer.from_model(src, extra_eos_ids=cfg.eos_token_ids)
+        self.vocab_size = cfg.vocab_size
+        self.block_size = config.block_size
+        model_len = cfg.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > model_len:
+            raise GearshiftError(
+                f"max_model_len {config.max_model_len} exceeds the model's context length {model_len}"
+            )
+        wanted_len = config.max_model_len or model_len
+        self.model = self._load_model(src, wanted_len)
+        self._allocate_kv_cache(wanted_len)
+        self.graphs = None  # CUDA graphs for decode batches: set up by _capture_graphs on GPUs
+        self._warmup()
+
+    # ---- setup ----------------------------------------------------------------------------------
+    def _load_model(self, src, max_positions: int) -> LlamaForCausalLM:
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device("meta"):  # no random init: every weight is about to be overwritten
+                model = LlamaForCausalLM(self.model_config, max_positions)
+        finally:
+            torch.set_default_dtype(default)
+        model.to_empty(device=self.device)
+        model.materialize()
+        model.load_weights(src.weights())
+        return model.eval()
+
+    def _kv_budget(self) -> int:
+        if self.config.kv_cache_memory:
+            return int(self.config.kv_cache_memory)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * 0.8)  # leave room for activations and the graphs' pools
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            avail = 8 << 30
+        return int(min(max(avail * 0.15, 256 << 20), 4 << 30))
+
+    def _allocate_kv_cache(self, wanted_len: int) -> None:
+        cfg = self.model_config
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        per_block = 2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim * elem
+        budget = self._kv_budget()
+        self.num_kv_blocks = budget // per_block
+        if self.num_kv_blocks < 2:
+            raise GearshiftError(
+                f"kv_cache_memory {budget} bytes holds fewer than 2 blocks of {per_block} bytes; raise it"
+            )
+        capacity = self.num_kv_blocks * self.block_size
+        if self.config.max_model_len is not None and self.config.max_model_len > capacity:
+            raise GearshiftError(
+                f"max_model_len {self.config.max_model_len} needs {self.config.max_model_len * per_block // self.block_size} "
+                f"bytes of KV cache; kv_cache_memory allows {capacity} tokens"
+            )
+        self.max_model_len = min(wanted_len, capacity)
+        # [layers, 2, blocks, block_size, Hkv, D] in one tensor; per layer (k, v) views of it.
+        self.kv_cache = torch.empty(
+            cfg.num_layers, 2, self.num_kv_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim,
+            dtype=self.dtype, device=self.device,
+        )
+        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_layers)]
+        log.info("KV cache: %d blocks x %d tokens (%.1f MiB), max_model_len %d", self.num_kv_blocks,
+                 self.block_size, self.kv_cache.numel() * elem / 2**20, self.max_model_len)
+
+    def _warmup(self) -> None:
+        """One small forward so first-call costs (oneDNN/JIT setup) do not land on a user request."""
+        from gearshift.engine.scheduler_output import ScheduledSeq
+
+        n = min(8, self.max_model_len)
+        blocks = list(range((n + self.block_size - 1) // self.block_size))
+        self.execute(SchedulerOutput(seqs=[ScheduledSeq(0, [0] * n, 0, blocks, True)]))
+
+    # ---- one step -------------------------------------------------------------------------------
+    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+        if out.block_copies:
+            self._copy_blocks(out.block_copies)
+        if not out.seqs:
+            return torch.empty(0, self.vocab_size, dtype=torch.float32, device=self.device)
+        if self.graphs is not None and self.graphs.can_run(out):
+            return self.graphs.run(out)
+        input_ids, positions, meta, sample_rows = self.prepare(out)
+        hidden = self.model(input_ids, positions, meta, self.kv_caches)
+        return self.model.compute_logits(hidden[sample_rows])
+
+    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """Flatten the step: input_ids [T], positions [T], attention metadata, rows to sample [N]."""
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        qsl = [0]
+        seq_lens: list[int] = []
+        sample_rows: list[int] = []
+        max_blocks = 0
+        for s in out.seqs:
+            n, start, end = len(s.token_ids), s.start_pos, s.context_len
+            if n == 0 or end > self.max_model_len or len(s.block_table) * bs < end:
+                raise GearshiftError(
+                    f"seq {s.seq_id}: bad schedule (tokens {n}, context {end}, blocks {len(s.block_table)}, "
+                    f"max_model_len {self.max_model_len})"
+                )
+            ids += s.token_ids
+            pos += range(start, end)
+            bt = s.block_table
+            slots += [bt[p // bs] * bs + p % bs for p in range(start, end)]
+            qsl.append(qsl[-1] + n)
+            seq_lens.append(end)
+            max_blocks = max(max_blocks, (end + bs - 1) // bs)
+            if s.sample:
+                sample_rows.append(qsl[-1] - 1)
+        tables = [s.block_table[:max_blocks] + [0] * (max_blocks - min(len(s.block_table), max_blocks))
+                  for s in out.seqs]
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            max_query_len=max(len(s.token_ids) for s in out.seqs),
+            max_seq_len=max(seq_lens),
+        )
+        return (torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(pos, dtype=torch.int64, device=dev),
+                meta, torch.tensor(sample_rows, dtype=torch.int64, device=dev))
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        src = torch.tensor([c[0] for c in copies], dtype=torch.int64, device=self.device)
+        dst = torch.tensor([c[1] for c in copies], dtype=torch.int64, device=self.device)
+        self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]  # every layer, K and V at once

@@ -11,6 +11,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 ENGINE ?= paged
 PYTEST_ARGS ?=
+CLUSTER := $(VENV)/bin/python -m gearshift.e2e.cluster
 
 .PHONY: install up test unit e2e cluster-up cluster-down bench lint clean
 
@@ -32,22 +33,24 @@ up: install
 
 # Unit, integration and e2e tests; provisions the Kubernetes control plane (built once, cached).
 test: install provision
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	@$(CLUSTER) status >/dev/null 2>&1 || trap '$(CLUSTER) down' EXIT; $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 unit: install
 	$(VENV)/bin/pytest -m "not e2e" $(PYTEST_ARGS)
 
+# The control plane's binaries, built once from Debian's kubernetes source (nothing when $$KUBECONFIG answers).
 provision: install
-	@if [ -x e2e/cluster/build.sh ]; then e2e/cluster/build.sh; fi
+	e2e/cluster/build.sh
 
+# The e2e scenarios only. The cluster is stopped at the end unless it was already running before.
 e2e: install provision
-	$(VENV)/bin/pytest -m e2e $(PYTEST_ARGS)
+	@$(CLUSTER) status >/dev/null 2>&1 || trap '$(CLUSTER) down' EXIT; $(VENV)/bin/pytest -m e2e $(PYTEST_ARGS)
 
 cluster-up: install provision
-	$(PY) -m e2e_cluster up 2>/dev/null || e2e/cluster/cluster.sh up
+	$(CLUSTER) up
 
 cluster-down:
-	e2e/cluster/cluster.sh down
+	$(CLUSTER) down
 
 bench: install
 	$(PY) bench/offline.py

@@ -1,0 +1,308 @@
+"""The light engine: a GGUF model on llama.cpp (llama-cpp-python) behind the same Backend contract.
+
+One llama.cpp context, one worker thread, one request at a time from a bounded FIFO queue. That is the
+right shape for one or a few users on a CPU node; the queue depth is exported as `num_waiting` so the
+operator and autoscalers see when this engine is outgrown and the paged engine should take over.
+
+Threads: the worker owns the llama.cpp context. The event loop only tokenizes (read-only vocab, safe
+alongside decoding) and moves requests in and out of the queue under a lock. ctypes releases the GIL during
+llama.cpp calls, so the HTTP layer keeps running while a token is computed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from gearshift.engine.backends.gguf_chat import GGUFChatTemplate
+from gearshift.engine.backends.gguf_decode import ChoiceDecoder
+from gearshift.engine.backends.gguf_loader import load_llama
+from gearshift.engine.config import EngineConfig
+from gearshift.engine.errors import EngineOverloadedError, GearshiftError, InvalidRequestError
+from gearshift.engine.outputs import CompletionOutput, EngineStats, RequestOutput
+from gearshift.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import llama_cpp
+
+log = logging.getLogger("gearshift.gguf")
+
+
+@dataclass(eq=False)  # identity, not field equality: requests are found in the deque by `is`
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue  # RequestOutput snapshots, or an Exception that ends the stream
+    arrival_time: float = field(default_factory=time.time)
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    num_cached_tokens: int = 0
+    cancelled: bool = False  # set by the consumer side (iterator closed) or stop(); read by the worker
+
+    def post(self, item: RequestOutput | BaseException) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.cancelled = True
+
+
+class GGUFBackend:
+    name: Literal["paged", "gguf"] = "gguf"
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_name: str = config.served_model_name or "model"
+        self.max_model_len: int = config.max_model_len or 0  # the real value is known after start()
+        self._llm: llama_cpp.Llama | None = None
+        self._chat: GGUFChatTemplate | None = None
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._current: _Request | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._prefix_queries = 0
+        self._prefix_hits = 0
+
+    # ----- lifecycle -----
+
+    async def start(self) -> None:
+        llm = await asyncio.to_thread(load_llama, self.config)
+        self._llm = llm
+        self.max_model_len = llm.n_ctx()
+        self._chat = GGUFChatTemplate(
+            llm.metadata.get("tokenizer.chat_template"),
+            bos_token=_token_text(llm, llm.token_bos()),
+            eos_token=_token_text(llm, llm.token_eos()),
+        )
+        self._stopping = False
+        self._thread = threading.Thread(target=self._worker, name="gguf-worker", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            pending = list(self._waiting)
+            self._waiting.clear()
+            if self._current is not None:
+                self._current.cancelled = True
+            self._cv.notify_all()
+        for req in pending:
+            req.cancelled = True
+            req.post(self._final_abort(req))
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None
+
+    def ready(self) -> bool:
+        return self._llm is not None and self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    # ----- tokens and templates -----
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        # special=True: control tokens written in the text (e.g. <|im_start|> from a chat template) are
+        # parsed as such, as llama_cpp.Llama.create_completion does with a string prompt.
+        return self._model().tokenize(text.encode("utf-8"), add_bos=add_special_tokens, special=True)
+
+    def decode(self, token_ids: list[int]) -> str:
+        llm = self._model()
+        n_vocab = llm.n_vocab()
+        for t in token_ids:
+            if not isinstance(t, int) or not 0 <= t < n_vocab:
+                raise InvalidRequestError(f"token id {t!r} is outside the vocabulary [0, {n_vocab})", param="tokens")
+        return llm.detokenize(list(token_ids)).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        self._model()
+        assert self._chat is not None
+        return self._chat.render(messages, add_generation_prompt=add_generation_prompt)
+
+    # ----- requests -----
+
+    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams
+                       ) -> AsyncIterator[RequestOutput]:
+        prompt_ids = self._prompt_ids(prompt)
+        max_tokens = self._max_tokens(len(prompt_ids), params)
+        req = _Request(request_id, prompt_ids, params, max_tokens, asyncio.get_running_loop(), asyncio.Queue())
+        with self._cv:
+            if self._stopping or self._thread is None:
+                raise GearshiftError("the gguf engine is not running")
+            if len(self._waiting) >= self.config.max_waiting:
+                raise EngineOverloadedError(
+                    f"{len(self._waiting)} requests are already waiting (max_waiting={self.config.max_waiting})"
+                )
+            self._waiting.append(req)
+            self._cv.notify()
+        finished = False
+        try:
+            while True:
+                item = await req.queue.get()
+                # Outputs are cumulative: a consumer that fell behind only needs the newest one.
+                while not req.queue.empty() and not isinstance(item, BaseException):
+                    item = req.queue.get_nowait()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:  # consumer gone (closed, cancelled, timed out): stop at the next token
+                req.cancelled = True
+                with self._cv:
+                    if req in self._waiting:
+                        self._waiting.remove(req)
+
+    def stats(self) -> EngineStats:
+        cur = self._current
+        llm = self._llm
+        n_ctx = llm.n_ctx() if llm is not None else 0
+        used = min(llm.n_tokens, n_ctx) if (llm is not None and cur is not None) else 0
+        block = self.config.block_size
+        total_blocks = n_ctx // block
+        used_blocks = min(total_blocks, -(-used // block))
+        return EngineStats(
+            num_running=1 if cur is not None else 0,
+            num_waiting=len(self._waiting),
+            kv_cache_usage=used / n_ctx if n_ctx else 0.0,
+            num_total_blocks=total_blocks,
+            num_free_blocks=total_blocks - used_blocks,
+            num_preemptions=0,
+            prefix_cache_queries=self._prefix_queries,
+            prefix_cache_hits=self._prefix_hits,
+        )
+
+    # ----- validation (event loop, before queuing) -----
+
+    def _model(self) -> llama_cpp.Llama:
+        if self._llm is None:
+            raise GearshiftError("the gguf engine has no model loaded")
+        return self._llm
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        llm = self._model()
+        if isinstance(prompt, str):
+            ids = self.encode(prompt, add_special_tokens=True)
+        else:
+            n_vocab = llm.n_vocab()
+            bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < n_vocab]
+            if bad:
+                raise InvalidRequestError(
+                    f"prompt token id {bad[0]!r} is outside the vocabulary [0, {n_vocab})", param="prompt"
+                )
+            ids = list(prompt)
+        if not ids:
+            bos = llm.token_bos()
+            if bos < 0:
+                raise InvalidRequestError("the prompt is empty", param="prompt")
+            ids = [bos]
+        return ids
+
+    def _max_tokens(self, n_prompt: int, params: SamplingParams) -> int:
+        limit = self.max_model_len
+        if n_prompt >= limit:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {limit} tokens, but the prompt has {n_prompt} tokens",
+                param="prompt", code="context_length_exceeded",
+            )
+        if params.max_tokens is None:
+            return limit - n_prompt
+        if n_prompt + params.max_tokens > limit:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{n_prompt + params.max_tokens} tokens ({n_prompt} in the prompt, {params.max_tokens} in the "
+                "completion). Please reduce the prompt or max_tokens.",
+                param="max_tokens", code="context_length_exceeded",
+            )
+        return params.max_tokens
+
+    # ----- the worker thread -----
+
+    def _worker(self) -> None:
+        while True:
+            with self._cv:
+                while not self._waiting and not self._stopping:
+                    self._cv.wait()
+                if self._stopping:
+                    return
+                req = self._waiting.popleft()
+                self._current = req
+            try:
+                if not req.cancelled:
+                    self._serve(req)
+            except Exception as e:  # a llama.cpp failure ends this request with an error, not the worker
+                log.exception("gguf request %s failed", req.request_id)
+                req.post(GearshiftError(f"generation failed: {e}"))
+            finally:
+                with self._cv:
+                    self._current = None
+
+    def _serve(self, req: _Request) -> None:
+        llm = self._model()
+        req.first_scheduled_time = time.time()
+        if not self.config.enable_prefix_caching:
+            llm.reset()
+        n = req.params.n
+        outputs = [CompletionOutput(index=i) for i in range(n)]
+
+        def emit(out: CompletionOutput) -> None:
+            if req.first_token_time is None:
+                req.first_token_time = time.time()
+            outputs[out.index] = out
+            req.post(self._output(req, list(outputs), finished=False))
+
+        for i in range(n):
+            hit = self._count_prefix_hit(llm, req.prompt_ids)
+            if i == 0:
+                req.num_cached_tokens = hit
+            decoder = ChoiceDecoder(llm, req.prompt_ids, req.params, i, req.max_tokens)
+            outputs[i] = decoder.run(lambda: req.cancelled or self._stopping, emit)
+            if outputs[i].finish_reason == "abort":
+                for j in range(i + 1, n):
+                    outputs[j] = CompletionOutput(index=j, finish_reason="abort")
+                break
+        req.post(self._output(req, outputs, finished=True))
+
+    def _count_prefix_hit(self, llm: llama_cpp.Llama, prompt_ids: list[int]) -> int:
+        # Llama.generate reuses the KV cache of the longest common prefix with what it evaluated last.
+        hit = 0
+        for a, b in zip(llm._input_ids.tolist(), prompt_ids):
+            if a != b:
+                break
+            hit += 1
+        self._prefix_queries += len(prompt_ids)
+        hit = min(hit, len(prompt_ids) - 1)
+        self._prefix_hits += hit
+        return hit
+
+    def _output(self, req: _Request, outputs: list[CompletionOutput], finished: bool) -> RequestOutput:
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt_token_ids=req.prompt_ids,
+            outputs=outputs,
+            finished=finished,
+            num_cached_tokens=req.num_cached_tokens,
+            arrival_time=req.arrival_time,
+            first_scheduled_time=req.first_scheduled_time,
+            first_token_time=req.first_token_time,
+        )
+
+    def _final_abort(self, req: _Request) -> RequestOutput:
+        outs = [CompletionOutput(index=i, finish_reason="abort") for i in range(req.params.n)]
+        return self._output(req, outs, finished=True)
+
+
+def _token_text(llm: llama_cpp.Llama, token: int) -> str:
+    return llm._model.token_get_text(token) if token >= 0 else ""

@@ -1,0 +1,158 @@
+"""One choice of one request decoded on a llama.cpp context: sampling, stop conditions, text, logprobs.
+
+Runs on the GGUF worker thread only (a llama.cpp context is single-threaded). Sampling is llama-cpp-python's
+own `Llama.generate`, the very path `Llama.create_completion` takes, so greedy text equals calling
+`llama_cpp.Llama` directly. Semantics follow the OpenAI/vLLM API rather than llama-cpp-python's:
+  * the EOS (or a stop_token_ids token) is counted in token_ids/usage but never appears in the text;
+  * a stop string ends the choice, is cut from the text (unless include_stop_str_in_output), and text
+    that might still turn into a stop string is held back from the stream until it cannot;
+  * logprobs are of the model's raw distribution at each sampled position (before penalties).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import random
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from gearshift.engine.outputs import CompletionOutput, Logprob
+from gearshift.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import llama_cpp
+
+
+def find_stop(text: str, stops: list[str], search_from: int) -> tuple[int, str] | None:
+    """Earliest (position, stop string) of any stop string that ends at or after `search_from`."""
+    best: tuple[int, str] | None = None
+    for s in stops:
+        i = text.find(s, max(0, search_from - len(s) + 1))
+        if i >= 0 and (best is None or i < best[0]):
+            best = (i, s)
+    return best
+
+
+def holdback(text: str, stops: list[str]) -> int:
+    """How many trailing characters could be the start of a stop string (not streamed yet)."""
+    n = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), n, -1):
+            if text.endswith(s[:k]):
+                n = k
+                break
+    return n
+
+
+def choice_seed(params: SamplingParams, index: int) -> int:
+    """Seeded requests are reproducible per choice; unseeded ones draw a fresh seed."""
+    if params.seed is not None:
+        return (params.seed + index) & 0xFFFFFFFF
+    return random.getrandbits(32)
+
+
+class ChoiceDecoder:
+    """Decodes choice `index` of a request; `emit` gets a fresh snapshot after every token."""
+
+    def __init__(self, llm: llama_cpp.Llama, prompt_ids: list[int], params: SamplingParams, index: int,
+                 max_tokens: int) -> None:
+        self.llm = llm
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.index = index
+        self.max_tokens = max_tokens
+        self.token_ids: list[int] = []
+        self.logprobs: list[Logprob] | None = [] if params.logprobs is not None else None
+        self._bytes = b""
+        self._text = ""  # all text decoded so far (may still hold an unfinished stop string)
+        self._vocab = llm._model.vocab
+        self._n_vocab = llm.n_vocab()
+
+    def run(self, cancelled: Callable[[], bool], emit: Callable[[CompletionOutput], None]) -> CompletionOutput:
+        import llama_cpp
+
+        p = self.params
+        greedy = p.greedy
+        self.llm.set_seed(choice_seed(p, self.index))
+        gen = self.llm.generate(
+            self.prompt_ids,
+            top_k=p.top_k if p.top_k > 0 else 0,  # llama.cpp: k <= 0 is off
+            top_p=p.top_p,
+            min_p=p.min_p,
+            typical_p=1.0,
+            temp=0.0 if greedy else p.temperature,
+            repeat_penalty=p.repetition_penalty,
+            frequency_penalty=p.frequency_penalty,
+            presence_penalty=p.presence_penalty,
+        )
+        out: CompletionOutput | None = None
+        try:
+            for token in gen:
+                if cancelled():
+                    out = self._snapshot("abort", None)
+                    break
+                self.token_ids.append(int(token))
+                if self.logprobs is not None:
+                    self.logprobs.append(self._logprob(int(token)))
+                out = self._advance(int(token), llama_cpp.llama_vocab_is_eog(self._vocab, token))
+                emit(out)
+                if out.finished:
+                    break
+        finally:
+            gen.close()
+        if out is None:  # cancelled before the first token
+            out = self._snapshot("abort", None)
+        elif not out.finished:  # cancelled mid-way, or the context ran out under the sampler
+            out = self._snapshot("abort" if cancelled() else "length", None)
+        return out
+
+    def _advance(self, token: int, is_eog: bool) -> CompletionOutput:
+        p = self.params
+        if is_eog and not p.ignore_eos:
+            return self._snapshot("stop", None)
+        if token in p.stop_token_ids:
+            return self._snapshot("stop", token)
+        searched = len(self._text)
+        self._bytes += self.llm.detokenize([token])
+        # 'ignore' drops an unfinished multi-byte character at the end; it reappears whole next token.
+        self._text = self._bytes.decode("utf-8", errors="ignore")
+        if p.stop:
+            hit = find_stop(self._text, p.stop, searched)
+            if hit is not None:
+                pos, s = hit
+                self._text = self._text[: pos + (len(s) if p.include_stop_str_in_output else 0)]
+                return self._snapshot("stop", s)
+        if len(self.token_ids) >= self.max_tokens:
+            return self._snapshot("length", None)
+        return self._snapshot(None, None)
+
+    def _snapshot(self, finish: str | None, stop_reason: str | int | None) -> CompletionOutput:
+        text = self._text
+        if finish is None and self.params.stop:
+            held = holdback(text, self.params.stop)
+            text = text[: len(text) - held] if held else text
+        return CompletionOutput(
+            index=self.index,
+            text=text,
+            token_ids=list(self.token_ids),
+            finish_reason=finish,  # type: ignore[arg-type]
+            stop_reason=stop_reason,
+            logprobs=list(self.logprobs) if self.logprobs is not None else None,
+        )
+
+    def _logprob(self, token: int) -> Logprob:
+        # The context still holds the logits that produced `token` (last row of the last decode).
+        ptr = self.llm._ctx.get_logits_ith(-1)
+        logits = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(self._n_vocab,))
+        x = logits.astype(np.float64)  # [n_vocab]
+        m = x.max()
+        logz = m + np.log(np.exp(x - m).sum())
+        k = self.params.logprobs or 0
+        top: dict[int, float] = {}
+        if k > 0:
+            idx = np.argpartition(-x, k - 1)[:k]
+            idx = idx[np.argsort(-x[idx])]
+            top = {int(i): float(x[i] - logz) for i in idx}
+        return Logprob(token_id=token, logprob=float(x[token] - logz), top=top)

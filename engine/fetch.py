@@ -166,7 +166,7 @@ def _verify(path: Path, sha256: str | None) -> None:
     got = _sha256_of(path)
     if got != sha256.lower():
         path.unlink(missing_ok=True)  # a corrupt partial must not be resumed
-        raise GearshiftError(f"checksum mismatch for {path.name}: expected sha256 {sha256.lower()}, got {got}")
+        raise GearshiftError(f"checksum mismatch for {path.name.removesuffix('.part')}: expected sha256 {sha256.lower()}, got {got}")
     _log(f"sha256 verified ({got[:12]}...)")
 
 

@@ -224,7 +224,8 @@ def cache_pvc(spec: InferenceServiceSpec, plan: EnginePlan, owner: dict[str, Any
             "metadata": _meta(spec, plan, cache_claim_name(spec), owner), "spec": pvc_spec}
 
 
-REQUESTS_RUNNING_METRIC = "gearshift_requests_running"
+# The engine's Prometheus gauge (engine/server/metrics.py), as a metrics adapter exposes it to the HPA.
+REQUESTS_RUNNING_METRIC = "gearshift:num_requests_running"
 
 
 def hpa(spec: InferenceServiceSpec, plan: EnginePlan, api_version: str = "autoscaling/v2",

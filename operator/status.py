@@ -67,10 +67,10 @@ def model_state(pods: list[dict[str, Any]]) -> tuple[bool, str, str]:
         term = _terminated(cs)
         if term and term.get("exitCode", 0) != 0:
             return False, "DownloadFailed", f"pod {name}: {_short(term.get('message') or term.get('reason') or '')}"
-        if (cs.get("state") or {}).get("running"):
+        if "running" in (cs.get("state") or {}):
             return False, "Downloading", f"pod {name} is downloading the model"
     for cs in st.get("containerStatuses") or []:
-        if cs.get("name") == "engine" and (cs.get("state") or {}).get("running"):
+        if cs.get("name") == "engine" and "running" in (cs.get("state") or {}):
             return False, "Loading", f"pod {name} is loading the model"
     return False, "Pending", f"pod {name} is {st.get('phase', 'Pending')}"
 

@@ -1,0 +1,155 @@
+"""Offline throughput: gearshift's paged engine against Hugging Face transformers on the same weights.
+
+    .venv/bin/python bench/offline.py                       # the issue's workload, fp32 and bf16
+    .venv/bin/python bench/offline.py --quick               # 8 requests, short lengths: a smoke run
+
+Workload (same for every system): N requests, prompt lengths uniform in [32, 256], output lengths
+uniform in [16, 256], ignore_eos with per-request max_tokens, fixed seed, greedy.
+Baselines, per dtype:
+  - HF naive: `model.generate` one request at a time (what serving without batching does);
+  - HF static-32: batches of 32 in arrival order, left-padded, each run to its longest output.
+Only the requested tokens count as output for every system (a static batch's extra tokens are waste).
+First it measures this machine's matmul peak per dtype; MFU = 2 x params x (prompt + output tokens)
+/ wall / peak, with params = every weight used in a forward pass (embeddings once when tied).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gearshift.engine.benchmark import (
+    Result,
+    Workload,
+    build_llm,
+    format_table,
+    make_workload,
+    measure_matmul_peak,
+    parse_range,
+    run_paged,
+)
+from gearshift.engine.bundled import bundled_model_path
+from gearshift.engine.config import usable_cpus
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_hf(model: str, dtype: torch.dtype):
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.logging.set_verbosity_error()
+    path = Path(model)
+    if path.suffix == ".gguf":  # transformers dequantizes the GGUF: the same weights our loader reads
+        m = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    else:
+        m = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return m.eval()
+
+
+@torch.inference_mode()
+def hf_naive(model, workload: Workload, dtype: str, limit: int | None) -> Result:
+    reqs = workload.requests[:limit] if limit else workload.requests
+    t = time.perf_counter()
+    produced = 0
+    for prompt, m in reqs:
+        ids = torch.tensor([prompt])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=m, min_new_tokens=m,
+                             do_sample=False, pad_token_id=0)
+        produced += out.shape[1] - ids.shape[1]
+    wall = time.perf_counter() - t
+    note = f"first {len(reqs)} requests" if len(reqs) < len(workload.requests) else ""
+    return Result("HF naive", dtype, wall, sum(len(p) for p, _ in reqs), produced, note=note)
+
+
+@torch.inference_mode()
+def hf_static(model, workload: Workload, dtype: str, batch_size: int) -> Result:
+    t = time.perf_counter()
+    for i in range(0, len(workload.requests), batch_size):
+        batch = workload.requests[i:i + batch_size]
+        width = max(len(p) for p, _ in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for j, (prompt, _) in enumerate(batch):  # left padding: every row's last prompt token lines up
+            ids[j, width - len(prompt):] = torch.tensor(prompt)
+            mask[j, width - len(prompt):] = 1
+        longest = max(m for _, m in batch)
+        model.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
+                       do_sample=False, pad_token_id=0)
+    wall = time.perf_counter() - t
+    return Result(f"HF static-{batch_size}", dtype, wall, workload.prompt_tokens, workload.output_tokens)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="a .gguf file or HF directory (default: bundled SmolLM2)")
+    ap.add_argument("--dtype", default="float32,bfloat16")
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--prompt-len", default="32:256")
+    ap.add_argument("--output-len", default="16:256")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=32, help="HF static batch size")
+    ap.add_argument("--naive-requests", type=int, default=None,
+                    help="run the naive baseline on only the first K requests (its tok/s is per request anyway)")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="8 requests, prompts 16:64, outputs 8:32")
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--kv-cache-memory", default="2Gi")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.num_requests, args.prompt_len, args.output_len = 8, "16:64", "8:32"
+    model = args.model or str(bundled_model_path())
+    threads = args.threads or usable_cpus()
+    torch.set_num_threads(threads)
+    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+
+    peaks = {d: measure_matmul_peak(TORCH_DTYPES[d]) for d in dtypes}  # first, on an idle process
+    print(f"machine: {threads} threads, torch {torch.__version__}; matmul peak: "
+          + ", ".join(f"{d} {p / 1e9:.1f} GFLOP/s" for d, p in peaks.items()), flush=True)
+
+    results: list[Result] = []
+    naive: dict[str, Result] = {}
+    static: dict[str, Result] = {}
+    for dtype in dtypes:
+        llm = build_llm(model, dtype, args)
+        runner = llm.llm_engine.runner
+        num_params = runner.model_config.num_parameters()
+        workload = make_workload(runner.vocab_size, args.num_requests, parse_range(args.prompt_len),
+                                 parse_range(args.output_len), args.seed)
+        run_paged(llm, make_workload(runner.vocab_size, 4, (16, 32), (4, 8), args.seed + 1), dtype)  # warm-up
+        r = run_paged(llm, workload, dtype)
+        r.peak_flops, r.num_params = peaks[dtype], num_params
+        r.note = f"preemptions {llm.llm_engine.stats().num_preemptions}"
+        print(f"  {dtype} paged: {r.output_tok_s:.1f} out tok/s in {r.wall_s:.1f}s", flush=True)
+        results.append(r)
+        del llm, runner
+        if args.skip_hf:
+            continue
+        hf = load_hf(model, TORCH_DTYPES[dtype])
+        hf.generate(torch.tensor([[100, 101, 102]]), max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+        for res, store in ((hf_static(hf, workload, dtype, args.batch_size), static),
+                           (hf_naive(hf, workload, dtype, args.naive_requests), naive)):
+            res.peak_flops, res.num_params = peaks[dtype], num_params
+            print(f"  {dtype} {res.system}: {res.output_tok_s:.1f} out tok/s in {res.wall_s:.1f}s", flush=True)
+            store[dtype] = res
+            results.append(res)
+        del hf
+
+    print(f"\nmodel: {Path(model).name}; {args.num_requests} requests, prompt {args.prompt_len}, "
+          f"output {args.output_len} tokens, seed {args.seed}, greedy, ignore_eos; {threads} threads")
+    order = {"HF naive": 0}
+    results.sort(key=lambda r: (dtypes.index(r.dtype), order.get(r.system, 1 if r.system.startswith("HF") else 2)))
+    print(format_table(results, {"HF naive": naive, f"HF static-{args.batch_size}": static} if naive else None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -309,6 +309,36 @@ def test_cpu_cases_in_an_interpreting_process(tmp_path: Path) -> None:
     )
 
 
+def test_kernels_compile_for_ampere_and_hopper(tmp_path: Path) -> None:
+    """The interpreter skips the compiler's checks; compile every kernel variant to cubin for sm_80 and
+    sm_90 (no GPU needed) in a process without the interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONSAFEPATH"] = "1"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-W",
+            "ignore",
+            "-m",
+            "gearshift.engine.kernels.compile_check",
+            "--arch",
+            "80",
+            "90",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines()[1:]]
+    kernels = {(row[0], row[-5]) for row in rows}  # (kernel, sm)
+    expected = {"store_kvcache", "unified(q2)", "unified(q512)", "decode_split", "decode_merge"}
+    assert kernels == {(k, sm) for k in expected for sm in ("80", "90")}, result.stdout
+    assert len(rows) == 3 * 5 * 2, result.stdout  # 3 dtype/shape configs x 5 kernels x 2 archs
+
+
 @cpu_in_process
 def test_cpu_tensors_run_the_triton_interpreter() -> None:
     """The CPU tests above must exercise the kernels, not some fallback: their module is interpreted."""

@@ -49,7 +49,11 @@ class KubeError(Exception):
 def spec_hash(obj: dict[str, Any]) -> str:
     """A stable hash of a desired child (without our own annotation)."""
     clean = json.loads(json.dumps(obj))
-    clean.get("metadata", {}).get("annotations", {}).pop(HASH_ANNOTATION, None)
+    meta = clean.get("metadata", {})
+    if HASH_ANNOTATION in (meta.get("annotations") or {}):
+        del meta["annotations"][HASH_ANNOTATION]
+        if not meta["annotations"]:
+            del meta["annotations"]
     return hashlib.sha256(json.dumps(clean, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 

@@ -85,7 +85,7 @@ def contains(want: Any, have: Any) -> bool:
         return isinstance(have, dict) and all(k in have and contains(v, have[k]) for k, v in want.items())
     if isinstance(want, list):
         return isinstance(have, list) and len(have) >= len(want) and all(
-            contains(w, h) for w, h in zip(want, have))
+            contains(w, h) for w, h in zip(want, have, strict=False))
     return _same_scalar(want, have)
 
 

@@ -13,7 +13,6 @@ import threading
 from typing import Any
 
 import kopf
-
 from gearshift.operator.builders import MANAGED_BY
 from gearshift.operator.reconcile import Reconciler
 from gearshift.operator.spec import GROUP, KIND, PLURAL, VERSION

@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resync-seconds", type=float, default=300.0,
                         help="how often everything is checked for drift the watches missed")
     parser.add_argument("--liveness", default=None, help="serve a liveness probe, e.g. http://0.0.0.0:8080/healthz")
+    parser.add_argument("--always-apply", action="store_true",
+                        help="re-apply every child on every reconcile (the naive baseline bench/operator.py compares)")
     parser.add_argument("--verbose", "-v", action="store_true", help="log kopf's own activity too")
 
 
@@ -40,7 +42,6 @@ def _load_config(kubeconfig: str | None) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     import kopf
-
     from gearshift.operator import handlers
     from gearshift.operator.apply import Kube, KubeError
     from gearshift.operator.reconcile import Reconciler
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         ", ".join(args.namespace) or "all")
 
     registry = kopf.OperatorRegistry()
-    reconciler = Reconciler(kube, args.image, hpa_version, pdb_version)
+    reconciler = Reconciler(kube, args.image, hpa_version, pdb_version, always_apply=args.always_apply)
     handlers.register(registry, reconciler, args.resync_seconds)
 
     @kopf.on.login(registry=registry)

@@ -10,7 +10,6 @@ import sys
 from typing import Any
 
 import yaml
-
 from gearshift.engine.errors import GearshiftError
 from gearshift.operator import builders
 from gearshift.operator.main import DEFAULT_IMAGE

@@ -10,7 +10,6 @@ import argparse
 from typing import Any
 
 import pytest
-
 from gearshift.operator import builders
 from gearshift.operator.policy import decide
 from gearshift.operator.spec import parse_spec

@@ -166,8 +166,9 @@ CPU_CASES = [
     Case(seqs=((1, 1), (1, 16), (1, 17), (1, 70)), heads=(9, 3), splits=8),
     Case(seqs=((1, 65), (1, 100)), heads=(2, 2), dtype=F16, splits=2),
     Case(seqs=((1, 31), (1, 40)), heads=(6, 2), head_dim=128, block_size=32, dtype=BF16, splits=1),
-    # pure decode with the default split choice
-    Case(seqs=((1, 5), (1, 48)), heads=(4, 1), dtype=F32),
+    # pure decode with the default split choice; CUDA-graph padding: a sequence with no query, and one
+    # with a query but an empty context (its row must come out zeros, not NaN)
+    Case(seqs=((1, 5), (0, 0), (1, 48), (1, 0)), heads=(4, 1), dtype=F32),
 ]
 
 # On a GPU: realistic sizes, every dtype.

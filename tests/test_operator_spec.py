@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from gearshift.engine.errors import GearshiftError
 from gearshift.engine.fetch import parse_model_uri
 from gearshift.operator.spec import InvalidSpec, parse_quantity, parse_spec

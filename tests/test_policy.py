@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from gearshift.operator.policy import CPU_KV_CACHE_FRACTION, CROSSOVER_CONCURRENCY, DEFAULTS, decide
 from gearshift.operator.spec import InvalidSpec, parse_spec
 

@@ -1,7 +1,10 @@
-"""The OpenAI surface of a real `gearshift serve` process on the real SmolLM2 model, on both engines,
-through the official `openai` client (and raw httpx where the client would refuse to send the input)."""
+"""The API surface of a real `gearshift serve` process on the real SmolLM2 model, on both engines: OpenAI's
+through the official `openai` client (raw httpx where the client would refuse to send the input), and
+Ollama's through plain httpx."""
 
 from __future__ import annotations
+
+import json
 
 import httpx
 import openai
@@ -195,3 +198,62 @@ def test_prompt_too_long_is_400(client, server):
     assert e.value.body["param"] == "max_tokens"
     # The server is fine afterwards.
     assert client.completions.create(model="smollm2", prompt="Hi", max_tokens=2).choices[0].text is not None
+
+
+# ---- Ollama's API, implemented once in the shared layer ----
+
+def _ndjson(r: httpx.Response) -> list[dict]:
+    return [json.loads(line) for line in r.text.splitlines() if line.strip()]
+
+
+def test_ollama_chat_streams_ndjson_and_matches_openai_greedy(server, client):
+    body = {"model": "smollm2:latest", "messages": MESSAGES,
+            "options": {"temperature": 0, "num_predict": 24}}
+    httpx.post(server.url + "/api/chat", json={**body, "stream": False}, timeout=120)  # same cache state
+    whole = httpx.post(server.url + "/api/chat", json={**body, "stream": False}, timeout=120)
+    assert whole.status_code == 200, whole.text
+    final = whole.json()
+    assert final["done"] is True and final["message"]["role"] == "assistant"
+    assert final["done_reason"] in ("stop", "length")
+    assert final["prompt_eval_count"] == len(tokenize(server, messages=MESSAGES))
+    assert 1 <= final["eval_count"] <= 24
+    assert final["total_duration"] >= final["eval_duration"] > 0  # nanoseconds
+    assert final["total_duration"] > 1000
+
+    r = httpx.post(server.url + "/api/chat", content=json.dumps(body), timeout=120)  # no content-type, as curl
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+    lines = _ndjson(r)
+    assert all(not x["done"] for x in lines[:-1]) and lines[-1]["done"] is True
+    assert "".join(x["message"]["content"] for x in lines) == final["message"]["content"]
+    assert greedy_chat(client).choices[0].message.content == final["message"]["content"]
+
+
+def test_ollama_generate(server):
+    r = httpx.post(server.url + "/api/generate", json={
+        "model": "smollm2", "prompt": "Why is the sky blue?", "options": {"temperature": 0, "num_predict": 8}},
+        timeout=120)
+    lines = _ndjson(r)
+    final = lines[-1]
+    assert final["done"] and final["eval_count"] <= 8 and isinstance(final["context"], list)
+    assert len(final["context"]) == final["prompt_eval_count"] + final["eval_count"]
+    assert "".join(x["response"] for x in lines)
+    raw = httpx.post(server.url + "/api/generate", json={
+        "model": "smollm2", "prompt": "1, 2, 3,", "raw": True, "stream": False,
+        "options": {"temperature": 0, "num_predict": 4}}, timeout=120).json()
+    assert raw["prompt_eval_count"] == len(tokenize(server, prompt="1, 2, 3,"))
+    load = httpx.post(server.url + "/api/generate", json={"model": "smollm2"}).json()
+    assert load["done"] is True and load["done_reason"] == "load"
+
+
+def test_ollama_listing_and_errors(server):
+    tags = httpx.get(server.url + "/api/tags").json()["models"]
+    assert tags[0]["name"] == "smollm2:latest" and tags[0]["size"] > 50_000_000
+    assert tags[0]["details"]["format"] == "gguf"
+    ps = httpx.get(server.url + "/api/ps").json()["models"]
+    assert ps[0]["name"] == "smollm2:latest" and ps[0]["context_length"] > 0
+    assert httpx.get(server.url + "/api/version").json()["version"]
+    missing = httpx.post(server.url + "/api/chat", json={"model": "llama3", "messages": MESSAGES})
+    assert missing.status_code == 404 and "llama3" in missing.json()["error"]
+    bad = httpx.post(server.url + "/api/chat", json={"model": "smollm2", "messages": MESSAGES,
+                                                     "options": {"temperature": "warm"}})
+    assert bad.status_code == 400 and "temperature" in bad.json()["error"]

@@ -1,0 +1,284 @@
+"""The operator against a real kube-apiserver (+ etcd, controller-manager, scheduler; no kubelet).
+
+The CRD comes from crds/, the RBAC from manifests/, and the operator runs as `gearshift operator` with
+only that ServiceAccount's token. Pods never run here (no node), so the assertions are on the objects:
+children, status, conditions, events, cleanup by the garbage collector, and no writes at rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+GEARSHIFT = str(Path(sys.executable).parent / "gearshift")
+API = "gearshift.dev/v1alpha1"
+MODEL = "https://127.0.0.1:9/models/smollm2.Q4_1.gguf"
+
+
+def wait(check: Callable[[], Any], what: str, timeout: float = 45.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except AssertionError as e:
+            last = e
+        else:
+            if last:
+                return last
+        time.sleep(0.4)
+    pytest.fail(f"timed out waiting for {what}; last: {last}")
+
+
+def kubectl(kubeconfig: Path, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run(["kubectl", f"--kubeconfig={kubeconfig}", *args], input=input, text=True,
+                       capture_output=True, timeout=60)
+    if check and r.returncode:
+        raise AssertionError(f"kubectl {' '.join(args)}: {r.stderr}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """CRD + RBAC installed, a namespace of our own, and the operator running with the SA token."""
+    from gearshift.e2e.cluster.local import ensure_cluster
+    from gearshift.e2e.cluster.operator_process import OperatorProcess
+    from gearshift.operator.apply import Kube
+    from kubernetes import config
+
+    kubeconfig = ensure_cluster()
+    work = tmp_path_factory.mktemp("operator")
+    ns = f"gs-it-{uuid.uuid4().hex[:6]}"
+    kubectl(kubeconfig, "create", "namespace", ns)
+    op = OperatorProcess(kubeconfig, REPO / "manifests", work, namespaces=[ns])
+    op.install()  # kubectl apply -k manifests/ (CRD included), operator Deployment scaled to 0, SA token
+    kubectl(kubeconfig, "wait", "--for=condition=Established", "crd/inferenceservices.gearshift.dev",
+            "--timeout=60s")
+    log = work / "operator.log"
+    # The operator as its Deployment runs it, with a short resync so drift and rest are seen quickly.
+    proc = subprocess.Popen([GEARSHIFT, "operator", "--kubeconfig", str(op.sa_kubeconfig), "--namespace", ns,
+                             "--resync-seconds", "3", "--image", "gearshift:test"],
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "PYTHONSAFEPATH": "1"})
+    admin = Kube(config.new_client_from_config(config_file=str(kubeconfig)))
+    try:
+        yield {"kubeconfig": kubeconfig, "ns": ns, "admin": admin, "log": log, "proc": proc}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        kubectl(kubeconfig, "delete", "namespace", ns, "--wait=false", check=False)
+        sys.stderr.write("operator log tail:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-30:]))
+
+
+def isvc(name: str, **spec: Any) -> dict[str, Any]:
+    spec.setdefault("model", {"uri": MODEL})
+    return {"apiVersion": API, "kind": "InferenceService", "metadata": {"name": name}, "spec": spec}
+
+
+def create(c: dict[str, Any], obj: dict[str, Any]) -> None:
+    kubectl(c["kubeconfig"], "-n", c["ns"], "apply", "-f", "-", input=yaml.safe_dump(obj))
+
+
+def get(c: dict[str, Any], api_version: str, kind: str, name: str) -> dict[str, Any] | None:
+    return c["admin"].get(api_version, kind, c["ns"], name)
+
+
+def owner(c: dict[str, Any], name: str) -> dict[str, Any]:
+    obj = get(c, API, "InferenceService", name)
+    assert obj is not None
+    return obj
+
+
+def condition(obj: dict[str, Any], ctype: str) -> dict[str, Any]:
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond["type"] == ctype:
+            return cond
+    return {}
+
+
+def events(c: dict[str, Any], name: str, reason: str | None = None) -> list[dict[str, Any]]:
+    items = c["admin"].request("GET", f"/api/v1/namespaces/{c['ns']}/events")["items"]
+    return [e for e in items if e["involvedObject"]["name"] == name and e["involvedObject"]["kind"] == "InferenceService"
+            and (reason is None or e["reason"] == reason)]
+
+
+def engine_args(dep: dict[str, Any]) -> list[str]:
+    return dep["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def writes_logged(c: dict[str, Any]) -> int:
+    return c["log"].read_text(errors="replace").count(": applied ")
+
+
+# ------------------------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize(("spec", "words"), [
+    ({"model": {"uri": MODEL}, "engine": "vllm"}, 'spec.engine: Unsupported value: "vllm"'),
+    ({"model": {"uri": MODEL}, "concurrency": 0}, "spec.concurrency: Invalid value: 0"),
+    ({"model": {"uri": "s3://bucket/m.gguf"}}, "spec.model.uri: Invalid value"),
+    ({"concurrency": 2}, "spec.model: Required value"),
+    ({"model": {"uri": MODEL}, "hardware": {"count": "two"}}, "spec.hardware.count: Invalid value"),
+])
+def test_schema_rejects_invalid_objects_readably(cluster: dict[str, Any], spec: dict, words: str) -> None:
+    obj = {"apiVersion": API, "kind": "InferenceService", "metadata": {"name": "bad"}, "spec": spec}
+    r = kubectl(cluster["kubeconfig"], "-n", cluster["ns"], "apply", "-f", "-", input=yaml.safe_dump(obj),
+                check=False)
+    assert r.returncode != 0
+    assert words in r.stderr, r.stderr
+
+
+def test_create_builds_children_and_status(cluster: dict[str, Any]) -> None:
+    c = cluster
+    create(c, isvc("chat", concurrency=2, replicas=2, cache={"size": "1Gi"}))
+    uid = owner(c, "chat")["metadata"]["uid"]
+    dep = wait(lambda: get(c, "apps/v1", "Deployment", "chat"), "the Deployment")
+    children = [dep, wait(lambda: get(c, "v1", "Service", "chat"), "the Service"),
+                wait(lambda: get(c, "v1", "PersistentVolumeClaim", "chat-model-cache"), "the cache PVC")]
+    pdb = wait(lambda: c["admin"].get(c["admin"].served_version("policy", ["v1", "v1beta1"]),
+                                      "PodDisruptionBudget", c["ns"], "chat"), "the PDB")
+    for child in [*children, pdb]:
+        (ref,) = child["metadata"]["ownerReferences"]
+        assert ref["uid"] == uid and ref["controller"] is True
+        assert child["metadata"]["labels"]["gearshift.dev/engine"] == "gguf"
+        assert child["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "gearshift-operator"
+    assert [m["manager"] for m in dep["metadata"]["managedFields"] if m["operation"] == "Apply"] == ["gearshift-operator"]
+    assert engine_args(dep)[:3] == ["serve", "--engine", "gguf"] and dep["spec"]["replicas"] == 2
+    assert dep["spec"]["template"]["spec"]["initContainers"][0]["args"][:2] == ["fetch", MODEL]
+
+    def status_ready() -> dict[str, Any]:
+        st = owner(c, "chat").get("status") or {}
+        return st if st.get("observedGeneration") == 1 and condition(owner(c, "chat"), "Degraded") else {}
+
+    st = wait(status_ready, "status")
+    assert st["engine"] == "gguf"
+    assert st["engineReason"] == "2 concurrent requests on CPU: below the paged engine's crossover (8)"
+    assert st["url"] == f"http://chat.{c['ns']}.svc:8000/v1"
+    obj = owner(c, "chat")
+    assert {x["type"] for x in st["conditions"]} == {"Ready", "ModelReady", "Progressing", "Degraded"}
+    assert all(x["observedGeneration"] == 1 for x in st["conditions"])
+    assert condition(obj, "Ready")["status"] == "False"  # no node here: nothing can run
+    # The scheduler finds no node: surfaced as Degraded with its own words.
+    deg = wait(lambda: condition(owner(c, "chat"), "Degraded").get("reason") == "Unschedulable"
+               and condition(owner(c, "chat"), "Degraded"), "Degraded=Unschedulable")
+    assert deg["status"] == "True" and "nodes are available" in deg["message"]
+    assert wait(lambda: events(c, "chat", "EngineSelected"), "an EngineSelected event")[0]["message"].startswith(
+        "engine gguf: 2 concurrent requests")
+    assert events(c, "chat", "Applied")
+    # kubectl shows the printer columns.
+    out = kubectl(c["kubeconfig"], "-n", c["ns"], "get", "gsvc", "chat").stdout
+    assert out.split()[:5] == ["NAME", "ENGINE", "READY", "URL", "AGE"] and "gguf" in out and "False" in out
+
+
+def test_engine_switch_rolls_out(cluster: dict[str, Any]) -> None:
+    c = cluster
+    create(c, isvc("switch", concurrency=1))
+    dep = wait(lambda: get(c, "apps/v1", "Deployment", "switch"), "the Deployment")
+    assert engine_args(dep)[2] == "gguf"
+    kubectl(c["kubeconfig"], "-n", c["ns"], "patch", "gsvc", "switch", "--type=merge", "-p", '{"spec":{"concurrency":32}}')
+    dep2 = wait(lambda: (d := get(c, "apps/v1", "Deployment", "switch")) and engine_args(d)[2] == "paged" and d,
+                "the Deployment to run the paged engine")
+    assert dep2["metadata"]["generation"] > dep["metadata"]["generation"]
+    assert dep2["spec"]["template"]["metadata"]["labels"]["gearshift.dev/engine"] == "paged"
+    assert dep2["spec"]["selector"] == dep["spec"]["selector"]  # same pods' identity: a rollout, not a new app
+    st = wait(lambda: (o := owner(c, "switch"))["status"].get("observedGeneration") == 2 and o["status"], "status")
+    assert st["engine"] == "paged" and "at or above the crossover (8)" in st["engineReason"]
+    assert condition(owner(c, "switch"), "Progressing")["status"] == "True"
+    msgs = [e["message"] for e in wait(lambda: len(events(c, "switch", "EngineSelected")) >= 2 and
+                                       events(c, "switch", "EngineSelected"), "two EngineSelected events")]
+    assert any(m.startswith("engine paged:") for m in msgs)
+
+
+def test_autoscaling_adds_and_removes_the_hpa(cluster: dict[str, Any]) -> None:
+    c = cluster
+    hpa_version = c["admin"].served_version("autoscaling", ["v2", "v2beta2"])
+    create(c, isvc("scaled", autoscaling={"minReplicas": 1, "maxReplicas": 3, "targetConcurrency": 4}))
+    hpa = wait(lambda: c["admin"].get(hpa_version, "HorizontalPodAutoscaler", c["ns"], "scaled"), "the HPA")
+    assert hpa["spec"]["maxReplicas"] == 3
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "gearshift:num_requests_running"
+    dep = wait(lambda: get(c, "apps/v1", "Deployment", "scaled"), "the Deployment")
+    applied = next(m for m in dep["metadata"]["managedFields"] if m["manager"] == "gearshift-operator")
+    assert "f:replicas" not in json.dumps(applied["fieldsV1"]["f:spec"])  # the HPA's field, not ours
+    kubectl(c["kubeconfig"], "-n", c["ns"], "patch", "gsvc", "scaled", "--type=json",
+            "-p", '[{"op":"remove","path":"/spec/autoscaling"}]')
+    wait(lambda: c["admin"].get(hpa_version, "HorizontalPodAutoscaler", c["ns"], "scaled") is None, "the HPA to go")
+    wait(lambda: get(c, "apps/v1", "Deployment", "scaled")["spec"]["replicas"] == 1, "replicas back in the spec")
+
+
+def test_drift_is_repaired(cluster: dict[str, Any]) -> None:
+    c = cluster
+    create(c, isvc("drift"))
+    wait(lambda: get(c, "apps/v1", "Deployment", "drift"), "the Deployment")
+    kubectl(c["kubeconfig"], "-n", c["ns"], "patch", "deployment", "drift", "--type=json", "-p",
+            '[{"op":"replace","path":"/spec/template/spec/containers/0/args/2","value":"paged"}]')
+    wait(lambda: engine_args(get(c, "apps/v1", "Deployment", "drift"))[2] == "gguf", "the drift to be repaired")
+    kubectl(c["kubeconfig"], "-n", c["ns"], "delete", "service", "drift")
+    wait(lambda: get(c, "v1", "Service", "drift"), "the deleted Service to come back")
+
+
+def test_invalid_spec_changes_nothing_and_reports_once(cluster: dict[str, Any]) -> None:
+    c = cluster
+    create(c, isvc("broken", concurrency=1))
+    before = wait(lambda: get(c, "apps/v1", "Deployment", "broken"), "the Deployment")
+    wait(lambda: owner(c, "broken").get("status", {}).get("observedGeneration") == 1, "status")
+    # Schema-valid, but a gguf engine cannot load safetensors (a CEL rule the v1.20 server does not run).
+    kubectl(c["kubeconfig"], "-n", c["ns"], "patch", "gsvc", "broken", "--type=merge", "-p",
+            '{"spec":{"engine":"gguf","model":{"uri":"https://127.0.0.1:9/model.safetensors"}}}')
+    ready = wait(lambda: (r := condition(owner(c, "broken"), "Ready")).get("reason") == "InvalidSpec" and r,
+                 "Ready=False InvalidSpec")
+    assert ready["status"] == "False" and ready["observedGeneration"] == 2
+    assert ready["message"].startswith("spec.engine: gguf needs a .gguf model file")
+    time.sleep(8)  # two resyncs and the watch events of our own status write: no retry loop
+    after = get(c, "apps/v1", "Deployment", "broken")
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]  # untouched
+    assert len(events(c, "broken", "InvalidSpec")) == 1
+    kubectl(c["kubeconfig"], "-n", c["ns"], "patch", "gsvc", "broken", "--type=merge", "-p", '{"spec":{"engine":"auto"}}')
+    wait(lambda: condition(owner(c, "broken"), "Ready").get("reason") not in (None, "InvalidSpec"), "recovery")
+    wait(lambda: "/models/model.safetensors" in engine_args(get(c, "apps/v1", "Deployment", "broken")),
+         "the fixed spec applied")
+
+
+def test_nothing_written_at_rest(cluster: dict[str, Any]) -> None:
+    c = cluster
+    create(c, isvc("rest", replicas=2))
+    wait(lambda: owner(c, "rest").get("status", {}).get("observedGeneration") == 1, "status")
+    wait(lambda: condition(owner(c, "rest"), "Degraded").get("reason") == "Unschedulable", "the settled status")
+    time.sleep(2)
+    names = [("apps/v1", "Deployment", "rest"), ("v1", "Service", "rest"), (API, "InferenceService", "rest")]
+    versions = {n: get(c, *n)["metadata"]["resourceVersion"] for n in names}
+    writes = writes_logged(c)
+    n_events = len(events(c, "rest"))
+    time.sleep(10)  # three full resyncs of every resource in the namespace
+    assert {n: get(c, *n)["metadata"]["resourceVersion"] for n in names} == versions
+    assert writes_logged(c) == writes
+    assert len(events(c, "rest")) == n_events
+
+
+def test_delete_removes_everything(cluster: dict[str, Any]) -> None:
+    c = cluster
+    create(c, isvc("gone", replicas=2, cache={"size": "1Gi"}))
+    wait(lambda: get(c, "apps/v1", "Deployment", "gone") and get(c, "v1", "PersistentVolumeClaim", "gone-model-cache"),
+         "the children")
+    kubectl(c["kubeconfig"], "-n", c["ns"], "delete", "gsvc", "gone", "--wait=true", "--timeout=30s")
+    for api_version, kind, name in [("apps/v1", "Deployment", "gone"), ("v1", "Service", "gone"),
+                                    ("v1", "PersistentVolumeClaim", "gone-model-cache")]:
+        wait(lambda a=api_version, k=kind, n=name: (o := get(c, a, k, n)) is None or o["metadata"].get("deletionTimestamp"),
+             f"{kind} to be garbage-collected", timeout=60)
+    assert c["proc"].poll() is None  # the operator is still up

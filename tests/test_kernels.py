@@ -83,7 +83,7 @@ class Case:
     splits: int | None = None  # decode path: forced number of KV splits
 
     def __str__(self) -> str:
-        kind = "decode" if all(q == 1 for q, _ in self.seqs) else "varlen"
+        kind = "decode" if max(q for q, _ in self.seqs) == 1 else "varlen"
         dt = str(self.dtype).removeprefix("torch.")
         return f"{kind}-{len(self.seqs)}seq-h{self.heads[0]}x{self.heads[1]}-d{self.head_dim}-b{self.block_size}-{dt}"
 

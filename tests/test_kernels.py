@@ -162,6 +162,8 @@ CPU_CASES = [
     Case(seqs=((1, 33), (7, 7), (1, 1), (9, 40)), heads=(6, 2), head_dim=128, block_size=32, dtype=BF16),
     # a padding sequence (no query, no context) between real ones, head_dim 32
     Case(seqs=((4, 18), (0, 0), (1, 16)), heads=(3, 1), head_dim=32, dtype=F16),
+    # a head_dim that is not a power of two (padded and masked inside the kernels)
+    Case(seqs=((3, 20), (1, 9)), heads=(4, 2), head_dim=80, dtype=F16),
     # pure decode (split-KV path): more splits than tiles, fewer splits than tiles, one split
     Case(seqs=((1, 1), (1, 16), (1, 17), (1, 70)), heads=(9, 3), splits=8),
     Case(seqs=((1, 65), (1, 100)), heads=(2, 2), dtype=F16, splits=2),

@@ -278,7 +278,7 @@ class GGUFBackend:
     def _count_prefix_hit(self, llm: llama_cpp.Llama, prompt_ids: list[int]) -> int:
         # Llama.generate reuses the KV cache of the longest common prefix with what it evaluated last.
         hit = 0
-        for a, b in zip(llm._input_ids.tolist(), prompt_ids):
+        for a, b in zip(llm._input_ids.tolist(), prompt_ids, strict=False):
             if a != b:
                 break
             hit += 1

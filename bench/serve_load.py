@@ -1,0 +1,199 @@
+"""The closed-loop streaming load of bench/serve.py, for any OpenAI-compatible `/v1/completions`.
+
+C workers each keep one streamed request in flight until the level's requests are done. Per request it
+records when the first and every later content chunk arrived and how many tokens came back (from
+`usage` when the server sends it, else one per content chunk). ITL is measured per content chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+WORDS = ("river mountain quiet engine paper garden window silver market winter story bridge candle "
+         "harbor forest signal coffee letter museum planet thunder village doctor orange pencil island "
+         "theory kitchen ladder mirror number ocean rocket saddle ticket velvet whistle yellow anchor "
+         "blanket castle desert feather galaxy helmet jacket kettle lantern meadow needle orchard pillow "
+         "quartz ribbon shadow tunnel umbrella valley wagon zebra").split()
+
+
+def make_prompts(model_path: str, n: int, prompt_tokens: int, seed: int = 0) -> list[str]:
+    """n distinct prompts of exactly `prompt_tokens` tokens under the model's own tokenizer (vocab only)."""
+    from gearshift.engine.backends.gguf_loader import import_llama_cpp
+
+    llama_cpp = import_llama_cpp()
+    from llama_cpp._internals import LlamaModel
+
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True  # the tokenizer only: no weights, no context
+    vocab = LlamaModel(path_model=model_path, params=params, verbose=False)
+    prompts = []
+    for i in range(n):
+        rng = random.Random(seed * 100_003 + i)
+        words = [f"Request {i}: continue this list of words:"]
+        while True:
+            ids = vocab.tokenize(" ".join(words).encode(), add_bos=True, special=False)
+            if len(ids) >= prompt_tokens:
+                break
+            words.append(rng.choice(WORDS))
+        text = vocab.detokenize(ids[:prompt_tokens]).decode("utf-8", errors="ignore")
+        prompts.append(text)
+    vocab.close()
+    return prompts
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    start: float
+    end: float
+    chunk_times: list[float] = field(default_factory=list)
+    tokens: int = 0
+    error: str = ""
+
+    @property
+    def ttft(self) -> float | None:
+        return self.chunk_times[0] - self.start if self.chunk_times else None
+
+    @property
+    def tpot(self) -> float | None:
+        if self.tokens < 2 or not self.chunk_times:
+            return None
+        return (self.chunk_times[-1] - self.chunk_times[0]) / (self.tokens - 1)
+
+    @property
+    def itls(self) -> list[float]:
+        return [b - a for a, b in zip(self.chunk_times, self.chunk_times[1:], strict=False)]
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    requests: list[RequestResult]
+    wall: float
+    timed_out: int = 0
+
+    def summary(self) -> dict[str, float | int]:
+        ok = [r for r in self.requests if r.ok]
+        tokens = sum(r.tokens for r in ok)
+        ttft = [r.ttft for r in ok if r.ttft is not None]
+        tpot = [r.tpot for r in ok if r.tpot is not None]
+        itl = [x for r in ok for x in r.itls]
+        return {
+            "concurrency": self.concurrency,
+            "requests": len(ok),
+            "errors": len(self.requests) - len(ok) + self.timed_out,
+            "output_tokens": tokens,
+            "wall_s": self.wall,
+            "output_tok_s": tokens / self.wall if self.wall > 0 else 0.0,
+            "req_s": len(ok) / self.wall if self.wall > 0 else 0.0,
+            "ttft_p50_ms": pct(ttft, 50) * 1e3, "ttft_p99_ms": pct(ttft, 99) * 1e3,
+            "tpot_p50_ms": pct(tpot, 50) * 1e3, "tpot_p99_ms": pct(tpot, 99) * 1e3,
+            "itl_p50_ms": pct(itl, 50) * 1e3, "itl_p99_ms": pct(itl, 99) * 1e3,
+        }
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    v = sorted(values)
+    k = (len(v) - 1) * p / 100
+    lo = int(k)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+async def one_request(http: httpx.AsyncClient, body: dict) -> RequestResult:
+    start = time.perf_counter()
+    res = RequestResult(ok=False, start=start, end=start)
+    chunks = 0
+    usage_tokens = None
+    try:
+        async with http.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                return res
+            async for line in r.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                msg = json.loads(data)
+                if msg.get("usage"):
+                    usage_tokens = msg["usage"].get("completion_tokens")
+                for choice in msg.get("choices") or []:
+                    if choice.get("text"):
+                        res.chunk_times.append(time.perf_counter())
+                        chunks += 1
+        res.ok = True
+        res.tokens = usage_tokens if usage_tokens is not None else chunks
+    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        res.error = f"{type(e).__name__}: {e}"
+    finally:
+        res.end = time.perf_counter()
+    return res
+
+
+async def run_level(base_url: str, model: str, prompts: list[str], concurrency: int, n_requests: int,
+                    max_tokens: int, ignore_eos: bool, timeout_s: float) -> LevelResult:
+    """Closed loop: `concurrency` workers, `n_requests` in all, prompts taken in order."""
+    counter = iter(range(n_requests))
+    results: list[RequestResult] = []
+
+    def body(i: int) -> dict:
+        b = {"model": model, "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens, "temperature": 0,
+             "stream": True, "stream_options": {"include_usage": True}}
+        if ignore_eos:
+            b["ignore_eos"] = True
+        return b
+
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(timeout_s), limits=limits) as http:
+
+        async def worker() -> None:
+            for i in counter:
+                results.append(await one_request(http, body(i)))
+
+        start = time.perf_counter()
+        tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
+        done, pending = await asyncio.wait(tasks, timeout=timeout_s)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        ends = [r.end for r in results if r.ok]
+        wall = (max(ends) if ends else time.perf_counter()) - start
+    return LevelResult(concurrency, results, wall, timed_out=n_requests - len(results))
+
+
+def baseline_in_process(model_path: str, prompts: list[str], max_tokens: int, threads: int,
+                        n_ctx: int) -> LevelResult:
+    """`llama_cpp.Llama` called directly at concurrency 1: the same prompts, greedy, EOS ignored (as
+    `ignore_eos` does on the servers), each token detokenized as a server must do to stream it."""
+    from gearshift.engine.backends.gguf_loader import import_llama_cpp
+
+    llama_cpp = import_llama_cpp()
+    llm = llama_cpp.Llama(model_path=model_path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                          verbose=False)
+    results = []
+    run_start = time.perf_counter()
+    for prompt in prompts:
+        start = time.perf_counter()
+        res = RequestResult(ok=True, start=start, end=start)
+        ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+        for token in llm.generate(ids, top_k=0, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+            llm.detokenize([token])
+            res.chunk_times.append(time.perf_counter())
+            res.tokens += 1
+            if res.tokens >= max_tokens:
+                break
+        res.end = time.perf_counter()
+        results.append(res)
+    wall = time.perf_counter() - run_start
+    llm.close()
+    return LevelResult(1, results, wall)

@@ -55,7 +55,7 @@ class Tokenizer:
     def from_gguf(cls, src: Any, extra_eos_ids: list[int] | None = None) -> Tokenizer:
         from gearshift.engine.loader.gguf_tokenizer import tokenizer_from_gguf
 
-        fields = {k: f.contents() for k, f in src.reader.fields.items() if k.startswith("tokenizer.")}
+        fields = {k: v for k, v in src.fields.items() if k.startswith("tokenizer.")}
         tok, info = tokenizer_from_gguf(fields)
         return cls(tok, bos_token=info["bos_token"], eos_token=info["eos_token"],
                    eos_token_ids=info["eos_token_ids"] + list(extra_eos_ids or []),

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from gearshift.engine.errors import ModelLoadError
+from gearshift.engine.loader.gguf_reader import GGUFFile
 from gearshift.engine.model.config import ModelConfig
 
 # GGUF architecture -> our architecture. Mistral files are written as "llama".
@@ -46,29 +46,23 @@ _GLOBAL_NAMES = {
 class GGUFModel:
     path: Path
     config: ModelConfig
-    reader: object  # gguf.GGUFReader (memory-mapped)
+    file: GGUFFile  # parsed header; tensor data memory-mapped
+
+    @property
+    def fields(self) -> dict:
+        return self.file.fields
 
     def field(self, key: str, default=None):
-        f = self.reader.fields.get(key)
-        return default if f is None else f.contents()
+        return self.file.fields.get(key, default)
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, float32 tensor) for every tensor, dequantized, Q/K rows un-permuted."""
-        from gguf.quants import dequantize
-
         cfg = self.config
-        for t in self.reader.tensors:
+        for t in self.file.tensors.values():
             name = _hf_name(t.name)
             if name is None:
                 continue  # rope_freqs is folded into the config
-            try:
-                arr = dequantize(t.data, t.tensor_type)
-            except NotImplementedError:
-                raise ModelLoadError(
-                    f"{self.path.name}: tensor {t.name} uses quant type {t.tensor_type.name}, "
-                    "which the gguf package cannot dequantize"
-                ) from None
-            arr = np.asarray(arr, dtype=np.float32).reshape(tuple(int(x) for x in reversed(t.shape)))
+            arr = self.file.dequantize(t)
             w = torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # F32 tensors are mmap views
             if cfg.architecture in _PERMUTED_QK:
                 if name.endswith("self_attn.q_proj.weight"):
@@ -97,27 +91,12 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def open_gguf(path: str | os.PathLike) -> GGUFModel:
-    from gguf import GGUFReader
-
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"model file {path} does not exist")
-    with open(path, "rb") as fh:
-        if fh.read(4) != b"GGUF":
-            raise ModelLoadError(f"{path.name} is not a GGUF file (bad magic bytes)")
-    try:
-        reader = GGUFReader(path, "r")
-    except Exception as e:  # the reader raises ValueError/IndexError/... on damaged headers
-        raise ModelLoadError(f"{path.name} is a corrupt or truncated GGUF file: {e}") from None
-    size = path.stat().st_size
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
-            raise ModelLoadError(
-                f"{path.name} is truncated: tensor {t.name} needs bytes up to {t.data_offset + t.n_bytes}, "
-                f"the file has {size}"
-            )
-    model = GGUFModel(path, None, reader)  # type: ignore[arg-type]
-    model.config = _config(model, {t.name: t for t in reader.tensors})
+    f = GGUFFile(path)
+    model = GGUFModel(path, None, f)  # type: ignore[arg-type]
+    model.config = _config(model, f.tensors)
     return model
 
 
@@ -138,16 +117,13 @@ def _config(m: GGUFModel, tensors: dict) -> ModelConfig:
     kv_heads = int(m.field(f"{arch}.attention.head_count_kv", heads))
     hidden = int(need("embedding_length"))
     head_dim = int(m.field(f"{arch}.attention.key_length", hidden // heads))
-    tok_field = m.reader.fields.get("tokenizer.ggml.tokens")
-    vocab = int(m.field(f"{arch}.vocab_size", len(tok_field.data) if tok_field else 0))
-    if vocab == 0 and "token_embd.weight" in tensors:
+    vocab = int(m.field(f"{arch}.vocab_size", len(m.field("tokenizer.ggml.tokens") or [])))
+    if "token_embd.weight" in tensors:  # the embedding is the truth; metadata may omit or pad it
         vocab = int(tensors["token_embd.weight"].shape[1])
     scaling = None
     if "rope_freqs.weight" in tensors:
-        from gguf.quants import dequantize
-
-        t = tensors["rope_freqs.weight"]
-        scaling = {"rope_type": "freq_factors", "factors": torch.from_numpy(dequantize(t.data, t.tensor_type).copy())}
+        factors = torch.from_numpy(m.file.dequantize(tensors["rope_freqs.weight"]).copy())
+        scaling = {"rope_type": "freq_factors", "factors": factors}
     elif m.field(f"{arch}.rope.scaling.type") == "linear":
         scaling = {"rope_type": "linear", "factor": float(m.field(f"{arch}.rope.scaling.factor"))}
     elif m.field(f"{arch}.rope.scaling.type") not in (None, "none"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -307,9 +308,9 @@ def test_cpu_cases_in_an_interpreting_process(tmp_path: Path) -> None:
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and " skipped" not in result.stdout.replace("1 skipped", ""), (
-        result.stdout
-    )
+    summary = result.stdout.strip().splitlines()[-1]
+    # Everything ran except this very test (skipped there: that process interprets).
+    assert re.search(r"\d+ passed", summary) and re.search(r"\b1 skipped", summary), result.stdout[-4000:]
 
 
 def test_kernels_compile_for_ampere_and_hopper(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ import base64
 from pathlib import Path
 
 import pytest
-
 from gearshift.e2e.node.podspec import PodSpecError, expand, launch, rewrite, volume_dirs, volume_files
 
 POD = {

@@ -103,8 +103,10 @@ class OperatorProcess:
             raise KeyError(name)
 
         venv_bin = Path(sys.executable).parent
-        run = launch(pod, container, pod_ip=self.ip, dirs={v["name"]: self.work / v["name"]
-                                                           for v in pod["spec"].get("volumes") or []},
+        dirs = {v["name"]: self.work / "volumes" / v["name"] for v in pod["spec"].get("volumes") or []}
+        for d in dirs.values():
+            d.mkdir(parents=True, exist_ok=True)
+        run = launch(pod, container, pod_ip=self.ip, dirs=dirs,
                      lookup=no_lookup, entrypoint=[str(venv_bin / "gearshift")],
                      base_env={"PATH": f"{venv_bin}:/usr/bin:/bin", "PYTHONSAFEPATH": "1",
                                "HOME": str(self.work)}, default_cwd=str(self.work))

@@ -30,14 +30,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _load_config(kubeconfig: str | None) -> Any:
     import kubernetes
 
+    cfg = kubernetes.client.Configuration()
     try:
         if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-            kubernetes.config.load_incluster_config()
+            kubernetes.config.load_incluster_config(client_configuration=cfg)
         else:
-            kubernetes.config.load_kube_config(config_file=kubeconfig)
+            kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
     except (kubernetes.config.ConfigException, OSError) as e:
         raise GearshiftError(f"no Kubernetes configuration: {e}") from None
-    return kubernetes.client.ApiClient()
+    cfg.connection_pool_maxsize = 32  # reconciles run on kopf's worker threads, in parallel
+    return kubernetes.client.ApiClient(cfg)
+
+
+def _connection_info(cfg: Any) -> Any:
+    """kopf's credentials from the kubernetes client's configuration we loaded (kubeconfig or in-cluster;
+    kopf's own login_via_client would load the default kubeconfig instead of --kubeconfig)."""
+    import kopf
+
+    # get_api_key_with_prefix runs the client's refresh hook: rotated in-cluster tokens are re-read.
+    header = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization")
+    scheme, _, token = (header or "").rpartition(" ")
+    return kopf.ConnectionInfo(
+        server=cfg.host, ca_path=cfg.ssl_ca_cert, insecure=not cfg.verify_ssl,
+        username=cfg.username or None, password=cfg.password or None,
+        scheme=scheme or ("Bearer" if token else None), token=token or None,
+        certificate_path=cfg.cert_file, private_key_path=cfg.key_file)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
     handlers.register(registry, reconciler, args.resync_seconds)
 
     @kopf.on.login(registry=registry)
-    def login(**kwargs: Any) -> Any:
-        return kopf.login_via_client(**kwargs)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return _connection_info(kube.api.configuration)
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:

@@ -139,11 +139,11 @@ class Reconciler:
                 self._reconcile(owner)
                 self.retry.pop(key, None)
                 self._failures.pop(key, None)
-            except KubeError as e:
+            except Exception as e:  # noqa: BLE001 - API or network: retried with backoff, never lost
                 n = self._failures[key] = self._failures.get(key, 0) + 1
                 self.retry[key] = time.monotonic() + min(2.0**n, 300.0)
-                log.warning("reconcile of %s/%s failed (attempt %d): %s", *key, n, e)
-                if n == 1:
+                log.warning("reconcile of %s/%s failed (attempt %d): %s: %s", *key, n, type(e).__name__, e)
+                if n == 1 and isinstance(e, KubeError):
                     self.kube.event(owner, "Warning", "ReconcileFailed", str(e))
 
     def _reconcile(self, owner: dict[str, Any]) -> None:

@@ -6,7 +6,9 @@ catches those before the code meets a GPU. The launch arguments are the real one
 called with small CPU tensors while its kernels are swapped for recorders, so what gets compiled is
 exactly what a GPU run would launch (less the runtime's divisibility hints).
 
-    python -m gearshift.engine.kernels.compile_check [--arch 80 90]   # needs TRITON_INTERPRET unset
+    python -m gearshift.engine.kernels.compile_check                      # sm_80 and sm_90, all dtypes
+    python -m gearshift.engine.kernels.compile_check --target 90 80:fp16  # sm_90 all, sm_80 fp16 only
+(needs TRITON_INTERPRET unset)
 """
 
 from __future__ import annotations
@@ -120,6 +122,17 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
 
 
+def parse_target(text: str) -> tuple[int, set[str]]:
+    """ "90" -> (90, every dtype); "80:fp16,bf16" -> (80, {"fp16", "bf16"})."""
+    arch, _, dtypes = text.partition(":")
+    chosen = set(dtypes.split(",")) if dtypes else {"fp16", "bf16", "fp32"}
+    if not arch.isdigit() or not chosen <= {"fp16", "bf16", "fp32"}:
+        raise argparse.ArgumentTypeError(
+            f"bad target {text!r}: expected SM[:fp16,bf16,fp32], e.g. 90 or 80:fp16"
+        )
+    return int(arch), chosen
+
+
 def _variants() -> Iterator[tuple[str, Callable[[], list[Launch]]]]:
     """(label, recorder) for each kernel configuration worth compiling."""
     from gearshift.engine.kernels import decode_attention, kv_store, unified_attention
@@ -159,7 +172,13 @@ def _variants() -> Iterator[tuple[str, Callable[[], list[Launch]]]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="SM versions, e.g. 80 90")
+    parser.add_argument(
+        "--target",
+        type=parse_target,
+        nargs="+",
+        default=[(80, {"fp16", "bf16", "fp32"}), (90, {"fp16", "bf16", "fp32"})],
+        help="SM[:dtype,...] to compile for, e.g. 90 80:fp16 (default: 80 90, every dtype)",
+    )
     args = parser.parse_args(argv)
     from gearshift.engine.kernels.loader import interpreter_active
 
@@ -169,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{'kernel':<16} {'config':<26} {'sm':>3} {'regs':>5} {'spill B':>7} {'smem B':>7} {'compile s':>9}"
     )
-    for (label, recorder), arch in itertools.product(list(_variants()), args.arch):
+    for (label, recorder), (arch, dtypes) in itertools.product(list(_variants()), args.target):
         variant = label.split(" ", 1)[1]
+        if variant.split()[0] not in dtypes:
+            continue
         for launch in recorder():
             start = time.perf_counter()
             compiled = compile_launch(launch, arch)

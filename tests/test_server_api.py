@@ -4,20 +4,30 @@ Ollama's through plain httpx."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
+import time
 
 import httpx
 import openai
 import pytest
-from server_process import engine_param, running_server
+from server_process import engine_param, metric, running_server
 
 PROMPT = "Write a short story about a lighthouse keeper."
 MESSAGES = [{"role": "user", "content": "Tell me about the sea in three sentences."}]
 
 
+# Room for 16 requests in flight: gguf runs 1 and queues up to 16 (one spare: its worker may not have
+# taken the first off the queue yet); paged runs 4 and queues 12.
+CAPACITY = {"gguf": ["--max-waiting", "16"], "paged": ["--max-num-seqs", "4", "--max-waiting", "12"]}
+
+
 @pytest.fixture(scope="module", params=[engine_param("gguf"), engine_param("paged")])
 def server(request, smollm2_gguf):
-    with running_server(smollm2_gguf, request.param) as s:
+    """One server per engine for this module (a paged start costs tens of seconds on 2 cores); the
+    SIGTERM test, last in the file, ends it."""
+    with running_server(smollm2_gguf, request.param, "--drain-timeout", "60", *CAPACITY[request.param]) as s:
         s.engine = request.param
         yield s
 
@@ -257,3 +267,95 @@ def test_ollama_listing_and_errors(server):
     bad = httpx.post(server.url + "/api/chat", json={"model": "smollm2", "messages": MESSAGES,
                                                      "options": {"temperature": "warm"}})
     assert bad.status_code == 400 and "temperature" in bad.json()["error"]
+
+
+# ---- back-pressure and lifecycle, per engine ----
+
+PROMPT_LONG = "Write a long story about a lighthouse keeper and the storm."
+
+
+def _body(max_tokens: int, stream: bool) -> dict:
+    return {"model": "smollm2", "prompt": PROMPT_LONG, "max_tokens": max_tokens, "temperature": 0,
+            "stream": stream, "ignore_eos": True}
+
+
+def test_dropped_streams_abort_and_free_every_block(server):
+    aborted_before = metric(server.metrics(), "gearshift:request_success_total", 'finished_reason="abort"')
+    async def drop_16() -> float:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120,
+                                     limits=httpx.Limits(max_connections=32)) as http:
+            started = asyncio.Event()
+
+            async def one() -> None:
+                async with http.stream("POST", "/v1/completions", json=_body(400, True)) as r:
+                    assert r.status_code == 200
+                    async for _ in r.aiter_lines():
+                        started.set()
+                        await asyncio.sleep(3600)  # hold the stream open until cancelled
+
+            tasks = [asyncio.create_task(one()) for _ in range(16)]
+            await asyncio.wait_for(started.wait(), 120)
+            await asyncio.sleep(0.3)  # mid-generation
+            text = (await http.get("/metrics")).text
+            assert metric(text, "gearshift:num_requests_running") + metric(
+                text, "gearshift:num_requests_waiting") == 16
+            for t in tasks:
+                t.cancel()  # closes each connection
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return time.monotonic()
+
+    dropped_at = asyncio.run(drop_16())
+    while True:
+        text = server.metrics()
+        running = metric(text, "gearshift:num_requests_running")
+        waiting = metric(text, "gearshift:num_requests_waiting")
+        free = metric(text, "gearshift:kv_cache_free_blocks")
+        total = metric(text, "gearshift:kv_cache_total_blocks")
+        if running == 0 and waiting == 0 and free == total:
+            break
+        assert time.monotonic() - dropped_at < 1.0, f"after 1s: {running=} {waiting=} {free=}/{total}"
+        time.sleep(0.05)
+    assert metric(text, "gearshift:request_success_total", 'finished_reason="abort"') == aborted_before + 16
+    assert metric(text, "gearshift:kv_cache_usage_perc") == 0
+    # The engine still serves.
+    r = httpx.post(server.v1 + "/completions", json=_body(4, False), timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+
+
+def test_overload_answers_429_and_admitted_requests_complete(server):
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120,
+                                     limits=httpx.Limits(max_connections=32)) as http:
+            return await asyncio.gather(*[http.post("/v1/completions", json=_body(12, False)) for _ in range(24)])
+
+    responses = asyncio.run(burst())
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) == {200, 429}, codes
+    for r in responses:
+        if r.status_code == 429:
+            assert r.headers["retry-after"].isdigit()
+            err = r.json()["error"]
+            assert err["type"] == "rate_limit_error" and err["code"] == "rate_limit_exceeded"
+        else:
+            assert r.json()["usage"]["completion_tokens"] == 12
+            assert r.json()["choices"][0]["finish_reason"] == "length"
+    assert codes.count(200) <= 17
+
+
+def test_sigterm_drains_in_flight_refuses_new_and_exits_0(server):
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        with http.stream("POST", "/v1/completions", json=_body(64, True)) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            server.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            with httpx.Client(base_url=server.url, timeout=30) as other:
+                ready = other.get("/ready")
+                assert ready.status_code == 503
+                refused = other.post("/v1/completions", json=_body(4, False))
+                assert refused.status_code == 503
+                assert refused.json()["error"]["code"] == "service_unavailable"
+            rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]"
+    assert '"finish_reason":"length"' in rest[-2]
+    assert server.proc.wait(timeout=60) == 0

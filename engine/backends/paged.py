@@ -38,14 +38,6 @@ class _Stream:
             pass
 
 
-def _snapshot(out: RequestOutput) -> RequestOutput:
-    # The engine may grow its lists in place on the next step while the event loop reads this one.
-    outs = [dataclasses.replace(c, token_ids=list(c.token_ids),
-                                logprobs=list(c.logprobs) if c.logprobs is not None else None)
-            for c in out.outputs]
-    return dataclasses.replace(out, outputs=outs)
-
-
 class PagedBackend:
     name: Literal["paged", "gguf"] = "paged"
 
@@ -76,7 +68,7 @@ class PagedBackend:
         self.max_model_len = int(getattr(self._engine, "max_model_len", None)
                                  or getattr(getattr(self._engine, "config", None), "max_model_len", None)
                                  or self.config.max_model_len or 0)
-        self.vocab_size = int(getattr(self._tokenizer, "vocab_size", 0) or len(self._tokenizer)) or None
+        self.vocab_size = int(getattr(self._engine, "vocab_size", 0) or getattr(self._tokenizer, "vocab_size", 0)) or None
         self._stats = self._engine.stats()
         self._stopping = False
         self._thread = threading.Thread(target=self._worker, name="paged-engine", daemon=True)
@@ -218,7 +210,7 @@ class PagedBackend:
                 stream = self._streams.get(out.request_id)
                 if stream is None:
                     continue
-                stream.post(_snapshot(out))
+                stream.post(out)  # the engine builds fresh output objects every step
                 if out.finished:
                     self._streams.pop(out.request_id, None)
             stats = engine.stats()

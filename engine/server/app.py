@@ -95,7 +95,9 @@ def require_api_key(request: Request) -> None:
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
 
-def build_app(backend: Backend, config: EngineConfig) -> FastAPI:
+def build_app(backend: Backend, config: EngineConfig, *, load_in_background: bool = True) -> FastAPI:
+    """`load_in_background`: answer /health while the model loads (a server); False: the lifespan
+    startup waits for the model (in-process clients that want it loaded before their first call)."""
     from gearshift.engine.server import ollama_routes, openai_routes
 
     @asynccontextmanager
@@ -111,6 +113,10 @@ def build_app(backend: Backend, config: EngineConfig) -> FastAPI:
                     state.on_fatal()
 
         task = asyncio.create_task(load())
+        if not load_in_background:
+            await task
+            if state.startup_error is not None:
+                raise state.startup_error
         try:
             yield
         finally:

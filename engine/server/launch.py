@@ -16,9 +16,10 @@ from gearshift.engine.errors import GearshiftError, ModelLoadError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a .gguf file or a Hugging Face model directory")
-    p.add_argument("--engine", choices=["paged", "gguf"], default=None,
-                   help="paged (continuous batching) or gguf (llama.cpp); default: gguf for .gguf files")
+    p.add_argument("--model", required=True,
+                   help="a .gguf file, a Hugging Face model directory, or a URI (hf://, https://, file://, pvc://)")
+    p.add_argument("--engine", choices=["paged", "gguf"], default="paged",
+                   help="paged (continuous batching, many users) or gguf (llama.cpp, one or a few users)")
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: file stem)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -42,9 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> EngineConfig:
     model = args.model
-    if "://" not in model and not os.path.exists(model):
+    if "://" in model:
+        model = str(_fetch(model))
+    if not os.path.exists(model):
         raise ModelLoadError(f"model not found: {model}")
-    engine = args.engine or ("gguf" if model.endswith(".gguf") else "paged")
+    engine = args.engine
     for name in ("request_timeout", "drain_timeout"):
         if getattr(args, name) <= 0:
             raise GearshiftError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -59,6 +62,16 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         api_key=args.api_key or os.environ.get("GEARSHIFT_API_KEY") or None, max_waiting=args.max_waiting,
         request_timeout=args.request_timeout, drain_timeout=args.drain_timeout,
     )
+
+
+def _fetch(uri: str) -> str:
+    """A model URI is brought into the local cache first (what the pods' init container does)."""
+    from pathlib import Path
+
+    from gearshift.engine.fetch import fetch
+
+    cache = Path(os.environ.get("GEARSHIFT_MODEL_CACHE", Path.home() / ".cache" / "gearshift" / "models"))
+    return str(fetch(uri, cache))
 
 
 def make_backend(config: EngineConfig) -> Any:

@@ -349,9 +349,9 @@ def test_server_disconnect_aborts_and_full_queue_is_429(server):
     assert refused.json()["error"]["type"] == "rate_limit_error"
 
 
-@pytest.mark.parametrize("name,reason", [("truncated", "corrupted or incomplete"),
-                                         ("unknown_arch", "unknown model architecture")])
-def test_serve_broken_file_is_one_clear_line_and_exit_2(broken_models, name, reason):
+def test_serve_broken_file_is_one_clear_line_and_exit_2(broken_models):
+    # (the other broken files are covered on the backend above; each CLI start costs seconds)
+    name, reason = "unknown_arch", "unknown model architecture: 'zzzzz'"
     proc = subprocess.run([sys.executable, "-m", "gearshift.engine.cli", "serve", "--model",
                            str(broken_models[name]), "--engine", "gguf", "--port", str(free_port())],
                           capture_output=True, text=True, timeout=120)

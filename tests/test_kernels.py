@@ -298,6 +298,8 @@ def test_cpu_cases_in_an_interpreting_process(tmp_path: Path) -> None:
             "-q",
             "-m",
             "not gpu",
+            "-k",
+            "not compile_for",  # this process runs that one
             "-p",
             "no:cacheprovider",
         ],

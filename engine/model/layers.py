@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from gearshift.engine.attention import TorchAttentionPlan, paged_attention
 from gearshift.engine.attention_metadata import AttentionMetadata
 from gearshift.engine.model.config import ModelConfig
-from gearshift.engine.model.rope import RotaryEmbedding
+from gearshift.engine.model.rope import apply_rope
 from torch import nn
 
 
@@ -39,20 +39,21 @@ class SwiGLU(nn.Module):
 
 
 class Attention(nn.Module):
-    """q/k/v in one fused projection [T, D] -> [T, (Hq + 2 Hkv) * hd], RoPE, paged attention, output proj."""
+    """q/k/v in one fused projection [T, D] -> [T, (Hq + 2 Hkv) * hd], RoPE, paged attention, output proj.
 
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding) -> None:
+    rope: (cos, sin) [T, 1, hd/2] for this step's positions, computed once per step by the model."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
         self.scale = cfg.head_dim**-0.5
         self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
-        self.rope = rope
 
     def forward(
         self,
-        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         x: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
@@ -63,6 +64,6 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rope(positions, q, k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, plan)
         return self.o_proj(out.view(t, self.q_size))

@@ -163,13 +163,17 @@ def run(args: argparse.Namespace) -> int:
     model = args.model or str(bundled_model_path())
     if args.num_requests < 1:
         raise GearshiftError("--num-requests must be at least 1")
+    prompt_range, output_range = parse_range(args.prompt_len), parse_range(args.output_len)  # fail fast
+    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    for d in dtypes:
+        if d not in ("float32", "bfloat16", "float16", "auto"):
+            raise GearshiftError(f"--dtype takes float32, bfloat16, float16 or auto, got {d!r}")
     torch.set_num_threads(args.threads or usable_cpus())
     results = []
-    for dtype in [d.strip() for d in args.dtype.split(",") if d.strip()]:
+    for dtype in dtypes:
         llm = build_llm(model, dtype, args)
         runner = llm.llm_engine.runner
-        workload = make_workload(runner.vocab_size, args.num_requests, parse_range(args.prompt_len),
-                                 parse_range(args.output_len), args.seed)
+        workload = make_workload(runner.vocab_size, args.num_requests, prompt_range, output_range, args.seed)
         peak = measure_matmul_peak(runner.dtype) if runner.device.type == "cpu" else None
         run_paged(llm, make_workload(runner.vocab_size, 4, (16, 32), (4, 8), args.seed + 1), dtype)  # warm-up
         r = run_paged(llm, workload, dtype)

@@ -29,6 +29,9 @@ class Sampler:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """logits: [B, V] float (any device); seqs: the B sequences, one per row."""
         assert logits.dim() == 2 and logits.shape[0] == len(seqs), (tuple(logits.shape), len(seqs))
+        if all(s.params.greedy and s.params.logprobs is None and not _penalized(s) for s in seqs):
+            # The common greedy batch: argmax where the logits are; only B ids cross to the host.
+            return SamplerOutput(token_ids=logits.argmax(dim=-1).tolist(), logprobs=[None] * len(seqs))
         raw = logits.float().cpu()  # [B, V]; sampling is tiny next to the model, and generators live on CPU
         vocab = raw.shape[1]
         logits = self._apply_penalties(raw, seqs)  # [B, V], a new tensor when any row is penalized
@@ -67,16 +70,13 @@ class Sampler:
                 logprobs[i] = Logprob(
                     token_id=token_ids[i],
                     logprob=float(lp[j, token_ids[i]]),
-                    top={int(t): float(v) for t, v in zip(top_i[j, :n].tolist(), top_v[j, :n].tolist())},
+                    top={int(t): float(v) for t, v in zip(top_i[j, :n].tolist(), top_v[j, :n].tolist(), strict=True)},
                 )
         return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
 
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        rows = [
-            i for i, s in enumerate(seqs)
-            if s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
-        ]
+        rows = [i for i, s in enumerate(seqs) if _penalized(s)]
         if not rows:
             return logits
         logits = logits.clone()
@@ -122,3 +122,8 @@ class Sampler:
             probs = probs.masked_fill(drop, 0.0)
             probs = probs / probs.sum(dim=-1, keepdim=True)
         return probs
+
+
+def _penalized(seq: Sequence) -> bool:
+    p = seq.params
+    return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)

@@ -8,6 +8,9 @@ set -euo pipefail
 CACHE="${GEARSHIFT_KUBE_CACHE:-$HOME/.cache/gearshift/kube}"
 BIN="$CACHE/bin"
 COMPONENTS=(kube-apiserver kube-controller-manager kube-scheduler)
+# Written after a good build; binaries without it (an older, unpatched build) are rebuilt.
+STAMP="$BIN/BUILD-INFO"
+STAMP_TEXT="kubernetes 1.20 (Debian source), Debian golang-go, vendored reflect2 1.0.2"
 
 log() { echo "[build.sh] $*" >&2; }
 
@@ -18,6 +21,7 @@ if [[ -n "${KUBECONFIG:-}" ]] && command -v kubectl >/dev/null \
 fi
 
 have_all() {
+    [[ "$(cat "$STAMP" 2>/dev/null)" == "$STAMP_TEXT" ]] || return 1
     for c in "${COMPONENTS[@]}"; do [[ -x "$BIN/$c" ]] || return 1; done
     command -v etcd >/dev/null || [[ -x /usr/bin/etcd ]] || return 1
     command -v kubectl >/dev/null || return 1
@@ -45,12 +49,13 @@ apt_install etcd-server openssl ca-certificates
 command -v kubectl >/dev/null || apt_install kubernetes-client
 
 for c in "${COMPONENTS[@]}"; do [[ -x "$BIN/$c" ]] || need_build=1; done
+[[ "$(cat "$STAMP" 2>/dev/null)" == "$STAMP_TEXT" ]] || need_build=1
 if [[ -z "${need_build:-}" ]]; then
     log "done (binaries already cached)"
     exit 0
 fi
 
-apt_install golang-go rsync jq make dpkg-dev
+apt_install golang-go rsync jq make dpkg-dev golang-github-modern-go-reflect2-dev
 SRC_LIST=/etc/apt/sources.list.d/gearshift-debian-src.sources
 if ! apt-cache showsrc kubernetes >/dev/null 2>&1 || ! apt-cache showsrc kubernetes | grep -q '^Package:'; then
     log "adding a deb-src entry for bookworm main ($SRC_LIST)"
@@ -74,6 +79,16 @@ if [[ -z "$tree" ]]; then
 fi
 [[ -n "$tree" ]] || { log "no kubernetes source tree under $SRC"; exit 1; }
 
+# Kubernetes 1.20 vendors reflect2 1.0.1, which reads Go's map iterator layout from before Go 1.18: built
+# with Debian's Go 1.19 the API server segfaults encoding maps (json-iterator). Vendor Debian's 1.0.2.
+r2="$tree/vendor/github.com/modern-go/reflect2"
+if [[ ! -f "$r2/go_above_118.go" ]]; then
+    log "vendoring reflect2 1.0.2 from Debian (Go >= 1.18 map iteration)"
+    rm -f "$r2"/*.go "$r2"/*.s
+    find /usr/share/gocode/src/github.com/modern-go/reflect2 -maxdepth 1 -type f \( -name '*.go' -o -name '*.s' \) \
+        ! -name '*_test.go' -exec cp {} "$r2/" \;
+fi
+
 log "building ${COMPONENTS[*]} in $tree (several minutes)"
 whats=""
 for c in "${COMPONENTS[@]}"; do whats+="cmd/$c "; done
@@ -86,6 +101,8 @@ export GOCACHE="$CACHE/gocache" GOPATH="$CACHE/gopath"
 for c in "${COMPONENTS[@]}"; do
     f=$(find "$tree/_output" -type f -name "$c" -perm -u+x | head -n1)
     [[ -n "$f" ]] || { log "build produced no $c"; exit 1; }
-    install -m 0755 "$f" "$BIN/$c"
+    # Copy then rename: a running binary (another test run's cluster) keeps its old inode.
+    install -m 0755 "$f" "$BIN/.$c.new" && mv -f "$BIN/.$c.new" "$BIN/$c"
 done
+echo "$STAMP_TEXT" > "$STAMP"
 log "cached: $(ls "$BIN" | tr '\n' ' ')"

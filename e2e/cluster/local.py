@@ -116,7 +116,8 @@ def _locked():
 
 
 def _build() -> None:
-    if all((BIN / c).is_file() for c in COMPONENTS[1:]) and (shutil.which("etcd") or Path("/usr/bin/etcd").exists()):
+    if (BIN / "BUILD-INFO").is_file() and all((BIN / c).is_file() for c in COMPONENTS[1:]) and \
+            (shutil.which("etcd") or Path("/usr/bin/etcd").exists()):
         return
     script = REPO / "e2e" / "cluster" / "build.sh"
     env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}

@@ -25,15 +25,15 @@ from gearshift.engine.attention_metadata import AttentionMetadata
 @dataclass
 class _Prefill:
     rows: slice  # this sequence's rows in the flat batch
-    ctx_slots: torch.Tensor | None  # [L] int64 cache slots of the whole context; None: no cached prefix
-    mask: torch.Tensor | None  # [Lq, L] bool, True = may attend; None: plain causal
+    ctx_blocks: torch.Tensor | None  # [nblk] int64 cache blocks of the whole context; None: no cached prefix
+    mask: torch.Tensor | None  # [Lq, nblk * block_size] bool, True = may attend; None: plain causal
 
 
 @dataclass
 class TorchAttentionPlan:
     decode_rows: torch.Tensor | None  # [Bd] int64 rows of the decode tokens
-    decode_slots: torch.Tensor | None  # [Bd, Lmax] int64 cache slots of each decode's context, 0-padded
-    decode_mask: torch.Tensor | None  # [Bd, 1, 1, Lmax] bool, True = a real context position
+    decode_blocks: torch.Tensor | None  # [Bd, nblk] int64 cache blocks of each decode's context, 0-padded
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, nblk * block_size] bool, True = a real context position
     decode_contiguous: bool  # decode rows are exactly [0, Bd): write the output with a slice
     prefills: list[_Prefill]
 
@@ -43,16 +43,14 @@ def build_plan(meta: AttentionMetadata, block_size: int, device: torch.device) -
     seq_lens = meta.seq_lens.tolist()
     bt = meta.block_tables.to(device=device, dtype=torch.int64)
     decode_idx = [i for i in range(len(seq_lens)) if qsl[i + 1] - qsl[i] == 1]
-    decode_rows = decode_slots = decode_mask = None
+    decode_rows = decode_blocks = decode_mask = None
     if decode_idx:
-        lmax = max(seq_lens[i] for i in decode_idx)
-        nblk = (lmax + block_size - 1) // block_size
+        # Gather whole blocks (contiguous rows of block_size * Hkv * D), not single slots: fewer, larger copies.
+        nblk = (max(seq_lens[i] for i in decode_idx) + block_size - 1) // block_size
         sel = torch.tensor(decode_idx, dtype=torch.int64, device=device)
-        offs = torch.arange(block_size, device=device)
-        # [Bd, nblk, bs] -> [Bd, nblk*bs] -> first lmax positions
-        decode_slots = (bt[sel, :nblk, None] * block_size + offs).reshape(len(decode_idx), -1)[:, :lmax]
+        decode_blocks = bt[sel, :nblk]
         lens = torch.tensor([seq_lens[i] for i in decode_idx], device=device)
-        decode_mask = (torch.arange(lmax, device=device)[None, :] < lens[:, None])[:, None, None, :]
+        decode_mask = (torch.arange(nblk * block_size, device=device)[None, :] < lens[:, None])[:, None, None, :]
         decode_rows = torch.tensor([qsl[i] for i in decode_idx], dtype=torch.int64, device=device)
     contiguous = decode_idx == list(range(len(decode_idx))) and all(
         qsl[i] == i for i in decode_idx
@@ -67,11 +65,12 @@ def build_plan(meta: AttentionMetadata, block_size: int, device: torch.device) -
         if start == 0:
             prefills.append(_Prefill(slice(qsl[i], qsl[i + 1]), None, None))
             continue
-        pos = torch.arange(length, device=device)
-        slots = bt[i, pos // block_size] * block_size + pos % block_size
+        nblk = (length + block_size - 1) // block_size
+        pos = torch.arange(nblk * block_size, device=device)
+        # causal, shifted by the cached prefix; padding past `length` is > every query position
         mask = pos[None, :] <= (start + torch.arange(lq, device=device))[:, None]
-        prefills.append(_Prefill(slice(qsl[i], qsl[i + 1]), slots, mask))
-    return TorchAttentionPlan(decode_rows, decode_slots, decode_mask, contiguous, prefills)
+        prefills.append(_Prefill(slice(qsl[i], qsl[i + 1]), bt[i, :nblk], mask))
+    return TorchAttentionPlan(decode_rows, decode_blocks, decode_mask, contiguous, prefills)
 
 
 def store_kvcache_torch(
@@ -100,15 +99,14 @@ def paged_attention_torch(
     t, hq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
-    flat_k = k_cache.view(-1, hkv, d)
-    flat_v = v_cache.view(-1, hkv, d)
     out = torch.empty_like(q)
     if plan.decode_rows is not None:
         bd = plan.decode_rows.shape[0]
         qd = q[:bd] if plan.decode_contiguous else q.index_select(0, plan.decode_rows)
         qd = qd.view(bd, hkv, g, d)  # the G query heads sharing a KV head play the query-length axis
-        kd = flat_k[plan.decode_slots].transpose(1, 2)  # [Bd, Lmax, Hkv, D] -> [Bd, Hkv, Lmax, D]
-        vd = flat_v[plan.decode_slots].transpose(1, 2)
+        # [Bd, nblk, bs, Hkv, D] -> [Bd, L, Hkv, D] -> [Bd, Hkv, L, D]
+        kd = k_cache[plan.decode_blocks].flatten(1, 2).transpose(1, 2)
+        vd = v_cache[plan.decode_blocks].flatten(1, 2).transpose(1, 2)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=plan.decode_mask, scale=scale)
         od = od.reshape(bd, hq, d)
         if plan.decode_contiguous:
@@ -117,13 +115,13 @@ def paged_attention_torch(
             out.index_copy_(0, plan.decode_rows, od)
     for p in plan.prefills:
         qp = q[p.rows].transpose(0, 1).unsqueeze(0)  # [1, Hq, Lq, D]
-        if p.ctx_slots is None:
+        if p.ctx_blocks is None:
             kp = k[p.rows].transpose(0, 1).unsqueeze(0)  # [1, Hkv, Lq, D]
             vp = v[p.rows].transpose(0, 1).unsqueeze(0)
             op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            kp = flat_k[p.ctx_slots].transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
-            vp = flat_v[p.ctx_slots].transpose(0, 1).unsqueeze(0)
+            kp = k_cache[p.ctx_blocks].flatten(0, 1).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+            vp = v_cache[p.ctx_blocks].flatten(0, 1).transpose(0, 1).unsqueeze(0)
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, scale=scale, enable_gqa=True)
         out[p.rows] = op.squeeze(0).transpose(0, 1)
     return out

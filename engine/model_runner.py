@@ -88,8 +88,10 @@ class ModelRunner:
         wanted_len = config.max_model_len or model_len
         self.model = self._load_model(src, wanted_len)
         self._allocate_kv_cache(wanted_len)
-        self.graphs = None  # CUDA graphs for decode batches: set up by _capture_graphs on GPUs
+        self.graphs = None  # CUDA graphs for pure-decode batches (GPU, unless enforce_eager)
         self._warmup()
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self._capture_graphs()
 
     # ---- setup ----------------------------------------------------------------------------------
     def _load_model(self, src, max_positions: int) -> LlamaForCausalLM:
@@ -150,6 +152,15 @@ class ModelRunner:
         n = min(8, self.max_model_len)
         blocks = list(range((n + self.block_size - 1) // self.block_size))
         self.execute(SchedulerOutput(seqs=[ScheduledSeq(0, [0] * n, 0, blocks, True)]))
+
+    def _capture_graphs(self) -> None:
+        from gearshift.engine.cuda_graphs import DecodeGraphs  # lazy: CPU never captures
+
+        try:
+            self.graphs = DecodeGraphs(self)
+        except Exception as e:  # a capture failure costs speed, not correctness: run eager
+            log.warning("CUDA graph capture failed (%s); decoding eagerly", e)
+            self.graphs = None
 
     # ---- one step -------------------------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> torch.Tensor:

@@ -154,7 +154,8 @@ class BlockManager:
             raise ValueError("cached blocks can only start an empty block table")
         if not self.can_allocate(seq, num_new_tokens, cached_blocks):
             return False
-        if not seq.block_table:  # admission (first time or after preemption): count the lookup
+        if not seq.block_table and seq.num_preemptions == 0:
+            # First admission only: a preempted sequence finding its own blocks again is not a user-visible hit.
             self.prefix_cache_queries += seq.num_tokens
             self.prefix_cache_hits += len(cached_blocks) * self.block_size
         for block_id in cached_blocks:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import random
 
 import pytest
-
 from gearshift.engine.block_manager import BlockManager
 from gearshift.engine.errors import InvalidRequestError
 from gearshift.engine.sampling_params import SamplingParams
@@ -156,6 +155,7 @@ def test_preemption_by_recompute_keeps_outputs() -> None:
     reqs = [(f"r{i}", [i * 10 + j for j in range(10)], 20, 1) for i in range(3)]
     d.run({0: reqs})
     assert d.sch.num_preemptions > 0
+    assert d.bm.prefix_cache_queries == 30  # recomputing after preemption is not counted as a lookup
     for rid, prompt, max_tokens, _ in reqs:
         assert d.outputs[(rid, 0)] == solo(prompt, max_tokens)[0]
 

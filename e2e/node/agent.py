@@ -119,8 +119,9 @@ class NodeAgent:
             cur = json.loads(self.core.read_namespaced_pod(pod["metadata"]["name"], pod["metadata"]["namespace"],
                                                            _preload_content=False).data)
             if cur["metadata"]["uid"] == uid and cur["metadata"].get("deletionTimestamp"):
+                # In the body: with a body present the API server ignores the gracePeriodSeconds query.
                 self.core.delete_namespaced_pod(pod["metadata"]["name"], pod["metadata"]["namespace"],
-                                                grace_period_seconds=0, body={"preconditions": {"uid": uid}})
+                                                body={"gracePeriodSeconds": 0, "preconditions": {"uid": uid}})
         except ApiException as e:
             if e.status not in (404, 409):
                 log.warning("could not finish deleting %s: %s", pod["metadata"]["name"], e)

@@ -76,7 +76,7 @@ class PodRunner(threading.Thread):
         self.entrypoint, self.base_env, self.on_gone = entrypoint, base_env, on_gone
         self.dir = root / "pods" / f"{meta['namespace']}_{meta['name']}_{meta['uid'][:8]}"
         self.claims = root / "claims"
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self.inits = [Container(c, init=True) for c in pod["spec"].get("initContainers") or []]
         self.containers = [Container(c) for c in pod["spec"]["containers"]]
         self._conditions: dict[str, dict] = {}
@@ -86,7 +86,7 @@ class PodRunner(threading.Thread):
 
     # -- public -----------------------------------------------------------------------------------
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
     def log_paths(self) -> list[Path]:
         return sorted((self.dir / "logs").glob("*.log"))
@@ -98,9 +98,9 @@ class PodRunner(threading.Thread):
             for c in self.inits:
                 if not self._run_to_completion(c):
                     return
-            while not self._stop.is_set():
+            while not self._halt.is_set():
                 self._tick()
-                self._stop.wait(0.25)
+                self._halt.wait(0.25)
         except Exception as e:  # the agent must survive any one pod's trouble; say why in the log
             log.exception("pod %s failed in the node agent: %s", self.name, e)
         finally:
@@ -114,7 +114,7 @@ class PodRunner(threading.Thread):
         self.dirs = volume_dirs(self.pod, self.dir, self.claims)
         for d in self.dirs.values():
             d.mkdir(parents=True, exist_ok=True)
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 for vol, files in volume_files(self.pod, self.lookup).items():
                     for rel, data in files.items():
@@ -125,7 +125,7 @@ class PodRunner(threading.Thread):
             except PodSpecError as e:  # a Secret may appear later: keep trying, say why meanwhile
                 self._error = str(e)
                 self._report()
-                self._stop.wait(2)
+                self._halt.wait(2)
 
     def _start(self, c: Container) -> bool:
         try:
@@ -203,7 +203,7 @@ class PodRunner(threading.Thread):
 
     def _run_to_completion(self, c: Container) -> bool:
         """An init container: run until it exits 0 (retrying on failure); False when the pod stops."""
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             if c.proc is None and time.monotonic() >= c.next_start:
                 self._start(c)
             if c.proc is not None and c.proc.poll() is not None:
@@ -213,10 +213,10 @@ class PodRunner(threading.Thread):
                     return True
                 if c.proc is not None:  # restartPolicy Never: the pod failed
                     self._report()
-                    self._stop.wait()
+                    self._halt.wait()
                     return False
             self._report()
-            self._stop.wait(0.25)
+            self._halt.wait(0.25)
         return False
 
     def _tick(self) -> None:

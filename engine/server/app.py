@@ -37,6 +37,7 @@ class ServerState:
     metrics: ServerMetrics
     lifecycle: Lifecycle
     created: int = field(default_factory=lambda: int(time.time()))
+    started: bool = False
     stopped: bool = False
     startup_error: BaseException | None = None
     on_fatal: Callable[[], None] | None = None  # set by `gearshift serve`: stop the server
@@ -102,6 +103,12 @@ def build_app(backend: Backend, config: EngineConfig, *, load_in_background: boo
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if state.started:
+            # A second lifespan of the same app (in-process test clients may run one per thread) must
+            # not start the engine again: two workers on one llama.cpp context corrupt it.
+            yield
+            return
+        state.started = True
         # Load in the background: /health answers at once, /ready (and generation) once loaded.
         async def load() -> None:
             try:

@@ -4,6 +4,7 @@ drain tests live in test_server_api.py, on its shared servers."""
 
 from __future__ import annotations
 
+import importlib.util
 import signal
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import openai
 import pytest
 from server_process import free_port, metric, running_server
 
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                reason="llama-cpp-python is not installed")
 PROMPT = "Write a long story about a lighthouse keeper and the storm."
 
 

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Test modules import torch before gearshift.engine does this: OpenMP workers must sleep, not spin,
+# on this shared 2-core box (see engine/__init__.py; ~6x on a model test).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from pathlib import Path
 
 import pytest

@@ -16,11 +16,16 @@ First it measures this machine's matmul peak per dtype; MFU = 2 x params x (prom
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-import torch
+# Like `import gearshift.engine` does, before torch loads: OpenMP workers sleep rather than spin (on shared
+# CPUs spinning costs every system here several-fold). Same process, same setting for every system.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 from gearshift.engine.benchmark import (
     Result,
@@ -112,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
 
     peaks = {d: measure_matmul_peak(TORCH_DTYPES[d]) for d in dtypes}  # first, on an idle process
-    print(f"machine: {threads} threads, torch {torch.__version__}; matmul peak: "
+    print(f"machine: {threads} threads, torch {torch.__version__}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
+          "matmul peak: "
           + ", ".join(f"{d} {p / 1e9:.1f} GFLOP/s" for d, p in peaks.items()), flush=True)
 
     results: list[Result] = []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from gearshift.engine.block_manager import BlockManager
 from gearshift.engine.sampling_params import SamplingParams
 from gearshift.engine.sequence import Sequence

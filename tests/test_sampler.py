@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from gearshift.engine.sampler import Sampler
 from gearshift.engine.sampling_params import SamplingParams
 from gearshift.engine.sequence import Sequence

@@ -10,6 +10,9 @@ naive level-based loop), over the same resources and the same idle window; the t
 
     .venv/bin/python bench/operator.py                 # 300 resources, 5 idle minutes per run
     .venv/bin/python bench/operator.py --count 50 --idle-minutes 1
+
+Each resource gets a Service, hence a cluster IP: the cluster's service range must hold --count of them
+(a /24 holds 254, shared with every other test's Services).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class CountingProxy:
         self.upstream = upstream.rstrip("/")
         self.ssl = ssl.create_default_context(cafile=ca_file)
         self.counts: Counter[str] = Counter()
+        self.detail: Counter[str] = Counter()  # "PATCH deployments", "PATCH inferenceservices/status", ...
         self.port = 0
         self._ready = threading.Event()
         threading.Thread(target=self._run, daemon=True).start()
@@ -56,18 +60,23 @@ class CountingProxy:
 
         async def handle(request: web.Request) -> web.StreamResponse:
             watch = request.query.get("watch") in ("1", "true")
-            self.counts["WATCH" if watch else request.method] += 1
+            verb = "WATCH" if watch else request.method
+            self.counts[verb] += 1
+            self.detail[f"{verb} {_resource(request.path)}"] += 1
             headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
             body = await request.read()
             async with session.request(request.method, self.upstream + request.path_qs, headers=headers,
                                        data=body or None) as up:
                 resp = web.StreamResponse(status=up.status, headers={
                     k: v for k, v in up.headers.items()
-                    if k.lower() not in ("content-length", "transfer-encoding", "content-encoding", "connection")})
-                await resp.prepare(request)
-                async for chunk in up.content.iter_any():
-                    await resp.write(chunk)
-                await resp.write_eof()
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection")})
+                try:
+                    await resp.prepare(request)
+                    async for chunk in up.content.iter_any():  # bytes as sent (gzip stays gzip)
+                        await resp.write(chunk)
+                    await resp.write_eof()
+                except ConnectionResetError:
+                    pass  # the operator closed a watch: normal at shutdown
                 return resp
 
         async def main() -> None:
@@ -86,6 +95,16 @@ class CountingProxy:
 
         session = None
         asyncio.run(main())
+
+
+def _resource(path: str) -> str:
+    """/apis/apps/v1/namespaces/ns/deployments/m -> deployments; .../inferenceservices/m/status -> .../status"""
+    parts = path.strip("/").split("/")
+    if "namespaces" in parts and len(parts) > parts.index("namespaces") + 2:
+        rest = parts[parts.index("namespaces") + 2:]
+    else:
+        rest = parts[2:] if parts[:1] == ["api"] else parts[3:]
+    return rest[0] + ("/" + rest[2] if len(rest) > 2 else "") if rest else path
 
 
 def kubectl(kubeconfig: Path, *args: str, input: str | None = None) -> str:
@@ -161,18 +180,38 @@ def run_phase(name: str, args: argparse.Namespace, kubeconfig: Path, sa_kubeconf
             result["settle_s"] = time.monotonic() - t0
             result["create_s"] = created
             result["busy"] = proxy.snapshot()
-            time.sleep(5)  # trailing status updates (scheduler verdicts) land before the idle window
+            # "Nothing changed" starts once the world is still: the controller-manager and the scheduler
+            # finish with the pods (each verdict is a real change the status reports) before the window.
+            result["quiet_s"] = wait_quiet(admin, ns, args.timeout)
         else:
             time.sleep(max(10.0, args.resync_seconds))  # the baseline's first full pass
-        before = proxy.snapshot()
+        before, before_detail = proxy.snapshot(), Counter(proxy.detail)
         time.sleep(args.idle_minutes * 60)
         idle = proxy.snapshot() - before
+        result["idle_detail"] = Counter(proxy.detail) - before_detail
         result["idle"] = idle
         result["idle_writes"] = sum(idle[v] for v in WRITES)
         result["rss_mib"] = rss_peak_mib(proc.pid)
     finally:
         stop(proc)
     return result
+
+
+def wait_quiet(admin, ns: str, timeout: float, still: float = 20.0) -> float:  # noqa: ANN001
+    """Wait until no InferenceService, Deployment or Pod in `ns` has changed for `still` seconds."""
+    t0 = time.monotonic()
+    last, since = None, time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        rvs = []
+        for path in (f"/apis/gearshift.dev/v1alpha1/namespaces/{ns}/inferenceservices",
+                     f"/apis/apps/v1/namespaces/{ns}/deployments", f"/api/v1/namespaces/{ns}/pods"):
+            rvs += sorted(o["metadata"]["resourceVersion"] for o in admin.request("GET", path)["items"])
+        if rvs != last:
+            last, since = rvs, time.monotonic()
+        elif time.monotonic() - since >= still:
+            return time.monotonic() - t0
+        time.sleep(2)
+    raise SystemExit(f"the namespace never became still within {timeout}s")
 
 
 def _server_and_ca(kubeconfig: Path) -> tuple[str, str]:
@@ -189,6 +228,8 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--skip-baseline", action="store_true")
     args = p.parse_args()
+    # Cleanup (operator processes, the namespace) runs on Ctrl-C and on `kill` alike.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from gearshift.e2e.cluster.local import ensure_cluster
     from gearshift.e2e.cluster.operator_process import OperatorProcess
@@ -219,6 +260,7 @@ def main() -> None:
     print(f"| time until all have children + status | {ours['settle_s']:.1f} s | - |")
     print(f"| API requests per resource while settling | {sum(busy.values()) / n:.2f} "
           f"({', '.join(f'{k} {v}' for k, v in sorted(busy.items()))}) | - |")
+    print(f"| time until the namespace is still (pods scheduled or refused) | +{ours['quiet_s']:.1f} s | - |")
     print(f"| writes per resource while settling | {sum(busy[v] for v in WRITES) / n:.2f} | - |")
     bw = base["idle_writes"] if base else None
     print(f"| API writes in {args.idle_minutes:g} idle min (resync every {args.resync_seconds:g} s) | "
@@ -229,6 +271,9 @@ def main() -> None:
     if base:
         ratio = "inf" if ours["idle_writes"] == 0 else f"{bw / ours['idle_writes']:.1f}x"
         print(f"\nidle writes, baseline / gearshift: {bw} / {ours['idle_writes']} ({ratio})")
+    for r in (ours, base):
+        if r and r["idle_detail"]:
+            print(f"{r['phase']} idle requests: " + ", ".join(f"{k} {v}" for k, v in r["idle_detail"].most_common()))
     if ours["idle_writes"]:
         raise SystemExit(f"FAIL: {ours['idle_writes']} API writes while nothing changed")
 

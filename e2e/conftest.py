@@ -5,6 +5,7 @@ the node agent's and every pod container's log tails attached to its report."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from gearshift.e2e.cluster.local import REPO, ensure_cluster
 from gearshift.e2e.cluster.wait import wait_for
 
 RUN_DIR = REPO / ".cache" / "e2e" / time.strftime("%Y%m%d-%H%M%S")
+KEEP_RUNS = 3  # earlier runs' directories (logs, pod volumes) are pruned beyond this
 _LOGS: list[Path] = []  # files whose tails a failing test's report shows
 _POD_ROOTS: list[Path] = []
 
@@ -44,6 +46,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
 
 @pytest.fixture(scope="session")
 def kubeconfig() -> Path:
+    runs = sorted(p for p in RUN_DIR.parent.glob("2*") if p.is_dir() and p != RUN_DIR)
+    for old in runs[:-KEEP_RUNS]:
+        shutil.rmtree(old, ignore_errors=True)
     return ensure_cluster()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -106,6 +107,8 @@ class PodRunner(threading.Thread):
         finally:
             for c in [*self.inits, *self.containers]:
                 self._kill(c)
+            # emptyDir and Secret copies live as long as the pod; its logs stay for failure reports.
+            shutil.rmtree(self.dir / "volumes", ignore_errors=True)
             self.on_gone(self.pod)
 
     def _prepare(self) -> None:

@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--rounds", type=float, default=2.0, help="requests per level = max(rounds x conc, --min-requests)")
     p.add_argument("--min-requests", type=int, default=6)
+    p.add_argument("--duration", type=float, default=None,
+                   help="seconds per level (a time window) instead of a request count; bounds long runs")
     p.add_argument("--level-timeout", type=float, default=240.0, help="seconds per level before giving up")
     p.add_argument("--threads", type=int, default=usable_cpus())
     p.add_argument("--no-ignore-eos", action="store_true", help="for servers that reject ignore_eos")
@@ -86,7 +88,8 @@ def bench_server(name: str, url: str, model: str, prompts: list[str], levels: li
     rows = []
     for conc in levels:
         n = n_requests(args, conc)
-        level = asyncio.run(run_level(url, model, prompts, conc, n, args.max_tokens, ignore_eos, args.level_timeout))
+        level = asyncio.run(run_level(url, model, prompts, conc, n, args.max_tokens, ignore_eos, args.level_timeout,
+                                      args.duration))
         row = {"target": name, **level.summary()}
         errors = [r.error for r in level.requests if not r.ok]
         if errors:
@@ -163,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = args.model or str(bundled_model_path())
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    n_prompts = max(n_requests(args, c) for c in levels)
+    n_prompts = max(n_requests(args, c) for c in levels) if args.duration is None else 512
     prompts = make_prompts(model, n_prompts + 2, args.prompt_tokens)
     slot_ctx = args.prompt_tokens + args.max_tokens + 64
     print(f"model {model}\n{len(levels)} levels {levels}, prompt {args.prompt_tokens} tokens, output "

@@ -1,6 +1,7 @@
 """The closed-loop streaming load of bench/serve.py, for any OpenAI-compatible `/v1/completions`.
 
-C workers each keep one streamed request in flight until the level's requests are done. Per request it
+C workers each keep one streamed request in flight until the level's requests are done, or, with a
+duration, until the time window closes (streams still open then count the chunks they got so far). Per request it
 records when the first and every later content chunk arrived and how many tokens came back (from
 `usage` when the server sends it, else one per content chunk). ITL is measured per content chunk.
 """
@@ -35,12 +36,8 @@ def make_prompts(model_path: str, n: int, prompt_tokens: int, seed: int = 0) -> 
     prompts = []
     for i in range(n):
         rng = random.Random(seed * 100_003 + i)
-        words = [f"Request {i}: continue this list of words:"]
-        while True:
-            ids = vocab.tokenize(" ".join(words).encode(), add_bos=True, special=False)
-            if len(ids) >= prompt_tokens:
-                break
-            words.append(rng.choice(WORDS))
+        words = [f"Request {i}: continue this list of words:"] + [rng.choice(WORDS) for _ in range(prompt_tokens)]
+        ids = vocab.tokenize(" ".join(words).encode(), add_bos=True, special=False)  # >= 1 token a word
         text = vocab.detokenize(ids[:prompt_tokens]).decode("utf-8", errors="ignore")
         prompts.append(text)
     vocab.close()
@@ -55,6 +52,7 @@ class RequestResult:
     chunk_times: list[float] = field(default_factory=list)
     tokens: int = 0
     error: str = ""
+    done: bool = False  # False while streaming; a window that closes mid-stream leaves it False
 
     @property
     def ttft(self) -> float | None:
@@ -80,14 +78,16 @@ class LevelResult:
 
     def summary(self) -> dict[str, float | int]:
         ok = [r for r in self.requests if r.ok]
-        tokens = sum(r.tokens for r in ok)
+        partial = [r for r in self.requests if not r.done and not r.error]
+        tokens = sum(r.tokens for r in ok) + sum(len(r.chunk_times) for r in partial)
         ttft = [r.ttft for r in ok if r.ttft is not None]
         tpot = [r.tpot for r in ok if r.tpot is not None]
         itl = [x for r in ok for x in r.itls]
         return {
             "concurrency": self.concurrency,
             "requests": len(ok),
-            "errors": len(self.requests) - len(ok) + self.timed_out,
+            "errors": sum(1 for r in self.requests if r.error) + self.timed_out,
+            "in_flight_at_end": len(partial),
             "output_tokens": tokens,
             "wall_s": self.wall,
             "output_tok_s": tokens / self.wall if self.wall > 0 else 0.0,
@@ -108,16 +108,18 @@ def pct(values: list[float], p: float) -> float:
     return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
-async def one_request(http: httpx.AsyncClient, body: dict) -> RequestResult:
+async def one_request(http: httpx.AsyncClient, body: dict, results: list[RequestResult]) -> None:
     start = time.perf_counter()
     res = RequestResult(ok=False, start=start, end=start)
+    results.append(res)
     chunks = 0
     usage_tokens = None
     try:
         async with http.stream("POST", "/v1/completions", json=body) as r:
             if r.status_code != 200:
                 res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
-                return res
+                res.done = True
+                return
             async for line in r.aiter_lines():
                 if not line.startswith("data:"):
                     continue
@@ -131,19 +133,21 @@ async def one_request(http: httpx.AsyncClient, body: dict) -> RequestResult:
                     if choice.get("text"):
                         res.chunk_times.append(time.perf_counter())
                         chunks += 1
-        res.ok = True
+        res.ok = res.done = True
         res.tokens = usage_tokens if usage_tokens is not None else chunks
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         res.error = f"{type(e).__name__}: {e}"
+        res.done = True
     finally:
         res.end = time.perf_counter()
-    return res
 
 
 async def run_level(base_url: str, model: str, prompts: list[str], concurrency: int, n_requests: int,
-                    max_tokens: int, ignore_eos: bool, timeout_s: float) -> LevelResult:
-    """Closed loop: `concurrency` workers, `n_requests` in all, prompts taken in order."""
-    counter = iter(range(n_requests))
+                    max_tokens: int, ignore_eos: bool, timeout_s: float, duration: float | None = None
+                    ) -> LevelResult:
+    """Closed loop: `concurrency` workers, `n_requests` in all (or as many as fit in `duration` seconds),
+    prompts taken in order."""
+    counter = iter(range(n_requests if duration is None else 10**9))
     results: list[RequestResult] = []
 
     def body(i: int) -> dict:
@@ -158,17 +162,26 @@ async def run_level(base_url: str, model: str, prompts: list[str], concurrency: 
 
         async def worker() -> None:
             for i in counter:
-                results.append(await one_request(http, body(i)))
+                await one_request(http, body(i), results)
 
         start = time.perf_counter()
         tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
-        done, pending = await asyncio.wait(tasks, timeout=timeout_s)
+        done, pending = await asyncio.wait(tasks, timeout=duration if duration is not None else timeout_s)
+        window_end = time.perf_counter()
         for t in pending:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        ends = [r.end for r in results if r.ok]
-        wall = (max(ends) if ends else time.perf_counter()) - start
-    return LevelResult(concurrency, results, wall, timed_out=n_requests - len(results))
+        if duration is not None:
+            for r in results:  # chunks that arrived after the window closed do not count
+                if not r.done:
+                    r.chunk_times = [t for t in r.chunk_times if t <= window_end]
+            wall = window_end - start
+            timed_out = 0
+        else:
+            ends = [r.end for r in results if r.ok]
+            wall = (max(ends) if ends else window_end) - start
+            timed_out = n_requests - sum(1 for r in results if r.done)
+    return LevelResult(concurrency, results, wall, timed_out=timed_out)
 
 
 def baseline_in_process(model_path: str, prompts: list[str], max_tokens: int, threads: int,
@@ -184,7 +197,7 @@ def baseline_in_process(model_path: str, prompts: list[str], max_tokens: int, th
     run_start = time.perf_counter()
     for prompt in prompts:
         start = time.perf_counter()
-        res = RequestResult(ok=True, start=start, end=start)
+        res = RequestResult(ok=True, start=start, end=start, done=True)
         ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
         for token in llm.generate(ids, top_k=0, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
             llm.detokenize([token])

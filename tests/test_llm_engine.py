@@ -183,3 +183,24 @@ def test_sampling_params_errors_name_the_field() -> None:
     with pytest.raises(InvalidRequestError) as e:
         SamplingParams(temperature=-1)
     assert e.value.param == "temperature"
+
+
+def test_unknown_llm_option_is_named(smollm2_gguf) -> None:
+    from gearshift.engine import GearshiftError
+
+    with pytest.raises(GearshiftError, match="max_num_seq\\b"):
+        LLM(model=smollm2_gguf, max_num_seq=4)
+
+
+def test_bench_command_prints_a_table(smollm2_gguf, capsys) -> None:
+    from gearshift.engine.cli import main
+
+    assert main(["bench", "--prompt-len", "9:3"]) == 2  # refused before any model loads
+    assert "LO <= HI" in capsys.readouterr().err
+    rc = main(["bench", "--model", str(smollm2_gguf), "--num-requests", "3", "--prompt-len", "8:12",
+               "--output-len", "2:3", "--dtype", "float32", "--kv-cache-memory", "32Mi", "--max-model-len", "128"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    row = next(line for line in out.splitlines() if line.startswith("| gearshift paged"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "float32" and int(cells[4]) >= 6 and float(cells[5]) > 0  # output tokens, tok/s

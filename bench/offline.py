@@ -26,7 +26,6 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
-
 from gearshift.engine.benchmark import (
     Result,
     Workload,

@@ -165,7 +165,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-
     from gearshift.engine.bundled import bundled_model_path
     from gearshift.engine.config import usable_cpus
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from gearshift.engine.outputs import Logprob
 from gearshift.engine.sequence import Sequence
 

@@ -25,7 +25,7 @@ Key = tuple[str, str]  # (namespace, name) of an InferenceService
 # Kinds whose presence depends on the spec: deleted when the spec stops wanting them.
 OPTIONAL_KINDS = ("HorizontalPodAutoscaler", "PodDisruptionBudget", "PersistentVolumeClaim")
 # Before the watches have listed everything, a cache miss may be a child that exists: GET it first.
-PRIME_SECONDS = 15.0
+PRIME_SECONDS = 10.0
 
 
 def _rv(obj: dict[str, Any]) -> int:
@@ -136,8 +136,10 @@ class Reconciler:
             if owner is None or owner["metadata"].get("deletionTimestamp"):
                 return
             try:
-                self._reconcile(owner)
-                self.retry.pop(key, None)
+                if self._reconcile(owner):
+                    self.retry.pop(key, None)
+                else:  # come back once the watches have listed everything
+                    self.retry[key] = self.started + PRIME_SECONDS
                 self._failures.pop(key, None)
             except Exception as e:  # noqa: BLE001 - API or network: retried with backoff, never lost
                 n = self._failures[key] = self._failures.get(key, 0) + 1
@@ -146,7 +148,8 @@ class Reconciler:
                 if n == 1 and isinstance(e, KubeError):
                     self.kube.event(owner, "Warning", "ReconcileFailed", str(e))
 
-    def _reconcile(self, owner: dict[str, Any]) -> None:
+    def _reconcile(self, owner: dict[str, Any]) -> bool:
+        """One pass; False when status was left for later because the caches may not be full yet."""
         meta = owner["metadata"]
         generation = meta.get("generation") or 1
         previous = owner.get("status") or {}
@@ -160,6 +163,10 @@ class Reconciler:
         if spec is not None and plan is not None:
             self._apply_children(owner, spec, plan, previous)
 
+        if time.monotonic() - self.started < PRIME_SECONDS:
+            # Just started: the pods may not be listed yet, and a status computed without them would be
+            # wrong for a moment and cost two writes per resource on every operator restart.
+            return False
         dep = self.cache.get("Deployment", meta["namespace"], meta["name"])
         if dep is not None and not controlled_by(dep, owner):
             dep = None
@@ -173,6 +180,7 @@ class Reconciler:
             if error is not None and not _already_reported(previous, generation, error):
                 log.warning("%s/%s: invalid spec: %s", meta["namespace"], meta["name"], error)
                 self.kube.event(owner, "Warning", "InvalidSpec", error)
+        return True
 
     def _apply_children(self, owner: dict[str, Any], spec: Any, plan: Any, previous: dict[str, Any]) -> None:
         ns = spec.namespace

@@ -179,7 +179,8 @@ def test_create_builds_children_and_status(cluster: dict[str, Any]) -> None:
     # The scheduler finds no node: surfaced as Degraded with its own words.
     deg = wait(lambda: condition(owner(c, "chat"), "Degraded").get("reason") == "Unschedulable"
                and condition(owner(c, "chat"), "Degraded"), "Degraded=Unschedulable")
-    assert deg["status"] == "True" and "nodes are available" in deg["message"]
+    # "no nodes available to schedule pods", or "0/1 nodes are available: ..." beside a tainted test node
+    assert deg["status"] == "True" and deg["message"].startswith("pod chat-") and "nodes" in deg["message"]
     assert wait(lambda: events(c, "chat", "EngineSelected"), "an EngineSelected event")[0]["message"].startswith(
         "engine gguf: 2 concurrent requests")
     assert events(c, "chat", "Applied")
@@ -237,8 +238,9 @@ def test_drift_is_repaired(cluster: dict[str, Any]) -> None:
 def test_invalid_spec_changes_nothing_and_reports_once(cluster: dict[str, Any]) -> None:
     c = cluster
     create(c, isvc("broken", concurrency=1))
-    before = wait(lambda: get(c, "apps/v1", "Deployment", "broken"), "the Deployment")
+    wait(lambda: get(c, "apps/v1", "Deployment", "broken"), "the Deployment")
     wait(lambda: owner(c, "broken").get("status", {}).get("observedGeneration") == 1, "status")
+    before = get(c, "apps/v1", "Deployment", "broken")
     # Schema-valid, but a gguf engine cannot load safetensors (a CEL rule the v1.20 server does not run).
     kubectl(c["kubeconfig"], "-n", c["ns"], "patch", "gsvc", "broken", "--type=merge", "-p",
             '{"spec":{"engine":"gguf","model":{"uri":"https://127.0.0.1:9/model.safetensors"}}}')
@@ -248,7 +250,12 @@ def test_invalid_spec_changes_nothing_and_reports_once(cluster: dict[str, Any]) 
     assert ready["message"].startswith("spec.engine: gguf needs a .gguf model file")
     time.sleep(8)  # two resyncs and the watch events of our own status write: no retry loop
     after = get(c, "apps/v1", "Deployment", "broken")
-    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]  # untouched
+    # Untouched by the operator: same spec generation, same applied hash, same Apply entry (the
+    # controller-manager may still write the Deployment's status, which is not ours).
+    assert after["metadata"]["generation"] == before["metadata"]["generation"]
+    assert after["metadata"]["annotations"] == before["metadata"]["annotations"]
+    assert [m for m in after["metadata"]["managedFields"] if m["manager"] == "gearshift-operator"] == \
+        [m for m in before["metadata"]["managedFields"] if m["manager"] == "gearshift-operator"]
     assert len(events(c, "broken", "InvalidSpec")) == 1
     kubectl(c["kubeconfig"], "-n", c["ns"], "patch", "gsvc", "broken", "--type=merge", "-p", '{"spec":{"engine":"auto"}}')
     wait(lambda: condition(owner(c, "broken"), "Ready").get("reason") not in (None, "InvalidSpec"), "recovery")
@@ -258,9 +265,10 @@ def test_invalid_spec_changes_nothing_and_reports_once(cluster: dict[str, Any]) 
 
 def test_nothing_written_at_rest(cluster: dict[str, Any]) -> None:
     c = cluster
-    create(c, isvc("rest", replicas=2))
+    # No pods (replicas 0): the scheduler's verdicts, which change with the test nodes around, stay out.
+    create(c, isvc("rest", replicas=0))
     wait(lambda: owner(c, "rest").get("status", {}).get("observedGeneration") == 1, "status")
-    wait(lambda: condition(owner(c, "rest"), "Degraded").get("reason") == "Unschedulable", "the settled status")
+    wait(lambda: condition(owner(c, "rest"), "Ready").get("reason") == "ScaledToZero", "the settled status")
     time.sleep(2)
     names = [("apps/v1", "Deployment", "rest"), ("v1", "Service", "rest"), (API, "InferenceService", "rest")]
     versions = {n: get(c, *n)["metadata"]["resourceVersion"] for n in names}

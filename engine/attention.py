@@ -104,9 +104,11 @@ def paged_attention_torch(
         bd = plan.decode_rows.shape[0]
         qd = q[:bd] if plan.decode_contiguous else q.index_select(0, plan.decode_rows)
         qd = qd.view(bd, hkv, g, d)  # the G query heads sharing a KV head play the query-length axis
-        # [Bd, nblk, bs, Hkv, D] -> [Bd, L, Hkv, D] -> [Bd, Hkv, L, D]
-        kd = k_cache[plan.decode_blocks].flatten(1, 2).transpose(1, 2)
-        vd = v_cache[plan.decode_blocks].flatten(1, 2).transpose(1, 2)
+        # index_select, not advanced indexing: measured ~2x faster for this gather on CPU.
+        # [Bd * nblk, bs, Hkv, D] -> [Bd, L, Hkv, D] -> [Bd, Hkv, L, D]
+        blocks = plan.decode_blocks
+        kd = k_cache.index_select(0, blocks.flatten()).view(bd, -1, hkv, d).transpose(1, 2)
+        vd = v_cache.index_select(0, blocks.flatten()).view(bd, -1, hkv, d).transpose(1, 2)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=plan.decode_mask, scale=scale)
         od = od.reshape(bd, hq, d)
         if plan.decode_contiguous:
@@ -120,8 +122,8 @@ def paged_attention_torch(
             vp = v[p.rows].transpose(0, 1).unsqueeze(0)
             op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            kp = k_cache[p.ctx_blocks].flatten(0, 1).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
-            vp = v_cache[p.ctx_blocks].flatten(0, 1).transpose(0, 1).unsqueeze(0)
+            kp = k_cache.index_select(0, p.ctx_blocks).view(-1, hkv, d).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+            vp = v_cache.index_select(0, p.ctx_blocks).view(-1, hkv, d).transpose(0, 1).unsqueeze(0)
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, scale=scale, enable_gqa=True)
         out[p.rows] = op.squeeze(0).transpose(0, 1)
     return out

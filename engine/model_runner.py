@@ -86,6 +86,7 @@ class ModelRunner:
                 f"max_model_len {config.max_model_len} exceeds the model's context length {model_len}"
             )
         wanted_len = config.max_model_len or model_len
+        self.prepacked = False  # CPU: matmul weights pre-packed for oneDNN (set by _load_model)
         self.model = self._load_model(src, wanted_len)
         self._allocate_kv_cache(wanted_len)
         self.graphs = None  # CUDA graphs for pure-decode batches (GPU, unless enforce_eager)
@@ -105,6 +106,16 @@ class ModelRunner:
         model.to_empty(device=self.device)
         model.materialize()
         model.load_weights(src.weights())
+        if self.device.type == "cpu" and (self.dtype == torch.float32 or
+                                          (self.dtype == torch.bfloat16 and cpu_has_fast_bf16())):
+            try:
+                model.prepack_for_cpu(batch_hint=self.config.max_num_seqs)
+                self.prepacked = True
+            except (RuntimeError, AttributeError) as e:  # a torch without oneDNN: plain matmuls
+                for m in model.modules():
+                    if hasattr(m, "packed"):
+                        m.packed = None
+                log.warning("oneDNN weight pre-packing unavailable (%s); using plain matmuls", e)
         return model.eval()
 
     def _kv_budget(self) -> int:
@@ -186,7 +197,8 @@ class ModelRunner:
         max_blocks = 0
         for s in out.seqs:
             n, start, end = len(s.token_ids), s.start_pos, s.context_len
-            if n == 0 or end > self.max_model_len or len(s.block_table) * bs < end:
+            if (n == 0 or end > self.max_model_len or len(s.block_table) * bs < end
+                    or max(s.block_table) >= self.num_kv_blocks or min(s.block_table) < 0):
                 raise GearshiftError(
                     f"seq {s.seq_id}: bad schedule (tokens {n}, context {end}, blocks {len(s.block_table)}, "
                     f"max_model_len {self.max_model_len})"

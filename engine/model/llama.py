@@ -14,7 +14,7 @@ from gearshift.engine.attention import TorchAttentionPlan, build_plan
 from gearshift.engine.attention_metadata import AttentionMetadata
 from gearshift.engine.errors import ModelLoadError
 from gearshift.engine.model.config import ModelConfig
-from gearshift.engine.model.layers import Attention, RMSNorm, SwiGLU
+from gearshift.engine.model.layers import Attention, Linear, RMSNorm, SwiGLU
 from gearshift.engine.model.rope import RotaryEmbedding
 from torch import nn
 
@@ -40,7 +40,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -50,6 +50,15 @@ class LlamaForCausalLM(nn.Module):
         self.rope.build(self.embed_tokens.weight.device)
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def prepack_for_cpu(self, batch_hint: int) -> None:
+        """Pre-pack every matmul weight for oneDNN (see layers.Linear). Call after load_weights."""
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        for m in linears:  # all or nothing: a failure leaves every plain weight in place
+            m.prepack(batch_hint)
+        for m in linears:
+            if not (m is self.lm_head and self.config.tie_word_embeddings):
+                m.release_weight()
 
     @torch.inference_mode()
     def forward(

@@ -7,7 +7,9 @@ Interface the engine (llm_engine / scheduler / sampler) relies on:
     runner.tokenizer        -> gearshift.engine.tokenizer.Tokenizer (encode/decode/apply_chat_template/eos_token_ids)
     runner.model_config     -> gearshift.engine.model.config.ModelConfig
     runner.device           -> torch.device (cpu | cuda)
-    runner.dtype            -> torch.dtype chosen (auto: bf16 where the hardware does it fast, else fp32)
+    runner.dtype            -> torch.dtype chosen (auto: CUDA bf16 (fp16 without bf16); CPU bf16 only with
+                               AVX512-BF16/AMX, else fp32 -- on AVX2-only CPUs bf16 matmuls run ~5x slower)
+    runner.prepacked        -> bool  CPU matmul weights pre-packed for oneDNN
     runner.num_kv_blocks    -> int   blocks in the preallocated cache (block ids 0 .. num_kv_blocks-1)
     runner.block_size       -> int   tokens per block (= config.block_size)
     runner.max_model_len    -> int   prompt + output tokens one sequence may hold
@@ -17,6 +19,11 @@ Interface the engine (llm_engine / scheduler / sampler) relies on:
         runner.device. out.block_copies (src, dst) are applied first; out.seqs may mix decodes and
         prefill chunks; each ScheduledSeq.block_table must cover positions [0, start_pos + len(token_ids)).
         An empty out (no seqs) just applies the copies and returns a [0, vocab_size] tensor.
+
+Speed notes (CPU): one flat varlen batch per step; matmul weights pre-packed for oneDNN; RoPE tables and
+the attention gather plan built once per step; torch.compile is not used (matmuls are >75% of a prefill
+step and ~55% of a decode step, so fusing the elementwise rest buys little for its compile time).
+GPU: Triton kernels from gearshift.engine.kernels, CUDA graphs for decode batches (cuda_graphs.py).
 
 Contract on K/V: after execute, the cache holds K/V for every scheduled token at its slot
 (block_table[pos // block_size] * block_size + pos % block_size); nothing else is written.

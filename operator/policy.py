@@ -17,8 +17,9 @@ from typing import Any
 from gearshift.operator.spec import ENGINE_ARGS, InferenceServiceSpec, InvalidSpec, parse_quantity
 
 # The concurrency per replica at which the paged engine's continuous batching overtakes the llama.cpp
-# runner in total output tokens/s on CPU, measured by bench/serve.py on the bundled SmolLM2-135M Q4_1.
-# Placeholder until the lead records the measured figures here (runner vs paged tok/s at 1, 4, 8, 16, 32).
+# runner in total output tokens/s on CPU: bench/serve.py, SmolLM2-135M-Instruct Q4_1, 2 threads, shared
+# 2-core VM, 2026-11-26 (README "Benchmarks"), output tok/s gguf vs paged: 22.1 vs 12.8 at 1,
+# 21.1 vs 18.2 at 4, 23.8 vs 26.8 at 8, 28.8 vs 48.0 at 16, 26.1 vs 61.6 at 32.
 CROSSOVER_CONCURRENCY = 8
 
 # Share of the memory limit given to the paged engine's KV cache on CPU; the rest holds the weights

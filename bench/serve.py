@@ -91,7 +91,7 @@ def bench_server(name: str, url: str, model: str, prompts: list[str], levels: li
         level = asyncio.run(run_level(url, model, prompts, conc, n, args.max_tokens, ignore_eos, args.level_timeout,
                                       args.duration))
         row = {"target": name, **level.summary()}
-        errors = [r.error for r in level.requests if not r.ok]
+        errors = [r.error for r in level.requests if r.error]
         if errors:
             row["first_error"] = errors[0]
         rows.append(row)

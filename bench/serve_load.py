@@ -80,9 +80,12 @@ class LevelResult:
         ok = [r for r in self.requests if r.ok]
         partial = [r for r in self.requests if not r.done and not r.error]
         tokens = sum(r.tokens for r in ok) + sum(len(r.chunk_times) for r in partial)
-        ttft = [r.ttft for r in ok if r.ttft is not None]
+        # TTFT and ITL also from streams still open when a time window closed (at high load on a slow
+        # engine no request may finish inside the window); TPOT only from finished requests.
+        seen = ok + partial
+        ttft = [r.ttft for r in seen if r.ttft is not None]
         tpot = [r.tpot for r in ok if r.tpot is not None]
-        itl = [x for r in ok for x in r.itls]
+        itl = [x for r in seen for x in r.itls]
         return {
             "concurrency": self.concurrency,
             "requests": len(ok),

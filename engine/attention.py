@@ -58,7 +58,7 @@ def build_plan(meta: AttentionMetadata, block_size: int, device: torch.device) -
     prefills: list[_Prefill] = []
     for i in range(len(seq_lens)):
         lq = qsl[i + 1] - qsl[i]
-        if lq == 1 and i in decode_idx:
+        if lq <= 1:  # a decode, handled above, or a padding sequence (query length 0)
             continue
         length = seq_lens[i]
         start = length - lq

@@ -154,3 +154,50 @@ def test_hf_download_error_is_one_line(tmp_path: Path) -> None:
     line = one_line_error(r)
     assert "download of hf://org/repo/m.gguf failed" in line
     assert time.monotonic() - t0 < 110
+
+
+class _Hub(http.server.BaseHTTPRequestHandler):
+    """The hub's file-resolve protocol as huggingface_hub speaks it: HEAD for metadata, then GET."""
+
+    auth: list[str | None] = []
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _head(self) -> bool:
+        if not self.path.startswith("/org/repo-GGUF/resolve/v1/sub/m.Q4.gguf"):
+            self.send_error(404, "Not Found")
+            return False
+        type(self).auth.append(self.headers.get("Authorization"))
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", "a" * 40)
+        self.send_header("ETag", f'"{SHA}"')
+        self.send_header("Content-Length", str(len(PAYLOAD)))
+        self.end_headers()
+        return True
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._head()
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self._head():
+            self.wfile.write(PAYLOAD)
+
+
+def test_hf_download_with_token_revision_and_checksum(tmp_path: Path) -> None:
+    _Hub.auth = []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{httpd.server_address[1]}", "HF_TOKEN": "hf_secret",
+           "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": str(tmp_path / "hf")}
+    try:
+        r = fetch("hf://org/repo-GGUF/sub/m.Q4.gguf@v1", str(tmp_path / "models"), "--sha256", SHA, env=env)
+        assert r.returncode == 0, r.stderr
+        assert (tmp_path / "models" / "m.Q4.gguf").read_bytes() == PAYLOAD  # at the top, where the pod looks
+        assert "sha256 verified" in r.stderr
+        assert _Hub.auth and all(a == "Bearer hf_secret" for a in _Hub.auth)
+        missing = fetch("hf://org/repo-GGUF/other.gguf", str(tmp_path / "models"), env=env)
+        assert "download of hf://org/repo-GGUF/other.gguf failed" in one_line_error(missing)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -28,14 +28,9 @@ def _raw(event: dict[str, Any], api_version: str, kind: str) -> dict[str, Any]:
     return obj
 
 
-def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync_seconds: float) -> None:
-    """Hook the reconciler to kopf's watches of the InferenceServices and their children."""
-
-    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    def owner_event(event: dict[str, Any], **_: Any) -> None:
-        reconciler.owner_event(event.get("type"), _raw(event, f"{GROUP}/{VERSION}", KIND))
-
-    children = [
+def child_resources(reconciler: Reconciler) -> list[tuple[str, str, str, str]]:
+    """(group, version, plural, kind) of everything the operator watches besides its own resource."""
+    return [
         ("apps", "v1", "deployments", "Deployment"),
         ("", "v1", "services", "Service"),
         ("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim"),
@@ -43,6 +38,25 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync_sec
         (*reconciler.hpa_version.split("/"), "horizontalpodautoscalers", "HorizontalPodAutoscaler"),
         (*reconciler.pdb_version.split("/"), "poddisruptionbudgets", "PodDisruptionBudget"),
     ]
+
+
+def select_children_server_side(settings: kopf.OperatorSettings, reconciler: Reconciler) -> None:
+    """Ask the API server for our children only: a cluster's other pods never reach the operator."""
+    from kopf._cogs.structs.references import Selector  # the type kopf's settings are keyed by
+
+    selector = ",".join(f"{k}={v}" for k, v in CHILD_SELECTOR.items())
+    for group, version, plural, _ in child_resources(reconciler):
+        settings.watching.label_selectors[Selector(group=group, version=version, plural=plural)] = selector
+
+
+def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync_seconds: float) -> None:
+    """Hook the reconciler to kopf's watches of the InferenceServices and their children."""
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+    def owner_event(event: dict[str, Any], **_: Any) -> None:
+        reconciler.owner_event(event.get("type"), _raw(event, f"{GROUP}/{VERSION}", KIND))
+
+    children = child_resources(reconciler)
     for group, version, plural, kind in children:
         api_version = f"{group}/{version}" if group else version
 

@@ -95,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         settings.scanning.disabled = True  # no CRD watching: least privilege
         settings.execution.max_workers = 8
         settings.watching.server_timeout = 600
+        handlers.select_children_server_side(settings, reconciler)
 
     kopf.run(registry=registry, standalone=True, clusterwide=not args.namespace,
              namespaces=args.namespace, liveness_endpoint=args.liveness)

@@ -5,8 +5,9 @@ Two paths behind one function, `paged_attention(q, k, v, k_cache, v_cache, meta,
 - otherwise the torch path below, which is also the reference the kernels are tested against.
 
 Torch path, per step (the gather plan is built once, by the first layer, and reused by every layer):
-- decodes (query length 1) go in one batched SDPA over their contexts gathered from the cache and
-  padded to the longest, GQA folded into the query-length axis (no K/V repeat);
+- decodes (query length 1) go in batched SDPAs (one, or two when splitting by context length saves
+  >= 20% of the padding) over their contexts gathered from the cache and padded to the group's longest,
+  GQA folded into the query-length axis (no K/V repeat);
 - each prefill chunk gets its own SDPA: causal over the new tokens alone when it has no cached prefix,
   else over the gathered context with a causal mask shifted by the prefix length.
 
@@ -30,12 +31,31 @@ class _Prefill:
 
 
 @dataclass
+class _DecodeGroup:
+    rows: torch.Tensor | slice  # [Bd] int64 rows of these decode tokens, or a slice when contiguous
+    blocks: torch.Tensor  # [Bd, nblk] int64 cache blocks of each context, 0-padded
+    mask: torch.Tensor  # [Bd, 1, 1, nblk * block_size] bool, True = a real context position
+
+
+@dataclass
 class TorchAttentionPlan:
-    decode_rows: torch.Tensor | None  # [Bd] int64 rows of the decode tokens
-    decode_blocks: torch.Tensor | None  # [Bd, nblk] int64 cache blocks of each decode's context, 0-padded
-    decode_mask: torch.Tensor | None  # [Bd, 1, 1, nblk * block_size] bool, True = a real context position
-    decode_contiguous: bool  # decode rows are exactly [0, Bd): write the output with a slice
+    decodes: list[_DecodeGroup]  # decodes batched by similar context length (less padding to gather)
     prefills: list[_Prefill]
+
+
+def _split_by_length(idx: list[int], lens: list[int]) -> list[list[int]]:
+    """Sort decodes by context length and cut once where it saves >= 20% of the padded gather work."""
+    idx = sorted(idx, key=lambda i: lens[i])
+    n = len(idx)
+    whole = n * lens[idx[-1]]
+    best_cost, best_k = whole, 0
+    for k in range(1, n):
+        cost = k * lens[idx[k - 1]] + (n - k) * lens[idx[-1]]
+        if cost < best_cost:
+            best_cost, best_k = cost, k
+    if best_k and best_cost <= 0.8 * whole:
+        return [idx[:best_k], idx[best_k:]]
+    return [idx]
 
 
 def build_plan(meta: AttentionMetadata, block_size: int, device: torch.device) -> TorchAttentionPlan:
@@ -43,18 +63,19 @@ def build_plan(meta: AttentionMetadata, block_size: int, device: torch.device) -
     seq_lens = meta.seq_lens.tolist()
     bt = meta.block_tables.to(device=device, dtype=torch.int64)
     decode_idx = [i for i in range(len(seq_lens)) if qsl[i + 1] - qsl[i] == 1]
-    decode_rows = decode_blocks = decode_mask = None
-    if decode_idx:
+    decodes: list[_DecodeGroup] = []
+    for group in _split_by_length(decode_idx, seq_lens) if decode_idx else []:
+        group.sort()  # keep flat-batch order: rows [0, Bd) stay a slice when decodes come first
         # Gather whole blocks (contiguous rows of block_size * Hkv * D), not single slots: fewer, larger copies.
-        nblk = (max(seq_lens[i] for i in decode_idx) + block_size - 1) // block_size
-        sel = torch.tensor(decode_idx, dtype=torch.int64, device=device)
-        decode_blocks = bt[sel, :nblk]
-        lens = torch.tensor([seq_lens[i] for i in decode_idx], device=device)
-        decode_mask = (torch.arange(nblk * block_size, device=device)[None, :] < lens[:, None])[:, None, None, :]
-        decode_rows = torch.tensor([qsl[i] for i in decode_idx], dtype=torch.int64, device=device)
-    contiguous = decode_idx == list(range(len(decode_idx))) and all(
-        qsl[i] == i for i in decode_idx
-    )
+        nblk = (max(seq_lens[i] for i in group) + block_size - 1) // block_size
+        blocks = bt[torch.tensor(group, dtype=torch.int64, device=device), :nblk]
+        lens = torch.tensor([seq_lens[i] for i in group], device=device)
+        mask = (torch.arange(nblk * block_size, device=device)[None, :] < lens[:, None])[:, None, None, :]
+        first = qsl[group[0]]
+        row_list = [qsl[i] for i in group]
+        rows = (slice(first, first + len(group)) if row_list == list(range(first, first + len(group)))
+                else torch.tensor(row_list, dtype=torch.int64, device=device))
+        decodes.append(_DecodeGroup(rows, blocks, mask))
     prefills: list[_Prefill] = []
     for i in range(len(seq_lens)):
         lq = qsl[i + 1] - qsl[i]
@@ -70,7 +91,7 @@ def build_plan(meta: AttentionMetadata, block_size: int, device: torch.device) -
         # causal, shifted by the cached prefix; padding past `length` is > every query position
         mask = pos[None, :] <= (start + torch.arange(lq, device=device))[:, None]
         prefills.append(_Prefill(slice(qsl[i], qsl[i + 1]), bt[i, :nblk], mask))
-    return TorchAttentionPlan(decode_rows, decode_blocks, decode_mask, contiguous, prefills)
+    return TorchAttentionPlan(decodes, prefills)
 
 
 def store_kvcache_torch(
@@ -100,21 +121,19 @@ def paged_attention_torch(
     hkv = k.shape[1]
     g = hq // hkv
     out = torch.empty_like(q)
-    if plan.decode_rows is not None:
-        bd = plan.decode_rows.shape[0]
-        qd = q[:bd] if plan.decode_contiguous else q.index_select(0, plan.decode_rows)
+    for grp in plan.decodes:
+        bd = grp.blocks.shape[0]
+        qd = q[grp.rows] if isinstance(grp.rows, slice) else q.index_select(0, grp.rows)
         qd = qd.view(bd, hkv, g, d)  # the G query heads sharing a KV head play the query-length axis
         # index_select, not advanced indexing: measured ~2x faster for this gather on CPU.
         # [Bd * nblk, bs, Hkv, D] -> [Bd, L, Hkv, D] -> [Bd, Hkv, L, D]
-        blocks = plan.decode_blocks
-        kd = k_cache.index_select(0, blocks.flatten()).view(bd, -1, hkv, d).transpose(1, 2)
-        vd = v_cache.index_select(0, blocks.flatten()).view(bd, -1, hkv, d).transpose(1, 2)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=plan.decode_mask, scale=scale)
-        od = od.reshape(bd, hq, d)
-        if plan.decode_contiguous:
-            out[:bd] = od
+        kd = k_cache.index_select(0, grp.blocks.flatten()).view(bd, -1, hkv, d).transpose(1, 2)
+        vd = v_cache.index_select(0, grp.blocks.flatten()).view(bd, -1, hkv, d).transpose(1, 2)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=grp.mask, scale=scale).reshape(bd, hq, d)
+        if isinstance(grp.rows, slice):
+            out[grp.rows] = od
         else:
-            out.index_copy_(0, plan.decode_rows, od)
+            out.index_copy_(0, grp.rows, od)
     for p in plan.prefills:
         qp = q[p.rows].transpose(0, 1).unsqueeze(0)  # [1, Hq, Lq, D]
         if p.ctx_blocks is None:

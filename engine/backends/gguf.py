@@ -239,17 +239,22 @@ class GGUFBackend:
                     return
                 req = self._waiting.popleft()
                 self._current = req
+            final: RequestOutput | BaseException | None = None
             try:
                 if not req.cancelled:
-                    self._serve(req)
+                    final = self._serve(req)
             except Exception as e:  # a llama.cpp failure ends this request with an error, not the worker
                 log.exception("gguf request %s failed", req.request_id)
-                req.post(GearshiftError(f"generation failed: {e}"))
+                final = GearshiftError(f"generation failed: {e}")
             finally:
+                # Not running any more before the consumer hears it is done: stats never show a
+                # finished request as running.
                 with self._cv:
                     self._current = None
+            if final is not None:
+                req.post(final)
 
-    def _serve(self, req: _Request) -> None:
+    def _serve(self, req: _Request) -> RequestOutput:
         llm = self._model()
         req.first_scheduled_time = time.time()
         if not self.config.enable_prefix_caching:
@@ -273,7 +278,7 @@ class GGUFBackend:
                 for j in range(i + 1, n):
                     outputs[j] = CompletionOutput(index=j, finish_reason="abort")
                 break
-        req.post(self._output(req, outputs, finished=True))
+        return self._output(req, outputs, finished=True)
 
     def _count_prefix_hit(self, llm: llama_cpp.Llama, prompt_ids: list[int]) -> int:
         # Llama.generate reuses the KV cache of the longest common prefix with what it evaluated last.

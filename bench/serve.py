@@ -13,7 +13,8 @@ Then the ratios against llama-server, the concurrency where the paged engine ove
 called directly in-process on the same prompts (our HTTP layer's cost; issue 5 wants >= 0.95x).
 
 Every server and the in-process baseline get the same --threads (default: the CPUs this process may use)
-and OMP_WAIT_POLICY=PASSIVE (as our gguf engine sets: spinning OpenMP threads collapse on a shared CPU).
+and the same OpenMP thread-wait policy (GEARSHIFT_THREAD_WAIT=spin|passive; default spin, which every
+engine needs on CPUs it owns: see engine/thread_wait.py).
 llama-server is built once from the vendored llama.cpp of the installed llama-cpp-python and cached
 (bench/llama_server.sh).
 """
@@ -29,7 +30,10 @@ import re
 import sys
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before anything loads libgomp, inherited by servers
+from gearshift.engine.thread_wait import apply_thread_wait, default_policy  # noqa: E402
+
+# Before anything loads libgomp; servers inherit it (GEARSHIFT_THREAD_WAIT=spin|passive, default spin).
+THREAD_WAIT = apply_thread_wait(default_policy())
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # siblings (PYTHONSAFEPATH=1 omits it)
 
 from serve_load import baseline_in_process, make_prompts, run_level  # noqa: E402
@@ -170,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = make_prompts(model, n_prompts + 2, args.prompt_tokens)
     slot_ctx = args.prompt_tokens + args.max_tokens + 64
     print(f"model {model}\n{len(levels)} levels {levels}, prompt {args.prompt_tokens} tokens, output "
-          f"{args.max_tokens} tokens, threads {args.threads}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}",
+          f"{args.max_tokens} tokens, threads {args.threads}, thread wait {THREAD_WAIT}",
           flush=True)
     rows: list[dict] = []
     servers: dict[str, dict] = {}

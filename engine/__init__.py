@@ -1,13 +1,7 @@
 """gearshift.engine: the paged engine, the GGUF runner, the shared server and the CLI."""
 
-import os
-
-# Before anything imports torch (libgomp reads this once, at load): OpenMP workers sleep instead of
-# spinning between parallel regions. With the default spin, two torch threads on two CPUs shared with
-# any other busy process slow down ~6x (measured: 48 greedy steps of SmolLM2, 189 s spinning vs 34 s
-# passive, on the loaded 2-core dev box); on idle cores the cost is a few microseconds per matmul.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+# How torch's and llama.cpp's OpenMP threads wait is chosen by `--thread-wait` (engine/thread_wait.py)
+# before either library loads; importing this package sets nothing.
 from gearshift.engine.errors import GearshiftError, InvalidRequestError, ModelLoadError
 from gearshift.engine.outputs import CompletionOutput, RequestOutput
 from gearshift.engine.sampling_params import SamplingParams

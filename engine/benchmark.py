@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from gearshift.engine.errors import GearshiftError
+from gearshift.engine.thread_wait import POLICIES, apply_thread_wait, default_policy
 
 
 @dataclass
@@ -161,9 +162,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory", default=None, help="e.g. 512Mi (default: the engine's choice)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--thread-wait", choices=POLICIES, default=default_policy(),
+                        help="idle CPU threads spin briefly (default) or sleep; see engine/thread_wait.py")
 
 
 def run(args: argparse.Namespace) -> int:
+    policy = apply_thread_wait(args.thread_wait)  # before torch loads libgomp
     import torch
     from gearshift.engine.bundled import bundled_model_path
     from gearshift.engine.config import usable_cpus
@@ -190,6 +194,6 @@ def run(args: argparse.Namespace) -> int:
         results.append(r)
         del llm
     print(f"model: {model}; {args.num_requests} requests, prompt {args.prompt_len}, output {args.output_len}, "
-          f"seed {args.seed}; threads {torch.get_num_threads()}")
+          f"seed {args.seed}; threads {torch.get_num_threads()}, thread wait {policy}")
     print(format_table(results))
     return 0

@@ -55,7 +55,9 @@ ENGINE_ARGS: dict[str, tuple[type, tuple[str, ...], str]] = {
     "blockSize": (int, ("paged",), "--block-size"),
     "kvCacheMemory": (str, ("paged",), "--kv-cache-memory"),
     "enforceEager": (bool, ("paged",), "--enforce-eager"),
+    "threadWait": (str, ("paged", "gguf"), "--thread-wait"),
 }
+THREAD_WAITS = ("spin", "passive")  # engine/thread_wait.py: spin on CPUs the pod owns, passive when shared
 
 
 @dataclass(frozen=True)
@@ -258,6 +260,8 @@ def _engine_args(args: dict[str, Any]) -> dict[str, Any]:
             raise InvalidSpec(f"spec.engineArgs.{key}", f"must be a string, got {value!r}")
     if "dtype" in args and args["dtype"] not in DTYPES:
         raise InvalidSpec("spec.engineArgs.dtype", f"{args['dtype']!r} is not one of {', '.join(DTYPES)}")
+    if "threadWait" in args and args["threadWait"] not in THREAD_WAITS:
+        raise InvalidSpec("spec.engineArgs.threadWait", f"{args['threadWait']!r} is not one of {', '.join(THREAD_WAITS)}")
     if "kvCacheMemory" in args:
         parse_quantity(args["kvCacheMemory"], "spec.engineArgs.kvCacheMemory")
     return dict(args)

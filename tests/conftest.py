@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-# Test modules import torch before gearshift.engine does this: OpenMP workers must sleep, not spin,
-# on this shared 2-core box (see engine/__init__.py; ~6x on a model test).
+# Tests run server processes beside this one (and beside each other's clients) on 2 shared CPUs: OpenMP
+# workers must sleep, not spin, or they collapse (engine/thread_wait.py). Servers inherit this.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pathlib import Path

@@ -71,11 +71,13 @@ def test_gguf_on_cpu_full_deployment() -> None:
 def test_paged_on_cpu_args_parse_with_engine_args() -> None:
     ch = render(isvc(concurrency=32, hardware={"cpu": "4", "memory": "8Gi"},
                      engineArgs={"maxModelLen": 2048, "dtype": "float32", "blockSize": 32,
-                                 "maxNumBatchedTokens": 1024, "enforceEager": True, "seed": 7}))
+                                 "maxNumBatchedTokens": 1024, "enforceEager": True, "seed": 7,
+                                 "threadWait": "passive"}))
     args = engine_container(ch)["args"]
     p = serve_parser().parse_args(args)
     assert (p.engine, p.max_num_seqs, p.threads, p.max_model_len, p.dtype) == ("paged", 32, 4, 2048, "float32")
     assert (p.block_size, p.max_num_batched_tokens, p.enforce_eager, p.seed) == (32, 1024, True, 7)
+    assert p.thread_wait == "passive"
     assert int(args[args.index("--kv-cache-memory") + 1]) == 2 * 2**30
     assert ch["Deployment"]["metadata"]["labels"]["gearshift.dev/engine"] == "paged"
 

@@ -76,6 +76,7 @@ def test_every_field() -> None:
     (isvc(hardware={"gpus": 1}), "spec.hardware.gpus", "unknown field"),
     (isvc(engineArgs={"maxModelLen": 0}), "spec.engineArgs.maxModelLen", "positive integer"),
     (isvc(engineArgs={"dtype": "int4"}), "spec.engineArgs.dtype", "not one of"),
+    (isvc(engineArgs={"threadWait": "busy"}), "spec.engineArgs.threadWait", "not one of"),
     (isvc(engineArgs={"temperature": 1}), "spec.engineArgs.temperature", "unknown engine argument"),
     (isvc(engineArgs={"enforceEager": "yes"}), "spec.engineArgs.enforceEager", "true or false"),
     (isvc(engineArgs={"kvCacheMemory": "lots"}), "spec.engineArgs.kvCacheMemory", "quantity"),

@@ -108,15 +108,9 @@ def _trained_context(llama_cpp, path: str) -> int:
 
 
 def import_llama_cpp():
-    """Import llama_cpp with OpenMP threads that sleep, not spin, while they wait at a barrier.
-
-    ggml's CPU backend synchronises its threads at every graph node. Spinning there is only fast when every
-    thread owns a core; on a shared node or under a CFS quota a spinning thread burns the quota its peers
-    need (measured on a busy 2-core box: 32 tokens took 30-40 s spinning vs 1-2 s passive). libgomp reads
-    the policy once, when llama.cpp's library is loaded, so it must be set before the first import. An
-    OMP_WAIT_POLICY already in the environment wins.
-    """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    """Import llama_cpp. ggml's CPU backend meets its threads at a barrier after every graph node, so how
+    they wait matters several-fold: the serve/bench entry points call `thread_wait.apply_thread_wait`
+    before this first import (libgomp reads the policy once, when llama.cpp's library loads)."""
     import llama_cpp
 
     return llama_cpp

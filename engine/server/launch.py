@@ -13,6 +13,7 @@ from typing import Any
 
 from gearshift.engine.config import EngineConfig
 from gearshift.engine.errors import GearshiftError, ModelLoadError
+from gearshift.engine.thread_wait import ENV, POLICIES, apply_thread_wait, default_policy
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the CPUs this process may use)")
+    p.add_argument("--thread-wait", choices=POLICIES, default=default_policy(),
+                   help="idle CPU threads spin briefly (own CPUs; default) or sleep (oversubscribed node); "
+                        f"env {ENV}; an OMP_WAIT_POLICY in the environment wins")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / torch.compile")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (env GEARSHIFT_API_KEY)")
@@ -94,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from gearshift.engine.server.lifecycle import DrainingServer
 
     config = config_from_args(args)
+    apply_thread_wait(args.thread_wait)  # before the backend imports torch / llama_cpp
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     backend = make_backend(config)
     app = build_app(backend, config)

@@ -187,29 +187,37 @@ async def run_level(base_url: str, model: str, prompts: list[str], concurrency: 
     return LevelResult(concurrency, results, wall, timed_out=timed_out)
 
 
-def baseline_in_process(model_path: str, prompts: list[str], max_tokens: int, threads: int,
-                        n_ctx: int) -> LevelResult:
-    """`llama_cpp.Llama` called directly at concurrency 1: the same prompts, greedy, EOS ignored (as
-    `ignore_eos` does on the servers), each token detokenized as a server must do to stream it."""
+def load_in_process(model_path: str, threads: int, n_ctx: int):
+    """`llama_cpp.Llama` as a library user would open it (the baseline of issue 5)."""
     from gearshift.engine.backends.gguf_loader import import_llama_cpp
 
     llama_cpp = import_llama_cpp()
-    llm = llama_cpp.Llama(model_path=model_path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                          verbose=False)
-    results = []
+    return llama_cpp.Llama(model_path=model_path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                           verbose=False)
+
+
+def in_process_request(llm, prompt: str, max_tokens: int) -> RequestResult:
+    """One greedy request on `llm`, EOS ignored (as `ignore_eos` does on the servers), each token
+    detokenized as a server must do to stream it."""
+    start = time.perf_counter()
+    res = RequestResult(ok=True, start=start, end=start, done=True)
+    ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+    for token in llm.generate(ids, top_k=0, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+        llm.detokenize([token])
+        res.chunk_times.append(time.perf_counter())
+        res.tokens += 1
+        if res.tokens >= max_tokens:
+            break
+    res.end = time.perf_counter()
+    return res
+
+
+def baseline_in_process(model_path: str, prompts: list[str], max_tokens: int, threads: int,
+                        n_ctx: int) -> LevelResult:
+    """`llama_cpp.Llama` called directly at concurrency 1 on the same prompts."""
+    llm = load_in_process(model_path, threads, n_ctx)
     run_start = time.perf_counter()
-    for prompt in prompts:
-        start = time.perf_counter()
-        res = RequestResult(ok=True, start=start, end=start, done=True)
-        ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
-        for token in llm.generate(ids, top_k=0, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
-            llm.detokenize([token])
-            res.chunk_times.append(time.perf_counter())
-            res.tokens += 1
-            if res.tokens >= max_tokens:
-                break
-        res.end = time.perf_counter()
-        results.append(res)
+    results = [in_process_request(llm, prompt, max_tokens) for prompt in prompts]
     wall = time.perf_counter() - run_start
     llm.close()
     return LevelResult(1, results, wall)

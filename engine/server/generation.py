@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -64,6 +65,20 @@ async def race_client(request: Request, awaitable: Awaitable[T], timeout: float)
                 t.cancel()
                 with contextlib.suppress(BaseException):
                     await t
+
+
+if sys.version_info >= (3, 11):
+
+    async def _next_within(agen: AsyncIterator[T], seconds: float) -> T:
+        # A timeout scope on this task: asyncio.wait_for on 3.11 wraps every call in a new Task, which
+        # the stream paid once per token.
+        async with asyncio.timeout(seconds):
+            return await agen.__anext__()
+
+else:  # pragma: no cover - Python 3.10
+
+    async def _next_within(agen: AsyncIterator[T], seconds: float) -> T:
+        return await asyncio.wait_for(agen.__anext__(), seconds)
 
 
 class Generation:
@@ -120,7 +135,7 @@ class Generation:
         yield out
         while not out.finished:
             try:
-                out = await asyncio.wait_for(self._agen.__anext__(), max(self.remaining(), 0.0))
+                out = await _next_within(self._agen, max(self.remaining(), 0.0))
             except StopAsyncIteration:
                 return
             except asyncio.TimeoutError:

@@ -54,6 +54,23 @@ async def server_request(url: str, prompt: str, max_tokens: int) -> RequestResul
     return results[0]
 
 
+def alternate(url: str, model: str, prompts: list[str], max_tokens: int, threads: int, n_ctx: int
+              ) -> tuple[list[RequestResult], list[RequestResult]]:
+    """Server request, library request, server, ... on prompts[:-1] (prompts[-1] warms both first)."""
+    llm = load_in_process(model, threads, n_ctx)
+    served: list[RequestResult] = []
+    library: list[RequestResult] = []
+    try:
+        asyncio.run(server_request(url, prompts[-1], 8))  # first-call costs are not the layer's
+        in_process_request(llm, prompts[-1], 8)
+        for prompt in prompts[:-1]:
+            served.append(asyncio.run(server_request(url, prompt, max_tokens)))
+            library.append(in_process_request(llm, prompt, max_tokens))
+    finally:
+        llm.close()
+    return served, library
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="GGUF file (default: the bundled SmolLM2-135M Q4_1)")
@@ -70,16 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = gearshift_cmd("gguf", model, free_port(), args.threads, 1, n_ctx, [])
     print(f"model {model}\n{args.pairs} pairs, prompt {args.prompt_tokens} tokens, output {args.max_tokens} "
           f"tokens, threads {args.threads}, thread wait {THREAD_WAIT}\nserver: {' '.join(cmd)}", flush=True)
-    llm = load_in_process(model, args.threads, n_ctx)
-    served: list[RequestResult] = []
-    library: list[RequestResult] = []
     with started("gguf", cmd, "/ready") as server:
-        asyncio.run(server_request(server.url, prompts[-1], 8))  # warm both: first-call costs are not the layer's
-        in_process_request(llm, prompts[-1], 8)
-        for prompt in prompts[: args.pairs]:
-            served.append(asyncio.run(server_request(server.url, prompt, args.max_tokens)))
-            library.append(in_process_request(llm, prompt, args.max_tokens))
-    llm.close()
+        served, library = alternate(server.url, model, prompts, args.max_tokens, args.threads, n_ctx)
     rows = [summarize("gearshift serve --engine gguf (HTTP, SSE)", served),
             summarize("llama_cpp.Llama in-process", library)]
     width = max(len(str(r["system"])) for r in rows)

@@ -10,7 +10,8 @@ Workload: closed loop at each concurrency level; streamed `/v1/completions`; dis
 errors, and the resident memory (RSS, whole process tree) of each server: after load and peak.
 Then the ratios against llama-server, the concurrency where the paged engine overtakes our gguf runner
 (the "crossover"), and — with gguf among the targets — gguf at concurrency 1 against `llama_cpp.Llama`
-called directly in-process on the same prompts (our HTTP layer's cost; issue 5 wants >= 0.95x).
+called directly in-process on the same prompts, the two alternating request by request while the gguf
+server is up (our HTTP layer's cost; issue 5 wants >= 0.95x; bench/gguf_overhead.py runs just that).
 
 Every server and the in-process baseline get the same --threads (default: the CPUs this process may use)
 and the same OpenMP thread-wait policy (GEARSHIFT_THREAD_WAIT=spin|passive; default spin, which every
@@ -36,7 +37,8 @@ from gearshift.engine.thread_wait import apply_thread_wait, default_policy  # no
 THREAD_WAIT = apply_thread_wait(default_policy())
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # siblings (PYTHONSAFEPATH=1 omits it)
 
-from serve_load import baseline_in_process, make_prompts, run_level  # noqa: E402
+from gguf_overhead import alternate, summarize  # noqa: E402
+from serve_load import LevelResult, make_prompts, run_level  # noqa: E402
 from serve_servers import (  # noqa: E402
     build_llama_server,
     free_port,
@@ -157,11 +159,21 @@ def report(rows: list[dict], servers: dict[str, dict], baseline: dict | None, le
             p, g = by[("paged", cross)], by[("gguf", cross)]
             print(f"\ncrossover: paged overtakes gguf at concurrency {cross} "
                   f"({p['output_tok_s']:.1f} vs {g['output_tok_s']:.1f} output tok/s)")
-    if baseline and by.get(("gguf", 1)):
-        g = by[("gguf", 1)]
-        r = g["output_tok_s"] / baseline["output_tok_s"]
-        print(f"\ngguf server at concurrency 1 vs llama_cpp.Llama in-process: {g['output_tok_s']:.1f} / "
-              f"{baseline['output_tok_s']:.1f} tok/s = {r:.3f}x (issue 5 target >= 0.95x)")
+    if baseline and "paired_server" in baseline:
+        srv, lib = baseline["paired_server"], baseline["paired_library"]
+        print(f"\ngguf server vs llama_cpp.Llama in-process, concurrency 1, alternating requests on the same "
+              f"prompts: {srv:.1f} / {lib:.1f} tok/s = {srv / lib:.3f}x (issue 5 target >= 0.95x)")
+
+
+def paired_baseline(url: str, model: str, prompts: list[str], args: argparse.Namespace, n_ctx: int) -> dict:
+    """`llama_cpp.Llama` in this process at concurrency 1, its requests alternating with the gguf server's
+    on the same prompts (bench/gguf_overhead.py), so that the machine's drift lands on both alike."""
+    n = max(n_requests(args, 1), 8)
+    print(f"\n-- in-process llama_cpp.Llama vs the gguf server, {n} alternating pairs", flush=True)
+    served, library = alternate(url, model, prompts[: n + 1], args.max_tokens, args.threads, n_ctx)
+    lib = LevelResult(1, library, sum(r.end - r.start for r in library))
+    return {"target": "llama_cpp-lib", **lib.summary(), "paired_server": summarize("gguf", served)["tok_s"],
+            "paired_library": summarize("lib", library)["tok_s"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,13 +214,10 @@ def main(argv: list[str] | None = None) -> int:
                 with started(t, cmd, ready) as server:
                     rows += bench_server(t, server.url, server.model, prompts, levels, args)
                     servers[t] = {"rss_idle": server.rss_idle, "rss_peak": server.rss_peak}
+                    if t == "gguf" and not args.no_baseline and 1 in levels:
+                        baseline_row = paired_baseline(server.url, model, prompts, args, max(slot_ctx, 1024))
             except RuntimeError as e:
                 print(f"{t}: could not run: {e}", file=sys.stderr, flush=True)
-        if "gguf" in targets and not args.no_baseline and 1 in levels:
-            n = n_requests(args, 1)
-            print("\n-- in-process llama_cpp.Llama, concurrency 1", flush=True)
-            base = baseline_in_process(model, prompts[:n], args.max_tokens, args.threads, max(slot_ctx, 1024))
-            baseline_row = {"target": "llama_cpp-lib", **base.summary()}
     report(rows, servers, baseline_row, levels)
     if args.json:
         with open(args.json, "w") as f:

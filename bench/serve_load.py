@@ -210,14 +210,3 @@ def in_process_request(llm, prompt: str, max_tokens: int) -> RequestResult:
             break
     res.end = time.perf_counter()
     return res
-
-
-def baseline_in_process(model_path: str, prompts: list[str], max_tokens: int, threads: int,
-                        n_ctx: int) -> LevelResult:
-    """`llama_cpp.Llama` called directly at concurrency 1 on the same prompts."""
-    llm = load_in_process(model_path, threads, n_ctx)
-    run_start = time.perf_counter()
-    results = [in_process_request(llm, prompt, max_tokens) for prompt in prompts]
-    wall = time.perf_counter() - run_start
-    llm.close()
-    return LevelResult(1, results, wall)

@@ -4,7 +4,7 @@ One `gearshift serve --engine gguf` process and one `llama_cpp.Llama` in this pr
 same threads and the same thread-wait policy. Requests alternate between the two (server, library, server,
 ...), each pair on the same prompt, so drift in the machine's speed (shared VMs drift by tens of percent
 over minutes) lands on both sides alike. The server is driven exactly as bench/serve.py drives it: one
-streamed `/v1/completions` at a time, greedy, `ignore_eos`, by the same httpx client code.
+streamed `/v1/completions` at a time, greedy, `ignore_eos`, by the same lean client (bench/sse_client.py).
 
     .venv/bin/python bench/gguf_overhead.py --pairs 12
 
@@ -24,7 +24,6 @@ from gearshift.engine.thread_wait import apply_thread_wait, default_policy  # no
 THREAD_WAIT = apply_thread_wait(default_policy())  # before llama_cpp loads libgomp; the server inherits it
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # siblings (PYTHONSAFEPATH=1 omits it)
 
-import httpx  # noqa: E402
 from gearshift.engine.config import usable_cpus  # noqa: E402
 from serve_load import RequestResult, in_process_request, load_in_process, make_prompts, one_request  # noqa: E402
 from serve_servers import free_port, gearshift_cmd, started  # noqa: E402
@@ -47,8 +46,7 @@ async def server_request(url: str, prompt: str, max_tokens: int) -> RequestResul
     body = {"model": "smollm2", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}, "ignore_eos": True}
     results: list[RequestResult] = []
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(300.0)) as http:
-        await one_request(http, body, results)
+    await one_request(url, body, results, 300.0)
     if not results[0].ok:
         raise RuntimeError(f"server request failed: {results[0].error}")
     return results[0]

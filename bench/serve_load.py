@@ -9,12 +9,11 @@ records when the first and every later content chunk arrived and how many tokens
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from dataclasses import dataclass, field
 
-import httpx
+from sse_client import HTTPStatusError, stream_completion
 
 WORDS = ("river mountain quiet engine paper garden window silver market winter story bridge candle "
          "harbor forest signal coffee letter museum planet thunder village doctor orange pencil island "
@@ -111,34 +110,16 @@ def pct(values: list[float], p: float) -> float:
     return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
-async def one_request(http: httpx.AsyncClient, body: dict, results: list[RequestResult]) -> None:
+async def one_request(base_url: str, body: dict, results: list[RequestResult], timeout_s: float = 600.0) -> None:
     start = time.perf_counter()
     res = RequestResult(ok=False, start=start, end=start)
     results.append(res)
-    chunks = 0
-    usage_tokens = None
     try:
-        async with http.stream("POST", "/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
-                res.done = True
-                return
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                msg = json.loads(data)
-                if msg.get("usage"):
-                    usage_tokens = msg["usage"].get("completion_tokens")
-                for choice in msg.get("choices") or []:
-                    if choice.get("text"):
-                        res.chunk_times.append(time.perf_counter())
-                        chunks += 1
+        usage = await asyncio.wait_for(stream_completion(base_url, "/v1/completions", body, res.chunk_times),
+                                       timeout_s)
         res.ok = res.done = True
-        res.tokens = usage_tokens if usage_tokens is not None else chunks
-    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        res.tokens = usage if usage is not None else len(res.chunk_times)
+    except (OSError, ValueError, HTTPStatusError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
         res.error = f"{type(e).__name__}: {e}"
         res.done = True
     finally:
@@ -160,30 +141,27 @@ async def run_level(base_url: str, model: str, prompts: list[str], concurrency: 
             b["ignore_eos"] = True
         return b
 
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(timeout_s), limits=limits) as http:
+    async def worker() -> None:
+        for i in counter:
+            await one_request(base_url, body(i), results, timeout_s)
 
-        async def worker() -> None:
-            for i in counter:
-                await one_request(http, body(i), results)
-
-        start = time.perf_counter()
-        tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
-        done, pending = await asyncio.wait(tasks, timeout=duration if duration is not None else timeout_s)
-        window_end = time.perf_counter()
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        if duration is not None:
-            for r in results:  # chunks that arrived after the window closed do not count
-                if not r.done:
-                    r.chunk_times = [t for t in r.chunk_times if t <= window_end]
-            wall = window_end - start
-            timed_out = 0
-        else:
-            ends = [r.end for r in results if r.ok]
-            wall = (max(ends) if ends else window_end) - start
-            timed_out = n_requests - sum(1 for r in results if r.done)
+    start = time.perf_counter()
+    tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
+    done, pending = await asyncio.wait(tasks, timeout=duration if duration is not None else timeout_s)
+    window_end = time.perf_counter()
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    if duration is not None:
+        for r in results:  # chunks that arrived after the window closed do not count
+            if not r.done:
+                r.chunk_times = [t for t in r.chunk_times if t <= window_end]
+        wall = window_end - start
+        timed_out = 0
+    else:
+        ends = [r.end for r in results if r.ok]
+        wall = (max(ends) if ends else window_end) - start
+        timed_out = n_requests - sum(1 for r in results if r.done)
     return LevelResult(concurrency, results, wall, timed_out=timed_out)
 
 

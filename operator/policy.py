@@ -17,10 +17,11 @@ from typing import Any
 from gearshift.operator.spec import ENGINE_ARGS, InferenceServiceSpec, InvalidSpec, parse_quantity
 
 # The concurrency per replica at which the paged engine's continuous batching overtakes the llama.cpp
-# runner in total output tokens/s on CPU: bench/serve.py, SmolLM2-135M-Instruct Q4_1, 2 threads, shared
-# 2-core VM, 2026-11-26 (README "Benchmarks"), output tok/s gguf vs paged: 22.1 vs 12.8 at 1,
-# 21.1 vs 18.2 at 4, 23.8 vs 26.8 at 8, 28.8 vs 48.0 at 16, 26.1 vs 61.6 at 32.
-CROSSOVER_CONCURRENCY = 8
+# runner in total output tokens/s on CPU: bench/serve.py, SmolLM2-135M-Instruct Q4_1, 2 threads, idle
+# 2-core VM, thread wait `spin`, 2026-11-26 (README "Benchmarks"), output tok/s gguf vs paged: 64.0 vs 12.6
+# at 1, 68.3 vs 53.4 at 8, 64.0 vs 67.7 at 12, 61.4 vs 91.0 at 16, 58.2 vs 108.0 at 32. (It was 8 while
+# both engines ran with passive OpenMP waits, which cost llama.cpp 3.4x and the paged engine ~1.2x.)
+CROSSOVER_CONCURRENCY = 12
 
 # Share of the memory limit given to the paged engine's KV cache on CPU; the rest holds the weights
 # (dequantized from GGUF on load), activations and the Python process.

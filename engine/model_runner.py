@@ -154,8 +154,10 @@ class ModelRunner:
                 f"bytes of KV cache; kv_cache_memory allows {capacity} tokens"
             )
         self.max_model_len = min(wanted_len, capacity)
-        # [layers, 2, blocks, block_size, Hkv, D] in one tensor; per layer (k, v) views of it.
-        self.kv_cache = torch.empty(
+        # [layers, 2, blocks, block_size, Hkv, D] in one tensor; per layer (k, v) views of it. Zeroed, not
+        # empty: the torch path gathers whole blocks and masks the unused tail, and never-written memory can
+        # hold NaN bit patterns, which a zero attention weight does not cancel (0 * NaN = NaN).
+        self.kv_cache = torch.zeros(
             cfg.num_layers, 2, self.num_kv_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim,
             dtype=self.dtype, device=self.device,
         )

@@ -127,6 +127,8 @@ def _write_gguf(model, path, arch: str = "llama"):
 def _check_against_hf(model, runner: ModelRunner) -> None:
     prompt = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(1)).tolist()
     bt = list(range(runner.num_kv_blocks - 1, runner.num_kv_blocks - 1 - 8, -1))
+    # Attention gathers whole blocks and masks their unused tail: never-written slots must not hold NaN.
+    assert bool(torch.isfinite(runner.kv_cache).all())
     ours = runner.execute(SchedulerOutput(seqs=[ScheduledSeq(0, prompt, 0, bt, True)]))[0]
     nxt = int(ours.argmax())
     ours2 = runner.execute(SchedulerOutput(seqs=[ScheduledSeq(0, [nxt], len(prompt), bt, True)]))[0]

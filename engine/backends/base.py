@@ -5,7 +5,8 @@ the operator cannot tell them apart except by speed and footprint.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any, Literal, Protocol
 
 from gearshift.engine.outputs import EngineStats, RequestOutput
@@ -61,3 +62,23 @@ async def latest_outputs(
         yield item
         if item.finished:
             return
+
+
+async def relay_outputs(
+    queue: asyncio.Queue[RequestOutput | BaseException], on_end: Callable[[bool], None],
+) -> AsyncIterator[RequestOutput]:
+    """A backend's `generate` body after admission: yield the worker's outputs for one request, then call
+    `on_end(finished)`. finished is False when the consumer left early (closed, cancelled, timed out): the
+    backend must then abort the request. An exception from the engine counts as finished (nothing left
+    to abort)."""
+    finished = False
+    try:
+        async with aclosing(latest_outputs(queue)) as outputs:
+            async for item in outputs:
+                finished = item.finished
+                yield item
+    except Exception:
+        finished = True
+        raise
+    finally:
+        on_end(finished)

@@ -21,7 +21,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from gearshift.engine.backends.base import latest_outputs
+from gearshift.engine.backends.base import relay_outputs
 from gearshift.engine.backends.gguf_chat import GGUFChatTemplate
 from gearshift.engine.backends.gguf_decode import ChoiceDecoder
 from gearshift.engine.backends.gguf_loader import load_llama
@@ -146,21 +146,17 @@ class GGUFBackend:
                 )
             self._waiting.append(req)
             self._cv.notify()
-        finished = False
-        try:
-            async with aclosing(latest_outputs(req.queue)) as outputs:
-                async for item in outputs:
-                    finished = item.finished
-                    yield item
-        except Exception:
-            finished = True  # the engine ended the request with an error: nothing left to abort
-            raise
-        finally:
+
+        def on_end(finished: bool) -> None:
             if not finished:  # consumer gone (closed, cancelled, timed out): stop at the next token
                 req.cancelled = True
                 with self._cv:
                     if req in self._waiting:
                         self._waiting.remove(req)
+
+        async with aclosing(relay_outputs(req.queue, on_end)) as outputs:
+            async for item in outputs:
+                yield item
 
     def stats(self) -> EngineStats:
         cur = self._current

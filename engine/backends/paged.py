@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any, Literal
 
-from gearshift.engine.backends.base import latest_outputs
+from gearshift.engine.backends.base import relay_outputs
 from gearshift.engine.config import EngineConfig
 from gearshift.engine.errors import EngineOverloadedError, GearshiftError, InvalidRequestError, ModelLoadError
 from gearshift.engine.outputs import CompletionOutput, EngineStats, RequestOutput
@@ -158,20 +158,16 @@ class PagedBackend:
         self._live += 1
         self._inbox.put(("add", request_id, ids, params))
         self._wake.set()
-        finished = False
-        try:
-            async with aclosing(latest_outputs(stream.queue)) as outputs:
-                async for item in outputs:
-                    finished = item.finished
-                    yield item
-        except Exception:
-            finished = True  # the engine ended the request with an error: nothing left to abort
-            raise
-        finally:
+
+        def on_end(finished: bool) -> None:
             self._live -= 1
             if not finished:  # consumer gone (closed, cancelled, timed out): free its blocks next step
                 self._inbox.put(("abort", request_id, None, None))
                 self._wake.set()
+
+        async with aclosing(relay_outputs(stream.queue, on_end)) as outputs:
+            async for item in outputs:
+                yield item
 
     # ----- the worker thread -----
 

@@ -1,13 +1,13 @@
 """How idle OpenMP threads wait: spin briefly (fast on CPUs the process owns) or sleep (safe when shared).
 
 torch and llama.cpp both run their CPU threads on libgomp, which reads its wait policy once, when the
-library loads. Measured on the 2-core dev VM (see README, "Thread waiting"):
+library loads. Measured on the 2-core dev VM (README, "CPU threads: spin or sleep"):
   * idle machine: llama.cpp decodes SmolLM2 at 73 tok/s with libgomp's default bounded spin vs 21 tok/s
     with OMP_WAIT_POLICY=PASSIVE (it meets its threads at a barrier after every graph node); a paged decode
     step at batch 32 takes ~200 vs ~240-440 ms;
   * two busy engines on the same 2 cores: spinning collapses (a batch-8 step 370 vs 100 ms passive).
 So `spin` (libgomp's default: spin up to ~300k iterations, then sleep) is the default for a pod with its
-own CPUs (the operator gives each pod `--threads` = its CPU limit), and `passive` is there for nodes
+own CPUs (the operator gives each pod `--threads` = its `hardware.cpu`), and `passive` is there for nodes
 whose CPUs are oversubscribed. An OMP_WAIT_POLICY set by the user always wins.
 """
 

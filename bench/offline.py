@@ -43,7 +43,13 @@ from gearshift.engine.config import usable_cpus  # noqa: E402
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_hf(model: str, dtype: torch.dtype):
+def sync(device: str) -> None:
+    """Device work is asynchronous: wall times end only once the GPU has finished."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def load_hf(model: str, dtype: torch.dtype, device: str):
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -53,19 +59,22 @@ def load_hf(model: str, dtype: torch.dtype):
         m = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     else:
         m = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    return m.eval()
+    return m.to(device).eval()
 
 
 @torch.inference_mode()
 def hf_naive(model, workload: Workload, dtype: str, limit: int | None) -> Result:
     reqs = workload.requests[:limit] if limit else workload.requests
+    dev = str(model.device)
+    sync(dev)
     t = time.perf_counter()
     produced = 0
     for prompt, m in reqs:
-        ids = torch.tensor([prompt])
+        ids = torch.tensor([prompt], device=dev)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=m, min_new_tokens=m,
                              do_sample=False, pad_token_id=0)
         produced += out.shape[1] - ids.shape[1]
+    sync(dev)
     wall = time.perf_counter() - t
     note = f"first {len(reqs)} requests" if len(reqs) < len(workload.requests) else ""
     return Result("HF naive", dtype, wall, sum(len(p) for p, _ in reqs), produced, note=note)
@@ -73,6 +82,8 @@ def hf_naive(model, workload: Workload, dtype: str, limit: int | None) -> Result
 
 @torch.inference_mode()
 def hf_static(model, workload: Workload, dtype: str, batch_size: int) -> Result:
+    dev = str(model.device)
+    sync(dev)
     t = time.perf_counter()
     for i in range(0, len(workload.requests), batch_size):
         batch = workload.requests[i:i + batch_size]
@@ -83,8 +94,9 @@ def hf_static(model, workload: Workload, dtype: str, batch_size: int) -> Result:
             ids[j, width - len(prompt):] = torch.tensor(prompt)
             mask[j, width - len(prompt):] = 1
         longest = max(m for _, m in batch)
-        model.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
-                       do_sample=False, pad_token_id=0)
+        model.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=longest,
+                       min_new_tokens=longest, do_sample=False, pad_token_id=0)
+    sync(dev)
     wall = time.perf_counter() - t
     return Result(f"HF static-{batch_size}", dtype, wall, workload.prompt_tokens, workload.output_tokens)
 
@@ -107,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--kv-cache-memory", default="2Gi")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (every system runs there)")
+    ap.add_argument("--compare-eager", action="store_true",
+                    help="CUDA: also run the paged engine without CUDA graphs (enforce_eager)")
     args = ap.parse_args(argv)
     if args.quick:
         args.num_requests, args.prompt_len, args.output_len = 8, "16:64", "8:32"
@@ -116,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(threads)
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
 
-    peaks = {d: measure_matmul_peak(TORCH_DTYPES[d]) for d in dtypes}  # first, on an idle process
-    print(f"machine: {threads} threads, torch {torch.__version__}, thread wait {THREAD_WAIT}; "
+    peaks = {d: measure_matmul_peak(TORCH_DTYPES[d], device=args.device) for d in dtypes}  # first: idle process
+    where = (torch.cuda.get_device_name(args.device) if torch.device(args.device).type == "cuda"
+             else f"{threads} threads")
+    print(f"machine: {where}, torch {torch.__version__}, thread wait {THREAD_WAIT}; "
           "matmul peak: "
           + ", ".join(f"{d} {p / 1e9:.1f} GFLOP/s" for d, p in peaks.items()), flush=True)
 
@@ -137,10 +153,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {dtype} paged: {r.output_tok_s:.1f} out tok/s in {r.wall_s:.1f}s", flush=True)
         results.append(r)
         del llm, runner
+        if args.compare_eager:
+            eager = build_llm(model, dtype, args, enforce_eager=True)
+            run_paged(eager, make_workload(eager.llm_engine.runner.vocab_size, 4, (16, 32), (4, 8), args.seed + 1),
+                      dtype)
+            e = run_paged(eager, workload, dtype)
+            e.system, e.peak_flops, e.num_params = "gearshift paged, eager", peaks[dtype], num_params
+            print(f"  {dtype} paged eager: {e.output_tok_s:.1f} out tok/s in {e.wall_s:.1f}s", flush=True)
+            results.append(e)
+            del eager
         if args.skip_hf:
             continue
-        hf = load_hf(model, TORCH_DTYPES[dtype])
-        hf.generate(torch.tensor([[100, 101, 102]]), max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+        hf = load_hf(model, TORCH_DTYPES[dtype], args.device)
+        hf.generate(torch.tensor([[100, 101, 102]], device=args.device), max_new_tokens=2, do_sample=False,
+                    pad_token_id=0)  # warm-up
         for res, store in ((hf_static(hf, workload, dtype, args.batch_size), static),
                            (hf_naive(hf, workload, dtype, args.naive_requests), naive)):
             res.peak_flops, res.num_params = peaks[dtype], num_params
@@ -150,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         del hf
 
     print(f"\nmodel: {Path(model).name}; {args.num_requests} requests, prompt {args.prompt_len}, "
-          f"output {args.output_len} tokens, seed {args.seed}, greedy, ignore_eos; {threads} threads")
+          f"output {args.output_len} tokens, seed {args.seed}, greedy, ignore_eos; {where}")
     order = {"HF naive": 0}
     results.sort(key=lambda r: (dtypes.index(r.dtype), order.get(r.system, 1 if r.system.startswith("HF") else 2)))
     print(format_table(results, {"HF naive": naive, f"HF static-{args.batch_size}": static} if naive else None))

@@ -78,24 +78,31 @@ def make_workload(vocab_size: int, num_requests: int = 64, prompt_range: tuple[i
 
 
 PEAK_SHAPES = ((1024, 1024, 1024), (512, 576, 1536), (2048, 576, 576))  # (M, K, N): square, and model-like
+GPU_PEAK_SHAPES = ((8192, 8192, 8192), (4096, 4096, 14336))
 
 
-def measure_matmul_peak(dtype, seconds_per_shape: float = 1.0) -> float:
+def measure_matmul_peak(dtype, seconds_per_shape: float = 1.0, device: str = "cpu") -> float:
     """Best FLOP/s of `F.linear` (the op every projection runs) over a few shapes, at this dtype and the
     current torch thread count. The best of several shapes, because a dtype's fast kernel may only kick in
-    for some (on CPUs without native bf16, bf16 `mm` and `linear` take very different paths)."""
+    for some (on CPUs without native bf16, bf16 `mm` and `linear` take very different paths). On CUDA the
+    shapes are large enough to fill the GPU, and each sample is timed from synchronize to synchronize."""
     import torch
 
+    cuda = torch.device(device).type == "cuda"
     best_rate = 0.0
-    for m, k, n in PEAK_SHAPES:
-        x = torch.randn(m, k).to(dtype)
-        w = torch.randn(n, k).to(dtype)
+    for m, k, n in GPU_PEAK_SHAPES if cuda else PEAK_SHAPES:
+        x = torch.randn(m, k, device=device).to(dtype)
+        w = torch.randn(n, k, device=device).to(dtype)
         torch.nn.functional.linear(x, w)  # warm-up
+        if cuda:
+            torch.cuda.synchronize(device)
         deadline = time.perf_counter() + seconds_per_shape
         best = float("inf")
         for _ in range(50):
             t = time.perf_counter()
             torch.nn.functional.linear(x, w)
+            if cuda:
+                torch.cuda.synchronize(device)
             best = min(best, time.perf_counter() - t)
             if time.perf_counter() > deadline:
                 break
@@ -141,12 +148,12 @@ def format_table(results: list[Result], baselines: dict[str, dict[str, Result]] 
     return "\n".join([line, sep, *body])
 
 
-def build_llm(model: str, dtype: str, args: argparse.Namespace):
+def build_llm(model: str, dtype: str, args: argparse.Namespace, enforce_eager: bool = False):
     from gearshift.engine.llm import LLM
 
     return LLM(model=model, dtype=dtype, max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-               threads=args.threads, device=args.device)
+               threads=args.threads, device=args.device, enforce_eager=enforce_eager)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -186,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         llm = build_llm(model, dtype, args)
         runner = llm.llm_engine.runner
         workload = make_workload(runner.vocab_size, args.num_requests, prompt_range, output_range, args.seed)
-        peak = measure_matmul_peak(runner.dtype) if runner.device.type == "cpu" else None
+        peak = measure_matmul_peak(runner.dtype, device=str(runner.device))
         run_paged(llm, make_workload(runner.vocab_size, 4, (16, 32), (4, 8), args.seed + 1), dtype)  # warm-up
         r = run_paged(llm, workload, dtype)
         r.peak_flops = peak

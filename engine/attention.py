@@ -5,7 +5,9 @@ Two paths behind one function, `paged_attention(q, k, v, k_cache, v_cache, meta,
 - otherwise the torch path below, which is also the reference the kernels are tested against.
 
 Torch path, per step (the gather plan is built once, by the first layer, and reused by every layer):
-- decodes (query length 1) go in batched SDPAs (one, or two when splitting by context length saves
+- decodes (query length 1), fp32 with the native kernel available (gearshift.engine.cpu_kernels): one call
+  that reads each context's K/V in place, once;
+- otherwise decodes go in batched SDPAs (one, or two when splitting by context length saves
   >= 20% of the padding) over their contexts gathered from the cache and padded to the group's longest,
   GQA folded into the query-length axis (no K/V repeat);
 - each prefill chunk gets its own SDPA: causal over the new tokens alone when it has no cached prefix,
@@ -38,9 +40,17 @@ class _DecodeGroup:
 
 
 @dataclass
+class _NativeDecodes:
+    rows: torch.Tensor  # [Bd] int64 rows of the decode tokens in the flat batch
+    block_tables: torch.Tensor  # [Bd, nblk] int32, contiguous
+    seq_lens: torch.Tensor  # [Bd] int32
+
+
+@dataclass
 class TorchAttentionPlan:
     decodes: list[_DecodeGroup]  # decodes batched by similar context length (less padding to gather)
     prefills: list[_Prefill]
+    native: _NativeDecodes | None = None  # all decodes, for the native kernel (then `decodes` is empty)
 
 
 def _split_by_length(idx: list[int], lens: list[int]) -> list[list[int]]:
@@ -58,12 +68,24 @@ def _split_by_length(idx: list[int], lens: list[int]) -> list[list[int]]:
     return [idx]
 
 
-def build_plan(meta: AttentionMetadata, block_size: int, device: torch.device) -> TorchAttentionPlan:
+def build_plan(meta: AttentionMetadata, block_size: int, device: torch.device,
+               native: bool = False) -> TorchAttentionPlan:
+    """native: route decodes to gearshift.engine.cpu_kernels.paged_decode (fp32 caches, kernel loaded)."""
     qsl = meta.query_start_loc.tolist()
     seq_lens = meta.seq_lens.tolist()
     bt = meta.block_tables.to(device=device, dtype=torch.int64)
     decode_idx = [i for i in range(len(seq_lens)) if qsl[i + 1] - qsl[i] == 1]
     decodes: list[_DecodeGroup] = []
+    native_decodes = None
+    if native and decode_idx:
+        nblk = (max(seq_lens[i] for i in decode_idx) + block_size - 1) // block_size
+        idx = torch.tensor(decode_idx, dtype=torch.int64, device=device)
+        native_decodes = _NativeDecodes(
+            rows=torch.tensor([qsl[i] for i in decode_idx], dtype=torch.int64, device=device),
+            block_tables=meta.block_tables.index_select(0, idx)[:, :nblk].contiguous(),
+            seq_lens=meta.seq_lens.index_select(0, idx).contiguous(),
+        )
+        decode_idx = []
     for group in _split_by_length(decode_idx, seq_lens) if decode_idx else []:
         group.sort()  # keep flat-batch order: rows [0, Bd) stay a slice when decodes come first
         # Gather whole blocks (contiguous rows of block_size * Hkv * D), not single slots: fewer, larger copies.
@@ -91,7 +113,7 @@ def build_plan(meta: AttentionMetadata, block_size: int, device: torch.device) -
         # causal, shifted by the cached prefix; padding past `length` is > every query position
         mask = pos[None, :] <= (start + torch.arange(lq, device=device))[:, None]
         prefills.append(_Prefill(slice(qsl[i], qsl[i + 1]), bt[i, :nblk], mask))
-    return TorchAttentionPlan(decodes, prefills)
+    return TorchAttentionPlan(decodes, prefills, native_decodes)
 
 
 def store_kvcache_torch(
@@ -121,6 +143,11 @@ def paged_attention_torch(
     hkv = k.shape[1]
     g = hq // hkv
     out = torch.empty_like(q)
+    if plan.native is not None:
+        from gearshift.engine.cpu_kernels import kernels
+
+        nd = plan.native
+        kernels().paged_decode(q, k_cache, v_cache, nd.block_tables, nd.seq_lens, nd.rows, out, scale)
     for grp in plan.decodes:
         bd = grp.blocks.shape[0]
         qd = q[grp.rows] if isinstance(grp.rows, slice) else q.index_select(0, grp.rows)

@@ -10,7 +10,8 @@ import math
 
 import pytest
 import torch
-from gearshift.engine.attention import paged_attention_torch
+from gearshift.engine import cpu_kernels
+from gearshift.engine.attention import build_plan, paged_attention_torch
 from gearshift.engine.attention_metadata import AttentionMetadata
 
 HQ, HKV, D, BS, NBLOCKS = 6, 2, 16, 4, 64
@@ -26,8 +27,10 @@ def _dense(q, k, v, start):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v.double())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mixed_step_matches_dense_attention(dtype):
+@pytest.mark.parametrize(("dtype", "native"), [(torch.float32, False), (torch.float32, True),
+                                               (torch.bfloat16, False)])
+def test_mixed_step_matches_dense_attention(dtype, native):
+    """native: decodes through the compiled CPU kernel (engine/csrc), the engine's fp32 CPU default."""
     gen = torch.Generator().manual_seed(0)
     # (cached prefix length, new tokens): two decodes, a chunk over a prefix, a fresh prefill, a decode
     seqs = [(9, 1), (30, 1), (13, 7), (0, 11), (1, 1)]
@@ -61,7 +64,11 @@ def test_mixed_step_matches_dense_attention(dtype):
     q = torch.cat(qs)
     k = torch.cat([fk[s:] for fk, (s, _) in zip(full_k, seqs, strict=True)])
     v = torch.cat([fv[s:] for fv, (s, _) in zip(full_v, seqs, strict=True)])
-    out = paged_attention_torch(q, k, v, k_cache, v_cache, meta, scale=D**-0.5)
+    plan = build_plan(meta, BS, q.device, native=native)
+    if native:
+        assert cpu_kernels.kernels() is not None, "the native CPU kernels failed to build (see the log)"
+        assert plan.native is not None and not plan.decodes
+    out = paged_attention_torch(q, k, v, k_cache, v_cache, meta, scale=D**-0.5, plan=plan)
     assert out.shape == (sum(n for _, n in seqs), HQ, D) and out.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for i, (start, n) in enumerate(seqs):
@@ -74,3 +81,41 @@ def test_mixed_step_matches_dense_attention(dtype):
     untouched = torch.ones(NBLOCKS * BS, dtype=torch.bool)
     untouched[torch.tensor(slots)] = False
     assert torch.equal(flat_new[untouched], flat_old[untouched])
+
+
+def test_native_decode_matches_torch_gather_path():
+    """SmolLM2's shape (9 query heads over 3, head_dim 64), 40 decodes of contexts 1..700 over scattered
+    blocks, rows not contiguous (prefill chunks between them): native kernel == gathered SDPA path."""
+    assert cpu_kernels.kernels() is not None
+    gen = torch.Generator().manual_seed(1)
+    hq, hkv, d, bs = 9, 3, 64, 16
+    ctx = [1, 2, 15, 16, 17, 700] + torch.randint(1, 700, (34,), generator=gen).tolist()
+    need = [-(-c // bs) for c in ctx]
+    order = torch.randperm(sum(need) + len(ctx), generator=gen).tolist()
+    tables, used = [], 0
+    for n in need:
+        tables.append(order[used : used + n] + [0] * (max(need) - n))
+        used += n
+    k_cache = torch.randn(len(order), bs, hkv, d, generator=gen)
+    v_cache = torch.randn(len(order), bs, hkv, d, generator=gen)
+    # every decode is followed by a 2-token prefill chunk (a fresh sequence), so decode rows are 0, 3, 6, ...
+    qlens = [x for _ in ctx for x in (1, 2)]
+    qsl = [0]
+    for n in qlens:
+        qsl.append(qsl[-1] + n)
+    fresh = [order[used + i] for i in range(len(ctx))]  # one spare block per prefill chunk
+    all_tables = [t for pair in zip(tables, ([f] + [0] * (max(need) - 1) for f in fresh), strict=True) for t in pair]
+    lens = [x for c in ctx for x in (c, 2)]
+    slots = [x for i, c in enumerate(ctx) for x in (tables[i][(c - 1) // bs] * bs + (c - 1) % bs,
+                                                     fresh[i] * bs, fresh[i] * bs + 1)]
+    meta = AttentionMetadata(torch.tensor(slots), torch.tensor(qsl, dtype=torch.int32),
+                             torch.tensor(lens, dtype=torch.int32), torch.tensor(all_tables, dtype=torch.int32),
+                             2, max(lens))
+    q = torch.randn(qsl[-1], hq, d, generator=gen)
+    k = torch.randn(qsl[-1], hkv, d, generator=gen)
+    v = torch.randn(qsl[-1], hkv, d, generator=gen)
+    outs = []
+    for native in (False, True):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        outs.append(paged_attention_torch(q, k, v, kc, vc, meta, d**-0.5, build_plan(meta, bs, q.device, native)))
+    torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=1e-4)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from gearshift.engine import cpu_kernels
 from gearshift.engine.attention import TorchAttentionPlan, build_plan
 from gearshift.engine.attention_metadata import AttentionMetadata
 from gearshift.engine.errors import ModelLoadError
@@ -70,7 +71,9 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         plan: TorchAttentionPlan | None = None
         if not input_ids.is_cuda:  # the torch attention path gathers by the same plan in every layer
-            plan = build_plan(meta, kv_caches[0][0].shape[1], input_ids.device)
+            k_cache = kv_caches[0][0]
+            native = k_cache.dtype == torch.float32 and cpu_kernels.kernels() is not None
+            plan = build_plan(meta, k_cache.shape[1], input_ids.device, native=native)
         x = self.embed_tokens(input_ids)  # [T, D]
         rope = self.rope.tables(positions, x.dtype)
         for layer, kv in zip(self.layers, kv_caches, strict=True):

@@ -1,0 +1,136 @@
+// Paged decode attention on CPU: one pass over each sequence's K and V, read in place from the paged
+// cache (no gather copy, no padding, no mask). fp32 only: the CPU path's dtype on machines without
+// native bf16. Parallel over sequences (or sequence x kv head) with ATen's own thread pool (the same OpenMP team as
+// every other op, so threads never fight a second runtime).
+//
+// q            [T, Hq, D]   fp32, head_dim contiguous; this step's queries (decode rows picked by `rows`)
+// k/v_cache    [num_blocks, block_size, Hkv, D] fp32, contiguous
+// block_tables [B, max_blocks] int32 (B = decode sequences)
+// seq_lens     [B] int32: context length including this step's token (already written to the cache)
+// rows         [B] int64: each sequence's row in q / out
+// out          [T, Hq, D]   fp32; only the `rows` rows are written
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy(float* __restrict y, float a, const float* __restrict x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+}  // namespace
+
+void paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                  const torch::Tensor& block_tables, const torch::Tensor& seq_lens, const torch::Tensor& rows,
+                  torch::Tensor& out, double scale) {
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && k_cache.dtype() == torch::kFloat32 &&
+              v_cache.dtype() == torch::kFloat32 && out.dtype() == torch::kFloat32, "fp32 only");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, "head_dim must be contiguous");
+  TORCH_CHECK(block_tables.dtype() == torch::kInt32 && seq_lens.dtype() == torch::kInt32 &&
+              rows.dtype() == torch::kInt64, "index dtypes");
+  const int64_t num_seqs = seq_lens.size(0);
+  const int64_t hq = q.size(1), d = q.size(2);
+  const int64_t bs = k_cache.size(1), hkv = k_cache.size(2);
+  const int64_t group = hq / hkv;
+  const int64_t q_s0 = q.stride(0), q_s1 = q.stride(1), o_s0 = out.stride(0), o_s1 = out.stride(1);
+  const int64_t bt_s0 = block_tables.stride(0);
+  const int64_t slot_stride = hkv * d;  // floats between consecutive slots of one head
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  const int32_t* btp = block_tables.data_ptr<int32_t>();
+  const int32_t* lp = seq_lens.data_ptr<int32_t>();
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const float fscale = static_cast<float>(scale);
+
+  // A task is one sequence and a range of its KV heads: all of them when there are enough sequences to
+  // keep every thread busy (each cache slot's K/V rows for all heads are then read as one contiguous run),
+  // else one head per task.
+  const int64_t heads_per_task = num_seqs >= 2 * at::get_num_threads() ? hkv : 1;
+  const int64_t tasks_per_seq = hkv / heads_per_task;
+  at::parallel_for(0, num_seqs * tasks_per_seq, 1, [&](int64_t begin, int64_t end) {
+    const int64_t rows_per_task = heads_per_task * group;  // query heads one task serves
+    std::vector<float> qs(rows_per_task * d), acc(rows_per_task * d), scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / tasks_per_seq, h0 = (task % tasks_per_seq) * heads_per_task;
+      const int64_t ctx = lp[b], row = rp[b];
+      if (ctx <= 0) continue;
+      scores.resize(rows_per_task * ctx);
+      for (int64_t r = 0; r < rows_per_task; ++r) {  // query head h0 * group + r
+        const float* src = qp + row * q_s0 + (h0 * group + r) * q_s1;
+        for (int64_t i = 0; i < d; ++i) qs[r * d + i] = src[i] * fscale;
+      }
+      const int32_t* table = btp + b * bt_s0;
+      const int64_t nblk = (ctx + bs - 1) / bs;
+      // Pass 1: scores[r][pos] = q_r . k_pos; each key row read once for its whole GQA group.
+      for (int64_t i = 0; i < nblk; ++i) {
+        const float* block = kp + int64_t(table[i]) * bs * slot_stride + h0 * d;
+        const int64_t n = std::min(bs, ctx - i * bs);
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t pos = i * bs + j;
+          for (int64_t hh = 0; hh < heads_per_task; ++hh) {
+            const float* k = block + j * slot_stride + hh * d;
+            for (int64_t g = 0; g < group; ++g) {
+              const int64_t r = hh * group + g;
+              scores[r * ctx + pos] = dot(qs.data() + r * d, k, d);
+            }
+          }
+        }
+      }
+      // Softmax per query head; simd loops so expf vectorizes (glibc's libmvec).
+      for (int64_t r = 0; r < rows_per_task; ++r) {
+        float* sr = scores.data() + r * ctx;
+        float m = sr[0];
+#pragma omp simd reduction(max : m)
+        for (int64_t pos = 0; pos < ctx; ++pos) m = std::max(m, sr[pos]);
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t pos = 0; pos < ctx; ++pos) {
+          sr[pos] = std::exp(sr[pos] - m);
+          sum += sr[pos];
+        }
+        const float inv = 1.f / sum;
+#pragma omp simd
+        for (int64_t pos = 0; pos < ctx; ++pos) sr[pos] *= inv;
+      }
+      // Pass 2: out_r = sum_pos p[r][pos] * v_pos, each value row read once for its group.
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t i = 0; i < nblk; ++i) {
+        const float* block = vp + int64_t(table[i]) * bs * slot_stride + h0 * d;
+        const int64_t n = std::min(bs, ctx - i * bs);
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t pos = i * bs + j;
+          for (int64_t hh = 0; hh < heads_per_task; ++hh) {
+            const float* v = block + j * slot_stride + hh * d;
+            for (int64_t g = 0; g < group; ++g) {
+              const int64_t r = hh * group + g;
+              axpy(acc.data() + r * d, scores[r * ctx + pos], v, d);
+            }
+          }
+        }
+      }
+      for (int64_t r = 0; r < rows_per_task; ++r) {
+        float* dst = op + row * o_s0 + (h0 * group + r) * o_s1;
+        std::copy(acc.begin() + r * d, acc.begin() + (r + 1) * d, dst);
+      }
+    }
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode", &paged_decode, "paged decode attention, fp32, CPU");
+}

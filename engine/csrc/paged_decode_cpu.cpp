@@ -30,6 +30,67 @@ inline void axpy(float* __restrict y, float a, const float* __restrict x, int64_
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
+// 8 floats in one register (AVX; GCC lowers it to pairs of SSE/NEON registers elsewhere). aligned(4): the
+// loads and stores through it may be unaligned.
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+
+inline float hsum(v8 x) {
+  float s = 0.f;
+  for (int i = 0; i < 8; ++i) s += x[i];
+  return s;
+}
+
+// head_dim = 8 * NV known at compile time: a query row and an output accumulator live in NV registers
+// while a whole cache block (bs slots) streams past them, so each K/V row is loaded once per query head
+// from L1 and every FMA is a full vector.
+template <int NV>
+void scores_block(const float* __restrict q, const float* __restrict block, int64_t slot_stride, int64_t n,
+                  float* __restrict out) {
+  v8 qv[NV];
+  for (int k = 0; k < NV; ++k) qv[k] = *reinterpret_cast<const v8*>(q + 8 * k);
+  for (int64_t j = 0; j < n; ++j) {
+    const float* key = block + j * slot_stride;
+    v8 a0 = {0}, a1 = {0};
+#pragma GCC unroll 16
+    for (int k = 0; k < NV; k += 2) {
+      a0 += qv[k] * *reinterpret_cast<const v8*>(key + 8 * k);
+      if (k + 1 < NV) a1 += qv[k + 1] * *reinterpret_cast<const v8*>(key + 8 * (k + 1));
+    }
+    out[j] = hsum(a0 + a1);
+  }
+}
+
+template <int NV>
+void accumulate_block(float* __restrict acc, const float* __restrict p, const float* __restrict block,
+                      int64_t slot_stride, int64_t n) {
+  v8 a[NV];
+  for (int k = 0; k < NV; ++k) a[k] = *reinterpret_cast<const v8*>(acc + 8 * k);
+  for (int64_t j = 0; j < n; ++j) {
+    const float* val = block + j * slot_stride;
+    const float w = p[j];
+#pragma GCC unroll 16
+    for (int k = 0; k < NV; ++k) a[k] += w * *reinterpret_cast<const v8*>(val + 8 * k);
+  }
+  for (int k = 0; k < NV; ++k) *reinterpret_cast<v8*>(acc + 8 * k) = a[k];
+}
+
+// Blocks sit at random places in the cache, which defeats the hardware prefetcher at every block
+// boundary: ask for the next block's rows (this task's heads) while the current one is computed.
+inline void prefetch_block(const float* first_row, int64_t slot_stride, int64_t n, int64_t floats_per_row) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t f = 0; f < floats_per_row; f += 16) __builtin_prefetch(first_row + j * slot_stride + f, 0, 3);
+}
+
+// Any head_dim: the same loops with the vector width left to the compiler.
+void scores_block_any(const float* q, const float* block, int64_t slot_stride, int64_t n, int64_t d, float* out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = dot(q, block + j * slot_stride, d);
+}
+
+void accumulate_block_any(float* acc, const float* p, const float* block, int64_t slot_stride, int64_t n,
+                          int64_t d) {
+  for (int64_t j = 0; j < n; ++j) axpy(acc, p[j], block + j * slot_stride, d);
+}
+
 }  // namespace
 
 void paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
@@ -76,19 +137,19 @@ void paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache, const to
       }
       const int32_t* table = btp + b * bt_s0;
       const int64_t nblk = (ctx + bs - 1) / bs;
-      // Pass 1: scores[r][pos] = q_r . k_pos; each key row read once for its whole GQA group.
+      // Pass 1: scores[r][pos] = q_r . k_pos, block by block (one block of one head: bs contiguous-ish rows).
       for (int64_t i = 0; i < nblk; ++i) {
         const float* block = kp + int64_t(table[i]) * bs * slot_stride + h0 * d;
         const int64_t n = std::min(bs, ctx - i * bs);
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t pos = i * bs + j;
-          for (int64_t hh = 0; hh < heads_per_task; ++hh) {
-            const float* k = block + j * slot_stride + hh * d;
-            for (int64_t g = 0; g < group; ++g) {
-              const int64_t r = hh * group + g;
-              scores[r * ctx + pos] = dot(qs.data() + r * d, k, d);
-            }
-          }
+        if (i + 1 < nblk)
+          prefetch_block(kp + int64_t(table[i + 1]) * bs * slot_stride + h0 * d, slot_stride,
+                         std::min(bs, ctx - (i + 1) * bs), heads_per_task * d);
+        for (int64_t r = 0; r < rows_per_task; ++r) {
+          const float* kb = block + (r / group) * d;
+          float* dst = scores.data() + r * ctx + i * bs;
+          if (d == 64) scores_block<8>(qs.data() + r * d, kb, slot_stride, n, dst);
+          else if (d == 128) scores_block<16>(qs.data() + r * d, kb, slot_stride, n, dst);
+          else scores_block_any(qs.data() + r * d, kb, slot_stride, n, d, dst);
         }
       }
       // Softmax per query head; simd loops so expf vectorizes (glibc's libmvec).
@@ -107,20 +168,20 @@ void paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache, const to
 #pragma omp simd
         for (int64_t pos = 0; pos < ctx; ++pos) sr[pos] *= inv;
       }
-      // Pass 2: out_r = sum_pos p[r][pos] * v_pos, each value row read once for its group.
+      // Pass 2: out_r = sum_pos p[r][pos] * v_pos, block by block.
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t i = 0; i < nblk; ++i) {
         const float* block = vp + int64_t(table[i]) * bs * slot_stride + h0 * d;
         const int64_t n = std::min(bs, ctx - i * bs);
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t pos = i * bs + j;
-          for (int64_t hh = 0; hh < heads_per_task; ++hh) {
-            const float* v = block + j * slot_stride + hh * d;
-            for (int64_t g = 0; g < group; ++g) {
-              const int64_t r = hh * group + g;
-              axpy(acc.data() + r * d, scores[r * ctx + pos], v, d);
-            }
-          }
+        if (i + 1 < nblk)
+          prefetch_block(vp + int64_t(table[i + 1]) * bs * slot_stride + h0 * d, slot_stride,
+                         std::min(bs, ctx - (i + 1) * bs), heads_per_task * d);
+        for (int64_t r = 0; r < rows_per_task; ++r) {
+          const float* vb = block + (r / group) * d;
+          const float* p = scores.data() + r * ctx + i * bs;
+          if (d == 64) accumulate_block<8>(acc.data() + r * d, p, vb, slot_stride, n);
+          else if (d == 128) accumulate_block<16>(acc.data() + r * d, p, vb, slot_stride, n);
+          else accumulate_block_any(acc.data() + r * d, p, vb, slot_stride, n, d);
         }
       }
       for (int64_t r = 0; r < rows_per_task; ++r) {

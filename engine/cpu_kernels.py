@@ -2,8 +2,10 @@
 extension builder and loaded on first use.
 
 Why native: the torch decode-attention path gathers every context into a padded copy and runs a masked
-SDPA over it, so each K/V byte moves three times; `paged_decode` reads K and V once, in place, and uses
-ATen's own thread pool (one OpenMP runtime in the process). fp32 only (the CPU dtype without native bf16).
+SDPA over it, so each K/V byte moves three times; `paged_decode` reads K and V once, in place. At decode
+batch sizes the elementwise ops cost more in dispatch and memory passes than in arithmetic: `rms_norm`,
+`add_rms_norm_` (residual add fused in), `silu_mul` and `rope_` are one pass each. All use ATen's own
+thread pool (one OpenMP runtime in the process); fp32 only (the CPU dtype without native bf16).
 
 Where the build lives: `GEARSHIFT_CPU_KERNELS_DIR`, else `<sys.prefix>/share/gearshift/cpu-kernels` (the
 venv or the image's /opt/gearshift: pods and servers started from it find the build made at install time),
@@ -30,7 +32,7 @@ from types import ModuleType
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_decode_cpu.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_decode_cpu.cpp", "fused_ops_cpu.cpp")]
 _lock = threading.Lock()
 _cache: dict[str, ModuleType | None] = {}
 
@@ -73,7 +75,7 @@ def default_dir() -> Path:
 def _fingerprint() -> str:
     import torch
 
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES))
     h.update(" ".join([*_flags(), torch.__version__, sys.version]).encode())
     return h.hexdigest()[:16]
 
@@ -88,7 +90,7 @@ def build(build_dir: str | Path | None = None) -> ModuleType:
     here = str(Path(sys.executable).parent)
     if here not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
-    module = load(name=module_name(), sources=[str(SOURCE)], extra_cflags=_flags(),
+    module = load(name=module_name(), sources=[str(src) for src in SOURCES], extra_cflags=_flags(),
                   build_directory=str(directory), verbose=False)
     (directory / f"{module_name()}.fingerprint").write_text(_fingerprint())
     return module
@@ -108,6 +110,15 @@ def _import_built(directory: Path) -> ModuleType | None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def for_tensor(x) -> ModuleType | None:
+    """The kernels when they apply to x (fp32, on CPU), else None: the caller takes its torch path."""
+    import torch
+
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    return kernels()
 
 
 def kernels() -> ModuleType | None:

@@ -1,5 +1,6 @@
-"""Loading the native CPU kernels: a build is reused only for the exact source, flags, torch and Python;
-GEARSHIFT_CPU_KERNELS=0 turns the path off. (The kernel's numbers: tests/test_attention.py.)"""
+"""The native CPU kernels: loading (a build is reused only for the exact source, flags, torch and Python;
+GEARSHIFT_CPU_KERNELS=0 turns the path off) and the fused elementwise ops against their torch forms.
+(The decode-attention kernel's numbers: tests/test_attention.py.)"""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+import torch.nn.functional as F
 from gearshift.engine import cpu_kernels
+from gearshift.engine.model.rope import apply_rope
 
 
 def test_build_is_reused_only_with_a_matching_fingerprint(tmp_path: Path) -> None:
@@ -34,3 +39,38 @@ def test_switch_off_and_default_dir() -> None:
     off, directory = out.stdout.split()
     assert off == "True"
     assert Path(directory) == Path(sys.prefix) / "share" / "gearshift" / "cpu-kernels"
+
+
+@pytest.mark.parametrize("rows", [1, 7, 300])  # 300 rows of 576: above the one-thread threshold
+def test_fused_ops_match_torch(rows: int) -> None:
+    native = cpu_kernels.kernels()
+    assert native is not None
+    gen = torch.Generator().manual_seed(rows)
+    d, f, heads, hd = 576, 1536, 12, 64
+    w = torch.randn(d, generator=gen)
+    x = torch.randn(rows, d, generator=gen)
+    delta = torch.randn(rows, d, generator=gen)
+    torch.testing.assert_close(native.rms_norm(x, w, 1e-5), F.rms_norm(x, (d,), w, 1e-5))
+    expect_x = x + delta
+    expect = F.rms_norm(expect_x, (d,), w, 1e-5)
+    got = native.add_rms_norm_(x, delta, w, 1e-5)
+    torch.testing.assert_close(x, expect_x)  # the residual stream was updated in place
+    torch.testing.assert_close(got, expect)
+    gate_up = torch.randn(rows, 2 * f, generator=gen) * 4
+    torch.testing.assert_close(native.silu_mul(gate_up), F.silu(gate_up[:, :f]) * gate_up[:, f:])
+    # RoPE in place on a strided view: Q and K heads inside a fused QKV projection's output.
+    qkv = torch.randn(rows, (heads + 3) * hd, generator=gen)
+    qk = qkv[:, : heads * hd].view(rows, heads, hd)
+    angles = torch.rand(rows, hd // 2, generator=gen) * 6.3
+    cos, sin = angles.cos(), angles.sin()
+    expect_qk = apply_rope(qk.clone(), cos[:, None], sin[:, None])
+    untouched = qkv[:, heads * hd :].clone()
+    native.rope_(qk, cos, sin)
+    torch.testing.assert_close(qk, expect_qk)
+    assert torch.equal(qkv[:, heads * hd :], untouched)
+
+
+def test_fused_ops_refuse_other_dtypes() -> None:
+    native = cpu_kernels.kernels()
+    with pytest.raises(RuntimeError, match="float32"):
+        native.rms_norm(torch.ones(2, 8, dtype=torch.bfloat16), torch.ones(8), 1e-5)

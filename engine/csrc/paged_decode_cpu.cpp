@@ -9,7 +9,7 @@
 // seq_lens     [B] int32: context length including this step's token (already written to the cache)
 // rows         [B] int64: each sequence's row in q / out
 // out          [T, Hq, D]   fp32; only the `rows` rows are written
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -93,15 +93,15 @@ void accumulate_block_any(float* acc, const float* p, const float* block, int64_
 
 }  // namespace
 
-void paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                  const torch::Tensor& block_tables, const torch::Tensor& seq_lens, const torch::Tensor& rows,
-                  torch::Tensor& out, double scale) {
-  TORCH_CHECK(q.dtype() == torch::kFloat32 && k_cache.dtype() == torch::kFloat32 &&
-              v_cache.dtype() == torch::kFloat32 && out.dtype() == torch::kFloat32, "fp32 only");
+void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                  const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& rows,
+                  at::Tensor& out, double scale) {
+  TORCH_CHECK(q.dtype() == at::kFloat && k_cache.dtype() == at::kFloat &&
+              v_cache.dtype() == at::kFloat && out.dtype() == at::kFloat, "fp32 only");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, "head_dim must be contiguous");
-  TORCH_CHECK(block_tables.dtype() == torch::kInt32 && seq_lens.dtype() == torch::kInt32 &&
-              rows.dtype() == torch::kInt64, "index dtypes");
+  TORCH_CHECK(block_tables.dtype() == at::kInt && seq_lens.dtype() == at::kInt &&
+              rows.dtype() == at::kLong, "index dtypes");
   const int64_t num_seqs = seq_lens.size(0);
   const int64_t hq = q.size(1), d = q.size(2);
   const int64_t bs = k_cache.size(1), hkv = k_cache.size(2);
@@ -190,8 +190,4 @@ void paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache, const to
       }
     }
   });
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "paged decode attention, fp32, CPU");
 }

@@ -28,9 +28,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, rope, x, kv_cache, meta, plan) -> torch.Tensor:
-        x = x + self.self_attn(rope, self.input_layernorm(x), kv_cache, meta, plan)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, rope, x, h, kv_cache, meta, plan, next_norm: RMSNorm) -> torch.Tensor:
+        """x [T, D]: the residual stream, updated in place; h: x normalized by this layer's input norm.
+        Returns x normalized by next_norm (the next layer's input norm, or the final norm): each residual
+        add is fused with the norm that follows it."""
+        h = self.post_attention_layernorm.add_(x, self.self_attn(rope, h, kv_cache, meta, plan))
+        return next_norm.add_(x, self.mlp(h))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -74,11 +77,13 @@ class LlamaForCausalLM(nn.Module):
             k_cache = kv_caches[0][0]
             native = k_cache.dtype == torch.float32 and cpu_kernels.kernels() is not None
             plan = build_plan(meta, k_cache.shape[1], input_ids.device, native=native)
-        x = self.embed_tokens(input_ids)  # [T, D]
+        x = self.embed_tokens(input_ids)  # [T, D], a fresh tensor: the residual stream, added to in place
         rope = self.rope.tables(positions, x.dtype)
-        for layer, kv in zip(self.layers, kv_caches, strict=True):
-            x = layer(rope, x, kv, meta, plan)
-        return self.norm(x)
+        h = self.layers[0].input_layernorm(x)
+        next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        for layer, kv, next_norm in zip(self.layers, kv_caches, next_norms, strict=True):
+            h = layer(rope, x, h, kv, meta, plan, next_norm)
+        return h
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -18,11 +18,11 @@ from gearshift.operator.spec import ENGINE_ARGS, InferenceServiceSpec, InvalidSp
 
 # The concurrency per replica at which the paged engine's continuous batching overtakes the llama.cpp
 # runner in total output tokens/s on CPU: bench/serve.py, SmolLM2-135M-Instruct Q4_1, 2 threads, idle
-# 2-core VM, thread wait `spin`, 2026-11-26 04:20 UTC (README "Benchmarks"), output tok/s gguf vs paged:
-# 66.7 vs 35.0 at 2, 68.6 vs 64.7 at 4, 62.6 vs 83.6 at 6, 67.8 vs 86.4 at 8, 70.7 vs 145.9 at 32.
-# (It was 8 with passive OpenMP waits, which cost llama.cpp 3.4x, and briefly 12 while the paged server
-# stepped its engine on a second OpenMP team.)
-CROSSOVER_CONCURRENCY = 6
+# 2-core VM, thread wait `spin`, 2026-11-26 06:23 UTC, with the native CPU kernels (README "Benchmarks"),
+# output tok/s gguf vs paged: 60.8 vs 51.2 at 2, 66.6 vs 78.5 at 4, 67.2 vs 121.9 at 8, 66.8 vs 205.2 at 32.
+# (It was 6 before the native kernels, 8 with passive OpenMP waits, which cost llama.cpp 3.4x, and briefly
+# 12 while the paged server stepped its engine on a second OpenMP team.)
+CROSSOVER_CONCURRENCY = 4
 
 # Share of the memory limit given to the paged engine's KV cache on CPU; the rest holds the weights
 # (dequantized from GGUF on load), activations and the Python process.

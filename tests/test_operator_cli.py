@@ -29,10 +29,10 @@ def isvc_yaml(uri: str, **spec: object) -> str:
 
 
 def test_plan_prints_decision_and_manifests() -> None:
-    r = run("plan", "-f", "-", stdin=isvc_yaml("https://h.example/m.gguf", concurrency=4, replicas=2))
+    r = run("plan", "-f", "-", stdin=isvc_yaml("https://h.example/m.gguf", concurrency=3, replicas=2))
     assert r.returncode == 0, r.stderr
     first = r.stdout.splitlines()[0]
-    assert first == "# team-a/smollm2: engine gguf -- 4 concurrent requests on CPU: below the paged engine's crossover (6)"
+    assert first == "# team-a/smollm2: engine gguf -- 3 concurrent requests on CPU: below the paged engine's crossover (4)"
     docs = [d for d in yaml.safe_load_all(r.stdout) if d]
     assert [d["kind"] for d in docs] == ["Service", "Deployment", "PodDisruptionBudget"]
     assert docs[1]["spec"]["template"]["spec"]["initContainers"][0]["args"][:2] == ["fetch", "https://h.example/m.gguf"]

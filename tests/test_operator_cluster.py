@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
+from gearshift.operator.policy import CROSSOVER_CONCURRENCY as CROSSOVER
 
 pytestmark = pytest.mark.slow
 
@@ -170,7 +171,7 @@ def test_create_builds_children_and_status(cluster: dict[str, Any]) -> None:
 
     st = wait(status_ready, "status")
     assert st["engine"] == "gguf"
-    assert st["engineReason"] == "2 concurrent requests on CPU: below the paged engine's crossover (6)"
+    assert st["engineReason"] == f"2 concurrent requests on CPU: below the paged engine's crossover ({CROSSOVER})"
     assert st["url"] == f"http://chat.{c['ns']}.svc:8000/v1"
     obj = owner(c, "chat")
     assert {x["type"] for x in st["conditions"]} == {"Ready", "ModelReady", "Progressing", "Degraded"}
@@ -201,7 +202,7 @@ def test_engine_switch_rolls_out(cluster: dict[str, Any]) -> None:
     assert dep2["spec"]["template"]["metadata"]["labels"]["gearshift.dev/engine"] == "paged"
     assert dep2["spec"]["selector"] == dep["spec"]["selector"]  # same pods' identity: a rollout, not a new app
     st = wait(lambda: (o := owner(c, "switch"))["status"].get("observedGeneration") == 2 and o["status"], "status")
-    assert st["engine"] == "paged" and "at or above the crossover (6)" in st["engineReason"]
+    assert st["engine"] == "paged" and f"at or above the crossover ({CROSSOVER})" in st["engineReason"]
     assert condition(owner(c, "switch"), "Progressing")["status"] == "True"
     msgs = [e["message"] for e in wait(lambda: len(events(c, "switch", "EngineSelected")) >= 2 and
                                        events(c, "switch", "EngineSelected"), "two EngineSelected events")]

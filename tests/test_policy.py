@@ -24,7 +24,7 @@ def isvc(uri: str = GGUF, **spec: Any) -> dict[str, Any]:
 # (engine, uri, concurrency, hardware) -> (engine chosen, words the reason must hold)
 TABLE = [
     ("auto", GGUF, 1, {}, "gguf", ["1 concurrent request on CPU", f"below the paged engine's crossover ({X})"]),
-    ("auto", GGUF, 4, {}, "gguf", ["4 concurrent requests on CPU", f"crossover ({X})"]),
+    ("auto", GGUF, 2, {}, "gguf", ["2 concurrent requests on CPU", f"crossover ({X})"]),
     ("auto", GGUF_HTTP, X - 1, {}, "gguf", [f"{X - 1} concurrent requests", "below"]),
     ("auto", GGUF, X, {}, "paged", [f"{X} concurrent requests on CPU", "at or above the crossover"]),
     ("auto", GGUF, 32, {}, "paged", ["32 concurrent requests", "batching overtakes"]),

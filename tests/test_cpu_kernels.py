@@ -74,3 +74,30 @@ def test_fused_ops_refuse_other_dtypes() -> None:
     native = cpu_kernels.kernels()
     with pytest.raises(RuntimeError, match="float32"):
         native.rms_norm(torch.ones(2, 8, dtype=torch.bfloat16), torch.ones(8), 1e-5)
+
+
+def test_model_with_and_without_native_kernels_agree(smollm2_gguf) -> None:
+    """The same steps through the native ops and through the torch ops (the path GPUs and non-fp32 dtypes
+    take, with the same in-place residual stream): logits agree after a chunked prefill and decodes."""
+    from gearshift.engine.config import EngineConfig
+    from gearshift.engine.model_runner import ModelRunner
+    from gearshift.engine.scheduler_output import ScheduledSeq, SchedulerOutput
+
+    assert cpu_kernels.kernels() is not None
+    prompt = list(range(300, 340))
+    steps = [
+        [ScheduledSeq(0, prompt[:25], 0, [3, 1, 7], False), ScheduledSeq(1, prompt[:9], 0, [5], True)],
+        [ScheduledSeq(0, prompt[25:], 25, [3, 1, 7], True), ScheduledSeq(1, [11], 9, [5], True)],
+        [ScheduledSeq(0, [12], 40, [3, 1, 7], True), ScheduledSeq(1, [13], 10, [5], True)],
+    ]
+    logits = {}
+    for native in (True, False):
+        cpu_kernels.set_enabled(native)
+        try:
+            runner = ModelRunner(EngineConfig(model=str(smollm2_gguf), device="cpu", dtype="float32",
+                                              kv_cache_memory="16Mi"))
+            logits[native] = [runner.execute(SchedulerOutput(seqs=s)) for s in steps]
+        finally:
+            cpu_kernels.set_enabled(True)
+    for a, b in zip(logits[True], logits[False], strict=True):
+        assert a.shape == b.shape and (a - b).abs().max().item() < 1e-3

@@ -40,6 +40,7 @@ from gearshift.engine.benchmark import (  # noqa: E402
 )
 from gearshift.engine.bundled import bundled_model_path  # noqa: E402
 from gearshift.engine.config import usable_cpus  # noqa: E402
+from gearshift.engine.loader import open_model  # noqa: E402
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -102,6 +103,16 @@ def hf_static(model, workload: Workload, dtype: str, batch_size: int) -> Result:
     return Result(f"HF static-{batch_size}", dtype, wall, workload.prompt_tokens, workload.output_tokens)
 
 
+def paged_row(model: str, dtype: str, args: argparse.Namespace, workload: Workload, system: str,
+              enforce_eager: bool) -> Result:
+    """One paged-engine row: a fresh engine, a small warm-up, then the workload (all submitted at once)."""
+    llm = build_llm(model, dtype, args, enforce_eager=enforce_eager)
+    run_paged(llm, make_workload(llm.llm_engine.runner.vocab_size, 4, (16, 32), (4, 8), args.seed + 1), dtype)  # warm-up
+    r = run_paged(llm, workload, dtype)
+    r.system, r.note = system, f"preemptions {llm.llm_engine.stats().num_preemptions}"
+    return r
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="a .gguf file or HF directory (default: bundled SmolLM2)")
@@ -144,38 +155,24 @@ def main(argv: list[str] | None = None) -> int:
     naive: dict[str, Result] = {}
     static: dict[str, Result] = {}
     for dtype in dtypes:
-        llm = build_llm(model, dtype, args)
-        runner = llm.llm_engine.runner
-        num_params = runner.model_config.num_parameters()
-        workload = make_workload(runner.vocab_size, args.num_requests, parse_range(args.prompt_len),
+        src = open_model(model).config
+        num_params = src.num_parameters()
+        workload = make_workload(src.vocab_size, args.num_requests, parse_range(args.prompt_len),
                                  parse_range(args.output_len), args.seed)
-        run_paged(llm, make_workload(runner.vocab_size, 4, (16, 32), (4, 8), args.seed + 1), dtype)  # warm-up
-        r = run_paged(llm, workload, dtype)
-        r.peak_flops, r.num_params = peaks[dtype], num_params
-        r.note = f"preemptions {llm.llm_engine.stats().num_preemptions}"
-        print(f"  {dtype} paged: {r.output_tok_s:.1f} out tok/s in {r.wall_s:.1f}s", flush=True)
-        results.append(r)
-        del llm, runner
+        variants = [("gearshift paged", {})]
         if args.compare_no_native:
-            cpu_kernels.set_enabled(False)
-            base = build_llm(model, dtype, args)
-            run_paged(base, make_workload(base.llm_engine.runner.vocab_size, 4, (16, 32), (4, 8), args.seed + 1),
-                      dtype)
-            b = run_paged(base, workload, dtype)
-            b.system, b.peak_flops, b.num_params = "gearshift paged, torch ops only", peaks[dtype], num_params
-            print(f"  {dtype} paged torch ops only: {b.output_tok_s:.1f} out tok/s in {b.wall_s:.1f}s", flush=True)
-            results.append(b)
-            del base
-            cpu_kernels.set_enabled(True)
+            variants.append(("gearshift paged, torch ops only", {"native": False}))
         if args.compare_eager:
-            eager = build_llm(model, dtype, args, enforce_eager=True)
-            run_paged(eager, make_workload(eager.llm_engine.runner.vocab_size, 4, (16, 32), (4, 8), args.seed + 1),
-                      dtype)
-            e = run_paged(eager, workload, dtype)
-            e.system, e.peak_flops, e.num_params = "gearshift paged, eager", peaks[dtype], num_params
-            print(f"  {dtype} paged eager: {e.output_tok_s:.1f} out tok/s in {e.wall_s:.1f}s", flush=True)
-            results.append(e)
-            del eager
+            variants.append(("gearshift paged, eager", {"enforce_eager": True}))
+        for system, how in variants:
+            cpu_kernels.set_enabled(how.get("native", True))
+            try:
+                r = paged_row(model, dtype, args, workload, system, how.get("enforce_eager", False))
+            finally:
+                cpu_kernels.set_enabled(True)
+            r.peak_flops, r.num_params = peaks[dtype], num_params
+            print(f"  {dtype} {system}: {r.output_tok_s:.1f} out tok/s in {r.wall_s:.1f}s", flush=True)
+            results.append(r)
         if args.skip_hf:
             continue
         hf = load_hf(model, TORCH_DTYPES[dtype], args.device)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from gearshift.engine import cpu_kernels
 from gearshift.engine.attention_metadata import AttentionMetadata
 
 
@@ -144,10 +145,8 @@ def paged_attention_torch(
     g = hq // hkv
     out = torch.empty_like(q)
     if plan.native is not None:
-        from gearshift.engine.cpu_kernels import kernels
-
         nd = plan.native
-        kernels().paged_decode(q, k_cache, v_cache, nd.block_tables, nd.seq_lens, nd.rows, out, scale)
+        cpu_kernels.kernels().paged_decode(q, k_cache, v_cache, nd.block_tables, nd.seq_lens, nd.rows, out, scale)
     for grp in plan.decodes:
         bd = grp.blocks.shape[0]
         qd = q[grp.rows] if isinstance(grp.rows, slice) else q.index_select(0, grp.rows)

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_decode_cpu.cpp", "fused_ops_cpu.cpp")]
 _lock = threading.Lock()
 _cache: dict[str, ModuleType | None] = {}
+_UNSET = object()
 
 
 def _cpu_level() -> str:
@@ -123,6 +124,9 @@ def for_tensor(x) -> ModuleType | None:
 
 def kernels() -> ModuleType | None:
     """The compiled module, or None when turned off or unavailable (then the torch path runs)."""
+    module = _cache.get("module", _UNSET)  # the hot path (every op of every layer): no lock once decided
+    if module is not _UNSET:
+        return module
     with _lock:
         if "module" in _cache:
             return _cache["module"]

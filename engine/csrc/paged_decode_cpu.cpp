@@ -81,6 +81,20 @@ inline void prefetch_block(const float* first_row, int64_t slot_stride, int64_t 
     for (int64_t f = 0; f < floats_per_row; f += 16) __builtin_prefetch(first_row + j * slot_stride + f, 0, 3);
 }
 
+// Walks one sequence's context through its block table: fn(block, i, n) gets the first row of this task's
+// heads in block i (n slots used), with block i + 1 already being prefetched.
+template <typename Fn>
+void for_each_block(const float* cache, const int32_t* table, int64_t ctx, int64_t bs, int64_t slot_stride,
+                    int64_t head_offset, int64_t floats_per_row, Fn fn) {
+  const int64_t nblk = (ctx + bs - 1) / bs;
+  for (int64_t i = 0; i < nblk; ++i) {
+    if (i + 1 < nblk)
+      prefetch_block(cache + int64_t(table[i + 1]) * bs * slot_stride + head_offset, slot_stride,
+                     std::min(bs, ctx - (i + 1) * bs), floats_per_row);
+    fn(cache + int64_t(table[i]) * bs * slot_stride + head_offset, i, std::min(bs, ctx - i * bs));
+  }
+}
+
 // Any head_dim: the same loops with the vector width left to the compiler.
 void scores_block_any(const float* q, const float* block, int64_t slot_stride, int64_t n, int64_t d, float* out) {
   for (int64_t j = 0; j < n; ++j) out[j] = dot(q, block + j * slot_stride, d);
@@ -136,14 +150,9 @@ void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
         for (int64_t i = 0; i < d; ++i) qs[r * d + i] = src[i] * fscale;
       }
       const int32_t* table = btp + b * bt_s0;
-      const int64_t nblk = (ctx + bs - 1) / bs;
-      // Pass 1: scores[r][pos] = q_r . k_pos, block by block (one block of one head: bs contiguous-ish rows).
-      for (int64_t i = 0; i < nblk; ++i) {
-        const float* block = kp + int64_t(table[i]) * bs * slot_stride + h0 * d;
-        const int64_t n = std::min(bs, ctx - i * bs);
-        if (i + 1 < nblk)
-          prefetch_block(kp + int64_t(table[i + 1]) * bs * slot_stride + h0 * d, slot_stride,
-                         std::min(bs, ctx - (i + 1) * bs), heads_per_task * d);
+      const int64_t row_floats = heads_per_task * d;
+      // Pass 1: scores[r][pos] = q_r . k_pos, block by block (one block of one head: bs strided rows).
+      for_each_block(kp, table, ctx, bs, slot_stride, h0 * d, row_floats, [&](const float* block, int64_t i, int64_t n) {
         for (int64_t r = 0; r < rows_per_task; ++r) {
           const float* kb = block + (r / group) * d;
           float* dst = scores.data() + r * ctx + i * bs;
@@ -151,7 +160,7 @@ void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
           else if (d == 128) scores_block<16>(qs.data() + r * d, kb, slot_stride, n, dst);
           else scores_block_any(qs.data() + r * d, kb, slot_stride, n, d, dst);
         }
-      }
+      });
       // Softmax per query head; simd loops so expf vectorizes (glibc's libmvec).
       for (int64_t r = 0; r < rows_per_task; ++r) {
         float* sr = scores.data() + r * ctx;
@@ -170,12 +179,7 @@ void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
       }
       // Pass 2: out_r = sum_pos p[r][pos] * v_pos, block by block.
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t i = 0; i < nblk; ++i) {
-        const float* block = vp + int64_t(table[i]) * bs * slot_stride + h0 * d;
-        const int64_t n = std::min(bs, ctx - i * bs);
-        if (i + 1 < nblk)
-          prefetch_block(vp + int64_t(table[i + 1]) * bs * slot_stride + h0 * d, slot_stride,
-                         std::min(bs, ctx - (i + 1) * bs), heads_per_task * d);
+      for_each_block(vp, table, ctx, bs, slot_stride, h0 * d, row_floats, [&](const float* block, int64_t i, int64_t n) {
         for (int64_t r = 0; r < rows_per_task; ++r) {
           const float* vb = block + (r / group) * d;
           const float* p = scores.data() + r * ctx + i * bs;
@@ -183,7 +187,7 @@ void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
           else if (d == 128) accumulate_block<16>(acc.data() + r * d, p, vb, slot_stride, n);
           else accumulate_block_any(acc.data() + r * d, p, vb, slot_stride, n, d);
         }
-      }
+      });
       for (int64_t r = 0; r < rows_per_task; ++r) {
         float* dst = op + row * o_s0 + (h0 * group + r) * o_s1;
         std::copy(acc.begin() + r * d, acc.begin() + (r + 1) * d, dst);

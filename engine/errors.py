@@ -23,3 +23,7 @@ class ModelLoadError(GearshiftError):
 
 class EngineOverloadedError(GearshiftError):
     """The waiting queue is full (HTTP 429 with Retry-After)."""
+
+
+class ModelNotReadyError(GearshiftError):
+    """The model is still loading (or failed to): HTTP 503 with Retry-After, not a client error."""

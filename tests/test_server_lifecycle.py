@@ -5,14 +5,16 @@ drain tests live in test_server_api.py, on its shared servers."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import signal
 import subprocess
 import sys
+import time
 
 import httpx
 import openai
 import pytest
-from server_process import free_port, metric, running_server
+from server_process import free_port, metric, running_server, serve_args
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                                 reason="llama-cpp-python is not installed")
@@ -71,3 +73,40 @@ def test_bad_model_is_one_line_exit_2(tmp_path, model):
     assert proc.returncode == 2, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("gearshift serve: error:") and "Traceback" not in proc.stderr
+
+
+def test_requests_while_the_model_loads_get_503_with_retry_after(smollm2_gguf, tmp_path):
+    """The paged server answers /health at once and loads in the background (seconds): until /ready, chat,
+    completions and /tokenize answer 503 + Retry-After in OpenAI's shape, never a 4xx blaming the client."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "gearshift.engine.cli", "serve", *serve_args(smollm2_gguf, "paged"),
+           "--port", str(port)]
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONSAFEPATH": "1"})
+    url = f"http://127.0.0.1:{port}"
+    chat = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    before: list[httpx.Response] = []
+    try:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    if http.get("/ready").status_code == 200:
+                        break
+                    before += [http.post("/v1/chat/completions", json=chat),
+                               http.post("/v1/completions", json={"model": "smollm2", "prompt": "Hi", "max_tokens": 2}),
+                               http.post("/tokenize", json={"model": "smollm2", "prompt": "Hi"})]
+                except httpx.TransportError:  # not listening yet
+                    time.sleep(0.1)
+            assert http.get("/ready").status_code == 200, (tmp_path / "serve.log").read_text()[-2000:]
+            assert http.post("/v1/chat/completions", json=chat).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
+    # Loading the paged engine takes seconds; requests that came in after /ready turned 200 don't count.
+    early = [r for r in before if r.status_code != 200]
+    assert early, "no request landed while the model was loading"
+    for r in early:
+        assert r.status_code == 503 and r.headers.get("retry-after"), (r.request.url, r.status_code, r.text)
+        assert "not ready" in r.json()["error"]["message"]

@@ -26,7 +26,12 @@ from gearshift.engine.backends.gguf_chat import GGUFChatTemplate
 from gearshift.engine.backends.gguf_decode import ChoiceDecoder
 from gearshift.engine.backends.gguf_loader import load_llama
 from gearshift.engine.config import EngineConfig
-from gearshift.engine.errors import EngineOverloadedError, GearshiftError, InvalidRequestError
+from gearshift.engine.errors import (
+    EngineOverloadedError,
+    GearshiftError,
+    InvalidRequestError,
+    ModelNotReadyError,
+)
 from gearshift.engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from gearshift.engine.sampling_params import SamplingParams
 
@@ -181,7 +186,7 @@ class GGUFBackend:
 
     def _model(self) -> llama_cpp.Llama:
         if self._llm is None:
-            raise GearshiftError("the gguf engine has no model loaded")
+            raise ModelNotReadyError("the model is not ready yet")
         return self._llm
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:

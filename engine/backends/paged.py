@@ -20,7 +20,13 @@ from typing import Any, Literal
 
 from gearshift.engine.backends.base import relay_outputs
 from gearshift.engine.config import EngineConfig
-from gearshift.engine.errors import EngineOverloadedError, GearshiftError, InvalidRequestError, ModelLoadError
+from gearshift.engine.errors import (
+    EngineOverloadedError,
+    GearshiftError,
+    InvalidRequestError,
+    ModelLoadError,
+    ModelNotReadyError,
+)
 from gearshift.engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from gearshift.engine.sampling_params import SamplingParams
 
@@ -101,7 +107,7 @@ class PagedBackend:
 
     def _tok(self) -> Any:
         if self._tokenizer is None:
-            raise GearshiftError("the paged engine has no model loaded")
+            raise ModelNotReadyError("the model is not ready yet")
         return self._tokenizer
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

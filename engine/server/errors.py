@@ -13,7 +13,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from gearshift.engine.errors import EngineOverloadedError, GearshiftError, InvalidRequestError
+from gearshift.engine.errors import (
+    EngineOverloadedError,
+    GearshiftError,
+    InvalidRequestError,
+    ModelNotReadyError,
+)
 from gearshift.engine.server.protocol import error_body
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -52,6 +57,8 @@ def from_engine_error(e: GearshiftError) -> APIError:
         return APIError(400, e.message, param=e.param, code=e.code)
     if isinstance(e, EngineOverloadedError):
         return overloaded()
+    if isinstance(e, ModelNotReadyError):
+        return unavailable(str(e))
     return APIError(400, str(e))
 
 

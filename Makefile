@@ -11,9 +11,11 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 ENGINE ?= paged
 PYTEST_ARGS ?=
-CLUSTER := $(VENV)/bin/python -m gearshift.e2e.cluster
+# gearshift.e2e.* (test infrastructure) is imported from the source tree; it is not in the wheel.
+E2E_PATH := PYTHONPATH=$(CURDIR)/e2e/pythonpath
+CLUSTER := $(E2E_PATH) $(VENV)/bin/python -m gearshift.e2e.cluster
 
-.PHONY: install up test unit e2e cluster-up cluster-down bench lint clean
+.PHONY: install up test unit e2e provision provision-monitoring cluster-up cluster-down bench lint clean
 
 install: $(VENV)/.installed
 
@@ -40,8 +42,13 @@ unit: install
 	$(VENV)/bin/pytest -m "not e2e" $(PYTEST_ARGS)
 
 # The control plane's binaries, built once from Debian's kubernetes source (nothing when $$KUBECONFIG answers).
-provision: install
+provision: install provision-monitoring
 	e2e/cluster/build.sh
+
+# promtool checks and unit-tests manifests/monitoring/ (Debian's prometheus package, 2.42).
+provision-monitoring:
+	@command -v promtool >/dev/null || { echo "== installing Debian's prometheus (promtool)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
 # The e2e scenarios only. The cluster is stopped at the end unless it was already running before.
 e2e: install provision

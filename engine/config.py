@@ -1,65 +1,71 @@
-"""The one configuration dataclass for a model server, shared by the CLI, both engines and the server."""
+"""EngineConfig: the one declaration of every engine and server setting.
+
+Each field states its type (a Literal is its choice list), its default and a `setting(...)`: help text, the
+engines it applies to, its spec.engineArgs key (if the operator takes it from users), bounds. From it come
+`gearshift serve`'s options, the operator's engineArgs validation, the flags written into pods and the
+CRD's engineArgs schema (engine/settings.py). Adding a setting: one field here, then use it.
+"""
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, fields
 from typing import Literal
 
-from gearshift.engine.errors import GearshiftError
+from gearshift.engine.settings import setting, validate
+from gearshift.engine.thread_wait import DEFAULT as DEFAULT_THREAD_WAIT
+from gearshift.engine.thread_wait import ENV as THREAD_WAIT_ENV
+from gearshift.engine.thread_wait import ThreadWait
 
 EngineName = Literal["paged", "gguf"]
-_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-
-
-def parse_bytes(value: str | int | None) -> int | None:
-    """'4Gi', '512MiB', '2G', '1048576' -> bytes (Kubernetes quantity style, B suffix optional)."""
-    if value is None or isinstance(value, int):
-        return value
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?)?[bB]?\s*", str(value))
-    if not m:
-        raise GearshiftError(f"cannot read {value!r} as a size: use e.g. 512Mi, 4Gi, 2G")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 @dataclass
 class EngineConfig:
-    model: str  # a .gguf file, a Hugging Face model directory, or a URI the fetcher resolved
-    engine: EngineName = "paged"
-    served_model_name: str | None = None  # default: the model file or directory's stem
+    model: str = setting(help="a .gguf file, a Hugging Face model directory, or a URI (hf://, https://, file://, pvc://)")
+    engine: EngineName = setting(
+        "paged", help="paged (continuous batching, many users) or gguf (llama.cpp, one or a few users)")
+    served_model_name: str | None = setting(None, help="the model name clients send (default: file stem)")
     # Model / engine
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    device: str = "auto"  # auto | cpu | cuda
-    max_model_len: int | None = None  # default: the model's context, capped by kv cache
-    max_num_seqs: int = 64  # sequences decoded together
-    max_num_batched_tokens: int = 2048  # token budget of one step (prefill chunks + decodes)
-    kv_cache_memory: int | None = None  # bytes for the KV cache; None: a share of free memory
-    block_size: int = 16  # tokens per KV block
-    enable_prefix_caching: bool = True
-    threads: int | None = None  # CPU threads; None: the CPUs this process may really use
-    seed: int = 0
-    enforce_eager: bool = False  # no CUDA graphs / torch.compile
+    dtype: DType = setting("auto", engines=("paged",), key="dtype", help="weights and activations dtype")
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", help="where the paged engine runs")
+    max_model_len: int | None = setting(None, key="maxModelLen", minimum=1,
+                                        help="context length in tokens (default: the model's, capped by the KV cache)")
+    max_num_seqs: int = setting(64, key="maxNumSeqs", minimum=1, help="sequences decoded together")
+    max_num_batched_tokens: int = setting(2048, engines=("paged",), key="maxNumBatchedTokens", minimum=1,
+                                          help="token budget of one step (prefill chunks + decodes)")
+    kv_cache_memory: int | None = setting(None, engines=("paged",), key="kvCacheMemory", bytes=True,
+                                          help="bytes for the KV cache, e.g. 512Mi, 4Gi (default: a share of free memory)")
+    block_size: int = setting(16, engines=("paged",), key="blockSize", minimum=1, help="tokens per KV block")
+    enable_prefix_caching: bool = setting(True, engines=("paged",), flag="--prefix-caching",
+                                          help="reuse the KV blocks of a shared prompt prefix")
+    threads: int | None = setting(None, key="threads", minimum=1,
+                                  help="CPU threads (default: the CPUs this process may really use)")
+    thread_wait: ThreadWait = setting(
+        DEFAULT_THREAD_WAIT, key="threadWait", env=THREAD_WAIT_ENV,
+        help="idle CPU threads spin briefly (CPUs the pod owns) or sleep (oversubscribed nodes); "
+             "an OMP_WAIT_POLICY in the environment wins")
+    seed: int = setting(0, key="seed", minimum=0, help="sampling seed")
+    enforce_eager: bool = setting(False, engines=("paged",), key="enforceEager", help="no CUDA graphs / torch.compile")
     # Server
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    max_waiting: int = 256  # requests queued beyond this get 429
-    request_timeout: float = 600.0  # seconds a request may live end to end
-    drain_timeout: float = 30.0  # SIGTERM grace for in-flight requests
+    host: str = setting("127.0.0.1", help="address to listen on")
+    port: int = setting(8000, minimum=1, maximum=65535, help="port to listen on")
+    api_key: str | None = setting(None, env="GEARSHIFT_API_KEY", help="require `Authorization: Bearer KEY`")
+    max_waiting: int = setting(256, minimum=1, help="queued requests beyond this get 429")
+    request_timeout: float = setting(600.0, positive=True, help="seconds a request may live end to end")
+    drain_timeout: float = setting(30.0, positive=True, help="SIGTERM grace for in-flight requests, seconds")
+    max_request_body: int = setting(8 * 2**20, bytes=True,
+                                    help="bytes a request body may have (larger: 413), e.g. 8Mi")
+    max_connections: int = setting(1024, minimum=1,
+                                   help="open client connections; beyond this a new one gets 503 and is closed")
+    read_timeout: float = setting(30.0, positive=True,
+                                  help="seconds a client may take to send a request's headers, and its body (408)")
+    log_level: Literal["debug", "info", "warning", "error"] = setting("info", help="server log level")
 
     def __post_init__(self) -> None:
-        self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
-        if self.engine not in ("paged", "gguf"):
-            raise GearshiftError(f"engine must be 'paged' or 'gguf', got {self.engine!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
-            raise GearshiftError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting"):
-            if getattr(self, name) < 1:
-                raise GearshiftError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise GearshiftError(f"max_model_len must be at least 1, got {self.max_model_len}")
+        validate(self)  # types, choices, bounds; kv_cache_memory "4Gi" -> int bytes
+        self.api_key = self.api_key or None  # an empty key (an unset Secret) is no key
         if self.served_model_name is None:
             base = os.path.basename(self.model.rstrip("/"))
             self.served_model_name = base[:-5] if base.endswith(".gguf") else base
@@ -93,3 +99,9 @@ def _cgroup_cpu_quota() -> float | None:
         return None if q <= 0 else q / p
     except (OSError, ValueError):
         return None
+
+
+if __name__ == "__main__":  # regenerate the CRD's engineArgs properties: python -m gearshift.engine.config
+    from gearshift.engine.settings import engine_args_crd_lines
+
+    print(engine_args_crd_lines(EngineConfig), end="")

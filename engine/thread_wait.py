@@ -16,17 +16,20 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Literal, get_args
 
 from gearshift.engine.errors import GearshiftError
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("spin", "passive")
+ThreadWait = Literal["spin", "passive"]  # EngineConfig.thread_wait, `--thread-wait`, engineArgs.threadWait
+POLICIES: tuple[str, ...] = get_args(ThreadWait)
+DEFAULT: ThreadWait = "spin"
 ENV = "GEARSHIFT_THREAD_WAIT"  # default for --thread-wait
 
 
 def default_policy() -> str:
-    return os.environ.get(ENV, "spin")
+    return os.environ.get(ENV) or DEFAULT
 
 
 def apply_thread_wait(policy: str) -> str:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import threading
 import uuid
 from collections import Counter
 from datetime import datetime, timezone
 from typing import Any
+
+from gearshift.engine.quantity import same_quantity
 
 FIELD_MANAGER = "gearshift-operator"
 HASH_ANNOTATION = "gearshift.dev/applied-hash"
@@ -63,19 +64,12 @@ def with_hash(obj: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-_QTY = re.compile(r"(\d+(?:\.\d+)?)(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?")
-_SUFFIX = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
-           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
-
-
 def _same_scalar(want: Any, have: Any) -> bool:
     if want == have:
         return True
     # The API server canonicalizes quantities ("1000m" -> "1", "0.5" -> "500m") and int-or-strings.
     if isinstance(want, (str, int)) and isinstance(have, (str, int)) and not isinstance(want, bool):
-        a, b = _QTY.fullmatch(str(want)), _QTY.fullmatch(str(have))
-        if a and b:
-            return abs(float(a[1]) * _SUFFIX[a[2] or ""] - float(b[1]) * _SUFFIX[b[2] or ""]) < 1e-9
+        return same_quantity(want, have)
     return False
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from gearshift.engine.config import EngineConfig
+from gearshift.engine.settings import to_flags
 from gearshift.operator.policy import EnginePlan
 from gearshift.operator.spec import API_VERSION, ENGINE_ARGS, KIND, InferenceServiceSpec
 
@@ -75,22 +77,13 @@ def needs_fetch(spec: InferenceServiceSpec) -> bool:
 
 
 def serve_args(spec: InferenceServiceSpec, plan: EnginePlan, model: str, host: str, port: int) -> list[str]:
-    """`gearshift serve` arguments for the plan (everything after the program name)."""
-    args = ["serve", "--engine", plan.engine, "--model", model, "--served-model-name", spec.model.served_name,
-            "--host", host, "--port", str(port), "--device", plan.device,
-            "--max-num-seqs", str(plan.max_num_seqs)]
-    if plan.threads is not None:
-        args += ["--threads", str(plan.threads)]
-    if plan.kv_cache_memory is not None:
-        args += ["--kv-cache-memory", str(plan.kv_cache_memory)]
-    for key, value in sorted(plan.engine_args.items()):
-        flag = ENGINE_ARGS[key][2]
-        if isinstance(value, bool):
-            if value:
-                args.append(flag)
-        else:
-            args += [flag, str(value)]
-    return args
+    """`gearshift serve` arguments for the plan (everything after the program name); flags come from
+    the EngineConfig fields, so they are what `gearshift serve` parses."""
+    values = {"engine": plan.engine, "model": model, "served_model_name": spec.model.served_name,
+              "host": host, "port": port, "device": plan.device, "max_num_seqs": plan.max_num_seqs,
+              "threads": plan.threads, "kv_cache_memory": plan.kv_cache_memory}
+    values.update((ENGINE_ARGS[key].name, value) for key, value in sorted(plan.engine_args.items()))
+    return ["serve", *to_flags(EngineConfig, values)]
 
 
 def _security_context() -> dict[str, Any]:

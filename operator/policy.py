@@ -119,7 +119,7 @@ def _engine_args_for(spec: InferenceServiceSpec, engine: str) -> dict[str, Any]:
     engine, and is left out when the policy did (it applies again if the policy switches back)."""
     out: dict[str, Any] = {}
     for key, value in spec.engine_args.items():
-        if engine in ENGINE_ARGS[key][1]:
+        if engine in ENGINE_ARGS[key].setting.engines:
             out[key] = value
         elif spec.engine != "auto":
             raise InvalidSpec(f"spec.engineArgs.{key}", f"does not apply to engine {engine}")

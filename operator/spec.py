@@ -9,23 +9,22 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
+from gearshift.engine import quantity
+from gearshift.engine.config import EngineConfig, EngineName
 from gearshift.engine.errors import GearshiftError
 from gearshift.engine.fetch import ModelURI, parse_model_uri
+from gearshift.engine.settings import Declared, SettingError, check, engine_args
 
 GROUP = "gearshift.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 KIND = "InferenceService"
 PLURAL = "inferenceservices"
-ENGINES = ("auto", "paged", "gguf")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+ENGINES = ("auto", *get_args(EngineName))
 _DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
-_QUANTITY = re.compile(r"(\d+(\.\d+)?|\.\d+)(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?")
 _RESOURCE_NAME = re.compile(r"([a-z0-9.-]+/)?[a-zA-Z0-9]([-a-zA-Z0-9_.]*[a-zA-Z0-9])?")
-_SUFFIX = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
-           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
 
 
 class InvalidSpec(GearshiftError):
@@ -37,27 +36,15 @@ class InvalidSpec(GearshiftError):
 
 
 def parse_quantity(value: Any, field_path: str) -> float:
-    """A Kubernetes quantity ("500m", "2", "4Gi") -> a number (cores or bytes)."""
-    m = _QUANTITY.fullmatch(str(value).strip()) if isinstance(value, (str, int, float)) else None
-    if m is None or isinstance(value, bool):
-        raise InvalidSpec(field_path, f"{value!r} is not a quantity; use e.g. 500m, 2, 512Mi, 4Gi")
-    return float(m.group(1)) * _SUFFIX[m.group(3) or ""]
+    """A Kubernetes quantity ("500m", "2", "4Gi") -> a number (cores or bytes); errors name the field."""
+    try:
+        return quantity.parse_quantity(value)
+    except quantity.QuantityError as e:
+        raise InvalidSpec(field_path, str(e)) from None
 
 
-# engineArgs key -> (type, engines that take it, `gearshift serve` flag)
-ENGINE_ARGS: dict[str, tuple[type, tuple[str, ...], str]] = {
-    "maxModelLen": (int, ("paged", "gguf"), "--max-model-len"),
-    "maxNumSeqs": (int, ("paged", "gguf"), "--max-num-seqs"),
-    "threads": (int, ("paged", "gguf"), "--threads"),
-    "seed": (int, ("paged", "gguf"), "--seed"),
-    "dtype": (str, ("paged",), "--dtype"),
-    "maxNumBatchedTokens": (int, ("paged",), "--max-num-batched-tokens"),
-    "blockSize": (int, ("paged",), "--block-size"),
-    "kvCacheMemory": (str, ("paged",), "--kv-cache-memory"),
-    "enforceEager": (bool, ("paged",), "--enforce-eager"),
-    "threadWait": (str, ("paged", "gguf"), "--thread-wait"),
-}
-THREAD_WAITS = ("spin", "passive")  # engine/thread_wait.py: spin on CPUs the pod owns, passive when shared
+# engineArgs key -> the EngineConfig field it sets (its type, engines, bounds and CLI flag)
+ENGINE_ARGS: dict[str, Declared] = engine_args(EngineConfig)
 
 
 @dataclass(frozen=True)
@@ -248,22 +235,14 @@ def _autoscaling(a: Any) -> Autoscaling | None:
 
 
 def _engine_args(args: dict[str, Any]) -> dict[str, Any]:
+    """Each key checked by the EngineConfig field it sets; values stay as written (the pod's flags)."""
     for key, value in args.items():
         if key not in ENGINE_ARGS:
             raise InvalidSpec(f"spec.engineArgs.{key}", f"unknown engine argument; allowed: {', '.join(ENGINE_ARGS)}")
-        typ = ENGINE_ARGS[key][0]
-        if typ is int and (isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "seed" else 1)):
-            raise InvalidSpec(f"spec.engineArgs.{key}", f"must be a positive integer, got {value!r}")
-        if typ is bool and not isinstance(value, bool):
-            raise InvalidSpec(f"spec.engineArgs.{key}", f"must be true or false, got {value!r}")
-        if typ is str and not isinstance(value, str):
-            raise InvalidSpec(f"spec.engineArgs.{key}", f"must be a string, got {value!r}")
-    if "dtype" in args and args["dtype"] not in DTYPES:
-        raise InvalidSpec("spec.engineArgs.dtype", f"{args['dtype']!r} is not one of {', '.join(DTYPES)}")
-    if "threadWait" in args and args["threadWait"] not in THREAD_WAITS:
-        raise InvalidSpec("spec.engineArgs.threadWait", f"{args['threadWait']!r} is not one of {', '.join(THREAD_WAITS)}")
-    if "kvCacheMemory" in args:
-        parse_quantity(args["kvCacheMemory"], "spec.engineArgs.kvCacheMemory")
+        try:
+            check(ENGINE_ARGS[key], value)
+        except SettingError as e:
+            raise InvalidSpec(f"spec.engineArgs.{key}", e.reason) from None
     return dict(args)
 
 

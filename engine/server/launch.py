@@ -13,36 +13,13 @@ from typing import Any
 
 from gearshift.engine.config import EngineConfig
 from gearshift.engine.errors import GearshiftError, ModelLoadError
-from gearshift.engine.thread_wait import ENV, POLICIES, apply_thread_wait, default_policy
+from gearshift.engine.settings import add_arguments as add_settings
+from gearshift.engine.settings import from_namespace
+from gearshift.engine.thread_wait import apply_thread_wait
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="a .gguf file, a Hugging Face model directory, or a URI (hf://, https://, file://, pvc://)")
-    p.add_argument("--engine", choices=["paged", "gguf"], default="paged",
-                   help="paged (continuous batching, many users) or gguf (llama.cpp, one or a few users)")
-    p.add_argument("--served-model-name", default=None, help="the model name clients send (default: file stem)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--max-model-len", type=int, default=None, help="context length in tokens")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together (paged)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step (paged)")
-    p.add_argument("--kv-cache-memory", default=None, help="bytes for the KV cache, e.g. 512Mi, 4Gi")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the CPUs this process may use)")
-    p.add_argument("--thread-wait", choices=POLICIES, default=default_policy(),
-                   help="idle CPU threads spin briefly (own CPUs; default) or sleep (oversubscribed node); "
-                        f"env {ENV}; an OMP_WAIT_POLICY in the environment wins")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / torch.compile")
-    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (env GEARSHIFT_API_KEY)")
-    p.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond this get 429")
-    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may live")
-    p.add_argument("--drain-timeout", type=float, default=30.0, help="SIGTERM grace for in-flight requests")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_settings(p, EngineConfig)  # every option is an EngineConfig field (engine/config.py)
 
 
 def config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -51,21 +28,7 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         model = str(_fetch(model))
     if not os.path.exists(model):
         raise ModelLoadError(f"model not found: {model}")
-    engine = args.engine
-    for name in ("request_timeout", "drain_timeout"):
-        if getattr(args, name) <= 0:
-            raise GearshiftError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if not 0 < args.port < 65536:
-        raise GearshiftError(f"--port must be in 1..65535, got {args.port}")
-    return EngineConfig(
-        model=model, engine=engine, served_model_name=args.served_model_name, dtype=args.dtype,
-        device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
-        block_size=args.block_size, enable_prefix_caching=not args.no_prefix_caching, threads=args.threads,
-        seed=args.seed, enforce_eager=args.enforce_eager, host=args.host, port=args.port,
-        api_key=args.api_key or os.environ.get("GEARSHIFT_API_KEY") or None, max_waiting=args.max_waiting,
-        request_timeout=args.request_timeout, drain_timeout=args.drain_timeout,
-    )
+    return from_namespace(EngineConfig, args, model=model)
 
 
 def _fetch(uri: str) -> str:
@@ -96,15 +59,17 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
     from gearshift.engine.server.app import build_app
     from gearshift.engine.server.lifecycle import DrainingServer
+    from gearshift.engine.server.limits import guarded_http
 
     config = config_from_args(args)
-    apply_thread_wait(args.thread_wait)  # before the backend imports torch / llama_cpp
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    apply_thread_wait(config.thread_wait)  # before the backend imports torch / llama_cpp
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     backend = make_backend(config)
     app = build_app(backend, config)
     state = app.state.gearshift
-    uv = uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level,
-                        lifespan="on", timeout_graceful_shutdown=5, access_log=args.log_level == "debug")
+    uv = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
+                        lifespan="on", timeout_graceful_shutdown=5, access_log=config.log_level == "debug",
+                        http=guarded_http(config.max_connections, config.read_timeout))
     server = DrainingServer(uv, state.lifecycle, config.drain_timeout, state.stop_backend)
 
     def fatal() -> None:

@@ -36,7 +36,7 @@ up: install
 
 # Unit, integration and e2e tests; provisions the Kubernetes control plane (built once, cached).
 test: install provision
-	@$(CLUSTER) status >/dev/null 2>&1 || trap '$(CLUSTER) down' EXIT; $(VENV)/bin/pytest $(PYTEST_ARGS)
+	@$(CLUSTER) status >/dev/null 2>&1 || trap '$(CLUSTER) down' EXIT; $(E2E_PATH) $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 unit: install
 	$(VENV)/bin/pytest -m "not e2e" $(PYTEST_ARGS)
@@ -52,7 +52,7 @@ provision-monitoring:
 
 # The e2e scenarios only. The cluster is stopped at the end unless it was already running before.
 e2e: install provision
-	@$(CLUSTER) status >/dev/null 2>&1 || trap '$(CLUSTER) down' EXIT; $(VENV)/bin/pytest -m e2e $(PYTEST_ARGS)
+	@$(CLUSTER) status >/dev/null 2>&1 || trap '$(CLUSTER) down' EXIT; $(E2E_PATH) $(VENV)/bin/pytest -m e2e $(PYTEST_ARGS)
 
 cluster-up: install provision
 	$(CLUSTER) up

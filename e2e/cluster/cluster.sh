@@ -3,4 +3,5 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 export PYTHONSAFEPATH=1
+export PYTHONPATH="$root/e2e/pythonpath"  # gearshift.e2e.* lives in the source tree, not the wheel
 exec "$root/.venv/bin/python" -m gearshift.e2e.cluster "$@"

@@ -35,7 +35,7 @@ SUMMARY="$OUT/summary.txt"
 step() {
   local name=$1 limit=$2 left
   shift 2
-  [[ " ${STEPS:-tests kernels offline_smollm2 offline_1b offline_8b} " == *" $name "* ]] || return 0
+  [[ " ${STEPS:-tests kernels offline_smollm2 offline_1b offline_8b cuda_launcher} " == *" $name "* ]] || return 0
   left=$(( END - $(date +%s) ))
   if (( left < limit )); then
     echo "== $name: skipped ($left s left of the budget, needs $limit)" | tee -a "$SUMMARY"
@@ -68,5 +68,7 @@ step offline_1b 100 bash -c "python3 bench/random_model.py /tmp/l1b --shape llam
 step offline_8b 160 bash -c "python3 bench/random_model.py /tmp/l8b --shape llama-3-8b --tokenizer-from $MODEL &&
   python3 bench/offline.py --device cuda --model /tmp/l8b --dtype bfloat16 --naive-requests 2 --compare-eager \
   --kv-cache-memory 16Gi"
+# The CUDA image's runtime stage (Dockerfile): Triton's launcher needs a C compiler; fails without, serves with.
+step cuda_launcher 150 bash bench/cuda_launcher_check.sh $MODEL
 echo "== total $(( $(date +%s) - END + BUDGET )) s" | tee -a "$SUMMARY"
 cat "$SUMMARY"

@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 E2E_PATH := PYTHONPATH=$(CURDIR)/e2e/pythonpath
 CLUSTER := $(E2E_PATH) $(VENV)/bin/python -m gearshift.e2e.cluster
 
-.PHONY: install up test unit e2e provision provision-monitoring cluster-up cluster-down bench lint clean
+.PHONY: install up test unit e2e provision provision-monitoring image cluster-up cluster-down bench lint clean
 
 install: $(VENV)/.installed
 
@@ -53,6 +53,11 @@ provision-monitoring:
 # The e2e scenarios only. The cluster is stopped at the end unless it was already running before.
 e2e: install provision
 	@$(CLUSTER) status >/dev/null 2>&1 || trap '$(CLUSTER) down' EXIT; $(E2E_PATH) $(VENV)/bin/pytest -m e2e $(PYTEST_ARGS)
+
+# The CPU image from the one Dockerfile, built with podman (debootstrap base, this host's pip settings as
+# build arguments; see e2e/README.md), cached by a hash of its inputs; tagged as manifests/operator.yaml's image.
+image:
+	e2e/image/build.sh
 
 cluster-up: install provision
 	$(CLUSTER) up

@@ -1,5 +1,8 @@
-"""`gearshift` command line. Each sub-command lives in its own module, imported only when it runs.
+"""`gearshift` command line: the one entry point both packages register their sub-commands with.
 
+This module names no package: each registers a `name -> (module, help)` table (engine/commands.py,
+operator/commands.py) under the `gearshift.commands` entry point group in pyproject.toml, so neither
+`gearshift.engine` nor `gearshift.operator` imports the other to be on the command line.
 A sub-command module exposes `add_arguments(parser)` and `run(args) -> int`. Errors that are the
 user's (GearshiftError) print one line and exit 2; nothing prints a traceback at the user.
 """
@@ -9,16 +12,20 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from importlib.metadata import entry_points
 
-# name -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("gearshift.engine.server.launch", "serve a model behind an OpenAI-compatible API"),
-    "up": ("gearshift.operator.local_up", "decide the engine for an InferenceService file and serve it here"),
-    "plan": ("gearshift.operator.plan", "print the engine decision and child manifests for an InferenceService"),
-    "bench": ("gearshift.engine.benchmark", "measure offline throughput of the paged engine on a model"),
-    "operator": ("gearshift.operator.main", "run the Kubernetes operator (in-cluster or with a kubeconfig)"),
-    "fetch": ("gearshift.engine.fetch", "download a model URI into a directory (the pods' init container)"),
-}
+GROUP = "gearshift.commands"
+
+
+def registered_commands() -> dict[str, tuple[str, str]]:
+    """name -> (module, one-line help), from every installed package's registration, in package order."""
+    out: dict[str, tuple[str, str]] = {}
+    for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name):
+        for name, entry in ep.load().items():
+            if name in out:
+                raise RuntimeError(f"sub-command {name!r} is registered twice ({out[name][0]}, {entry[0]})")
+            out[name] = entry
+    return out
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
@@ -31,7 +38,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     parser.add_argument("--version", action="version", version=f"gearshift {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules: dict[str, object] = {}
-    for name, (module_name, help_text) in COMMANDS.items():
+    commands = registered_commands()
+    if not commands:
+        parser.epilog = "no sub-commands are registered: reinstall the package (pip install -e .)"
+    for name, (module_name, help_text) in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         try:
             module = importlib.import_module(module_name)

@@ -199,8 +199,14 @@ class ModelRunner:
     def _capture_graphs(self) -> None:
         from gearshift.engine.cuda_graphs import DecodeGraphs  # lazy: CPU never captures
 
+        def forward(input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+            return self.model.compute_logits(self.model(input_ids, positions, meta, self.kv_caches))
+
         try:
-            self.graphs = DecodeGraphs(self)
+            graphs = DecodeGraphs(forward, self.device, self.config.max_num_seqs,
+                                  max_blocks=-(-self.max_model_len // self.block_size), block_size=self.block_size)
+            graphs.capture()
+            self.graphs = graphs
         except Exception as e:  # a capture failure costs speed, not correctness: run eager
             log.warning("CUDA graph capture failed (%s); decoding eagerly", e)
             self.graphs = None
@@ -211,9 +217,10 @@ class ModelRunner:
             self._copy_blocks(out.block_copies)
         if not out.seqs:
             return torch.empty(0, self.vocab_size, dtype=torch.float32, device=self.device)
-        if self.graphs is not None and self.graphs.can_run(out):
-            return self.graphs.run(out)
         input_ids, positions, meta, sample_rows = self.prepare(out)
+        sampled = meta.num_seqs if sample_rows is None else sample_rows.shape[0]
+        if self.graphs is not None and self.graphs.can_run(input_ids, meta, sampled):
+            return self.graphs.run(input_ids, positions, meta)
         hidden = self.model(input_ids, positions, meta, self.kv_caches)
         return self.model.compute_logits(hidden[sample_rows])
 

@@ -25,5 +25,10 @@ class EngineOverloadedError(GearshiftError):
     """The waiting queue is full (HTTP 429 with Retry-After)."""
 
 
+class EngineError(GearshiftError):
+    """The engine failed while serving a request it had accepted (HTTP 500, retryable): never the client's
+    fault, so never a 400."""
+
+
 class ModelNotReadyError(GearshiftError):
     """The model is still loading (or failed to): HTTP 503 with Retry-After, not a client error."""

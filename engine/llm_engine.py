@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from gearshift.engine.block_manager import BlockManager
 from gearshift.engine.config import EngineConfig
@@ -25,6 +26,22 @@ from gearshift.engine.outputs import CompletionOutput, EngineStats, FinishReason
 from gearshift.engine.sampling_params import SamplingParams
 from gearshift.engine.scheduler import Scheduler
 from gearshift.engine.sequence import Sequence
+
+
+class BatchStepError(Exception):
+    """A step failed in a way no single request can be blamed for (the model's forward pass): every
+    request in that step has been ended (see take_failures); requests not in it go on."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.request_ids = request_ids
+        self.cause = cause
+
+
+@dataclass
+class _Sampled:
+    token_ids: list[int | None]  # None: that row's request failed while sampling
+    logprobs: list[Logprob | None]
 
 
 @dataclass
@@ -74,6 +91,7 @@ class LLMEngine:
                                    self.max_model_len)
         self.sampler = Sampler(config.seed)
         self._requests: dict[str, _Request] = {}
+        self._failures: dict[str, BaseException] = {}  # request id -> what ended it in a step
         self._lock = threading.RLock()
 
     # -- requests ----------------------------------------------------------------------------------
@@ -175,7 +193,13 @@ class LLMEngine:
                 req = self._requests[self.scheduler.seqs[s.seq_id].request_id]
                 if req.first_scheduled_time is None:
                     req.first_scheduled_time = now
-            logits = self.runner.execute(out)  # [num seqs with sample=True, vocab]
+            try:
+                logits = self.runner.execute(out)  # [num seqs with sample=True, vocab]
+            except Exception as e:  # which request caused it cannot be known: the whole batch fails
+                ids = {self.scheduler.seqs[s.seq_id].request_id for s in out.seqs}
+                for rid in ids:
+                    self._fail(rid, e)
+                raise BatchStepError(sorted(ids), e) from e
             self.scheduler.on_step_done(out)
 
             targets: list[Sequence] = []
@@ -197,26 +221,67 @@ class LLMEngine:
                 import torch
 
                 logits = logits[torch.tensor(rows, device=logits.device)]  # [len(targets), vocab]
-            sampled = self.sampler.sample(logits, targets)
+            sampled = self._sample_isolated(logits, targets)
 
             now = time.time()
             touched: dict[str, _Request] = {}
             for seq, token_id, logprob in zip(targets, sampled.token_ids, sampled.logprobs, strict=True):
-                req = self._requests[seq.request_id]
-                if req.first_token_time is None:
-                    req.first_token_time = now
-                seq.append_token(token_id)
-                choice = req.choices[seq.index]
-                self._on_token(req, choice, token_id, logprob)
-                if choice.finish_reason is not None:
-                    self.scheduler.finish(seq)
-                touched[req.request_id] = req
+                req = self._requests.get(seq.request_id)
+                if req is None or token_id is None:  # failed in this step (see take_failures)
+                    continue
+                try:
+                    if req.first_token_time is None:
+                        req.first_token_time = now
+                    seq.append_token(token_id)
+                    choice = req.choices[seq.index]
+                    self._on_token(req, choice, token_id, logprob)
+                    if choice.finish_reason is not None:
+                        self.scheduler.finish(seq)
+                    touched[req.request_id] = req
+                except Exception as e:  # this request's own data broke it: only it fails
+                    self._fail(req.request_id, e)
+                    touched.pop(req.request_id, None)
             outputs = []
             for req in touched.values():
                 outputs.append(self._output(req))
                 if req.finished:
                     del self._requests[req.request_id]
             return outputs
+
+    def _sample_isolated(self, logits: Any, targets: list[Sequence]) -> Any:
+        """Sample the batch; if that raises, sample row by row so that only the rows that raise fail (their
+        requests go to take_failures, their token ids are None) and the rest of the batch goes on."""
+        try:
+            return self.sampler.sample(logits, targets)
+        except Exception:
+            pass
+        token_ids: list[int | None] = []
+        logprobs: list[Logprob | None] = []
+        for row, seq in enumerate(targets):
+            if seq.request_id in self._failures:
+                token_ids.append(None)
+                logprobs.append(None)
+                continue
+            try:
+                one = self.sampler.sample(logits[row : row + 1], [seq])
+                token_ids.append(one.token_ids[0])
+                logprobs.append(one.logprobs[0])
+            except Exception as e:
+                self._fail(seq.request_id, e)
+                token_ids.append(None)
+                logprobs.append(None)
+        return _Sampled(token_ids, logprobs)
+
+    def _fail(self, request_id: str, error: BaseException) -> None:
+        """End one request because of an error in a step: its blocks are freed, the backend reports it."""
+        if self.abort(request_id) is not None:
+            self._failures[request_id] = error
+
+    def take_failures(self) -> dict[str, BaseException]:
+        """Requests that failed in the last step(s), with their errors; each is reported once."""
+        with self._lock:
+            failures, self._failures = self._failures, {}
+            return failures
 
     def _on_token(self, req: _Request, c: _Choice, token_id: int, logprob: Logprob | None) -> None:
         p = req.params

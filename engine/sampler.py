@@ -52,7 +52,7 @@ class Sampler:
                     continue
                 if seq.generator is None:
                     # Choice k of a seeded request draws from seed + k: reproducible, but not n copies.
-                    seq.generator = torch.Generator().manual_seed(seq.params.seed + seq.index)
+                    seq.generator = torch.Generator().manual_seed((seq.params.seed + seq.index) % 2**64)
                 q[j].exponential_(generator=seq.generator)
             chosen[idx] = (probs / q.clamp_(min=1e-20)).argmax(dim=-1)
 

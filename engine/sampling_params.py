@@ -8,6 +8,11 @@ from dataclasses import dataclass, field
 from gearshift.engine.errors import InvalidRequestError
 
 MAX_TOP_LOGPROBS = 20
+# What the engines can represent: torch generators and llama.cpp take a 64-bit unsigned seed, llama.cpp's
+# top_k and token ids are 32-bit; stop lists are scanned every token, so they are kept short.
+MAX_SEED = 2**64 - 1
+MAX_INT32 = 2**31 - 1
+MAX_STOP_STRINGS, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS = 16, 1024, 256
 
 
 @dataclass
@@ -52,9 +57,10 @@ class SamplingParams:
         if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= 128:
             raise bad("n", f"must be an integer in [1, 128], got {self.n!r}")
         if self.max_tokens is not None and (
-            not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1
+            not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool)
+            or not 1 <= self.max_tokens <= MAX_INT32
         ):
-            raise bad("max_tokens", f"must be a positive integer, got {self.max_tokens!r}")
+            raise bad("max_tokens", f"must be an integer in [1, {MAX_INT32}], got {self.max_tokens!r}")
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             finite(name, getattr(self, name))
         if not 0.0 <= self.temperature <= 100.0:
@@ -63,15 +69,17 @@ class SamplingParams:
             raise bad("top_p", f"must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", f"must be in [0, 1], got {self.min_p}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
-            raise bad("top_k", f"must be -1 (off) or a positive integer, got {self.top_k!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not -1 <= self.top_k <= MAX_INT32:
+            raise bad("top_k", f"must be -1 (off) or a positive integer up to {MAX_INT32}, got {self.top_k!r}")
         if not 0.0 < self.repetition_penalty <= 10.0:
             raise bad("repetition_penalty", f"must be in (0, 10], got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise bad(name, f"must be in [-2, 2], got {getattr(self, name)}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise bad("seed", f"must be an integer, got {self.seed!r}")
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED
+        ):
+            raise bad("seed", f"must be an integer in [0, 2**64 - 1], got {self.seed!r}")
         if self.logprobs is not None and (
             not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
             or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS
@@ -79,7 +87,11 @@ class SamplingParams:
             raise bad("logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "must be non-empty strings")
-        if len(self.stop) > 16:
-            raise bad("stop", f"at most 16 stop strings, got {len(self.stop)}")
-        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.stop_token_ids):
-            raise bad("stop_token_ids", "must be non-negative integers")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise bad("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise bad("stop", f"a stop string may be at most {MAX_STOP_CHARS} characters")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise bad("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t <= MAX_INT32 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", f"must be integers in [0, {MAX_INT32}]")

@@ -10,13 +10,17 @@ templates, and IncrementalDetokenizer for streaming text one token at a time.
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from gearshift.engine.control_tokens import ControlShield, plain_pieces
 from gearshift.engine.errors import InvalidRequestError, ModelLoadError
 from tokenizers import Tokenizer as HFTokenizer
+
+_LONG_TEXT = 4096  # characters
 
 
 class Tokenizer:
@@ -87,7 +91,25 @@ class Tokenizer:
 
     # ---- text <-> ids ---------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Control-token strings in `text` become control tokens, except those a chat message wrote."""
+        return self.shield.encode(text, add_special_tokens, self._encode, self._encode_plain)
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        if len(text) > _LONG_TEXT:  # encode_batch releases the GIL (encode holds it: a 4 MB text held ~5 s)
+            return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    @functools.cached_property
+    def shield(self) -> ControlShield:
+        """Keeps control-token strings inside chat messages as text (engine/control_tokens.py)."""
+        specials = [t.content for t in self._tok.get_added_tokens_decoder().values() if t.special]
+        return ControlShield(specials)
+
+    def _encode_plain(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for piece in plain_pieces(text, self.shield.controls):
+            ids += self._encode(piece, False)
+        return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -114,7 +136,7 @@ class Tokenizer:
             raise InvalidRequestError("this model has no chat template; send a plain prompt instead", "messages")
         try:
             text = self._template().render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
+                messages=self.shield.shield(messages), add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs,
             )
         except InvalidRequestError:

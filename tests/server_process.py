@@ -86,10 +86,11 @@ def serve_args(model: Path, engine: str, *extra: str, name: str = "smollm2") -> 
 
 @contextlib.contextmanager
 def running_server(model: Path, engine: str, *extra: str, env: dict[str, str] | None = None,
-                   timeout: float = 180.0) -> Iterator[Server]:
+                   timeout: float = 180.0, entry: list[str] | None = None) -> Iterator[Server]:
+    """entry: what runs `gearshift serve` (default `python -m gearshift.engine.cli`)."""
     port = free_port()
     log = Path(tempfile.mkstemp(prefix=f"gearshift-{engine}-", suffix=".log")[1])
-    cmd = [sys.executable, "-m", "gearshift.engine.cli", "serve", *serve_args(model, engine, *extra),
+    cmd = [*(entry or [sys.executable, "-m", "gearshift.engine.cli"]), "serve", *serve_args(model, engine, *extra),
            "--port", str(port)]
     full_env = {**os.environ, "PYTHONSAFEPATH": "1", **(env or {})}
     with open(log, "wb") as out:

@@ -26,9 +26,10 @@ from gearshift.engine.backends.gguf_chat import GGUFChatTemplate
 from gearshift.engine.backends.gguf_decode import ChoiceDecoder
 from gearshift.engine.backends.gguf_loader import load_llama
 from gearshift.engine.config import EngineConfig
+from gearshift.engine.control_tokens import ControlShield
 from gearshift.engine.errors import (
+    EngineError,
     EngineOverloadedError,
-    GearshiftError,
     InvalidRequestError,
     ModelNotReadyError,
 )
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     import llama_cpp
 
 log = logging.getLogger("gearshift.gguf")
+# Requests that fail in a row before the engine counts as broken (/health 503, the kubelet restarts it).
+MAX_FAILED_REQUESTS = 3
 
 
 @dataclass(eq=False)  # identity, not field equality: requests are found in the deque by `is`
@@ -78,6 +81,10 @@ class GGUFBackend:
         self._thread: threading.Thread | None = None
         self._prefix_queries = 0
         self._prefix_hits = 0
+        self._shield = ControlShield([])  # the vocabulary's control tokens, once loaded
+        self._failed_in_a_row = 0  # worker thread only
+        self.broken: str | None = None  # why the engine cannot serve any more (/health answers 503)
+        self._grammar_vocab: Any = None
 
     # ----- lifecycle -----
 
@@ -90,6 +97,7 @@ class GGUFBackend:
             bos_token=_token_text(llm, llm.token_bos()),
             eos_token=_token_text(llm, llm.token_eos()),
         )
+        self._shield = ControlShield(_control_strings(llm))
         self._stopping = False
         self._thread = threading.Thread(target=self._worker, name="gguf-worker", daemon=True)
         self._thread.start()
@@ -113,14 +121,20 @@ class GGUFBackend:
             self._llm = None
 
     def ready(self) -> bool:
-        return self._llm is not None and self._thread is not None and self._thread.is_alive() and not self._stopping
+        return (self._llm is not None and self._thread is not None and self._thread.is_alive()
+                and not self._stopping and self.broken is None)
 
     # ----- tokens and templates -----
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         # special=True: control tokens written in the text (e.g. <|im_start|> from a chat template) are
-        # parsed as such, as llama_cpp.Llama.create_completion does with a string prompt.
-        return self._model().tokenize(text.encode("utf-8"), add_bos=add_special_tokens, special=True)
+        # parsed as such, as llama_cpp.Llama.create_completion does with a string prompt; those a chat
+        # message wrote stay text (the shield marked them when the template rendered).
+        llm = self._model()
+        return self._shield.encode(
+            text, add_special_tokens,
+            lambda t, bos: llm.tokenize(t.encode("utf-8"), add_bos=bos, special=True),
+            lambda t: llm.tokenize(t.encode("utf-8"), add_bos=False, special=False))
 
     def decode(self, token_ids: list[int]) -> str:
         llm = self._model()
@@ -130,10 +144,27 @@ class GGUFBackend:
                 raise InvalidRequestError(f"token id {t!r} is outside the vocabulary [0, {n_vocab})", param="tokens")
         return llm.detokenize(list(token_ids)).decode("utf-8", errors="replace")
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            **extra: Any) -> str:
         self._model()
         assert self._chat is not None
-        return self._chat.render(messages, add_generation_prompt=add_generation_prompt)
+        return self._chat.render(self._shield.shield(messages), add_generation_prompt=add_generation_prompt,
+                                 **extra)
+
+    def chat_template_source(self) -> str | None:
+        self._model()
+        return self._chat.source if self._chat is not None else None
+
+    def grammar_vocab(self) -> Any:
+        """The grammar engine's view of llama.cpp's vocabulary, built on first use (~0.3 s) and kept."""
+        if self._grammar_vocab is None:
+            import llama_cpp
+            from gearshift.engine.pipeline.guided import vocab_from_llama
+
+            vocab = self._model()._model.vocab
+            eog = [t for t in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+            self._grammar_vocab = vocab_from_llama(vocab, eog)
+        return self._grammar_vocab
 
     # ----- requests -----
 
@@ -143,8 +174,8 @@ class GGUFBackend:
         max_tokens = self._max_tokens(len(prompt_ids), params)
         req = _Request(request_id, prompt_ids, params, max_tokens, asyncio.get_running_loop(), asyncio.Queue())
         with self._cv:
-            if self._stopping or self._thread is None:
-                raise GearshiftError("the gguf engine is not running")
+            if self._stopping or self._thread is None or not self._thread.is_alive() or self.broken:
+                raise ModelNotReadyError(self.broken or "the gguf engine is not running")
             if len(self._waiting) >= self.config.max_waiting:
                 raise EngineOverloadedError(
                     f"{len(self._waiting)} requests are already waiting (max_waiting={self.config.max_waiting})"
@@ -229,6 +260,19 @@ class GGUFBackend:
     # ----- the worker thread -----
 
     def _worker(self) -> None:
+        try:
+            self._serve_queue()
+        except BaseException as e:  # the worker died: every waiting request hears it, /health turns 503
+            log.exception("the gguf worker thread died")
+            self.broken = f"the engine's worker thread died: {type(e).__name__}: {e}"
+            with self._cv:
+                pending = ([self._current] if self._current is not None else []) + list(self._waiting)
+                self._waiting.clear()
+                self._current = None
+            for req in pending:
+                req.post(EngineError(f"the engine stopped: {type(e).__name__}"))
+
+    def _serve_queue(self) -> None:
         while True:
             with self._cv:
                 while not self._waiting and not self._stopping:
@@ -241,16 +285,23 @@ class GGUFBackend:
             try:
                 if not req.cancelled:
                     final = self._serve(req)
+                    self._failed_in_a_row = 0
             except Exception as e:  # a llama.cpp failure ends this request with an error, not the worker
                 log.exception("gguf request %s failed", req.request_id)
-                final = GearshiftError(f"generation failed: {e}")
+                final = EngineError(f"generation failed: {type(e).__name__}: {e}")
+                self._failed_in_a_row += 1
+                if self._failed_in_a_row >= MAX_FAILED_REQUESTS:
+                    self.broken = f"{self._failed_in_a_row} requests in a row failed, the last with {e!r}"
+            except BaseException as e:  # the worker dies (see _worker); this request hears it first
+                final = EngineError(f"the engine stopped: {type(e).__name__}")
+                raise
             finally:
                 # Not running any more before the consumer hears it is done: stats never show a
                 # finished request as running.
                 with self._cv:
                     self._current = None
-            if final is not None:
-                req.post(final)
+                if final is not None:
+                    req.post(final)
 
     def _serve(self, req: _Request) -> RequestOutput:
         llm = self._model()
@@ -305,6 +356,15 @@ class GGUFBackend:
     def _final_abort(self, req: _Request) -> RequestOutput:
         outs = [CompletionOutput(index=i, finish_reason="abort") for i in range(req.params.n)]
         return self._output(req, outs, finished=True)
+
+
+def _control_strings(llm: llama_cpp.Llama) -> list[str]:
+    import llama_cpp
+
+    vocab = llm._model.vocab
+    return [t for i in range(llm.n_vocab())
+            if llama_cpp.llama_vocab_get_attr(vocab, i) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
+            and (t := _token_text(llm, i))]
 
 
 def _token_text(llm: llama_cpp.Llama, token: int) -> str:

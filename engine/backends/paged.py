@@ -21,6 +21,7 @@ from typing import Any, Literal
 from gearshift.engine.backends.base import relay_outputs
 from gearshift.engine.config import EngineConfig
 from gearshift.engine.errors import (
+    EngineError,
     EngineOverloadedError,
     GearshiftError,
     InvalidRequestError,
@@ -31,6 +32,9 @@ from gearshift.engine.outputs import CompletionOutput, EngineStats, RequestOutpu
 from gearshift.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("gearshift.paged")
+# Steps that fail in a row before the engine counts as broken (/health 503, the kubelet restarts the pod):
+# a step that a request's own data breaks fails only that request and does not count (llm_engine).
+MAX_FAILED_STEPS = 3
 
 
 @dataclasses.dataclass
@@ -64,6 +68,9 @@ class PagedBackend:
         self._stopping = False
         self._stats = EngineStats()
         self._live = 0  # admitted and unfinished; touched only on the event loop
+        self._grammar_vocab: Any = None
+        self._failed_steps = 0  # consecutive steps that raised (worker thread only)
+        self.broken: str | None = None  # why the engine cannot serve any more (/health answers 503)
 
     # ----- lifecycle -----
 
@@ -101,7 +108,8 @@ class PagedBackend:
             self._thread = None
 
     def ready(self) -> bool:
-        return self._engine is not None and self._thread is not None and self._thread.is_alive() and not self._stopping
+        return (self._engine is not None and self._thread is not None and self._thread.is_alive()
+                and not self._stopping and self.broken is None)
 
     # ----- tokens and templates -----
 
@@ -153,7 +161,7 @@ class PagedBackend:
                        ) -> AsyncIterator[RequestOutput]:
         ids = self._validate(prompt, params)
         if not self.ready():
-            raise GearshiftError("the paged engine is not running")
+            raise ModelNotReadyError(self.broken or "the paged engine is not running")
         # Room for a full batch running plus `max_waiting` queued behind it.
         if self._live >= self.config.max_num_seqs + self.config.max_waiting:
             raise EngineOverloadedError(
@@ -190,7 +198,7 @@ class PagedBackend:
                     self._engine.add_request(rid, ids, params)
                 except Exception as e:
                     stream = self._streams.pop(rid)
-                    stream.post(e if isinstance(e, GearshiftError) else GearshiftError(f"cannot add request: {e}"))
+                    stream.post(e if isinstance(e, GearshiftError) else EngineError(f"cannot add request: {e}"))
             else:
                 if self._streams.pop(rid, None) is not None:
                     self._engine.abort(rid)
@@ -206,6 +214,33 @@ class PagedBackend:
         self._worker()
 
     def _worker(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # the worker died: every stream hears it, /health turns 503
+            log.exception("the paged engine's worker thread died")
+            self.broken = f"the engine's worker thread died: {type(e).__name__}: {e}"
+            for stream in list(self._streams.values()):
+                stream.post(EngineError(f"the engine stopped: {type(e).__name__}"))
+            self._streams.clear()
+
+    def _fail_all(self, engine: Any, why: str) -> None:
+        for rid, stream in list(self._streams.items()):
+            stream.post(EngineError(why))
+            try:
+                engine.abort(rid)
+            except Exception:
+                log.exception("abort of %s failed", rid)
+        self._streams.clear()
+
+    def _report_failures(self, engine: Any) -> None:
+        """Requests the last step ended with an error (engine.take_failures) get an error event each."""
+        for rid, e in engine.take_failures().items():
+            stream = self._streams.pop(rid, None)
+            if stream is not None:
+                log.error("request %s failed in a step: %s: %s", rid, type(e).__name__, e)
+                stream.post(EngineError(f"generation failed: {type(e).__name__}: {e}"))
+
+    def _loop(self) -> None:
         engine = self._engine
         while not self._stopping:
             self._apply_inbox()
@@ -216,16 +251,17 @@ class PagedBackend:
                 continue
             try:
                 outputs = engine.step()
-            except Exception as e:  # a failed step ends the requests in it with an error, not the server
+            except Exception as e:  # only the requests of that step fail; the rest go on
                 log.exception("engine step failed")
-                for rid, stream in list(self._streams.items()):
-                    stream.post(GearshiftError(f"generation failed: {e}"))
-                    self._streams.pop(rid, None)
-                    try:
-                        engine.abort(rid)
-                    except Exception:
-                        log.exception("abort of %s failed", rid)
+                self._report_failures(engine)
+                self._failed_steps += 1
+                if self._failed_steps >= MAX_FAILED_STEPS:
+                    self.broken = f"{self._failed_steps} engine steps in a row failed, the last with {e!r}"
+                    self._fail_all(engine, self.broken)
+                    return
                 continue
+            self._failed_steps = 0
+            self._report_failures(engine)
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is None:

@@ -24,9 +24,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("gearshift.server")
 
-_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
-          405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
-          429: "rate_limit_error", 503: "service_unavailable_error"}
+_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
+          404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
+          415: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+          503: "service_unavailable_error"}
 
 
 class APIError(Exception):
@@ -52,14 +53,20 @@ def unavailable(why: str) -> APIError:
     return APIError(503, why, code="service_unavailable", headers={"Retry-After": "1"})
 
 
+def server_error(message: str) -> APIError:
+    """A failure on our side (HTTP 500): OpenAI's clients retry it."""
+    return APIError(500, message, code="server_error")
+
+
 def from_engine_error(e: GearshiftError) -> APIError:
+    """Only InvalidRequestError is the client's fault (400); any other engine error is ours (5xx)."""
     if isinstance(e, InvalidRequestError):
         return APIError(400, e.message, param=e.param, code=e.code)
     if isinstance(e, EngineOverloadedError):
         return overloaded()
     if isinstance(e, ModelNotReadyError):
         return unavailable(str(e))
-    return APIError(400, str(e))
+    return server_error(str(e))
 
 
 def error_payload(path: str, err: APIError) -> dict[str, Any]:

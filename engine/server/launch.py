@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
     from gearshift.engine.server.app import build_app
     from gearshift.engine.server.lifecycle import DrainingServer
+    from gearshift.engine.server.limits import guarded_http
 
     config = config_from_args(args)
     apply_thread_wait(config.thread_wait)  # before the backend imports torch / llama_cpp
@@ -67,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     app = build_app(backend, config)
     state = app.state.gearshift
     uv = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
-                        lifespan="on", timeout_graceful_shutdown=5, access_log=config.log_level == "debug")
+                        lifespan="on", timeout_graceful_shutdown=5, access_log=config.log_level == "debug",
+                        http=guarded_http(config.max_connections, config.read_timeout))
     server = DrainingServer(uv, state.lifecycle, config.drain_timeout, state.stop_backend)
 
     def fatal() -> None:

@@ -15,6 +15,7 @@ from gearshift.operator.policy import EnginePlan
 from gearshift.operator.spec import API_VERSION, ENGINE_ARGS, KIND, InferenceServiceSpec
 
 PORT = 8000
+PRESTOP_SECONDS = 10  # endpoint removal reaches kube-proxy in about a second; slow control planes take more
 MODELS_DIR = "/models"
 MANAGED_BY = "gearshift-operator"
 ENGINE_LABEL = "gearshift.dev/engine"
@@ -146,6 +147,10 @@ def deployment(spec: InferenceServiceSpec, plan: EnginePlan, image: str,
         "startupProbe": _probe("/health", 5, STARTUP_SECONDS // 5),
         "readinessProbe": _probe("/ready", 5, 2),
         "livenessProbe": _probe("/health", 10, 3),
+        # Deleting a pod sends SIGTERM while its endpoint is still being removed from every node's
+        # kube-proxy; requests routed there meanwhile would meet a draining server (503). Serving on
+        # for PRESTOP_SECONDS first lets the endpoint go; then SIGTERM drains what is in flight.
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SECONDS)]}}},
         "securityContext": _security_context(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
@@ -153,7 +158,8 @@ def deployment(spec: InferenceServiceSpec, plan: EnginePlan, image: str,
         "automountServiceAccountToken": False,  # the engine never talks to the API server
         "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
                             "seccompProfile": {"type": "RuntimeDefault"}},
-        "terminationGracePeriodSeconds": 60,  # the server drains in-flight requests for up to 30 s
+        # preStop, then the server's drain (up to 30 s), then margin.
+        "terminationGracePeriodSeconds": PRESTOP_SECONDS + 50,
         "containers": [container],
         "volumes": volumes,
     }

@@ -10,6 +10,7 @@ import argparse
 from typing import Any
 
 import pytest
+from gearshift.engine.config import EngineConfig
 from gearshift.operator import builders
 from gearshift.operator.policy import decide
 from gearshift.operator.spec import parse_spec
@@ -146,6 +147,15 @@ def test_probes_and_scrape_annotations() -> None:
     ann = ch["Deployment"]["spec"]["template"]["metadata"]["annotations"]
     assert ann == {"prometheus.io/scrape": "true", "prometheus.io/port": "8000", "prometheus.io/path": "/metrics"}
     assert c["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+
+
+def test_prestop_lets_the_endpoint_go_before_the_drain() -> None:
+    ch = render(isvc())
+    c = engine_container(ch)
+    pause = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert pause[0] == "sleep" and int(pause[1]) >= 5
+    drain = EngineConfig(model="m.gguf").drain_timeout
+    assert ch["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > int(pause[1]) + drain
 
 
 def test_pod_ip_from_the_downward_api() -> None:

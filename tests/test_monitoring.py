@@ -66,15 +66,6 @@ def test_prometheus_operator_rule_is_the_plain_file() -> None:
     assert (MON / "prometheusrule.yaml").read_text() == render_prometheus_rule()
 
 
-def test_scrape_config_with_the_rules_is_a_valid_prometheus_config(tmp_path: Path) -> None:
-    scrape = yaml.safe_load((MON / "prometheus-scrape.yaml").read_text())
-    cfg = {"global": {"scrape_interval": "15s"}, "rule_files": [str(MON / "rules.yaml")],
-           "scrape_configs": scrape}
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
-    r = promtool("check", "config", str(tmp_path / "prometheus.yml"))
-    assert r.returncode == 0, r.stdout + r.stderr
-
-
 def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
     """promtool parses each query as a recording rule's expression: a typo in a panel fails here."""
     rules = {"groups": [{"name": "dashboard", "rules": [
@@ -105,6 +96,18 @@ def test_crossover_in_rules_and_dashboard_is_the_operators() -> None:
     assert re.search(rf">= {CROSSOVER_CONCURRENCY}\b", advice["expr"]), advice["expr"]
     assert _crossovers(advice["annotations"]["description"]) == {CROSSOVER_CONCURRENCY}
     assert f"vector({CROSSOVER_CONCURRENCY})" in dashboard_queries()
+
+
+def test_the_e2e_prometheus_config_is_valid_and_keeps_the_users_relabelling(tmp_path: Path) -> None:
+    """The e2e swaps only the discovery (Debian's Prometheus has no Kubernetes SD) for HTTP SD."""
+    from gearshift.e2e.cluster.prometheus import config
+
+    cfg = config("http://127.0.0.1:1/pods")
+    users = yaml.safe_load((MON / "prometheus-scrape.yaml").read_text())
+    assert [j["relabel_configs"] for j in cfg["scrape_configs"]] == [j["relabel_configs"] for j in users]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+    r = promtool("check", "config", str(tmp_path / "prometheus.yml"))
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 if __name__ == "__main__":

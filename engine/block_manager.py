@@ -5,6 +5,8 @@ equal prefixes. On a hit the stored parent hash and token ids are compared too (
 not hand one prompt another's KV). Blocks nobody references but whose contents are registered stay
 cached in an LRU and are evicted only when a fresh block is needed and the free list is empty.
 
+Only full, computed blocks are ever shared (prefix hits), and nobody writes into a full block, so there is
+no copy-on-write: n > 1 choices are separate sequences from the start (sequence.fan_out).
 Pure Python: block ids only. The model runner owns the tensor the ids index.
 """
 
@@ -54,7 +56,6 @@ class BlockManager:
         self._free: deque[int] = deque(range(num_blocks))  # ref 0, holding nothing worth keeping
         self._evictable: OrderedDict[int, None] = OrderedDict()  # ref 0 but cached; least recent first
         self._cached: dict[int, int] = {}  # block hash -> block id
-        self._copies: list[tuple[int, int]] = []  # copy-on-write (src, dst) since the last drain
         self.prefix_cache_queries = 0  # tokens looked up at admission, cumulative
         self.prefix_cache_hits = 0  # of which served from the cache
 
@@ -112,10 +113,12 @@ class BlockManager:
         """Register the sequence's blocks that became full and computed, so later prompts can hit them."""
         if not self.enable_prefix_caching:
             return
-        self._extend_hashes(seq)
         bs = self.block_size
         num_full = min(seq.num_computed_tokens // bs, len(seq.block_table))
-        for i in range(num_full):
+        if num_full <= seq.num_registered_blocks:
+            return  # the common decode step: no block filled up
+        self._extend_hashes(seq)
+        for i in range(seq.num_registered_blocks, num_full):
             block = self.blocks[seq.block_table[i]]
             if block.hash is not None:
                 continue
@@ -126,6 +129,7 @@ class BlockManager:
             block.parent_hash = seq.block_hashes[i - 1] if i else _ROOT_HASH
             block.token_ids = tuple(seq.token_ids[i * bs:(i + 1) * bs])
             self._cached[h] = block.block_id
+        seq.num_registered_blocks = num_full
 
     # -- allocation --------------------------------------------------------------------------------
     def can_allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: Seq[int] = ()) -> bool:
@@ -136,13 +140,7 @@ class BlockManager:
     def _blocks_needed(self, seq: Sequence, num_new_tokens: int, cached_blocks: Seq[int]) -> int:
         num_computed = seq.num_computed_tokens + len(cached_blocks) * self.block_size
         have = len(seq.block_table) + len(cached_blocks)
-        needed = max(0, self.blocks_for(num_computed + num_new_tokens) - have)
-        return needed + (1 if self._needs_copy(seq, num_computed, num_new_tokens) else 0)
-
-    def _needs_copy(self, seq: Sequence, num_computed: int, num_new_tokens: int) -> bool:
-        """The first new token lands in a partial block a forked sibling also holds: copy before writing."""
-        idx = num_computed // self.block_size
-        return num_new_tokens > 0 and idx < len(seq.block_table) and self.blocks[seq.block_table[idx]].ref_count > 1
+        return max(0, self.blocks_for(num_computed + num_new_tokens) - have)
 
     def allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: Seq[int] = ()) -> bool:
         """Give `seq` blocks for `num_new_tokens` more tokens; False (and nothing changed) if they don't fit.
@@ -150,6 +148,8 @@ class BlockManager:
         `cached_blocks` (from `lookup`, only when the sequence holds no blocks) are taken first and advance
         num_computed_tokens past the cached prefix.
         """
+        if not cached_blocks and seq.num_computed_tokens + num_new_tokens <= len(seq.block_table) * self.block_size:
+            return True  # the common decode step: the last block still has room
         if cached_blocks and seq.block_table:
             raise ValueError("cached blocks can only start an empty block table")
         if not self.can_allocate(seq, num_new_tokens, cached_blocks):
@@ -162,21 +162,9 @@ class BlockManager:
             self._take(block_id)
             seq.block_table.append(block_id)
         seq.num_computed_tokens += len(cached_blocks) * self.block_size
-        if self._needs_copy(seq, seq.num_computed_tokens, num_new_tokens):
-            idx = seq.num_computed_tokens // self.block_size
-            src = seq.block_table[idx]
-            dst = self._pop_fresh()
-            self.blocks[src].ref_count -= 1  # still > 0: the sibling keeps it
-            seq.block_table[idx] = dst
-            self._copies.append((src, dst))
         for _ in range(self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)):
             seq.block_table.append(self._pop_fresh())
         return True
-
-    def fork(self, parent: Sequence, child: Sequence) -> None:
-        """`child` shares every block of `parent` (its block table is already a copy)."""
-        for block_id in parent.block_table:
-            self.blocks[block_id].ref_count += 1
 
     def free(self, seq: Sequence) -> None:
         """Drop the sequence's references. Tail blocks enter the LRU first so they are evicted first."""
@@ -191,10 +179,7 @@ class BlockManager:
                     self._free.append(block_id)
         seq.block_table = []
         seq.num_computed_tokens = 0
-
-    def drain_copies(self) -> list[tuple[int, int]]:
-        copies, self._copies = self._copies, []
-        return copies
+        seq.num_registered_blocks = 0
 
     # -- internals -----------------------------------------------------------------------------------
     def _take(self, block_id: int) -> None:

@@ -25,7 +25,7 @@ from gearshift.engine.errors import InvalidRequestError
 from gearshift.engine.outputs import CompletionOutput, EngineStats, FinishReason, Logprob, RequestOutput
 from gearshift.engine.sampling_params import SamplingParams
 from gearshift.engine.scheduler import Scheduler
-from gearshift.engine.sequence import Sequence
+from gearshift.engine.sequence import Sequence, fan_out
 
 
 class BatchStepError(Exception):
@@ -48,7 +48,7 @@ class _Sampled:
 class _Choice:
     index: int
     detok: object  # IncrementalDetokenizer
-    seq: Sequence | None = None  # None until an n>1 parent forks it
+    seq: Sequence | None = None  # set when the request is queued
     text: str = ""  # everything decoded so far, truncated at a stop string once found
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[Logprob] | None = None
@@ -155,10 +155,13 @@ class LLMEngine:
         with self._lock:
             if req.request_id in self._requests:
                 raise InvalidRequestError(f"request_id {req.request_id!r} is already running", param="request_id")
-            seq = Sequence(req.request_id, req.prompt_token_ids, req.params, index=0, max_tokens=req.max_tokens)
-            req.choices[0].seq = seq
             self._requests[req.request_id] = req
-            self.scheduler.add(seq)
+            # n > 1: n sequences now (choices 1.. wait for choice 0's prompt, then hit its cached blocks),
+            # so step() never forks and no KV block is ever copied on write.
+            for choice, seq in zip(req.choices, fan_out(req.request_id, req.prompt_token_ids, req.params,
+                                                        req.max_tokens), strict=True):
+                choice.seq = seq
+                self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """End a request now (finish_reason 'abort'), freeing its blocks. Returns its final output, or None
@@ -189,7 +192,7 @@ class LLMEngine:
             if out.is_empty:
                 return []
             now = time.time()
-            for s in out.seqs:
+            for s in out.seqs[out.num_decodes:]:  # a decode was scheduled before
                 req = self._requests[self.scheduler.seqs[s.seq_id].request_id]
                 if req.first_scheduled_time is None:
                     req.first_scheduled_time = now
@@ -202,25 +205,9 @@ class LLMEngine:
                 raise BatchStepError(sorted(ids), e) from e
             self.scheduler.on_step_done(out)
 
-            targets: list[Sequence] = []
-            rows: list[int] = []
-            for row, s in enumerate(s for s in out.seqs if s.sample):
-                seq = self.scheduler.seqs[s.seq_id]
-                targets.append(seq)
-                rows.append(row)
-                if seq.pending_forks:  # n > 1: the prompt is done; siblings share its blocks from here on
-                    req = self._requests[seq.request_id]
-                    for k in range(1, seq.params.n):
-                        req.choices[k].seq = self.scheduler.fork(seq, k)
-                        targets.append(req.choices[k].seq)
-                        rows.append(row)
-                    seq.pending_forks = 0
+            targets: list[Sequence] = [self.scheduler.seqs[s.seq_id] for s in out.seqs if s.sample]
             if not targets:
                 return []
-            if len(rows) != logits.shape[0]:
-                import torch
-
-                logits = logits[torch.tensor(rows, device=logits.device)]  # [len(targets), vocab]
             sampled = self._sample_isolated(logits, targets)
 
             now = time.time()

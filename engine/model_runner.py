@@ -16,9 +16,8 @@ Interface the engine (llm_engine / scheduler / sampler) relies on:
     runner.vocab_size       -> int   logits width
     runner.execute(out: SchedulerOutput) -> torch.Tensor
         float32 logits [number of seqs with sample=True, vocab_size], rows in out.seqs order, on
-        runner.device. out.block_copies (src, dst) are applied first; out.seqs may mix decodes and
-        prefill chunks; each ScheduledSeq.block_table must cover positions [0, start_pos + len(token_ids)).
-        An empty out (no seqs) just applies the copies and returns a [0, vocab_size] tensor.
+        runner.device. out.seqs may mix decodes and prefill chunks; each ScheduledSeq.block_table must
+        cover positions [0, start_pos + len(token_ids)). An empty out (no seqs) returns [0, vocab_size].
 
 Speed notes (CPU): one flat varlen batch per step; matmul weights pre-packed for oneDNN; RoPE tables and
 the attention gather plan built once per step; torch.compile is not used (matmuls are >75% of a prefill
@@ -213,8 +212,6 @@ class ModelRunner:
 
     # ---- one step -------------------------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> torch.Tensor:
-        if out.block_copies:
-            self._copy_blocks(out.block_copies)
         if not out.seqs:
             return torch.empty(0, self.vocab_size, dtype=torch.float32, device=self.device)
         input_ids, positions, meta, sample_rows = self.prepare(out)
@@ -222,10 +219,12 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(input_ids, meta, sampled):
             return self.graphs.run(input_ids, positions, meta)
         hidden = self.model(input_ids, positions, meta, self.kv_caches)
-        return self.model.compute_logits(hidden[sample_rows])
+        return self.model.compute_logits(hidden if sample_rows is None else hidden[sample_rows])
 
-    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        """Flatten the step: input_ids [T], positions [T], attention metadata, rows to sample [N]."""
+    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor | None]:
+        """Flatten the step: input_ids [T], positions [T], attention metadata, rows to sample [N] (None: all
+        rows, a pure-decode step). The schedule is trusted: the scheduler's tests hold its invariants, and
+        checking every block of every sequence here would cost more host time than the rest of this."""
         bs = self.block_size
         ids: list[int] = []
         pos: list[int] = []
@@ -233,39 +232,41 @@ class ModelRunner:
         qsl = [0]
         seq_lens: list[int] = []
         sample_rows: list[int] = []
-        max_blocks = 0
         for s in out.seqs:
-            n, start, end = len(s.token_ids), s.start_pos, s.context_len
-            if (n == 0 or end > self.max_model_len or len(s.block_table) * bs < end
-                    or max(s.block_table) >= self.num_kv_blocks or min(s.block_table) < 0):
-                raise GearshiftError(
-                    f"seq {s.seq_id}: bad schedule (tokens {n}, context {end}, blocks {len(s.block_table)}, "
-                    f"max_model_len {self.max_model_len})"
-                )
-            ids += s.token_ids
-            pos += range(start, end)
-            bt = s.block_table
-            slots += [bt[p // bs] * bs + p % bs for p in range(start, end)]
+            toks, start, bt = s.token_ids, s.start_pos, s.block_table
+            n = len(toks)
+            end = start + n
+            ids += toks
+            if n == 1:
+                pos.append(start)
+                slots.append(bt[start // bs] * bs + start % bs)
+            else:
+                pos += range(start, end)
+                slots += [bt[p // bs] * bs + p % bs for p in range(start, end)]
             qsl.append(qsl[-1] + n)
             seq_lens.append(end)
-            max_blocks = max(max_blocks, (end + bs - 1) // bs)
             if s.sample:
                 sample_rows.append(qsl[-1] - 1)
-        tables = [s.block_table[:max_blocks] + [0] * (max_blocks - min(len(s.block_table), max_blocks))
-                  for s in out.seqs]
+        max_seq_len = max(seq_lens)
+        max_blocks = (max_seq_len + bs - 1) // bs
+        tables: list[int] = []  # [B * max_blocks], each row padded with 0
+        pad = [0] * max_blocks
+        for s in out.seqs:
+            bt = s.block_table
+            if len(bt) >= max_blocks:
+                tables += bt[:max_blocks]  # callers may pass tables longer than this step's context
+            else:
+                tables += bt
+                tables += pad[:max_blocks - len(bt)]
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            max_query_len=max(len(s.token_ids) for s in out.seqs),
-            max_seq_len=max(seq_lens),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev).view(len(out.seqs), max_blocks),
+            max_query_len=max((len(s.token_ids) for s in out.seqs[out.num_decodes:]), default=1),
+            max_seq_len=max_seq_len,
         )
-        return (torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(pos, dtype=torch.int64, device=dev),
-                meta, torch.tensor(sample_rows, dtype=torch.int64, device=dev))
-
-    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        src = torch.tensor([c[0] for c in copies], dtype=torch.int64, device=self.device)
-        dst = torch.tensor([c[1] for c in copies], dtype=torch.int64, device=self.device)
-        self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]  # every layer, K and V at once
+        rows = None if len(sample_rows) == len(ids) else torch.tensor(sample_rows, dtype=torch.int64, device=dev)
+        return torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(pos, dtype=torch.int64, device=dev), \
+            meta, rows

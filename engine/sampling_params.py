@@ -46,6 +46,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < 1e-5
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with no penalties and no logprobs: the sampler's argmax-only fast path."""
+        return (self.temperature < 1e-5 and self.logprobs is None and self.repetition_penalty == 1.0
+                and not self.presence_penalty and not self.frequency_penalty)
+
     def validate(self) -> None:
         def bad(param: str, why: str) -> InvalidRequestError:
             return InvalidRequestError(f"{param} {why}", param=param)

@@ -88,10 +88,9 @@ class Scheduler:
         # 2. Waiting sequences, FCFS — but not in a step that had to preempt (memory is short).
         while self.waiting and budget > 0 and not preempted:
             seq = self.waiting[0]
-            # A parent reserves room for the siblings it forks when its prompt is done.
-            if self.running and self._num_reserved() + 1 + seq.pending_forks > self.max_num_seqs:
+            if len(self.running) >= self.max_num_seqs or len(scheduled) >= self.max_num_seqs:
                 break
-            if len(scheduled) >= self.max_num_seqs:
+            if not seq.admissible:  # an n > 1 sibling waits for the shared prompt (then hits its blocks)
                 break
             hits = bm.lookup(seq) if not seq.block_table else []
             num_new = min(seq.num_tokens - seq.num_computed_tokens - len(hits) * bm.block_size, budget)
@@ -105,22 +104,23 @@ class Scheduler:
             scheduled.append((seq, num_new))
             budget -= num_new
 
-        out = SchedulerOutput(preempted_seq_ids=preempted, block_copies=bm.drain_copies())
-        decodes = [(s, k) for s, k in scheduled if k == 1 and s.num_uncomputed_tokens == 1]
-        prefills = [(s, k) for s, k in scheduled if not (k == 1 and s.num_uncomputed_tokens == 1)]
-        for seq, num_new in decodes + prefills:
-            start = seq.num_computed_tokens
-            out.seqs.append(ScheduledSeq(
-                seq_id=seq.seq_id,
-                token_ids=seq.token_ids[start:start + num_new],
-                start_pos=start,
-                block_table=list(seq.block_table),
-                sample=start + num_new == seq.num_tokens,
-            ))
-        return out
+        return self._output(scheduled, preempted)
 
-    def _num_reserved(self) -> int:
-        return len(self.running) + sum(s.pending_forks for s in self.running)
+    @staticmethod
+    def _output(scheduled: list[tuple[Sequence, int]], preempted: list[int]) -> SchedulerOutput:
+        """Decodes first, then prefill chunks. Block tables are the sequences' own lists, not copies: they
+        change only in schedule(), and the runner reads them before the next one."""
+        decodes: list[ScheduledSeq] = []
+        prefills: list[ScheduledSeq] = []
+        for seq, num_new in scheduled:
+            start = seq.num_computed_tokens
+            end = start + num_new
+            if num_new == 1 and end == seq.num_tokens:
+                decodes.append(ScheduledSeq(seq.seq_id, seq.token_ids[start:end], start, seq.block_table, True))
+            else:
+                prefills.append(ScheduledSeq(seq.seq_id, seq.token_ids[start:end], start, seq.block_table,
+                                             end == seq.num_tokens))
+        return SchedulerOutput(seqs=decodes + prefills, preempted_seq_ids=preempted, num_decodes=len(decodes))
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute later: drop the blocks (cached full ones stay findable), back to the queue's front."""
@@ -140,17 +140,6 @@ class Scheduler:
             self.block_manager.cache_full_blocks(seq)
 
     # -- lifecycle -------------------------------------------------------------------------------------
-    def fork(self, parent: Sequence, index: int) -> Sequence:
-        """A sibling of `parent` sharing its blocks, running right after it."""
-        child = parent.fork(index)
-        self.block_manager.fork(parent, child)
-        self.seqs[child.seq_id] = child
-        if parent.status is SequenceStatus.RUNNING:
-            self.running.insert(self.running.index(parent) + 1, child)
-        else:
-            self.waiting.append(child)
-        return child
-
     def finish(self, seq: Sequence) -> None:
         """Stopped, hit its length or aborted: free its blocks at once."""
         if seq.is_finished:

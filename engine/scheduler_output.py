@@ -14,7 +14,9 @@ class ScheduledSeq:
     seq_id: int
     token_ids: list[int]  # the tokens to feed this step: a prefill chunk, or the one last sampled token
     start_pos: int  # position of token_ids[0]; equals the sequence's num_computed_tokens
-    block_table: list[int]  # physical KV blocks covering positions [0, start_pos + len(token_ids))
+    # Physical KV blocks covering positions [0, start_pos + len(token_ids)): the sequence's own list (no
+    # copy), valid until the next schedule().
+    block_table: list[int]
     sample: bool  # True when this chunk reaches the sequence's last known token: sample the next one
 
     @property
@@ -27,8 +29,7 @@ class ScheduledSeq:
 class SchedulerOutput:
     seqs: list[ScheduledSeq] = field(default_factory=list)  # decodes first, then prefill chunks
     preempted_seq_ids: list[int] = field(default_factory=list)  # lost their blocks; will recompute
-    # Blocks whose contents must be copied before the step (copy-on-write for n>1 forks): (src, dst).
-    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    num_decodes: int = 0  # seqs[:num_decodes] are decodes (one token each, sampled)
 
     @property
     def num_batched_tokens(self) -> int:

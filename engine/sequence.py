@@ -1,7 +1,8 @@
 """One sequence the scheduler moves through the engine: its tokens, how many are in the KV cache, its blocks.
 
-A request with n > 1 starts as one sequence; when its prompt is done the engine forks n - 1 siblings
-that share the prompt's blocks. Pure Python: the block manager and scheduler work on these alone.
+A request with n > 1 is n sequences from the start (`fan_out`): the first computes the prompt, the others
+wait for it and then find its full blocks in the prefix cache, so nothing is forked mid-step and no block
+is ever written by two sequences. Pure Python: the block manager and scheduler work on these alone.
 """
 
 from __future__ import annotations
@@ -42,11 +43,12 @@ class Sequence:
         # Hashes of this sequence's full blocks, in order, once registered (block i covers tokens
         # [i*bs, (i+1)*bs)). Kept across preemption: tokens do not change, so neither do the hashes.
         self.block_hashes: list[int] = []
+        self.num_registered_blocks = 0  # leading blocks cache_full_blocks has already seen (a fast path)
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first admission
         self.status = SequenceStatus.WAITING
         self.max_tokens = max_tokens if max_tokens is not None else params.max_tokens
-        # n > 1: the first sequence forks its siblings once its prompt is computed.
-        self.pending_forks = params.n - 1 if index == 0 else 0
+        # n > 1: choices 1.. are admitted only once choice 0 has computed the prompt (then they hit its blocks).
+        self.first_sibling: Sequence | None = None
         self.num_preemptions = 0
         # Sampling state: a seeded request's torch.Generator (set by the sampler; opaque here).
         self.generator: object | None = None
@@ -75,19 +77,25 @@ class Sequence:
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
 
-    def fork(self, index: int) -> Sequence:
-        """A sibling with the same tokens and computed state; the caller shares the blocks' references."""
-        child = Sequence(self.request_id, self.prompt_token_ids, self.params, index=index, max_tokens=self.max_tokens)
-        child.token_ids = list(self.token_ids)
-        child.num_computed_tokens = self.num_computed_tokens
-        child.block_table = list(self.block_table)
-        child.block_hashes = list(self.block_hashes)
-        child.num_cached_tokens = self.num_cached_tokens
-        child.status = self.status
-        return child
+    @property
+    def admissible(self) -> bool:
+        """False while this is a sibling whose first sibling is running and still computing the shared prompt
+        (a waiting first sibling never blocks: that could deadlock behind a preemption)."""
+        first = self.first_sibling
+        return (first is None or first.status is not SequenceStatus.RUNNING
+                or first.num_computed_tokens >= first.num_prompt_tokens)
 
     def __repr__(self) -> str:
         return (
             f"Sequence(id={self.seq_id}, req={self.request_id!r}, idx={self.index}, tokens={self.num_tokens}, "
             f"computed={self.num_computed_tokens}, blocks={self.block_table}, {self.status.value})"
         )
+
+
+def fan_out(request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+            max_tokens: int | None = None) -> list[Sequence]:
+    """The n sequences of one request, choice k at index k; choices 1.. wait on choice 0's prompt."""
+    seqs = [Sequence(request_id, prompt_token_ids, params, index=k, max_tokens=max_tokens) for k in range(params.n)]
+    for s in seqs[1:]:
+        s.first_sibling = seqs[0]
+    return seqs

@@ -1,11 +1,11 @@
-"""Block manager: reference counts, prefix hits (verified), LRU eviction, copy-on-write for forks."""
+"""Block manager: reference counts, prefix hits (verified), LRU eviction; n > 1 siblings share by prefix hits."""
 
 from __future__ import annotations
 
 import pytest
 from gearshift.engine.block_manager import BlockManager
 from gearshift.engine.sampling_params import SamplingParams
-from gearshift.engine.sequence import Sequence
+from gearshift.engine.sequence import Sequence, fan_out
 
 BS = 4
 
@@ -127,39 +127,21 @@ def test_touching_a_cached_block_protects_it_from_eviction() -> None:
     bm.check([b])
 
 
-def test_fork_shares_blocks_and_copies_partial_block_on_write() -> None:
+def test_fanned_out_siblings_share_full_prompt_blocks_and_own_the_partial_one() -> None:
     bm = BlockManager(8, BS)
-    parent = seq_of(list(range(6)), n=2)  # one full block, one partial
-    compute(bm, parent, 6)
-    parent.append_token(50)
-    child = parent.fork(1)
-    bm.fork(parent, child)
-    child.token_ids[-1] = 60
-    assert [bm.blocks[b].ref_count for b in parent.block_table] == [2, 2]
-    bm.check([parent, child])
-    # The parent writes position 6 into the shared partial block: it must get its own copy.
-    assert bm.allocate(parent, 1)
-    src = child.block_table[1]
-    assert parent.block_table[1] != src and bm.drain_copies() == [(src, parent.block_table[1])]
-    # The child is now its only holder and writes in place.
-    assert bm.allocate(child, 1)
-    assert child.block_table[1] == src and bm.drain_copies() == []
-    assert parent.block_table[0] == child.block_table[0]
-    bm.check([parent, child])
-    bm.free(parent)
-    bm.free(child)
+    first, sibling = fan_out("r", list(range(6)), SamplingParams(max_tokens=4, n=2))  # one full block, one partial
+    assert not sibling.admissible or first.status.value == "waiting"
+    compute(bm, first, 6)
+    hits = bm.lookup(sibling)
+    assert hits == first.block_table[:1]  # the full block only: a partial block is never shared
+    compute(bm, sibling, 6 - BS, hits)
+    assert sibling.block_table[0] == first.block_table[0] and sibling.block_table[1] != first.block_table[1]
+    assert [bm.blocks[b].ref_count for b in sibling.block_table] == [2, 1]
+    bm.check([first, sibling])
+    bm.free(first)
+    bm.free(sibling)
     assert bm.num_free_blocks == 8
     bm.check([])
-
-
-def test_copy_on_write_needs_a_free_block() -> None:
-    bm = BlockManager(2, BS)
-    parent = seq_of(list(range(6)))
-    compute(bm, parent, 6)
-    child = parent.fork(1)
-    bm.fork(parent, child)
-    assert not bm.can_allocate(parent, 1)  # the copy needs a third block
-    assert not bm.allocate(parent, 1) and bm.drain_copies() == []
 
 
 def test_prefix_caching_off_never_hits() -> None:

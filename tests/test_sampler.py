@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from gearshift.engine.sampler import Sampler
+from gearshift.engine.sampler import Sampler, argmax_rows
 from gearshift.engine.sampling_params import SamplingParams
 from gearshift.engine.sequence import Sequence
 
@@ -20,6 +20,16 @@ def seqs(n: int, prompt: list[int] | None = None, index: int = 0, **kw) -> list[
 
 def frequencies(tokens: list[int], vocab: int) -> torch.Tensor:
     return torch.bincount(torch.tensor(tokens), minlength=vocab).double() / len(tokens)
+
+
+@pytest.mark.parametrize("vocab", [300, 4096, 49152, 50000])
+def test_chunked_argmax_equals_torch_argmax_with_ties_and_a_tail(vocab: int) -> None:
+    logits = torch.randn(9, vocab)
+    logits[1, [7, vocab - 1]] = 50.0  # a tie: the first index wins
+    logits[2, vocab - 1] = 50.0  # the maximum in the tail past the last whole chunk
+    logits[3, [64, 65]] = 50.0  # a tie inside one chunk
+    logits[4] = 0.0  # all equal
+    assert argmax_rows(logits).tolist() == logits.argmax(-1).tolist()
 
 
 def test_greedy_is_argmax_per_row() -> None:

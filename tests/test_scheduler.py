@@ -2,8 +2,8 @@
 
 The "model" here is a paged store of token ids: every scheduled token is written to the slot its block
 table names, and each sequence's whole context is read back through its block table and compared with
-the tokens it should hold. A wrong block, a missed copy-on-write, a bad prefix hit or a lost block
-after preemption breaks that comparison. The next token is a function of the context read back, so a
+the tokens it should hold. A wrong block, a block shared while still being written, a bad prefix hit or a
+lost block after preemption breaks that comparison. The next token is a function of the context read back, so a
 request's output must be the same alone as in any batch.
 """
 
@@ -17,7 +17,7 @@ from gearshift.engine.errors import InvalidRequestError
 from gearshift.engine.sampling_params import SamplingParams
 from gearshift.engine.scheduler import Scheduler
 from gearshift.engine.scheduler_output import SchedulerOutput
-from gearshift.engine.sequence import Sequence
+from gearshift.engine.sequence import Sequence, fan_out
 
 VOCAB = 1000
 
@@ -28,8 +28,6 @@ class PagedTokenStore:
         self.slots: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
 
     def run(self, out: SchedulerOutput, seqs: dict[int, Sequence]) -> dict[int, int]:
-        for src, dst in out.block_copies:
-            self.slots[dst] = list(self.slots[src])
         for s in out.seqs:
             assert len(s.block_table) == -(-s.context_len // self.bs), "block table must cover the context exactly"
             for j, t in enumerate(s.token_ids):
@@ -61,9 +59,10 @@ class Driver:
 
     def add(self, rid: str, prompt: list[int], max_tokens: int, n: int = 1) -> Sequence:
         self.sch.check_fits(len(prompt), max_tokens, n)
-        seq = Sequence(rid, prompt, SamplingParams(max_tokens=max_tokens, n=n))
-        self.sch.add(seq)
-        return seq
+        seqs = fan_out(rid, prompt, SamplingParams(max_tokens=max_tokens, n=n))
+        for seq in seqs:
+            self.sch.add(seq)
+        return seqs[0]
 
     def step(self) -> SchedulerOutput:
         out = self.sch.schedule()
@@ -78,16 +77,11 @@ class Driver:
             if not s.sample:
                 continue
             seq = self.sch.seqs[s.seq_id]
-            family = [seq]
-            if seq.pending_forks:
-                family += [self.sch.fork(seq, k) for k in range(1, seq.params.n)]
-                seq.pending_forks = 0
-            for member in family:  # each choice draws differently from the same context
-                member.append_token((sampled[s.seq_id] + 7 * member.index) % VOCAB)
-                if member.num_output_tokens >= member.max_tokens:
-                    self.outputs[(member.request_id, member.index)] = member.output_token_ids
-                    self.finish_order.append(member.request_id)
-                    self.sch.finish(member)
+            seq.append_token((sampled[s.seq_id] + 7 * seq.index) % VOCAB)  # each choice draws differently
+            if seq.num_output_tokens >= seq.max_tokens:
+                self.outputs[(seq.request_id, seq.index)] = seq.output_token_ids
+                self.finish_order.append(seq.request_id)
+                self.sch.finish(seq)
         self.bm.check(list(self.sch.seqs.values()))
         assert len(self.sch.running) <= self.max_seqs
         return out
@@ -166,17 +160,18 @@ def test_fcfs_order_with_one_slot() -> None:
     assert d.finish_order == ["a", "b", "c"]
 
 
-def test_fork_siblings_share_prompt_and_copy_on_write() -> None:
+def test_n_siblings_wait_for_the_prompt_then_share_its_full_blocks() -> None:
     d = Driver(num_blocks=64, budget=64)
-    prompt = list(range(10))  # two full blocks and a partial one shared by the siblings
+    prompt = list(range(10))  # two full blocks and a partial one
     d.add("a", prompt, 6, n=3)
-    d.step()  # the prompt, then the fork
+    first = d.step()
+    assert len(first.seqs) == 1  # the siblings wait while choice 0 computes the prompt
+    second = d.step()
     family = list(d.sch.seqs.values())
-    assert len(family) == 3
-    assert len({tuple(s.block_table[:2]) for s in family}) == 1
-    assert d.bm.blocks[family[0].block_table[2]].ref_count == 3
-    out = d.step()
-    assert len(out.block_copies) == 2  # two siblings copy the shared partial block, the last writes in place
+    assert len(family) == 3 and len(second.seqs) == 3
+    assert len({tuple(s.block_table[:2]) for s in family}) == 1  # full prompt blocks: prefix hits
+    assert len({s.block_table[2] for s in family}) == 3  # the partial block: each its own, never shared
+    assert d.bm.prefix_cache_hits == 2 * 8
     d.run()
     outs = solo(prompt, 6, n=3)
     assert [d.outputs[("a", k)] for k in range(3)] == [outs[0], outs[1], outs[2]]

@@ -180,6 +180,8 @@ def deployment(spec: InferenceServiceSpec, plan: EnginePlan, image: str,
     }
     if spec.autoscaling is None:  # with an HPA the replica count is the HPA's field, not ours
         dep_spec["replicas"] = spec.replicas
+    elif spec.autoscaling.controller == "operator":  # the reconcile sets it from observed load
+        dep_spec["replicas"] = spec.autoscaling.min_replicas
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(spec, plan, spec.name, owner),
             "spec": dep_spec}
 
@@ -264,7 +266,7 @@ def children(spec: InferenceServiceSpec, plan: EnginePlan, image: str, owner: di
         out.append(cache_pvc(spec, plan, owner))
     out.append(service(spec, plan, owner))
     out.append(deployment(spec, plan, image, owner))
-    if spec.autoscaling:
+    if spec.autoscaling and spec.autoscaling.controller == "hpa":
         out.append(hpa(spec, plan, hpa_version, owner))
     if wants_pdb(spec):
         out.append(pdb(spec, plan, pdb_version, owner))

@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image the model server pods run (default: $GEARSHIFT_IMAGE)")
     parser.add_argument("--resync-seconds", type=float, default=300.0,
                         help="how often everything is checked for drift the watches missed")
+    parser.add_argument("--scrape-seconds", type=float, default=10.0,
+                        help="how often each ready model pod's /metrics is read for the observed load (0: never)")
     parser.add_argument("--liveness", default=None, help="serve a liveness probe, e.g. http://0.0.0.0:8080/healthz")
     parser.add_argument("--always-apply", action="store_true",
                         help="re-apply every child on every reconcile (the naive baseline bench/operator.py compares)")
@@ -79,6 +81,13 @@ def run(args: argparse.Namespace) -> int:
     registry = kopf.OperatorRegistry()
     reconciler = Reconciler(kube, args.image, hpa_version, pdb_version, always_apply=args.always_apply)
     handlers.register(registry, reconciler, args.resync_seconds)
+    if args.scrape_seconds > 0:
+        import threading
+
+        from gearshift.operator.scrape import Scraper
+
+        threading.Thread(target=Scraper(reconciler, args.scrape_seconds).loop, daemon=True,
+                         name="gearshift-scrape").start()
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:

@@ -13,6 +13,7 @@ import yaml
 from gearshift.engine.errors import GearshiftError
 from gearshift.operator import builders
 from gearshift.operator.main import DEFAULT_IMAGE
+from gearshift.operator.observe import plan_notes
 from gearshift.operator.policy import EnginePlan, decide
 from gearshift.operator.spec import KIND, InferenceServiceSpec, parse_spec
 
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     out = []
     for obj in read_services(args.filename):
         spec, plan = plan_one(obj)
+        out.extend(f"# note: {n}\n" for n in plan_notes(spec))
         out.append(f"# {spec.namespace}/{spec.name}: engine {plan.engine} -- {plan.reason}\n"
                    f"# sizing: max sequences {plan.max_num_seqs}, threads {plan.threads}, "
                    f"kv cache {plan.kv_cache_memory if plan.kv_cache_memory is not None else 'auto'}, "

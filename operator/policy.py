@@ -5,13 +5,15 @@ Pure and table-tested (tests/test_policy.py). Rules, in order:
    (gguf engine with safetensors weights, gguf engine on an accelerator) is InvalidSpec, never a guess.
 2. safetensors weights -> paged (the llama.cpp runner reads GGUF only).
 3. An accelerator -> paged (the image's llama.cpp is a CPU build; our Triton kernels run on GPUs).
-4. GGUF on CPU -> gguf below CROSSOVER_CONCURRENCY concurrent requests, paged at or above it.
+4. GGUF on CPU -> gguf below CROSSOVER_CONCURRENCY concurrent requests, paged at or above it; with
+   spec.gearShift.mode auto the engine the observed load chose (operator/observe.py) instead of the declared
+   concurrency, sized for the observed concurrency.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gearshift.operator.spec import ENGINE_ARGS, InferenceServiceSpec, InvalidSpec, parse_quantity
@@ -50,7 +52,15 @@ class EnginePlan:
     engine_args: dict[str, Any] = field(default_factory=dict)  # those that apply to `engine`
 
 
-def decide(spec: InferenceServiceSpec) -> EnginePlan:
+@dataclass(frozen=True)
+class ObservedGear:
+    """The engine an `auto` resource was shifted to from observed load (status.gearShift)."""
+    engine: str
+    reason: str  # starts with "observed"
+    concurrency: int  # the observed p95 per replica at the shift: max sequences are sized for it
+
+
+def decide(spec: InferenceServiceSpec, observed: ObservedGear | None = None) -> EnginePlan:
     """The engine and its sizing for `spec`; raises InvalidSpec for an engine that cannot serve it."""
     fmt = spec.model.uri.format
     hw = spec.hardware
@@ -72,12 +82,17 @@ def decide(spec: InferenceServiceSpec) -> EnginePlan:
         engine, reason = "paged", "safetensors weights are served by the paged engine only"
     elif accel:
         engine, reason = "paged", f"an accelerator ({accel}) is requested and the paged engine runs on GPUs"
+    elif observed is not None:
+        engine, reason = observed.engine, observed.reason
     elif c < CROSSOVER_CONCURRENCY:
         engine, reason = "gguf", f"{requests} on CPU: below the paged engine's crossover ({CROSSOVER_CONCURRENCY})"
     else:
         engine, reason = "paged", (f"{requests} on CPU: at or above the crossover ({CROSSOVER_CONCURRENCY}) "
                                    "where the paged engine's batching overtakes the llama.cpp runner")
-    return _size(spec, engine, reason, fmt)
+    plan = _size(spec, engine, reason, fmt)
+    if observed is not None and reason == observed.reason and "maxNumSeqs" not in spec.engine_args:
+        plan = replace(plan, max_num_seqs=max(plan.max_num_seqs, observed.concurrency))
+    return plan
 
 
 def _size(spec: InferenceServiceSpec, engine: str, reason: str, fmt: str) -> EnginePlan:

@@ -16,6 +16,7 @@ from typing import Any
 
 from gearshift.operator import builders
 from gearshift.operator.apply import HASH_ANNOTATION, Kube, KubeError, needs_apply, now_iso, with_hash
+from gearshift.operator.observe import Observer, gear_step, merge_gear, override
 from gearshift.operator.policy import decide
 from gearshift.operator.spec import InvalidSpec, parse_spec
 from gearshift.operator.status import compute_status, differs
@@ -93,6 +94,7 @@ class Reconciler:
         self._locks_lock = threading.Lock()
         self.retry: dict[Key, float] = {}  # key -> monotonic time of the next attempt
         self._failures: dict[Key, int] = {}
+        self.observer = Observer()  # observed load per resource, filled by operator/scrape.py
 
     # ----------------------------------------------------------------------------- watch triggers
 
@@ -156,7 +158,7 @@ class Reconciler:
         spec = plan = error = None
         try:
             spec = parse_spec(owner)
-            plan = decide(spec)
+            plan = decide(spec, observed=override(spec, previous))
         except InvalidSpec as e:
             error = str(e)
 
@@ -173,6 +175,11 @@ class Reconciler:
         pods = self.cache.select("Pod", meta["namespace"], builders.selector_labels(meta["name"]))
         status = compute_status(name=meta["name"], generation=generation, spec=spec, plan=plan, error=error,
                                 deployment=dep, pods=pods, previous=previous, now=self.clock())
+        gear = None
+        if spec is not None and plan is not None:  # observed load: status.load, GearAdvice, auto shifting
+            now = time.time()
+            gear = gear_step(spec, previous, previous.get("engine"), self.observer.load(_key(meta), now), now)
+            merge_gear(status, gear, previous, generation, self.clock())
         if differs(previous, status):
             out = self.kube.patch_status(owner, status)
             if out is not None:
@@ -180,12 +187,15 @@ class Reconciler:
             if error is not None and not _already_reported(previous, generation, error):
                 log.warning("%s/%s: invalid spec: %s", meta["namespace"], meta["name"], error)
                 self.kube.event(owner, "Warning", "InvalidSpec", error)
+        for reason, message in gear.events if gear is not None else []:
+            log.info("%s/%s: %s: %s", meta["namespace"], meta["name"], reason, message)
+            self.kube.event(owner, "Normal", reason, message)
         return True
 
     def _apply_children(self, owner: dict[str, Any], spec: Any, plan: Any, previous: dict[str, Any]) -> None:
         ns = spec.namespace
-        desired = [with_hash(c) for c in builders.children(spec, plan, self.image, owner,
-                                                           self.hpa_version, self.pdb_version)]
+        desired = [with_hash(self._observed_replicas(c, spec)) for c in builders.children(
+            spec, plan, self.image, owner, self.hpa_version, self.pdb_version)]
         applied = []
         for obj in desired:
             live = self._live(obj, ns)
@@ -211,6 +221,14 @@ class Reconciler:
                             + "".join(f"; deleted {k[1:]}" for k in applied if k.startswith("-"))
                             + f" for engine {plan.engine}")
 
+    def _observed_replicas(self, obj: dict[str, Any], spec: Any) -> dict[str, Any]:
+        """autoscaling.controller operator: the Deployment's replicas from observed concurrency."""
+        if obj["kind"] == "Deployment" and spec.autoscaling and spec.autoscaling.controller == "operator":
+            live = self.cache.get("Deployment", spec.namespace, spec.name) or {}
+            current = (live.get("spec") or {}).get("replicas")
+            obj["spec"]["replicas"] = self.observer.replicas((spec.namespace, spec.name), spec, current, time.time())
+        return obj
+
     def _live(self, obj: dict[str, Any], ns: str) -> dict[str, Any] | None:
         live = self.cache.get(obj["kind"], ns, obj["metadata"]["name"])
         if live is None and time.monotonic() - self.started < PRIME_SECONDS:
@@ -220,6 +238,10 @@ class Reconciler:
                 live.setdefault("kind", obj["kind"])
                 self.cache.put(live)
         return live
+
+
+def _key(meta: dict[str, Any]) -> Key:
+    return meta["namespace"], meta["name"]
 
 
 def _already_reported(previous: dict[str, Any], generation: int, error: str) -> bool:

@@ -77,6 +77,21 @@ class Autoscaling:
     max_replicas: int
     target_concurrency: int | None = None  # requests running per pod; None: CPU utilization
     target_cpu_utilization: int = 80
+    controller: str = "hpa"  # hpa (an HPA; targetConcurrency needs a metrics adapter) | operator (built in)
+
+
+GEAR_MODES = ("advise", "auto")
+AUTOSCALING_CONTROLLERS = ("hpa", "operator")
+
+
+@dataclass(frozen=True)
+class GearShift:
+    """spec.gearShift: advise about (or, in auto, switch to) the engine the observed load wants."""
+    mode: str = "advise"
+    window: float = 600.0  # seconds of observed load the advice looks at, and must hold for in auto
+    cooldown: float = 600.0  # seconds after a shift before the next one
+    window_text: str = "10m"
+    cooldown_text: str = "10m"
 
 
 @dataclass(frozen=True)
@@ -100,12 +115,13 @@ class InferenceServiceSpec:
     api_key_secret: tuple[str, str] | None = None  # (secret name, key)
     cache: Cache | None = None
     pod_template: dict[str, Any] = field(default_factory=dict)
+    gear_shift: GearShift = field(default_factory=GearShift)
 
 
 _POD_TEMPLATE_FIELDS = ("nodeSelector", "tolerations", "affinity", "priorityClassName", "labels",
                         "annotations", "serviceAccountName", "imagePullSecrets", "runtimeClassName")
 _SPEC_FIELDS = ("model", "concurrency", "hardware", "engine", "replicas", "autoscaling", "engineArgs",
-                "apiKeySecretRef", "cache", "podTemplate")
+                "apiKeySecretRef", "cache", "podTemplate", "gearShift")
 
 
 def parse_spec(obj: dict[str, Any]) -> InferenceServiceSpec:
@@ -148,6 +164,7 @@ def parse_spec(obj: dict[str, Any]) -> InferenceServiceSpec:
         api_key_secret=_secret_ref(spec.get("apiKeySecretRef"), "spec.apiKeySecretRef"),
         cache=_cache(spec.get("cache")),
         pod_template=_pod_template(_mapping(spec, "podTemplate")),
+        gear_shift=_gear_shift(_mapping(spec, "gearShift")),
     )
 
 
@@ -218,7 +235,8 @@ def _autoscaling(a: Any) -> Autoscaling | None:
         return None
     if not isinstance(a, dict):
         raise InvalidSpec("spec.autoscaling", "must be a mapping")
-    unknown = sorted(set(a) - {"minReplicas", "maxReplicas", "targetConcurrency", "targetCPUUtilization"})
+    unknown = sorted(set(a) - {"minReplicas", "maxReplicas", "targetConcurrency", "targetCPUUtilization",
+                               "controller"})
     if unknown:
         raise InvalidSpec(f"spec.autoscaling.{unknown[0]}", "unknown field")
     lo = _int(a, "minReplicas", "spec.autoscaling.minReplicas", 1, minimum=1, maximum=1000)
@@ -231,7 +249,42 @@ def _autoscaling(a: Any) -> Autoscaling | None:
     if target is not None:
         target = _int(a, "targetConcurrency", "spec.autoscaling.targetConcurrency", 1, minimum=1, maximum=4096)
     cpu = _int(a, "targetCPUUtilization", "spec.autoscaling.targetCPUUtilization", 80, minimum=1, maximum=100)
-    return Autoscaling(lo, hi, target, cpu)
+    controller = a.get("controller", "hpa")
+    if controller not in AUTOSCALING_CONTROLLERS:
+        raise InvalidSpec("spec.autoscaling.controller", f"{controller!r} is not one of hpa, operator")
+    if controller == "operator" and target is None:
+        raise InvalidSpec("spec.autoscaling.targetConcurrency", "is required with controller operator "
+                                                                "(the operator scales on observed concurrency)")
+    return Autoscaling(lo, hi, target, cpu, controller)
+
+
+_DURATION = re.compile(r"(\d+)(s|m|h)?")
+_DURATION_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(value: Any, field_path: str) -> float:
+    """"30s", "10m", "1h" or a number of seconds -> seconds."""
+    m = _DURATION.fullmatch(str(value).strip()) if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+    if m is None:
+        raise InvalidSpec(field_path, f"{value!r} is not a duration; use e.g. 30s, 10m, 1h")
+    return float(int(m.group(1)) * _DURATION_UNIT[m.group(2) or ""])
+
+
+def _gear_shift(g: dict[str, Any]) -> GearShift:
+    unknown = sorted(set(g) - {"mode", "window", "cooldown"})
+    if unknown:
+        raise InvalidSpec(f"spec.gearShift.{unknown[0]}", "unknown field; allowed: mode, window, cooldown")
+    mode = g.get("mode", "advise")
+    if mode not in GEAR_MODES:
+        raise InvalidSpec("spec.gearShift.mode", f"{mode!r} is not one of {', '.join(GEAR_MODES)}")
+    window_text, cooldown_text = str(g.get("window", "10m")), str(g.get("cooldown", "10m"))
+    window = parse_duration(g.get("window", "10m"), "spec.gearShift.window")
+    cooldown = parse_duration(g.get("cooldown", "10m"), "spec.gearShift.cooldown")
+    if not 10 <= window <= 86400:
+        raise InvalidSpec("spec.gearShift.window", f"must be between 10s and 24h, got {window_text}")
+    if cooldown > 86400:
+        raise InvalidSpec("spec.gearShift.cooldown", f"must be at most 24h, got {cooldown_text}")
+    return GearShift(mode, window, cooldown, window_text, cooldown_text)
 
 
 def _engine_args(args: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,326 @@
+"""Observed load, gear advice, shifting and built-in replicas as pure functions: tables, time passed in."""
+
+from __future__ import annotations
+
+import pytest
+from gearshift.engine.server.metrics import ServerMetrics
+from gearshift.engine.outputs import EngineStats
+from gearshift.operator import gear, load, replicas
+from gearshift.operator.gear import Advice, GearState, advise, hold, should_shift
+from gearshift.operator.load import Load, LoadWindow, PodSample, Tick, load_changed, parse_metrics
+from gearshift.operator.policy import CROSSOVER_CONCURRENCY
+from gearshift.operator.replicas import Bounds, recommend, stabilise
+
+
+def tick(t: float, *per_pod: tuple[float, float, float]) -> Tick:
+    return Tick(t, {f"p{i}": PodSample(*s) for i, s in enumerate(per_pod)})
+
+
+# ----------------------------------------------------------------------------------------- metrics
+
+def test_parse_metrics_reads_what_the_engines_export() -> None:
+    """The body of the real metrics module, not a hand-written copy: names drift together or fail here."""
+    stats = EngineStats(num_running=3, num_waiting=5)
+    m = ServerMetrics("smol", lambda: stats)
+    m.generation_tokens_c.inc(1234)
+    s = parse_metrics(m.render().decode())
+    assert s == PodSample(running=3, waiting=5, generated=1234)
+
+
+@pytest.mark.parametrize("body", ["", "# nothing here\n", "gearshift:num_requests_running{model_name=\"m\"} 1\n"])
+def test_parse_metrics_without_the_figures_is_an_error(body: str) -> None:
+    with pytest.raises(ValueError, match="no gearshift:"):
+        parse_metrics(body)
+
+
+# ------------------------------------------------------------------------------------- window maths
+
+# (ticks as (t, [(running, waiting, generated) per pod]), now, window) -> (mean, p95, tok/s, span)
+WINDOW_TABLE = [
+    # steady 2 in flight on one pod, 100 tokens every 10 s
+    ([(0, [(2, 0, 0)]), (10, [(2, 0, 100)]), (20, [(2, 0, 200)])], 20, 60, (2.0, 2.0, 10.0, 20)),
+    # gguf: 1 running + 7 waiting is 8 concurrent
+    ([(0, [(1, 7, 0)]), (10, [(1, 7, 50)])], 10, 60, (8.0, 8.0, 5.0, 10)),
+    # a burst of 10 for 10 s out of 100: time-weighted mean 1.9 (not the per-sample 2.8), p95 = 10
+    ([(0, [(1, 0, 0)]), (50, [(10, 0, 0)]), (60, [(1, 0, 0)]), (80, [(1, 0, 0)])], 100, 100,
+     (1.9, 10.0, 0.0, 100)),
+    # a burst shorter than 5% of the window does not move the p95
+    ([(0, [(1, 0, 0)]), (50, [(10, 0, 0)]), (54, [(1, 0, 0)])], 100, 100, (1.36, 1.0, 0.0, 100)),
+    # two pods: per replica is the mean of the pods; tokens add up
+    ([(0, [(4, 0, 0), (2, 0, 0)]), (10, [(4, 0, 80), (2, 0, 20)])], 20, 60, (3.0, 3.0, 10.0, 20)),
+    # a restarted pod's counter starts again from 0: its new value is the delta
+    ([(0, [(1, 0, 500)]), (10, [(1, 0, 40)])], 10, 60, (1.0, 1.0, 4.0, 10)),
+    # ticks older than the window fall out; the one just before the window still holds at its start
+    ([(0, [(9, 0, 0)]), (50, [(1, 0, 0)]), (100, [(1, 0, 0)])], 110, 60, (1.0, 1.0, 0.0, 60)),
+    # no pod answering: 0 in flight
+    ([(0, []), (10, [])], 10, 60, (0.0, 0.0, 0.0, 10)),
+]
+
+
+@pytest.mark.parametrize(("ticks", "now", "window", "want"), WINDOW_TABLE)
+def test_window_maths(ticks: list, now: float, window: float, want: tuple) -> None:
+    w = LoadWindow(window)
+    for t, pods in ticks:
+        w.add(tick(t, *pods))
+    got = w.load(now)
+    mean, p95, tps, span = want
+    assert got.mean == pytest.approx(mean, abs=0.01)
+    assert got.p95 == pytest.approx(p95)
+    assert got.tokens_per_second == pytest.approx(tps)
+    assert got.span == pytest.approx(span)
+
+
+def test_window_drops_old_ticks_and_ignores_time_going_back() -> None:
+    w = LoadWindow(30)
+    for t in range(0, 200, 10):
+        w.add(tick(t, (1, 0, t)))
+    w.add(tick(100, (50, 0, 0)))  # a late round
+    assert [t.t for t in w.ticks] == [160, 170, 180, 190]
+    assert w.load(190).mean == 1.0
+
+
+def L(p95: float, mean: float | None = None, tps: float = 0.0, span: float = 600, window: float = 600) -> Load:
+    return Load(window=window, span=span, mean=p95 if mean is None else mean, p95=p95, tokens_per_second=tps,
+                samples=10)
+
+
+@pytest.mark.parametrize(("previous", "new", "changed"), [
+    (None, L(0), True),  # first write
+    ({"window": "10m", "meanConcurrency": 0, "p95Concurrency": 0, "outputTokensPerSecond": 0}, L(0), False),
+    ({"window": "10m", "meanConcurrency": 0, "p95Concurrency": 0, "outputTokensPerSecond": 0}, L(0.3), False),
+    ({"window": "10m", "meanConcurrency": 0, "p95Concurrency": 0, "outputTokensPerSecond": 0}, L(1), True),
+    ({"window": "10m", "meanConcurrency": 8, "p95Concurrency": 8, "outputTokensPerSecond": 120}, L(8.9, tps=130), False),
+    ({"window": "10m", "meanConcurrency": 8, "p95Concurrency": 8, "outputTokensPerSecond": 120}, L(10, tps=120), True),
+    ({"window": "10m", "meanConcurrency": 8, "p95Concurrency": 8, "outputTokensPerSecond": 120}, L(8, tps=150), True),
+    ({"window": "5m", "meanConcurrency": 0, "p95Concurrency": 0, "outputTokensPerSecond": 0}, L(0), True),
+])
+def test_status_load_is_rewritten_only_on_a_meaningful_step(previous: dict | None, new: Load, changed: bool) -> None:
+    assert load_changed(previous, new, "10m") is changed
+
+
+# ------------------------------------------------------------------------------------------ advice
+
+def test_measured_table_and_policy_agree_on_the_crossover() -> None:
+    assert gear.measured_crossover() == CROSSOVER_CONCURRENCY
+
+
+@pytest.mark.parametrize(("c", "engine", "tps"), [
+    (1, "gguf", 76.3), (4, "paged", 78.5), (0.5, "paged", 26.8), (64, "paged", 205.2), (6, "paged", 103.9),
+])
+def test_throughput_interpolates_the_measured_table(c: float, engine: str, tps: float) -> None:
+    assert gear.throughput(engine, c) == pytest.approx(tps, abs=0.1)
+
+
+X = CROSSOVER_CONCURRENCY
+# (running engine, load) -> (advised engine, reason, words in the message)
+ADVICE_TABLE = [
+    ("gguf", None, None, "NoData", ["no pod"]),
+    ("gguf", L(14, span=100), None, "Observing", ["100s of 10m"]),
+    ("gguf", L(14), "paged", "AboveCrossover", ["p95 14 concurrent per replica over 10m on gguf",
+                                                 f"crossover ({X})", "~2.3x"]),
+    ("gguf", L(X), "paged", "AboveCrossover", ["at or above"]),
+    ("gguf", L(X - 0.5), "gguf", "WithinBand", ["gguf stays (hysteresis)"]),
+    ("paged", L(X - 0.5), "paged", "WithinBand", ["paged stays"]),
+    ("paged", L(X * gear.DOWN_FRACTION), "gguf", "BelowCrossover", ["well below", "~1.2x"]),
+    ("paged", L(0), "gguf", "BelowCrossover", ["p95 0 concurrent", "~2.8x"]),
+    ("paged", L(32), "paged", "AboveCrossover", ["~3.1x"]),
+]
+
+
+@pytest.mark.parametrize(("running", "load_", "engine", "reason", "words"), ADVICE_TABLE)
+def test_advice_table(running: str, load_: Load | None, engine: str | None, reason: str, words: list[str]) -> None:
+    a = advise(running, load_, X, "10m")
+    assert (a.engine, a.reason) == (engine, reason)
+    for w in words:
+        assert w in a.message, (w, a.message)
+
+
+# ------------------------------------------------------------------------------ hysteresis, cooldown
+
+UP = Advice("paged", "AboveCrossover", "")
+DOWN = Advice("gguf", "BelowCrossover", "")
+BAND_G = Advice("gguf", "WithinBand", "")
+NONE = Advice(None, "Observing", "")
+
+
+def run_shifter(steps: list[tuple[float, Advice]], running: str, window: float, cooldown: float,
+                last_shift: float | None = None) -> list[tuple[float, str]]:
+    """Feed advice over time like the operator does; returns [(t, engine shifted to)]."""
+    state, shifts = GearState(last_shift=last_shift), []
+    for t, advice in steps:
+        state = hold(state, advice, t)
+        to = should_shift(state, running, t, window, cooldown)
+        if to:
+            shifts.append((t, to))
+            running = to
+            state = GearState(state.advised, state.advised_since, last_shift=t)
+    return shifts
+
+
+@pytest.mark.parametrize(("steps", "running", "last_shift", "want"), [
+    # advice must hold for the whole window (60 s) before a shift
+    ([(0, UP), (30, UP), (59, UP)], "gguf", None, []),
+    ([(0, UP), (30, UP), (60, UP)], "gguf", None, [(60, "paged")]),
+    # a break in the advice restarts the clock
+    ([(0, UP), (30, BAND_G), (40, UP), (90, UP), (100, UP)], "gguf", None, [(100, "paged")]),
+    ([(0, UP), (30, NONE), (40, UP), (100, UP)], "gguf", None, [(100, "paged")]),
+    # advice naming the running engine never shifts
+    ([(0, BAND_G), (100, BAND_G)], "gguf", None, []),
+    # cooldown: the last shift was at -10 s, cooldown 120 s -> not before 110 s
+    ([(0, UP), (60, UP), (100, UP), (110, UP)], "gguf", -10, [(110, "paged")]),
+    # up then down: the down shift waits for its own window and for the cooldown since the up shift
+    ([(0, UP), (60, UP), (70, DOWN), (130, DOWN), (170, DOWN), (180, DOWN)], "gguf", None,
+     [(60, "paged"), (180, "gguf")]),
+])
+def test_shift_hysteresis_and_cooldown(steps: list, running: str, last_shift: float | None, want: list) -> None:
+    assert run_shifter(steps, running, window=60, cooldown=120, last_shift=last_shift) == want
+
+
+def test_load_that_sits_between_the_thresholds_never_flaps() -> None:
+    """3 streams (between 2 and the crossover 4) on either engine: advice keeps what runs."""
+    for running in ("gguf", "paged"):
+        steps = [(t, advise(running, L(X - 1), X, "1m")) for t in range(0, 1000, 10)]
+        assert run_shifter(steps, running, window=60, cooldown=60) == []
+
+
+# ------------------------------------------------------------------------------------------ replicas
+
+B = Bounds(min_replicas=1, max_replicas=5, target=4)
+
+
+@pytest.mark.parametrize(("current", "in_flight", "want"), [
+    (1, 0, 1), (1, 4, 1), (1, 4.3, 1),  # within 10% of the target: no change
+    (1, 5, 2), (1, 16, 4), (2, 16, 4), (1, 100, 5),  # bounded by max
+    (4, 4, 1), (3, 0, 1),  # down to min
+    (2, 8.5, 2), (2, 9, 3),
+])
+def test_replica_recommendation(current: int, in_flight: float, want: int) -> None:
+    assert recommend(current, in_flight, B) == want
+
+
+@pytest.mark.parametrize(("history", "now", "current", "want"), [
+    ([], 0, 2, 2),
+    ([(0, 3)], 0, 1, 3),  # up at once (up window 0)
+    ([(0, 3), (10, 1)], 10, 3, 3),  # down waits: the highest of the last 300 s is 3
+    ([(0, 3), (301, 1)], 301, 3, 1),  # after the down window
+    ([(0, 3), (100, 2), (200, 1)], 310, 3, 2),
+])
+def test_replica_stabilisation(history: list, now: float, current: int, want: int) -> None:
+    assert stabilise(history, now, current) == want
+
+
+def test_replica_up_window_takes_the_lowest() -> None:
+    assert stabilise([(0, 5), (10, 3), (20, 4)], 20, 1, up_window=30) == 3
+    assert replicas.prune([(0, 5), (10, 3), (20, 4)], 20, 15) == [(10, 3), (20, 4)]
+    assert load.ceil_concurrency(3.0) == 3 and load.ceil_concurrency(0) == 1
+
+
+# ------------------------------------------------------------------------- spec, policy, reconcile step
+
+from gearshift.operator.observe import gear_step, override, plan_notes  # noqa: E402
+from gearshift.operator.policy import ObservedGear, decide  # noqa: E402
+from gearshift.operator.spec import InvalidSpec, parse_spec  # noqa: E402
+
+GGUF = "pvc://models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def isvc(**spec: object) -> dict:
+    return {"apiVersion": "gearshift.dev/v1alpha1", "kind": "InferenceService",
+            "metadata": {"name": "m", "namespace": "ns"}, "spec": {"model": {"uri": GGUF}, **spec}}
+
+
+@pytest.mark.parametrize(("gear_shift", "want"), [
+    (None, ("advise", 600.0, 600.0)),
+    ({"mode": "auto", "window": "30s", "cooldown": "1m"}, ("auto", 30.0, 60.0)),
+    ({"window": "2h", "cooldown": 0}, ("advise", 7200.0, 0.0)),
+])
+def test_gear_shift_spec(gear_shift: dict | None, want: tuple) -> None:
+    spec = parse_spec(isvc(**({"gearShift": gear_shift} if gear_shift is not None else {})))
+    assert (spec.gear_shift.mode, spec.gear_shift.window, spec.gear_shift.cooldown) == want
+
+
+@pytest.mark.parametrize(("spec", "field"), [
+    ({"gearShift": {"mode": "sometimes"}}, "spec.gearShift.mode"),
+    ({"gearShift": {"window": "5d"}}, "spec.gearShift.window"),
+    ({"gearShift": {"window": "1s"}}, "spec.gearShift.window"),
+    ({"gearShift": {"every": "1m"}}, "spec.gearShift.every"),
+    ({"autoscaling": {"maxReplicas": 3, "controller": "keda"}}, "spec.autoscaling.controller"),
+    ({"autoscaling": {"maxReplicas": 3, "controller": "operator"}}, "spec.autoscaling.targetConcurrency"),
+])
+def test_gear_shift_and_controller_spec_errors_name_the_field(spec: dict, field: str) -> None:
+    with pytest.raises(InvalidSpec) as e:
+        parse_spec(isvc(**spec))
+    assert e.value.field == field
+
+
+def test_observed_engine_overrides_the_declared_concurrency_and_sizes_for_it() -> None:
+    spec = parse_spec(isvc(concurrency=1, gearShift={"mode": "auto"}))
+    assert decide(spec).engine == "gguf"
+    plan = decide(spec, observed=ObservedGear("paged", "observed p95 9 ...", 9))
+    assert (plan.engine, plan.reason, plan.max_num_seqs) == ("paged", "observed p95 9 ...", 9)
+
+
+AUTO = {"mode": "auto", "window": "60s", "cooldown": "60s"}
+T0 = 1_800_000_000.0
+
+
+def status_after(spec_: dict, steps: list[tuple[float, Load]], engine: str = "gguf") -> tuple[dict, list]:
+    """Run gear_step like the reconcile does (status written back each time); the engine that runs follows
+    the override, as the next reconcile's decide would make it."""
+    spec = parse_spec(isvc(**spec_))
+    status: dict = {"engine": engine, "conditions": []}
+    events: list = []
+    for t, ld in steps:
+        step = gear_step(spec, status, status["engine"], ld, T0 + t)
+        status = {**status, **step.fields}
+        status["conditions"] = [{"type": "GearAdvice", "status": "True" if step.condition[0] else "False",
+                                 "reason": step.condition[1], "message": step.condition[2]}]
+        events += [e[0] for e in step.events]
+        o = override(spec, status)
+        status["engine"] = o.engine if o else status["engine"]
+    return status, events
+
+
+def test_auto_shifts_up_after_the_window_and_back_down_after_cooldown() -> None:
+    busy = [(t, L(8, window=60, span=60)) for t in range(0, 70, 10)]
+    status, events = status_after({"gearShift": AUTO}, busy)
+    assert status["engine"] == "paged" and status["gearShift"]["shiftedAt"]
+    assert status["gearShift"]["reason"].startswith("observed p95 8 concurrent")
+    assert events == ["GearAdvice", "GearShift"]
+    idle = busy + [(t, L(0, window=60, span=60)) for t in range(70, 200, 10)]
+    status, events = status_after({"gearShift": AUTO}, idle)
+    assert status["engine"] == "gguf"
+    assert events == ["GearAdvice", "GearShift", "GearAdvice", "GearShift"]
+
+
+def test_advise_mode_only_changes_the_condition_and_posts_events() -> None:
+    busy = [(t, L(8, window=60, span=60)) for t in range(0, 200, 10)]
+    status, events = status_after({}, busy)
+    assert status["engine"] == "gguf" and "engine" not in status["gearShift"]
+    assert status["conditions"][0]["status"] == "True" and status["conditions"][0]["reason"] == "AboveCrossover"
+    assert events == ["GearAdvice"]
+
+
+def test_no_load_writes_nothing_and_a_fixed_engine_is_never_shifted() -> None:
+    spec = parse_spec(isvc())
+    step = gear_step(spec, {"engine": "gguf"}, "gguf", None, T0)
+    assert "load" not in step.fields and step.condition[1] == "NoData" and not step.events
+    status, events = status_after({"engine": "gguf", "gearShift": AUTO},
+                                  [(t, L(8, window=60, span=60)) for t in range(0, 200, 10)])
+    assert status["engine"] == "gguf" and events == [] and status["conditions"][0]["reason"] == "NoChoice"
+
+
+def test_unchanged_load_keeps_status_identical() -> None:
+    """Between meaningful steps the status is byte-for-byte the same: no write per scrape."""
+    spec = parse_spec(isvc(gearShift={"window": "60s"}))
+    first = gear_step(spec, {"engine": "gguf"}, "gguf", L(3.0, window=60, span=60), T0)
+    prev = {"engine": "gguf", **first.fields, "conditions": [
+        {"type": "GearAdvice", "reason": first.condition[1], "message": first.condition[2]}]}
+    again = gear_step(spec, prev, "gguf", L(3.2, window=60, span=60), T0 + 10)
+    assert again.fields == first.fields and again.condition == first.condition and not again.events
+
+
+def test_plan_explains_that_auto_may_run_the_other_engine() -> None:
+    notes = plan_notes(parse_spec(isvc(gearShift={"mode": "auto", "window": "5m"})))
+    assert any("may run the other engine" in n and "5m" in n for n in notes)
+    assert plan_notes(parse_spec(isvc())) == []

@@ -9,10 +9,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -26,43 +24,9 @@ from gearshift.engine.server.errors import APIError
 from gearshift.engine.server.lifecycle import Lifecycle
 from gearshift.engine.server.metrics import CONTENT_TYPE, ServerMetrics
 from gearshift.engine.server.protocol import DetokenizeRequest, TokenizeRequest
+from gearshift.engine.server.state import ServerState, get_state
 
 log = logging.getLogger("gearshift.server")
-
-
-@dataclass
-class ServerState:
-    backend: Backend
-    config: EngineConfig
-    metrics: ServerMetrics
-    lifecycle: Lifecycle
-    created: int = field(default_factory=lambda: int(time.time()))
-    started: bool = False
-    stopped: bool = False
-    startup_error: BaseException | None = None
-    on_fatal: Callable[[], None] | None = None  # set by `gearshift serve`: stop the server
-
-    @property
-    def model_name(self) -> str:
-        return self.backend.model_name
-
-    def check_model(self, name: str | None, *, ollama: bool = False) -> None:
-        if name is None or name == self.model_name:
-            return
-        if ollama and name.removesuffix(":latest") == self.model_name:
-            return
-        raise errors.model_not_found(name)
-
-    def vocab_check(self, ids: list[int], param: str) -> None:
-        vocab = getattr(self.backend, "vocab_size", None)
-        for t in ids:
-            if t < 0 or (vocab is not None and t >= vocab):
-                raise InvalidRequestError(f"token id {t} is outside the vocabulary", param=param)
-
-    async def stop_backend(self) -> None:
-        if not self.stopped:
-            self.stopped = True
-            await self.backend.stop()
 
 
 class JSONBodyMiddleware:
@@ -77,10 +41,6 @@ class JSONBodyMiddleware:
             headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
             scope = {**scope, "headers": headers + [(b"content-type", b"application/json")]}
         await self.app(scope, receive, send)
-
-
-def get_state(request: Request) -> ServerState:
-    return request.app.state.gearshift
 
 
 def require_api_key(request: Request) -> None:

@@ -18,11 +18,11 @@ from fastapi.responses import Response
 from gearshift.engine.errors import InvalidRequestError
 from gearshift.engine.outputs import RequestOutput
 from gearshift.engine.sampling_params import SamplingParams
-from gearshift.engine.server.app import ServerState, get_state
 from gearshift.engine.server.errors import APIError
 from gearshift.engine.server.generation import ClientGone, Generation, GenerationStream
 from gearshift.engine.server.openai_routes import render_chat
 from gearshift.engine.server.protocol import ChatMessage
+from gearshift.engine.server.state import ServerState, get_state
 from pydantic import BaseModel, ConfigDict
 
 router = APIRouter()

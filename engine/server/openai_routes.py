@@ -14,7 +14,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from gearshift.engine.errors import GearshiftError, InvalidRequestError
 from gearshift.engine.outputs import CompletionOutput, Logprob, RequestOutput
-from gearshift.engine.server.app import ServerState, get_state
 from gearshift.engine.server.errors import APIError, error_payload
 from gearshift.engine.server.generation import ClientGone, Generation, GenerationStream
 from gearshift.engine.server.protocol import (
@@ -25,6 +24,7 @@ from gearshift.engine.server.protocol import (
     now,
     usage,
 )
+from gearshift.engine.server.state import ServerState, get_state
 
 router = APIRouter()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

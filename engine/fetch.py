@@ -15,12 +15,11 @@ import hashlib
 import os
 import re
 import shutil
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from gearshift.engine.download import fetch_url, log, redact
 from gearshift.engine.errors import GearshiftError
 
 Scheme = Literal["pvc", "file", "https", "http", "hf"]
@@ -45,6 +44,12 @@ class ModelURI:
         return "gguf" if self.path.lower().endswith(".gguf") else "safetensors"
 
     @property
+    def display(self) -> str:
+        """The URI as logs, Events and status may show it: an http(s) URL without its query string or
+        user info (signed URLs carry their token there)."""
+        return redact(self.uri) if self.scheme in ("https", "http") else self.uri
+
+    @property
     def local_name(self) -> str:
         """The file or directory name the fetch creates under its target directory."""
         if self.scheme == "hf" and not self.path:
@@ -52,47 +57,53 @@ class ModelURI:
         return os.path.basename(self.path.rstrip("/"))
 
 
+def _shown(uri: str) -> str:
+    """`uri` for an error message: redacted when it carries a query string or user info."""
+    return redact(uri) if "?" in uri or "@" in uri.partition("://")[2].partition("/")[0] else uri
+
+
 def parse_model_uri(uri: str) -> ModelURI:
     """Parse and validate a model URI; the error names what is wrong and shows a correct form."""
     if not isinstance(uri, str) or not uri.strip():
         raise GearshiftError("model uri is empty: use pvc://, file://, https:// or hf://")
     uri = uri.strip()
+    shown = _shown(uri)
     scheme, sep, rest = uri.partition("://")
     if not sep:
-        raise GearshiftError(f"model uri {uri!r} has no scheme: use pvc://, file://, https:// or hf://")
+        raise GearshiftError(f"model uri {shown!r} has no scheme: use pvc://, file://, https:// or hf://")
     if any(c.isspace() for c in rest) or not rest:
-        raise GearshiftError(f"model uri {uri!r} is malformed")
+        raise GearshiftError(f"model uri {shown!r} is malformed")
     if scheme == "pvc":
         claim, _, path = rest.partition("/")
         if not _DNS_LABEL.fullmatch(claim) or len(claim) > 253:
-            raise GearshiftError(f"model uri {uri!r}: {claim!r} is not a valid PersistentVolumeClaim name")
+            raise GearshiftError(f"model uri {shown!r}: {claim!r} is not a valid PersistentVolumeClaim name")
         if not path or ".." in path.split("/"):
-            raise GearshiftError(f"model uri {uri!r}: name the path inside the claim, e.g. pvc://models/m.gguf")
+            raise GearshiftError(f"model uri {shown!r}: name the path inside the claim, e.g. pvc://models/m.gguf")
         return ModelURI(uri, "pvc", path.strip("/"), claim=claim)
     if scheme == "file":
         if not rest.startswith("/") or ".." in rest.split("/"):
-            raise GearshiftError(f"model uri {uri!r}: file:// needs an absolute path, e.g. file:///models/m.gguf")
+            raise GearshiftError(f"model uri {shown!r}: file:// needs an absolute path, e.g. file:///models/m.gguf")
         return ModelURI(uri, "file", rest)
     if scheme in ("https", "http"):
         host, _, path = rest.partition("/")
         path = path.split("?", 1)[0].split("#", 1)[0]
         if not host or not path or path.endswith("/"):
-            raise GearshiftError(f"model uri {uri!r}: name a file, e.g. https://host/path/model.gguf")
+            raise GearshiftError(f"model uri {shown!r}: name a file, e.g. https://host/path/model.gguf")
         return ModelURI(uri, scheme, "/" + path)  # type: ignore[arg-type]
     if scheme == "hf":
         body, _, revision = rest.partition("@")
         parts = body.strip("/").split("/")
         if len(parts) < 2 or not all(_HF_PART.fullmatch(p) for p in parts) or (revision == "" and "@" in rest):
-            raise GearshiftError(f"model uri {uri!r}: use hf://org/repo[/file][@revision]")
+            raise GearshiftError(f"model uri {shown!r}: use hf://org/repo[/file][@revision]")
         path = "/".join(parts[2:])
         repo_id = "/".join(parts[:2])
         if not path and parts[1].lower().endswith("-gguf"):
             raise GearshiftError(
-                f"model uri {uri!r}: a GGUF repository holds several files; name one, "
+                f"model uri {shown!r}: a GGUF repository holds several files; name one, "
                 f"e.g. hf://{repo_id}/model-Q4_K_M.gguf"
             )
         return ModelURI(uri, "hf", path, repo_id=repo_id, revision=revision or None)
-    raise GearshiftError(f"model uri {uri!r}: unknown scheme {scheme!r}; use pvc://, file://, https:// or hf://")
+    raise GearshiftError(f"model uri {shown!r}: unknown scheme {scheme!r}; use pvc://, file://, https:// or hf://")
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -109,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     if args.sha256 is not None and not _SHA256.fullmatch(args.sha256.lower()):
         raise GearshiftError(f"--sha256 must be 64 hex digits, got {args.sha256!r}")
     path = fetch(args.uri, Path(args.dir), sha256=args.sha256, retries=args.retries)
-    _log(f"model ready at {path}")
+    log(f"model ready at {path}")
     return 0
 
 
@@ -117,19 +128,15 @@ def fetch(uri: str, target_dir: Path, sha256: str | None = None, retries: int = 
     """Bring the model at `uri` into `target_dir`; returns the model's local path."""
     m = parse_model_uri(uri)
     if m.scheme == "pvc":
-        _log(f"{uri}: on a mounted volume, nothing to fetch")
+        log(f"{uri}: on a mounted volume, nothing to fetch")
         return target_dir / m.path
     target_dir.mkdir(parents=True, exist_ok=True)
     dest = target_dir / m.local_name
     if m.scheme == "file":
         return _copy(Path(m.path), dest, sha256)
     if m.scheme in ("https", "http"):
-        return _download(uri, dest, sha256, retries)
+        return fetch_url(uri, dest, sha256, retries, _verify)
     return _hf(m, target_dir, sha256)
-
-
-def _log(msg: str) -> None:
-    print(f"gearshift fetch: {msg}", file=sys.stderr, flush=True)
 
 
 def _copy(src: Path, dest: Path, sha256: str | None) -> Path:
@@ -139,7 +146,7 @@ def _copy(src: Path, dest: Path, sha256: str | None) -> Path:
         shutil.copytree(src, dest, dirs_exist_ok=True)
         return dest
     if dest.exists() and dest.stat().st_size == src.stat().st_size and _matches(dest, sha256):
-        _log(f"{dest} already present")
+        log(f"{dest} already present")
         return dest
     tmp = dest.with_name(dest.name + ".part")
     shutil.copyfile(src, tmp)
@@ -167,75 +174,20 @@ def _verify(path: Path, sha256: str | None) -> None:
     if got != sha256.lower():
         path.unlink(missing_ok=True)  # a corrupt partial must not be resumed
         raise GearshiftError(f"checksum mismatch for {path.name.removesuffix('.part')}: expected sha256 {sha256.lower()}, got {got}")
-    _log(f"sha256 verified ({got[:12]}...)")
+    log(f"sha256 verified ({got[:12]}...)")
 
 
-def _download(url: str, dest: Path, sha256: str | None, retries: int) -> Path:
-    import httpx
-
-    if dest.exists() and (sha256 is None or _matches(dest, sha256)):
-        _log(f"{dest} already present")
-        return dest
-    part = dest.with_name(dest.name + ".part")
-    last_error = "no attempt made"
-    for attempt in range(1, max(1, retries) + 1):
-        try:
-            _download_once(httpx, url, part)
-            break
-        except _PermanentDownloadError as e:
-            raise GearshiftError(str(e)) from None
-        except (httpx.TransportError, OSError) as e:
-            last_error = f"{type(e).__name__}: {e}"
-            _log(f"attempt {attempt} interrupted ({last_error}); resuming")
-            time.sleep(min(2.0**attempt * 0.1, 5.0))
-    else:
-        raise GearshiftError(f"download of {url} failed after {retries} attempts: {last_error}")
-    _verify(part, sha256)
-    os.replace(part, dest)
-    return dest
-
-
-class _PermanentDownloadError(Exception):
-    pass
-
-
-def _download_once(httpx, url: str, part: Path) -> None:  # noqa: ANN001 - the httpx module
-    have = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={have}-"} if have else {}
-    with httpx.stream("GET", url, headers=headers, follow_redirects=True, timeout=30.0) as r:
-        if r.status_code == 416 and have:  # the partial is already complete
-            return
-        if r.status_code not in (200, 206):
-            raise _PermanentDownloadError(f"download of {url} failed: HTTP {r.status_code} {r.reason_phrase}")
-        if r.status_code == 200 and have:
-            _log("server ignored the Range request; starting over")
-            have = 0
-        total = r.headers.get("content-length")
-        total_bytes = have + int(total) if total is not None else None
-        done, last_report = have, 0.0
-        if have:
-            _log(f"resuming at {_mib(have)}")
-        with open(part, "ab" if have else "wb") as f:
-            for chunk in r.iter_bytes(1 << 20):
-                f.write(chunk)
-                done += len(chunk)
-                now = time.monotonic()
-                if now - last_report > 2.0:
-                    last_report = now
-                    _log(_progress(done, total_bytes))
-        _log(_progress(done, total_bytes))
-        if total_bytes is not None and done < total_bytes:
-            raise OSError(f"connection closed at {_mib(done)} of {_mib(total_bytes)}")
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
-
-
-def _progress(done: int, total: int | None) -> str:
-    if total:
-        return f"fetched {_mib(done)} of {_mib(total)} ({100 * done // total}%)"
-    return f"fetched {_mib(done)}"
+def _link(src: Path, dest: Path) -> None:
+    """`dest` names the same file as `src` (a hard link; a relative symlink where links are refused)."""
+    if dest.exists() and os.path.samefile(src, dest):
+        return
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        os.symlink(os.path.relpath(src, dest.parent), tmp)
+    os.replace(tmp, dest)
 
 
 def _hf(m: ModelURI, target_dir: Path, sha256: str | None) -> Path:
@@ -251,8 +203,8 @@ def _hf(m: ModelURI, target_dir: Path, sha256: str | None) -> Path:
                 m.repo_id, m.path, revision=m.revision, local_dir=target_dir, token=token
             )
             dest = target_dir / m.local_name
-            if Path(local) != dest:  # a file in a sub-folder of the repo: expose it at the top
-                os.replace(local, dest)
+            if Path(local) != dest:  # a file in a sub-folder of the repo: also at the top, where the pod
+                _link(Path(local), dest)  # looks; left in place, hf_hub_download finds it on the next start
             _verify(dest, sha256)
             return dest
         dest = target_dir / m.local_name

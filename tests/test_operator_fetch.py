@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import os
 import subprocess
 import sys
@@ -20,40 +21,70 @@ SHA = hashlib.sha256(PAYLOAD).hexdigest()
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """Serves PAYLOAD at /model.gguf with Range support; /flaky.gguf drops the first connection halfway."""
+    """A file server as CDNs and object stores behave: a strong ETag and Last-Modified, Range and If-Range
+    (200 with the whole file when the validator no longer matches), 416 with `bytes */size`.
 
-    ranges: list[str | None] = []
+    /model.gguf and /<dir>/model.gguf serve `files[path]` (default PAYLOAD); /flaky.gguf drops the first
+    connection halfway; /plain.gguf sends no validator at all; /slow.gguf trickles (concurrent fetchers).
+    Every request line is recorded (with its query string) as (path, Range, If-Range)."""
+
+    requests: list[tuple[str, str | None, str | None]] = []
+    files: dict[str, bytes] = {}
     flaky_failures = 0
 
     def log_message(self, *args: object) -> None:
         pass
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        if self.path not in ("/model.gguf", "/flaky.gguf"):
+        path = self.path.split("?", 1)[0]
+        rng, if_range = self.headers.get("Range"), self.headers.get("If-Range")
+        type(self).requests.append((self.path, rng, if_range))
+        if not path.endswith(".gguf") or path.endswith("missing.gguf"):
             self.send_error(404, "Not Found")
             return
-        rng = self.headers.get("Range")
-        type(self).ranges.append(rng)
+        body = type(self).files.get(path, PAYLOAD)
+        etag = f'"{hashlib.sha256(body).hexdigest()[:16]}"'
+        validators = path != "/plain.gguf"
         start = int(rng.split("=")[1].split("-")[0]) if rng else 0
-        body = PAYLOAD[start:]
+        if rng and if_range not in (None, etag):
+            rng, start = None, 0  # the file changed: RFC 9110 says send it whole
+        if rng and start >= len(body):
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(body)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        chunk = body[start:]
         self.send_response(206 if rng else 200)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(len(chunk)))
+        if validators:
+            self.send_header("ETag", etag)
+            self.send_header("Last-Modified", "Mon, 30 Nov 2026 10:00:00 GMT")
         if rng:
-            self.send_header("Content-Range", f"bytes {start}-{len(PAYLOAD) - 1}/{len(PAYLOAD)}")
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         self.end_headers()
-        if self.path == "/flaky.gguf" and type(self).flaky_failures == 0:
+        if path == "/flaky.gguf" and type(self).flaky_failures == 0:
             type(self).flaky_failures += 1
-            self.wfile.write(body[: len(body) // 2])
+            self.wfile.write(chunk[: len(chunk) // 2])
             self.wfile.flush()
             self.close_connection = True
             self.connection.shutdown(2)  # the connection drops mid-body
             return
-        self.wfile.write(body)
+        step = 256 * 1024 if path == "/slow.gguf" else len(chunk) or 1
+        for i in range(0, len(chunk), step):
+            self.wfile.write(chunk[i:i + step])
+            if path == "/slow.gguf":
+                time.sleep(0.05)
+
+    @classmethod
+    def gets(cls, path: str) -> list[tuple[str, str | None, str | None]]:
+        return [r for r in cls.requests if r[0].split("?", 1)[0] == path]
 
 
 @pytest.fixture()
 def server() -> Iterator[str]:
-    _Handler.ranges = []
+    _Handler.requests = []
+    _Handler.files = {}
     _Handler.flaky_failures = 0
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -84,31 +115,119 @@ def test_download_with_checksum_and_progress(server: str, tmp_path: Path) -> Non
     assert not (tmp_path / "model.gguf.part").exists()
     again = fetch(f"{server}/model.gguf", str(tmp_path), "--sha256", SHA)
     assert again.returncode == 0 and "already present" in again.stderr
-    assert len(_Handler.ranges) == 1  # the second run downloaded nothing
+    assert len(_Handler.requests) == 1  # the second run downloaded nothing
 
 
-def test_interrupted_download_resumes_with_range(server: str, tmp_path: Path) -> None:
-    r = fetch(f"{server}/flaky.gguf", str(tmp_path), "--sha256", SHA)
+def test_interrupted_download_resumes_with_if_range(server: str, tmp_path: Path) -> None:
+    r = fetch(f"{server}/flaky.gguf", str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "flaky.gguf").read_bytes() == PAYLOAD
-    assert _Handler.ranges[0] is None
-    resumed_at = int(_Handler.ranges[1].split("=")[1].rstrip("-"))
+    (first, second) = _Handler.gets("/flaky.gguf")
+    assert first[1:] == (None, None)
+    resumed_at = int(second[1].split("=")[1].rstrip("-"))
     assert 0 < resumed_at < len(PAYLOAD)
+    assert second[2] == f'"{SHA[:16]}"'  # If-Range: the resume is only valid for the same file
     assert "resuming at" in r.stderr
 
 
+def _partial(tmp_path: Path, server: str, data: bytes, etag: str | None, size: int) -> None:
+    """What an interrupted earlier run leaves: the partial and the validator it came with."""
+    (tmp_path / "model.gguf.part").write_bytes(data)
+    (tmp_path / "model.gguf.part.json").write_text(json.dumps(
+        {"url": f"{server}/model.gguf", "etag": etag, "last_modified": None, "size": size}))
+
+
 def test_partial_file_from_a_previous_run_is_resumed(server: str, tmp_path: Path) -> None:
-    (tmp_path / "model.gguf.part").write_bytes(PAYLOAD[:1000])
+    _partial(tmp_path, server, PAYLOAD[:1000], f'"{SHA[:16]}"', len(PAYLOAD))
     r = fetch(f"{server}/model.gguf", str(tmp_path))
     assert r.returncode == 0, r.stderr
-    assert _Handler.ranges == ["bytes=1000-"]
+    assert [g[1:] for g in _Handler.requests] == [("bytes=1000-", f'"{SHA[:16]}"')]
     assert (tmp_path / "model.gguf").read_bytes() == PAYLOAD
+
+
+def test_a_partial_of_a_file_that_changed_is_not_spliced(server: str, tmp_path: Path) -> None:
+    new = os.urandom(len(PAYLOAD))
+    _Handler.files["/model.gguf"] = new  # the file on the server was replaced since the partial
+    _partial(tmp_path, server, PAYLOAD[:1000], f'"{SHA[:16]}"', len(PAYLOAD))
+    r = fetch(f"{server}/model.gguf", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "model.gguf").read_bytes() == new  # not 1000 old bytes + the new file's tail
+    assert "the file changed on the server" in r.stderr
+
+
+def test_a_partial_without_a_validator_starts_over(server: str, tmp_path: Path) -> None:
+    (tmp_path / "plain.gguf.part").write_bytes(b"x" * 1000)  # no record of where it came from
+    r = fetch(f"{server}/plain.gguf", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert [g[1] for g in _Handler.requests] == [None]
+    assert (tmp_path / "plain.gguf").read_bytes() == PAYLOAD
+    # With an expected sha256 the end result is proven, so a partial may be resumed.
+    (tmp_path / "plain.gguf").unlink()
+    (tmp_path / "plain.gguf.part").write_bytes(PAYLOAD[:1000])
+    (tmp_path / "plain.gguf.part.json").write_text(json.dumps(
+        {"url": f"{server}/plain.gguf", "etag": None, "last_modified": None, "size": len(PAYLOAD)}))
+    assert fetch(f"{server}/plain.gguf", str(tmp_path), "--sha256", SHA).returncode == 0
+    assert _Handler.requests[-1][1:] == ("bytes=1000-", None)
+
+
+def test_416_counts_as_complete_only_at_the_recorded_size(server: str, tmp_path: Path) -> None:
+    _partial(tmp_path, server, PAYLOAD, f'"{SHA[:16]}"', len(PAYLOAD))  # whole, not yet renamed
+    r = fetch(f"{server}/model.gguf", str(tmp_path), "--sha256", SHA)
+    assert r.returncode == 0, r.stderr
+    assert len(_Handler.requests) == 1 and (tmp_path / "model.gguf").read_bytes() == PAYLOAD
+    # A partial longer than the file (junk after a crash): the 416 says the size differs.
+    (tmp_path / "model.gguf").unlink()
+    (tmp_path / "model.gguf.source").unlink()
+    _partial(tmp_path, server, PAYLOAD + b"junk", f'"{SHA[:16]}"', len(PAYLOAD))
+    r = fetch(f"{server}/model.gguf", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "model.gguf").read_bytes() == PAYLOAD
+    assert f"the server has {len(PAYLOAD)} bytes, the partial {len(PAYLOAD) + 4}" in r.stderr
+
+
+def test_a_changed_uri_never_serves_the_old_file(server: str, tmp_path: Path) -> None:
+    other = os.urandom(4096)
+    _Handler.files["/v2/model.gguf"] = other
+    assert fetch(f"{server}/v1/model.gguf", str(tmp_path)).returncode == 0
+    r = fetch(f"{server}/v2/model.gguf", str(tmp_path))  # same file name, another file
+    assert r.returncode == 0, r.stderr
+    assert "already present" not in r.stderr and (tmp_path / "model.gguf").read_bytes() == other
+    # A file from before the .source records (or copied in by hand) is not trusted either.
+    (tmp_path / "model.gguf.source").unlink()
+    assert fetch(f"{server}/v2/model.gguf", str(tmp_path)).returncode == 0
+    assert len(_Handler.gets("/v2/model.gguf")) == 2
+
+
+def test_concurrent_fetchers_into_one_cache_take_turns(server: str, tmp_path: Path) -> None:
+    """Replicas sharing a cache claim start together: one downloads, the others wait and reuse it."""
+    procs = [subprocess.Popen([GEARSHIFT, "fetch", f"{server}/slow.gguf", str(tmp_path), "--sha256", SHA],
+                              stderr=subprocess.PIPE, text=True, env=dict(os.environ)) for _ in range(4)]
+    outs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], outs
+    assert (tmp_path / "slow.gguf").read_bytes() == PAYLOAD
+    assert len(_Handler.gets("/slow.gguf")) == 1
+    assert sum("already present" in o for o in outs) == 3
+    assert any("another fetcher is writing slow.gguf" in o for o in outs)
+
+
+def test_signed_url_query_and_credentials_never_reach_the_logs(server: str, tmp_path: Path) -> None:
+    host = server.removeprefix("http://")
+    signed = f"http://user:pa55word@{host}/model.gguf?X-Amz-Signature=s3cr3t&X-Amz-Credential=AKIAXYZ"
+    r = fetch(signed, str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "s3cr3t" in _Handler.requests[0][0]  # the server got the signed URL
+    for bad in (f"{server}/missing.gguf?token=s3cr3t", "http://user:pa55word@127.0.0.1:9/m.gguf?sig=s3cr3t"):
+        r = fetch(bad, str(tmp_path / "x"), "--retries", "1")
+        assert r.returncode == 2 and "?<redacted>" in r.stderr
+        assert "s3cr3t" not in r.stderr and "pa55word" not in r.stderr
+    files = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".gguf")
+    assert "s3cr3t" not in files and "pa55word" not in files and "AKIAXYZ" not in files
 
 
 def test_checksum_mismatch_is_one_line_and_leaves_nothing(server: str, tmp_path: Path) -> None:
     line = one_line_error(fetch(f"{server}/model.gguf", str(tmp_path), "--sha256", "0" * 64))
     assert f"checksum mismatch for model.gguf: expected sha256 {'0' * 64}, got {SHA}" in line
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["model.gguf.lock"]  # the lock file only: no bytes
 
 
 def test_http_error_is_one_line(server: str, tmp_path: Path) -> None:
@@ -160,6 +279,7 @@ class _Hub(http.server.BaseHTTPRequestHandler):
     """The hub's file-resolve protocol as huggingface_hub speaks it: HEAD for metadata, then GET."""
 
     auth: list[str | None] = []
+    gets = 0
 
     def log_message(self, *args: object) -> None:
         pass
@@ -181,11 +301,13 @@ class _Hub(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802
         if self._head():
+            type(self).gets += 1
             self.wfile.write(PAYLOAD)
 
 
 def test_hf_download_with_token_revision_and_checksum(tmp_path: Path) -> None:
     _Hub.auth = []
+    _Hub.gets = 0
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     env = {"HF_ENDPOINT": f"http://127.0.0.1:{httpd.server_address[1]}", "HF_TOKEN": "hf_secret",
@@ -196,6 +318,11 @@ def test_hf_download_with_token_revision_and_checksum(tmp_path: Path) -> None:
         assert (tmp_path / "models" / "m.Q4.gguf").read_bytes() == PAYLOAD  # at the top, where the pod looks
         assert "sha256 verified" in r.stderr
         assert _Hub.auth and all(a == "Bearer hf_secret" for a in _Hub.auth)
+        assert _Hub.gets == 1
+        again = fetch("hf://org/repo-GGUF/sub/m.Q4.gguf@v1", str(tmp_path / "models"), "--sha256", SHA, env=env)
+        assert again.returncode == 0, again.stderr
+        assert _Hub.gets == 1  # a file in a sub-folder is found again on the next start: not downloaded twice
+        assert (tmp_path / "models" / "m.Q4.gguf").read_bytes() == PAYLOAD
         missing = fetch("hf://org/repo-GGUF/other.gguf", str(tmp_path / "models"), env=env)
         assert "download of hf://org/repo-GGUF/other.gguf failed" in one_line_error(missing)
     finally:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import sys
 import time
 import uuid
@@ -22,6 +24,7 @@ from gearshift.engine.errors import GearshiftError
 from gearshift.engine.outputs import RequestOutput
 from gearshift.engine.sampling_params import SamplingParams
 from gearshift.engine.server.errors import APIError, from_engine_error
+from gearshift.engine.server.protocol import error_body
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
     from gearshift.engine.server.state import ServerState
 
 T = TypeVar("T")
+log = logging.getLogger("gearshift.server")
 
 
 class ClientGone(Exception):
@@ -140,6 +144,8 @@ class Generation:
                 return
             except asyncio.TimeoutError:
                 raise timeout_error(self.state.config.request_timeout) from None
+            except GearshiftError as e:  # the engine ended this request: an error event, not a cut stream
+                raise from_engine_error(e) from None
             self._observe(out)
             yield out
 
@@ -202,7 +208,7 @@ class GenerationStream(StreamingResponse):
 
     def __init__(self, content: AsyncIterator[str], generation: Generation, media_type: str,
                  headers: dict[str, Any] | None = None) -> None:
-        super().__init__(content, media_type=media_type, headers=headers)
+        super().__init__(_never_cut(content, media_type), media_type=media_type, headers=headers)
         self.generation = generation
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -210,3 +216,20 @@ class GenerationStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self.generation.close()
+
+
+async def _never_cut(content: AsyncIterator[str], media_type: str) -> AsyncIterator[str]:
+    """A bug of ours while streaming still ends the stream properly: an error event in the stream's own
+    format (and `[DONE]` for SSE), never a connection cut without a word."""
+    try:
+        async with contextlib.aclosing(content):  # type: ignore[type-var]
+            async for chunk in content:
+                yield chunk
+    except Exception as e:
+        log.exception("error while streaming a response")
+        message = f"internal error: {type(e).__name__}"
+        if media_type == "text/event-stream":
+            body = json.dumps(error_body(message, "server_error", None, "server_error"))
+            yield f"data: {body}\n\ndata: [DONE]\n\n"
+        else:
+            yield json.dumps({"error": message}) + "\n"

@@ -35,14 +35,15 @@ def ready_pods(pods: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return out
 
 
-def metrics_url(ip: str) -> str:
+def metrics_url(ip: str, port: int = builders.PORT) -> str:
     host = f"[{ip}]" if ":" in ip else ip
-    return f"http://{host}:{builders.PORT}/metrics"
+    return f"http://{host}:{port}/metrics"
 
 
-def fetch(ip: str) -> PodSample | None:
+def fetch(ip: str, port: int = builders.PORT) -> PodSample | None:
+    """One pod's figures, or None when it does not answer in time or answers something else."""
     try:
-        with urllib.request.urlopen(metrics_url(ip), timeout=TIMEOUT_SECONDS) as r:  # noqa: S310 - pod IP
+        with urllib.request.urlopen(metrics_url(ip, port), timeout=TIMEOUT_SECONDS) as r:  # noqa: S310 - pod IP
             return parse_metrics(r.read(MAX_BODY).decode("utf-8", "replace"))
     except (OSError, ValueError) as e:
         log.debug("scrape of %s failed: %s", ip, e)

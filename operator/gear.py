@@ -33,7 +33,7 @@ def throughput(engine: str, concurrency: float) -> float:
     col = 0 if engine == "gguf" else 1
     points = sorted(MEASURED_TOKENS_PER_SECOND.items())
     c = min(max(concurrency, points[0][0]), points[-1][0])
-    for (c0, v0), (c1, v1) in zip(points, points[1:]):
+    for (c0, v0), (c1, v1) in zip(points, points[1:], strict=False):
         if c0 <= c <= c1:
             w = (math.log2(c) - math.log2(c0)) / (math.log2(c1) - math.log2(c0))
             return v0[col] + w * (v1[col] - v0[col])

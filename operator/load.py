@@ -109,7 +109,7 @@ def tokens_per_second(ticks: list[Tick]) -> float:
     if len(ticks) < 2 or ticks[-1].t <= ticks[0].t:
         return 0.0
     tokens = 0.0
-    for prev, cur in zip(ticks, ticks[1:]):
+    for prev, cur in zip(ticks, ticks[1:], strict=False):
         for pod, s in cur.pods.items():
             before = prev.pods.get(pod)
             if before is None:

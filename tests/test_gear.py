@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from gearshift.engine.server.metrics import ServerMetrics
 from gearshift.engine.outputs import EngineStats
+from gearshift.engine.server.metrics import ServerMetrics
 from gearshift.operator import gear, load, replicas
 from gearshift.operator.gear import Advice, GearState, advise, hold, should_shift
 from gearshift.operator.load import Load, LoadWindow, PodSample, Tick, load_changed, parse_metrics
-from gearshift.operator.policy import CROSSOVER_CONCURRENCY
+from gearshift.operator.observe import gear_step, override, plan_notes
+from gearshift.operator.policy import CROSSOVER_CONCURRENCY, ObservedGear, decide
 from gearshift.operator.replicas import Bounds, recommend, stabilise
+from gearshift.operator.spec import InvalidSpec, parse_spec
 
 
 def tick(t: float, *per_pod: tuple[float, float, float]) -> Tick:
@@ -216,10 +218,6 @@ def test_replica_up_window_takes_the_lowest() -> None:
 
 
 # ------------------------------------------------------------------------- spec, policy, reconcile step
-
-from gearshift.operator.observe import gear_step, override, plan_notes  # noqa: E402
-from gearshift.operator.policy import ObservedGear, decide  # noqa: E402
-from gearshift.operator.spec import InvalidSpec, parse_spec  # noqa: E402
 
 GGUF = "pvc://models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 

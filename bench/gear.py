@@ -1,0 +1,143 @@
+"""Gear shifting under a ramp: 1 -> 16 -> 1 concurrent streams against an `auto` InferenceService
+(gearShift auto) and against fixed gguf and fixed paged ones, on a cluster with a node and the operator
+running (the e2e setup: `make e2e` leaves them up, or any cluster in $KUBECONFIG).
+
+Each resource gets the same ramp in turn (one at a time: they share the node's CPUs), closed-loop streamed
+/v1/completions through its Service's ClusterIP (bench/serve_load.py's client): distinct 128-token prompts,
+128 output tokens with ignore_eos. Per phase: output tokens served, p50/p99 TTFT, failed requests, and for
+`auto` the engines that served it. Target (issue 17): auto within 10% of the better fixed engine in each
+phase, zero failures.
+
+    .venv/bin/python bench/gear.py --model-uri http://10.43.0.1:PORT/SmolLM2-135M-Instruct.Q4_1.gguf
+    .venv/bin/python bench/gear.py --model-uri ... --phases 1:120,16:300,1:300 --window 60s --cooldown 60s
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_load import make_prompts, run_level  # noqa: E402
+
+GROUP, VERSION, PLURAL, NAME_PORT = "gearshift.dev", "v1alpha1", "inferenceservices", 8000
+MODEL = "smollm2"
+
+
+def resource(name: str, uri: str, engine: str, window: str, cooldown: str) -> dict[str, Any]:
+    spec: dict[str, Any] = {"model": {"uri": uri, "servedName": MODEL}, "concurrency": 1,
+                            "hardware": {"cpu": "1", "memory": "3Gi"}, "engineArgs": {"maxModelLen": 512}}
+    if engine == "auto":
+        spec["gearShift"] = {"mode": "auto", "window": window, "cooldown": cooldown}
+    else:
+        spec["engine"] = engine
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceService",
+            "metadata": {"name": name}, "spec": spec}
+
+
+class Cluster:
+    def __init__(self, kubeconfig: str, ns: str) -> None:
+        from kubernetes import client, config
+
+        api = config.new_client_from_config(config_file=kubeconfig)
+        self.ns, self.core, self.custom = ns, client.CoreV1Api(api), client.CustomObjectsApi(api)
+
+    def status(self, name: str) -> dict[str, Any]:
+        return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name).get("status") or {}
+
+    def ready(self, name: str) -> bool:
+        conds = {c["type"]: c["status"] for c in self.status(name).get("conditions") or []}
+        return conds.get("Ready") == "True" and conds.get("Progressing") == "False"
+
+    def wait_ready(self, name: str, timeout: float = 900) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.ready(name):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{name} not Ready after {timeout:.0f}s: {self.status(name)}")
+            time.sleep(3)
+
+    def url(self, name: str) -> str:
+        return f"http://{self.core.read_namespaced_service(name, self.ns).spec.cluster_ip}:{NAME_PORT}"
+
+
+async def ramp(cluster: Cluster, name: str, prompts: list[str], phases: list[tuple[int, float]],
+               max_tokens: int) -> list[dict[str, Any]]:
+    rows = []
+    for i, (streams, seconds) in enumerate(phases):
+        engines: set[str] = set()
+
+        async def watch(engines: set[str] = engines) -> None:  # which engine(s) served this phase
+            while True:
+                engines.add(await asyncio.to_thread(lambda: cluster.status(name).get("engine", "?")))
+                await asyncio.sleep(5)
+
+        watcher = asyncio.create_task(watch())
+        result = await run_level(cluster.url(name), MODEL, prompts, streams, 10**9, max_tokens, True, 600.0,
+                                 duration=seconds)
+        watcher.cancel()
+        s = result.summary()
+        rows.append({"phase": f"{i + 1}: {streams} streams, {seconds:.0f}s", "tokens": s["output_tokens"],
+                     "tok_s": s["output_tok_s"], "ttft_p50": s["ttft_p50_ms"], "ttft_p99": s["ttft_p99_ms"],
+                     "failed": s["errors"], "engines": "+".join(sorted(engines))})
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
+    p.add_argument("--model-uri", required=True, help="a URI of the SmolLM2 GGUF the pods can fetch")
+    p.add_argument("--phases", default="1:120,16:300,1:300", help="streams:seconds,...")
+    p.add_argument("--targets", default="auto,gguf,paged")
+    p.add_argument("--window", default="60s")
+    p.add_argument("--cooldown", default="60s")
+    p.add_argument("--max-tokens", type=int, default=128)
+    args = p.parse_args()
+    if not args.kubeconfig:
+        from gearshift.e2e.cluster.local import ensure_cluster
+
+        args.kubeconfig = str(ensure_cluster())
+    from gearshift.engine.bundled import bundled_model_path
+    from kubernetes import client, config
+
+    phases = [(int(a), float(b)) for a, b in (x.split(":") for x in args.phases.split(","))]
+    ns = f"gear-bench-{uuid.uuid4().hex[:6]}"
+    core = client.CoreV1Api(config.new_client_from_config(config_file=args.kubeconfig))
+    core.create_namespace({"metadata": {"name": ns}})
+    cluster = Cluster(args.kubeconfig, ns)
+    prompts = make_prompts(str(bundled_model_path()), 64, 128)
+    table: list[tuple[str, dict[str, Any]]] = []
+    try:
+        for target in args.targets.split(","):
+            name = f"gear-{target}"
+            body = resource(name, args.model_uri, target, args.window, args.cooldown)
+            cluster.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+            cluster.wait_ready(name)
+            rows = asyncio.run(ramp(cluster, name, prompts, phases, args.max_tokens))
+            table += [(target, r) for r in rows]
+            cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+    finally:
+        core.delete_namespace(ns)
+    print(open("/proc/cpuinfo").read().count("processor"), "CPUs; flags:",
+          " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni")
+                   if f" {f}" in open("/proc/cpuinfo").read()))
+    print("| resource | phase | engine(s) | output tokens | tok/s | TTFT p50 ms | TTFT p99 ms | failed |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for target, r in table:
+        print(f"| {target} | {r['phase']} | {r['engines']} | {r['tokens']} | {r['tok_s']:.1f} | "
+              f"{r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | {r['failed']} |")
+    for i in range(len(phases)):
+        by = {t: r for t, r in table if r["phase"].startswith(f"{i + 1}:")}
+        fixed = [by[t]["tokens"] for t in ("gguf", "paged") if t in by]
+        if "auto" in by and fixed and max(fixed):
+            print(f"phase {i + 1}: auto / better fixed engine = {by['auto']['tokens'] / max(fixed):.2f}x tokens")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

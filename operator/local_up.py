@@ -10,7 +10,7 @@ from pathlib import Path
 
 from gearshift.engine.errors import GearshiftError
 from gearshift.operator import builders
-from gearshift.operator.plan import plan_one, read_services
+from gearshift.operator.plan import plan_one, read_services, unsupported_note
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +35,10 @@ def run(args: argparse.Namespace) -> int:
     objs = read_services(args.filename)
     if len(objs) != 1:
         raise GearshiftError(f"{args.filename} holds {len(objs)} InferenceServices; `up` serves one")
-    spec, plan = plan_one(objs[0])
+    spec, plan, unsupported = plan_one(objs[0], args.models_dir)
+    note = unsupported_note(plan, unsupported)
+    if note:
+        raise GearshiftError(f"{spec.name}: {note}")
     notes = []
     if plan.device == "cuda" and not _has_cuda():
         plan = replace(plan, device="cpu")

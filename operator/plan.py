@@ -6,11 +6,13 @@ The output is YAML (the decision as a comment), so it can be reviewed or piped t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
 import yaml
 from gearshift.engine.errors import GearshiftError
+from gearshift.engine.loader.architecture import paged_unsupported
 from gearshift.operator import builders
 from gearshift.operator.main import DEFAULT_IMAGE
 from gearshift.operator.observe import plan_notes
@@ -45,9 +47,32 @@ def read_services(path: str) -> list[dict[str, Any]]:
     return found
 
 
-def plan_one(obj: dict[str, Any]) -> tuple[InferenceServiceSpec, EnginePlan]:
+def local_model_path(spec: InferenceServiceSpec, models_dir: str | None) -> str | None:
+    """Where the model is on this machine, if it is already here (file://, or fetched before)."""
+    uri = spec.model.uri
+    if uri.scheme == "file":
+        return uri.path
+    if models_dir and uri.scheme != "pvc" and os.path.exists(os.path.join(models_dir, uri.local_name)):
+        return os.path.join(models_dir, uri.local_name)
+    return None
+
+
+def plan_one(obj: dict[str, Any], models_dir: str | None = None) -> tuple[InferenceServiceSpec, EnginePlan, str | None]:
+    """(spec, plan, architecture the paged engine cannot run or None). The architecture is read from the
+    model when it is on this machine, so the decision is the one the operator reaches once a pod has
+    reported it."""
     spec = parse_spec(obj)
-    return spec, decide(spec)
+    path = local_model_path(spec, models_dir)
+    unsupported = paged_unsupported(path) if path else None
+    return spec, decide(spec, unsupported), unsupported
+
+
+def unsupported_note(plan: EnginePlan, unsupported: str | None) -> str | None:
+    """One line when the plan still runs the paged engine on a model it cannot load, else None."""
+    if unsupported and plan.engine == "paged":
+        return (f"the paged engine does not implement architecture {unsupported!r}: its pods would stop with "
+                "UnsupportedModel; use a GGUF file with engine gguf (CPU)")
+    return None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,12 +80,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", default=DEFAULT_IMAGE, help="image of the model server pods")
     parser.add_argument("--hpa-version", default="autoscaling/v2", choices=["autoscaling/v2", "autoscaling/v2beta2"])
     parser.add_argument("--pdb-version", default="policy/v1", choices=["policy/v1", "policy/v1beta1"])
+    parser.add_argument("--models-dir", default=os.path.expanduser("~/.cache/gearshift/models"),
+                        help="where fetched models are looked for, to read their architecture")
 
 
 def run(args: argparse.Namespace) -> int:
     out = []
     for obj in read_services(args.filename):
-        spec, plan = plan_one(obj)
+        spec, plan, unsupported = plan_one(obj, args.models_dir)
+        note = unsupported_note(plan, unsupported)
+        if note:
+            out.append(f"# warning: {note}\n")
         out.extend(f"# note: {n}\n" for n in plan_notes(spec))
         out.append(f"# {spec.namespace}/{spec.name}: engine {plan.engine} -- {plan.reason}\n"
                    f"# sizing: max sequences {plan.max_num_seqs}, threads {plan.threads}, "

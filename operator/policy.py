@@ -8,6 +8,9 @@ Pure and table-tested (tests/test_policy.py). Rules, in order:
 4. GGUF on CPU -> gguf below CROSSOVER_CONCURRENCY concurrent requests, paged at or above it; with
    spec.gearShift.mode auto the engine the observed load chose (operator/observe.py) instead of the declared
    concurrency, sized for the observed concurrency.
+5. A GGUF model whose architecture the paged engine does not implement (read locally by plan/up, or
+   reported by a paged pod as UnsupportedModel) with engine auto on CPU -> gguf, and the reason says so.
+6. More than MAX_TENSOR_PARALLEL accelerators per replica -> InvalidSpec (they would sit idle).
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ CROSSOVER_CONCURRENCY = 4
 # Share of the memory limit given to the paged engine's KV cache on CPU; the rest holds the weights
 # (dequantized from GGUF on load), activations and the Python process.
 CPU_KV_CACHE_FRACTION = 0.25
+
+# Accelerators one paged engine replica can use: tensor parallelism is not wired into the pods yet, so
+# `hardware.count` above this is refused rather than paid for and left idle.
+MAX_TENSOR_PARALLEL = 1
 
 # Requests when spec.hardware leaves them out: enough to load a small model.
 DEFAULTS = {
@@ -60,17 +67,25 @@ class ObservedGear:
     concurrency: int  # the observed p95 per replica at the shift: max sequences are sized for it
 
 
-def decide(spec: InferenceServiceSpec, observed: ObservedGear | None = None) -> EnginePlan:
-    """The engine and its sizing for `spec`; raises InvalidSpec for an engine that cannot serve it."""
+def decide(spec: InferenceServiceSpec, unsupported_architecture: str | None = None,
+           observed: ObservedGear | None = None) -> EnginePlan:
+    """The engine and its sizing for `spec`; raises InvalidSpec for an engine that cannot serve it.
+
+    unsupported_architecture: the model's architecture when it is known that the paged engine does not
+    implement it (None: unknown, or supported)."""
     fmt = spec.model.uri.format
     hw = spec.hardware
+    if hw.count > MAX_TENSOR_PARALLEL:
+        raise InvalidSpec("spec.hardware.count", (
+            f"{hw.count} accelerators per replica need tensor parallelism, which the paged engine does not "
+            f"run yet (at most {MAX_TENSOR_PARALLEL}); use count {MAX_TENSOR_PARALLEL} and more replicas"))
     accel = f"{hw.accelerator} x{hw.count}" if hw.accelerator else None
     c = spec.concurrency
     requests = f"{c} concurrent request{'s' if c != 1 else ''}"
 
     if spec.engine == "gguf":
         if fmt != "gguf":
-            raise InvalidSpec("spec.engine", f"gguf needs a .gguf model file, but {spec.model.uri.uri} is {fmt}; "
+            raise InvalidSpec("spec.engine", f"gguf needs a .gguf model file, but {spec.model.uri.display} is {fmt}; "
                                              "use engine paged or auto")
         if accel:
             raise InvalidSpec("spec.engine", "gguf runs on CPU only (the image's llama.cpp is a CPU build); "
@@ -80,6 +95,9 @@ def decide(spec: InferenceServiceSpec, observed: ObservedGear | None = None) -> 
         engine, reason = "paged", f"engine paged was requested; {requests} on {accel or 'CPU'}"
     elif fmt == "safetensors":
         engine, reason = "paged", "safetensors weights are served by the paged engine only"
+    elif unsupported_architecture and not accel:
+        engine, reason = "gguf", (f"the paged engine does not implement architecture {unsupported_architecture!r}: "
+                                  f"falling back to the gguf engine (llama.cpp) for {requests} on CPU")
     elif accel:
         engine, reason = "paged", f"an accelerator ({accel}) is requested and the paged engine runs on GPUs"
     elif observed is not None:

@@ -16,17 +16,22 @@ from typing import Any
 
 from gearshift.operator import builders
 from gearshift.operator.apply import HASH_ANNOTATION, Kube, KubeError, needs_apply, now_iso, with_hash
+from gearshift.operator.blocked import ChildBlocked, conflict, controlled_by, rejected
 from gearshift.operator.observe import Observer, gear_step, merge_gear, override
 from gearshift.operator.policy import decide
-from gearshift.operator.spec import InvalidSpec, parse_spec
-from gearshift.operator.status import compute_status, differs
+from gearshift.operator.spec import API_VERSION, KIND, InvalidSpec, parse_spec
+from gearshift.operator.status import compute_status, differs, known_unsupported
 
 log = logging.getLogger("gearshift.operator")
 Key = tuple[str, str]  # (namespace, name) of an InferenceService
+# The label every child carries: the watches and the relist ask the API server for these objects only.
+CHILD_SELECTOR = {"app.kubernetes.io/managed-by": builders.MANAGED_BY}
 # Kinds whose presence depends on the spec: deleted when the spec stops wanting them.
 OPTIONAL_KINDS = ("HorizontalPodAutoscaler", "PodDisruptionBudget", "PersistentVolumeClaim")
 # Before the watches have listed everything, a cache miss may be a child that exists: GET it first.
 PRIME_SECONDS = 10.0
+# A ChildConflict's object carries none of our labels, so no watch tells when it goes: look again this often.
+CONFLICT_RECHECK_SECONDS = 30.0
 
 
 def _rv(obj: dict[str, Any]) -> int:
@@ -59,6 +64,22 @@ class Cache:
             if old is not None and old["metadata"].get("uid") == meta.get("uid"):
                 del self._objs[(obj["kind"], meta.get("namespace", ""), meta["name"])]
 
+    def replace(self, kind: str, namespace: str | None, listed: list[dict[str, Any]], list_rv: int) -> int:
+        """Make the cache agree with a LIST of `kind` (in `namespace`, or everywhere when None): what the
+        list holds is put, what it lacks is dropped unless the cache saw it after the list was taken.
+        Returns how many were dropped (objects deleted while a watch was away)."""
+        for obj in listed:
+            self.put(obj)
+        uids = {o["metadata"].get("uid") for o in listed}
+        dropped = 0
+        with self._lock:
+            for key, obj in list(self._objs.items()):
+                if key[0] == kind and (namespace is None or key[1] == namespace) \
+                        and obj["metadata"].get("uid") not in uids and _rv(obj) <= list_rv:
+                    del self._objs[key]
+                    dropped += 1
+        return dropped
+
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         with self._lock:
             return self._objs.get((kind, namespace, name))
@@ -73,21 +94,17 @@ class Cache:
             return [(ns, name) for (k, ns, name) in self._objs if k == kind]
 
 
-def controlled_by(obj: dict[str, Any], owner: dict[str, Any]) -> bool:
-    uid = owner["metadata"].get("uid")
-    return any(r.get("uid") == uid and r.get("controller") for r in obj["metadata"].get("ownerReferences") or [])
-
-
 class Reconciler:
     def __init__(self, kube: Kube, image: str, hpa_version: str = "autoscaling/v2",
                  pdb_version: str = "policy/v1", clock: Callable[[], str] = now_iso,
-                 always_apply: bool = False) -> None:
+                 always_apply: bool = False, namespaces: list[str] | None = None) -> None:
         self.kube = kube
         self.image = image
         self.hpa_version = hpa_version
         self.pdb_version = pdb_version
         self.clock = clock
         self.always_apply = always_apply  # the naive baseline: no hash/field check before a write
+        self.namespaces = namespaces or None  # None: the whole cluster
         self.cache = Cache()
         self.started = time.monotonic()
         self._locks: dict[Key, threading.Lock] = {}
@@ -117,8 +134,33 @@ class Reconciler:
         if owner_name and self.cache.get("InferenceService", meta["namespace"], owner_name) is not None:
             self.reconcile((meta["namespace"], owner_name))
 
+    def child_kinds(self) -> list[tuple[str, str]]:
+        """(apiVersion, kind) of everything the operator watches besides its own resource."""
+        return [("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "PersistentVolumeClaim"), ("v1", "Pod"),
+                (self.hpa_version, "HorizontalPodAutoscaler"), (self.pdb_version, "PodDisruptionBudget")]
+
+    def relist(self) -> None:
+        """Refresh the cache from the server. A watch that reconnects with a fresh LIST (after 410 Gone,
+        an API server restart, a network cut) reports what exists, never what was deleted meanwhile:
+        without this a child deleted then would stay in the cache, and never be recreated."""
+        selector = ",".join(f"{k}={v}" for k, v in CHILD_SELECTOR.items())
+        kinds = [(API_VERSION, KIND, None), *((av, k, selector) for av, k in self.child_kinds())]
+        for ns in self.namespaces or [None]:
+            for api_version, kind, sel in kinds:
+                items, rv = self.kube.list(api_version, kind, ns, sel)
+                gone = self.cache.replace(kind, ns, items, rv)
+                if gone:
+                    log.info("relist: %d %s deleted while unwatched%s", gone, kind, f" in {ns}" if ns else "")
+        known = set(self.cache.keys(KIND))
+        for key in [k for k in self.retry if k not in known]:
+            self.retry.pop(key, None)
+
     def resync(self) -> None:
-        """Reconcile everything (drift the watches missed) and what failed earlier once its backoff ends."""
+        """Reconcile everything from a fresh LIST (drift and deletions the watches missed)."""
+        try:
+            self.relist()
+        except Exception as e:  # noqa: BLE001 - the server is away: the cache is the best we have
+            log.warning("relist failed, reconciling from the cache: %s: %s", type(e).__name__, e)
         for key in self.cache.keys("InferenceService"):
             self.reconcile(key)
 
@@ -138,10 +180,11 @@ class Reconciler:
             if owner is None or owner["metadata"].get("deletionTimestamp"):
                 return
             try:
-                if self._reconcile(owner):
+                again = self._reconcile(owner)
+                if again is None:
                     self.retry.pop(key, None)
-                else:  # come back once the watches have listed everything
-                    self.retry[key] = self.started + PRIME_SECONDS
+                else:
+                    self.retry[key] = again
                 self._failures.pop(key, None)
             except Exception as e:  # noqa: BLE001 - API or network: retried with backoff, never lost
                 n = self._failures[key] = self._failures.get(key, 0) + 1
@@ -150,31 +193,39 @@ class Reconciler:
                 if n == 1 and isinstance(e, KubeError):
                     self.kube.event(owner, "Warning", "ReconcileFailed", str(e))
 
-    def _reconcile(self, owner: dict[str, Any]) -> bool:
-        """One pass; False when status was left for later because the caches may not be full yet."""
+    def _reconcile(self, owner: dict[str, Any]) -> float | None:
+        """One pass; returns when to come back (monotonic time), None when only a change needs a new pass."""
         meta = owner["metadata"]
         generation = meta.get("generation") or 1
         previous = owner.get("status") or {}
         spec = plan = error = None
+        pods = self.cache.select("Pod", meta["namespace"], builders.selector_labels(meta["name"]))
         try:
             spec = parse_spec(owner)
-            plan = decide(spec, observed=override(spec, previous))
+            plan = decide(spec, known_unsupported(previous, pods, spec.model.uri.display),
+                          observed=override(spec, previous))
         except InvalidSpec as e:
             error = str(e)
 
+        blocked: ChildBlocked | None = None
         if spec is not None and plan is not None:
-            self._apply_children(owner, spec, plan, previous)
+            try:
+                self._apply_children(owner, spec, plan, previous)
+            except ChildBlocked as b:
+                blocked = b
 
         if time.monotonic() - self.started < PRIME_SECONDS:
             # Just started: the pods may not be listed yet, and a status computed without them would be
             # wrong for a moment and cost two writes per resource on every operator restart.
-            return False
+            return self.started + PRIME_SECONDS
         dep = self.cache.get("Deployment", meta["namespace"], meta["name"])
         if dep is not None and not controlled_by(dep, owner):
             dep = None
-        pods = self.cache.select("Pod", meta["namespace"], builders.selector_labels(meta["name"]))
+        problem = ("InvalidSpec", error) if error is not None else \
+            (blocked.reason, blocked.message) if blocked is not None else None
         status = compute_status(name=meta["name"], generation=generation, spec=spec, plan=plan, error=error,
-                                deployment=dep, pods=pods, previous=previous, now=self.clock())
+                                deployment=dep, pods=pods, previous=previous, now=self.clock(),
+                                blocked=problem if blocked is not None else None)
         gear = None
         if spec is not None and plan is not None:  # observed load: status.load, GearAdvice, auto shifting
             now = time.time()
@@ -184,25 +235,29 @@ class Reconciler:
             out = self.kube.patch_status(owner, status)
             if out is not None:
                 self.cache.put(out)
-            if error is not None and not _already_reported(previous, generation, error):
-                log.warning("%s/%s: invalid spec: %s", meta["namespace"], meta["name"], error)
-                self.kube.event(owner, "Warning", "InvalidSpec", error)
+            if problem is not None and not _already_reported(previous, generation, *problem):
+                log.warning("%s/%s: %s: %s", meta["namespace"], meta["name"], *problem)
+                self.kube.event(owner, "Warning", *problem)
         for reason, message in gear.events if gear is not None else []:
             log.info("%s/%s: %s: %s", meta["namespace"], meta["name"], reason, message)
             self.kube.event(owner, "Normal", reason, message)
-        return True
+        if blocked is not None and blocked.reason == "ChildConflict":
+            return time.monotonic() + CONFLICT_RECHECK_SECONDS
+        return None
 
     def _apply_children(self, owner: dict[str, Any], spec: Any, plan: Any, previous: dict[str, Any]) -> None:
         ns = spec.namespace
         desired = [with_hash(self._observed_replicas(c, spec)) for c in builders.children(
             spec, plan, self.image, owner, self.hpa_version, self.pdb_version)]
+        lives = [self._live(obj, ns, owner) for obj in desired]
+        for obj, live in zip(desired, lives, strict=True):  # every conflict before any write: nothing changed
+            found = conflict(obj, live, owner)
+            if found is not None:
+                raise found
         applied = []
-        for obj in desired:
-            live = self._live(obj, ns)
-            if live is not None and not controlled_by(live, owner) and live["metadata"].get("ownerReferences"):
-                raise KubeError(409, f"{obj['kind']} {ns}/{obj['metadata']['name']} belongs to another controller")
+        for obj, live in zip(desired, lives, strict=True):
             if self.always_apply or needs_apply(obj, live):
-                self.cache.put(self.kube.apply(obj))
+                self.cache.put(self._apply(obj))
                 applied.append(obj["kind"])
         wanted = {(o["kind"], o["metadata"]["name"]) for o in desired}
         for kind in OPTIONAL_KINDS:
@@ -229,14 +284,26 @@ class Reconciler:
             obj["spec"]["replicas"] = self.observer.replicas((spec.namespace, spec.name), spec, current, time.time())
         return obj
 
-    def _live(self, obj: dict[str, Any], ns: str) -> dict[str, Any] | None:
+    def _apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self.kube.apply(obj)
+        except KubeError as e:
+            if e.status in (400, 422):  # the object is invalid as written: a retry gets the same answer
+                raise rejected(obj["kind"], obj["metadata"]["name"], e.status, e.message) from None
+            raise
+
+    def _live(self, obj: dict[str, Any], ns: str, owner: dict[str, Any]) -> dict[str, Any] | None:
+        """The child as last seen; on a cache miss, as the server has it. The watches see only objects
+        with our labels, so an object someone else made under a child's name is found only by a GET
+        (one per child creation: at rest every child is in the cache)."""
         live = self.cache.get(obj["kind"], ns, obj["metadata"]["name"])
-        if live is None and time.monotonic() - self.started < PRIME_SECONDS:
+        if live is None:
             live = self.kube.get(obj["apiVersion"], obj["kind"], ns, obj["metadata"]["name"])
             if live is not None:
                 live.setdefault("apiVersion", obj["apiVersion"])
                 live.setdefault("kind", obj["kind"])
-                self.cache.put(live)
+                if controlled_by(live, owner):
+                    self.cache.put(live)  # never cache a stranger: no watch event would ever evict it
         return live
 
 
@@ -244,11 +311,11 @@ def _key(meta: dict[str, Any]) -> Key:
     return meta["namespace"], meta["name"]
 
 
-def _already_reported(previous: dict[str, Any], generation: int, error: str) -> bool:
+def _already_reported(previous: dict[str, Any], generation: int, reason: str, message: str) -> bool:
     for c in previous.get("conditions") or []:
         if c.get("type") == "Ready":
-            return c.get("reason") == "InvalidSpec" and c.get("observedGeneration") == generation \
-                and c.get("message") == error
+            return c.get("reason") == reason and c.get("observedGeneration") == generation \
+                and c.get("message") == message
     return False
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gearshift.engine.model.config import UNSUPPORTED_MODEL, reported_architecture
 from gearshift.operator.builders import INSTANCE_LABEL, url
 
 CONDITION_TYPES = ("Ready", "ModelReady", "Progressing", "Degraded")
@@ -49,6 +50,27 @@ def _terminated(cs: dict[str, Any]) -> dict[str, Any] | None:
     return state.get("terminated") or (cs.get("lastState") or {}).get("terminated")
 
 
+def unsupported_architecture(pods: list[dict[str, Any]]) -> str | None:
+    """The architecture a paged engine container reported it cannot run (its termination message)."""
+    for p in _live_pods(pods):
+        for cs in (p.get("status") or {}).get("containerStatuses") or []:
+            term = _terminated(cs) if cs.get("name") == "engine" else None
+            arch = reported_architecture((term or {}).get("message"))
+            if arch:
+                return arch
+    return None
+
+
+def known_unsupported(previous: dict[str, Any], pods: list[dict[str, Any]], uri: str) -> str | None:
+    """The architecture of the model at `uri` that the paged engine cannot run: reported by a pod now, or
+    remembered in status from an earlier report (the gguf pods that replace the paged ones say nothing)."""
+    arch = unsupported_architecture(pods)
+    if arch:
+        return arch
+    seen = previous.get("unsupportedModel") or {}
+    return seen.get("architecture") if seen.get("uri") == uri else None
+
+
 def model_state(pods: list[dict[str, Any]]) -> tuple[bool, str, str]:
     """(loaded, reason, message) for the ModelReady condition."""
     live = _live_pods(pods)
@@ -82,6 +104,9 @@ def degraded_state(pods: list[dict[str, Any]], deployment: dict[str, Any] | None
             return True, "ProgressDeadlineExceeded", _short(c.get("message", ""))
         if c.get("type") == "ReplicaFailure" and c.get("status") == "True":
             return True, c.get("reason") or "ReplicaFailure", _short(c.get("message", ""))
+    arch = unsupported_architecture(pods)
+    if arch:  # before CrashLoopBackOff: the loop is the symptom, the architecture the cause
+        return True, UNSUPPORTED_MODEL, f"the paged engine does not implement architecture {arch!r}"
     for p in _live_pods(pods):
         name = p["metadata"]["name"]
         st = p.get("status") or {}
@@ -110,11 +135,15 @@ def degraded_state(pods: list[dict[str, Any]], deployment: dict[str, Any] | None
 
 def compute_status(*, name: str, generation: int, spec: Any, plan: Any, error: str | None,
                    deployment: dict[str, Any] | None, pods: list[dict[str, Any]],
-                   previous: dict[str, Any] | None, now: str) -> dict[str, Any]:
+                   previous: dict[str, Any] | None, now: str,
+                   blocked: tuple[str, str] | None = None) -> dict[str, Any]:
     """The whole status object for one InferenceService.
 
     spec/plan: the parsed spec and engine plan, or None when `error` (an InvalidSpec message) is set.
     deployment/pods: the children as last seen (None / [] when absent). previous: the current status.
+    blocked: (reason, message) when a valid spec's children could not be written (operator/blocked.py).
+    Every value is of the type the CRD's status schema declares (never null): the API server rejects
+    the whole patch otherwise, and the status would never be written.
     """
     previous = previous or {}
     prev_conds = {c["type"]: c for c in previous.get("conditions") or [] if "type" in c}
@@ -135,8 +164,8 @@ def compute_status(*, name: str, generation: int, spec: Any, plan: Any, error: s
 
     status: dict[str, Any] = {"observedGeneration": generation}
     if error is not None:
-        status["engine"] = previous.get("engine", "")
-        status["engineReason"] = previous.get("engineReason", "")
+        status["engine"] = previous.get("engine") or ""
+        status["engineReason"] = previous.get("engineReason") or ""
         conditions = [cond("Ready", False, "InvalidSpec", error),
                       cond("ModelReady", loaded, m_reason, m_msg),
                       cond("Progressing", False, "InvalidSpec", "the spec is not applied until it is fixed"),
@@ -145,6 +174,9 @@ def compute_status(*, name: str, generation: int, spec: Any, plan: Any, error: s
         status["engine"] = plan.engine
         status["engineReason"] = plan.reason
         status["url"] = url(spec)
+        unsupported = known_unsupported(previous, pods, spec.model.uri.display)
+        if unsupported:
+            status["unsupportedModel"] = {"uri": spec.model.uri.display, "architecture": unsupported}
         rolled_out = dep_current and updated >= desired and total == updated and available >= desired
         if deployment is None:
             progressing = cond("Progressing", True, "Creating", "creating the workload")
@@ -163,6 +195,11 @@ def compute_status(*, name: str, generation: int, spec: Any, plan: Any, error: s
             ready_c = cond("Ready", False, "NoReadyReplicas", m_msg)
         conditions = [ready_c, cond("ModelReady", loaded, m_reason, m_msg), progressing,
                       cond("Degraded", degraded, d_reason, d_msg)]
+        if blocked is not None:  # the children as written cannot be applied: nothing moves until fixed
+            reason, message = blocked
+            conditions = [cond("Ready", False, reason, message), conditions[1],
+                          cond("Progressing", False, reason, "the spec is not applied until this is resolved"),
+                          cond("Degraded", True, reason, message)]
     status["replicas"] = total
     status["readyReplicas"] = ready
     status["selector"] = f"app.kubernetes.io/name=gearshift,{INSTANCE_LABEL}={name}"

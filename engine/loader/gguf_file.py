@@ -15,10 +15,7 @@ from pathlib import Path
 import torch
 from gearshift.engine.errors import ModelLoadError
 from gearshift.engine.loader.gguf_reader import GGUFFile
-from gearshift.engine.model.config import ModelConfig
-
-# GGUF architecture -> our architecture. Mistral files are written as "llama".
-GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+from gearshift.engine.model.config import GGUF_ARCHITECTURES, ModelConfig, UnsupportedArchitecture
 _PERMUTED_QK = {"llama", "mistral"}
 
 _LAYER_NAMES = {
@@ -103,9 +100,7 @@ def open_gguf(path: str | os.PathLike) -> GGUFModel:
 def _config(m: GGUFModel, tensors: dict) -> ModelConfig:
     arch = m.field("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
-        raise ModelLoadError(
-            f"{m.path.name}: unsupported architecture {arch!r}; supported: {', '.join(GGUF_ARCHITECTURES)}"
-        )
+        raise UnsupportedArchitecture(str(arch), "gguf")
 
     def need(key: str):
         v = m.field(f"{arch}.{key}")

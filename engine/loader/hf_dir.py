@@ -9,13 +9,8 @@ from pathlib import Path
 
 import torch
 from gearshift.engine.errors import ModelLoadError
-from gearshift.engine.model.config import ModelConfig
-
-HF_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-}
+from gearshift.engine.loader.hf_families import family_fields
+from gearshift.engine.model.config import HF_ARCHITECTURES, ModelConfig, UnsupportedArchitecture
 
 
 @dataclass
@@ -51,8 +46,7 @@ def open_hf_dir(path: str | Path) -> HFModel:
     archs = raw.get("architectures") or []
     arch = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)
     if arch is None:
-        named = archs[0] if archs else raw.get("model_type", "unknown")
-        raise ModelLoadError(f"unsupported architecture {named!r}; supported: {', '.join(HF_ARCHITECTURES)}")
+        raise UnsupportedArchitecture(str(archs[0] if archs else raw.get("model_type", "unknown")), "config.json")
     index = path / "model.safetensors.index.json"
     if index.is_file():
         files = sorted({path / f for f in _read_json(index).get("weight_map", {}).values()})
@@ -70,10 +64,7 @@ def _config(raw: dict, arch: str, path: Path) -> ModelConfig:
     try:
         heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])
-        # transformers v5 folds rope settings into rope_parameters; v4 has rope_theta + rope_scaling.
-        rope = dict(raw.get("rope_parameters") or {})
-        scaling = raw.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        theta = float(raw.get("rope_theta", rope.get("rope_theta", 10000.0)))
+        layers = int(raw["num_hidden_layers"])
         eos = raw.get("eos_token_id")
         gen = path / "generation_config.json"
         if gen.is_file():
@@ -84,18 +75,17 @@ def _config(raw: dict, arch: str, path: Path) -> ModelConfig:
             vocab_size=int(raw["vocab_size"]),
             hidden_size=hidden,
             intermediate_size=int(raw["intermediate_size"]),
-            num_layers=int(raw["num_hidden_layers"]),
+            num_layers=layers,
             num_heads=heads,
             num_kv_heads=int(raw.get("num_key_value_heads") or heads),
             head_dim=int(raw.get("head_dim") or hidden // heads),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_scaling=scaling,
             max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=bool(raw.get("attention_bias", arch == "qwen2")),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=list(dict.fromkeys(eos_ids)),
+            **family_fields(arch, raw, layers),  # rope, sliding window and the family's quirks
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ModelLoadError(f"{path / 'config.json'} is missing or has a bad field: {e}") from None

@@ -1,5 +1,8 @@
 """The contract between the HTTP layer and an engine. Both engines implement it, so clients, metrics and
 the operator cannot tell them apart except by speed and footprint.
+
+Everything the server (engine/server/) reads from a backend is declared here: the server never probes a
+backend with getattr/hasattr. A new capability is a member here plus its implementation in both backends.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ class Backend(Protocol):
     name: Literal["paged", "gguf"]
     model_name: str  # the served model name
     max_model_len: int  # context length in tokens (prompt + output)
+    vocab_size: int | None  # token ids at or above it are rejected; None until start() has loaded the model
+    broken: str | None  # why the engine can no longer serve (worker died, steps keep failing); None: it can
 
     async def start(self) -> None:
         """Load the model and start the worker. Raises ModelLoadError with a clear message."""

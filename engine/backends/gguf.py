@@ -72,6 +72,7 @@ class GGUFBackend:
         self.config = config
         self.model_name: str = config.served_model_name or "model"
         self.max_model_len: int = config.max_model_len or 0  # the real value is known after start()
+        self.vocab_size: int | None = None
         self._llm: llama_cpp.Llama | None = None
         self._chat: GGUFChatTemplate | None = None
         self._cv = threading.Condition()
@@ -92,6 +93,7 @@ class GGUFBackend:
         llm = await asyncio.to_thread(load_llama, self.config)
         self._llm = llm
         self.max_model_len = llm.n_ctx()
+        self.vocab_size = llm.n_vocab()
         self._chat = GGUFChatTemplate(
             llm.metadata.get("tokenizer.chat_template"),
             bos_token=_token_text(llm, llm.token_bos()),

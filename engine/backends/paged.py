@@ -94,10 +94,8 @@ class PagedBackend:
             self._wake.set()
             raise
         self._tokenizer = self._engine.tokenizer
-        self.max_model_len = int(getattr(self._engine, "max_model_len", None)
-                                 or getattr(getattr(self._engine, "config", None), "max_model_len", None)
-                                 or self.config.max_model_len or 0)
-        self.vocab_size = int(getattr(self._engine, "vocab_size", 0) or getattr(self._tokenizer, "vocab_size", 0)) or None
+        self.max_model_len = self._engine.max_model_len
+        self.vocab_size = self._engine.vocab_size
         self._stats = self._engine.stats()
 
     async def stop(self) -> None:

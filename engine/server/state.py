@@ -47,7 +47,7 @@ class ServerState:
         raise errors.model_not_found(name)
 
     def vocab_check(self, ids: list[int], param: str) -> None:
-        vocab = getattr(self.backend, "vocab_size", None)
+        vocab = self.backend.vocab_size
         for t in ids:
             if t < 0 or (vocab is not None and t >= vocab):
                 raise InvalidRequestError(f"token id {t} is outside the vocabulary", param=param)
@@ -57,7 +57,7 @@ class ServerState:
         /health then answers 503 and the kubelet restarts the pod."""
         if not self.loaded or self.stopped or self.backend.ready():
             return None
-        return getattr(self.backend, "broken", None) or "the engine's worker is not running"
+        return self.backend.broken or "the engine's worker is not running"
 
     async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         """Tokenize; a long text on a worker thread, so that /health (same event loop) still answers."""

@@ -54,6 +54,7 @@ class _Choice:
     logprobs: list[Logprob] | None = None
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
+    guide: Any = None  # this choice's grammar position (SamplingParams.guide forked), or None
 
 
 @dataclass
@@ -129,7 +130,9 @@ class LLMEngine:
 
         req = _Request(request_id, ids, params, max_tokens, arrival_time if arrival_time is not None else time.time())
         req.choices = [_Choice(k, IncrementalDetokenizer(self.tokenizer, ids),
-                               logprobs=[] if params.logprobs is not None else None) for k in range(params.n)]
+                               logprobs=[] if params.logprobs is not None else None,
+                               guide=params.guide.fork() if params.guide is not None else None)
+                       for k in range(params.n)]
         return req
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
@@ -239,7 +242,7 @@ class LLMEngine:
         """Sample the batch; if that raises, sample row by row so that only the rows that raise fail (their
         requests go to take_failures, their token ids are None) and the rest of the batch goes on."""
         try:
-            return self.sampler.sample(logits, targets)
+            return self.sampler.sample(logits, targets, self._grammar_masks(targets))
         except Exception:
             pass
         token_ids: list[int | None] = []
@@ -250,7 +253,7 @@ class LLMEngine:
                 logprobs.append(None)
                 continue
             try:
-                one = self.sampler.sample(logits[row : row + 1], [seq])
+                one = self.sampler.sample(logits[row : row + 1], [seq], self._grammar_masks([seq]))
                 token_ids.append(one.token_ids[0])
                 logprobs.append(one.logprobs[0])
             except Exception as e:
@@ -258,6 +261,25 @@ class LLMEngine:
                 token_ids.append(None)
                 logprobs.append(None)
         return _Sampled(token_ids, logprobs)
+
+    def _grammar_masks(self, targets: list[Sequence]) -> tuple[list[int], Any] | None:
+        """The rows of guided choices and their grammar bitmasks (int32 [G, ceil(V/32)], filled by each
+        choice's guide) for the sampler; None when no row is guided."""
+        rows, guides = [], []
+        for row, seq in enumerate(targets):
+            req = self._requests.get(seq.request_id)
+            guide = req.choices[seq.index].guide if req is not None else None
+            if guide is not None:
+                rows.append(row)
+                guides.append(guide)
+        if not guides:
+            return None
+        import numpy as np
+
+        mask = np.zeros((len(guides), (self.tokenizer.vocab_size + 31) // 32), dtype=np.int32)
+        for i, guide in enumerate(guides):
+            guide.fill(mask[i])
+        return rows, mask
 
     def _fail(self, request_id: str, error: BaseException) -> None:
         """End one request because of an error in a step: its blocks are freed, the backend reports it."""
@@ -273,6 +295,8 @@ class LLMEngine:
     def _on_token(self, req: _Request, c: _Choice, token_id: int, logprob: Logprob | None) -> None:
         p = req.params
         c.token_ids.append(token_id)
+        if c.guide is not None:
+            c.guide.accept(token_id)
         if c.logprobs is not None and logprob is not None:
             c.logprobs.append(logprob)
         if token_id in p.stop_token_ids:  # like EOS, its text is not part of the output

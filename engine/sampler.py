@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from gearshift.engine.outputs import Logprob
 from gearshift.engine.sequence import Sequence
@@ -25,9 +26,13 @@ class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self.generator = torch.Generator().manual_seed(seed)
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-        """logits: [B, V] float (any device); seqs: the B sequences, one per row."""
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence],
+               allowed: tuple[list[int], np.ndarray] | None = None) -> SamplerOutput:
+        """logits: [B, V] float (any device); seqs: the B sequences, one per row. allowed: guided rows and
+        their grammar bitmasks (int32 [G, ceil(V/32)], bit set = allowed), applied first, on the device."""
         assert logits.dim() == 2 and logits.shape[0] == len(seqs), (tuple(logits.shape), len(seqs))
+        if allowed is not None:
+            logits = apply_bitmask(logits, *allowed)
         if all(s.params.plain_greedy for s in seqs):
             # The common greedy batch: argmax where the logits are; only B ids cross to the host.
             return SamplerOutput(token_ids=argmax_rows(logits).tolist(), logprobs=[None] * len(seqs))
@@ -121,6 +126,21 @@ class Sampler:
             probs = probs.masked_fill(drop, 0.0)
             probs = probs / probs.sum(dim=-1, keepdim=True)
         return probs
+
+
+def apply_bitmask(logits: torch.Tensor, rows: list[int], bitmask: np.ndarray) -> torch.Tensor:
+    """Set the logits of tokens a grammar forbids to -inf. logits [B, V]; bitmask int32 [len(rows), W]
+    for those rows. Only the W-word mask crosses to the device, not a [G, V] boolean."""
+    vocab = logits.shape[1]
+    words = torch.from_numpy(bitmask).to(logits.device, non_blocking=True)  # [G, W]
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    bits = ((words.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1)  # [G, W*32]
+    if bits.shape[1] < vocab:  # padded embedding rows beyond the tokenizer: never allowed
+        bits = torch.nn.functional.pad(bits, (0, vocab - bits.shape[1]))
+    idx = torch.tensor(rows, device=logits.device)
+    logits = logits.clone()
+    logits[idx] = logits[idx].masked_fill(bits[:, :vocab] == 0, float("-inf"))
+    return logits
 
 
 def _penalized(seq: Sequence) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from gearshift.engine.errors import InvalidRequestError
 
@@ -32,6 +33,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k: chosen token plus the top k
     include_stop_str_in_output: bool = False
+    # A compiled grammar (gearshift.engine.pipeline.guided.Guide) the output must follow; engines fork it
+    # per choice, mask each step's logits with it and advance it with every sampled token.
+    guide: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -68,6 +68,8 @@ class ChoiceDecoder:
         self._text = ""  # all text decoded so far (may still hold an unfinished stop string)
         self._vocab = llm._model.vocab
         self._n_vocab = llm.n_vocab()
+        self.guide = params.guide.fork() if params.guide is not None else None
+        self._mask = np.zeros((1, (self._n_vocab + 31) // 32), dtype=np.int32)  # [1, W] grammar bitmask
 
     def run(self, cancelled: Callable[[], bool], emit: Callable[[CompletionOutput], None]) -> CompletionOutput:
         import llama_cpp
@@ -85,6 +87,7 @@ class ChoiceDecoder:
             repeat_penalty=p.repetition_penalty,
             frequency_penalty=p.frequency_penalty,
             presence_penalty=p.presence_penalty,
+            logits_processor=[self._mask_logits] if self.guide is not None else None,
         )
         out: CompletionOutput | None = None
         try:
@@ -93,6 +96,8 @@ class ChoiceDecoder:
                     out = self._snapshot("abort", None)
                     break
                 self.token_ids.append(int(token))
+                if self.guide is not None:
+                    self.guide.accept(int(token))
                 if self.logprobs is not None:
                     self.logprobs.append(self._logprob(int(token)))
                 out = self._advance(int(token), llama_cpp.llama_vocab_is_eog(self._vocab, token))
@@ -106,6 +111,15 @@ class ChoiceDecoder:
         elif not out.finished:  # cancelled mid-way, or the context ran out under the sampler
             out = self._snapshot("abort" if cancelled() else "length", None)
         return out
+
+    def _mask_logits(self, _input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """llama.cpp's first sampler stage (candidates still in token-id order): forbid what the grammar
+        forbids. scores: float32 [n_vocab]."""
+        assert self.guide is not None
+        self.guide.fill(self._mask[0])
+        allowed = np.unpackbits(self._mask.view(np.uint8), bitorder="little")[: scores.shape[0]]  # [n_vocab]
+        scores[allowed == 0] = -np.inf
+        return scores
 
     def _advance(self, token: int, is_eog: bool) -> CompletionOutput:
         p = self.params

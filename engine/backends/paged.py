@@ -123,11 +123,24 @@ class PagedBackend:
         self._check_ids(token_ids, "tokens")
         return self._tok().decode(list(token_ids))
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        return self._tok().apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            **extra: Any) -> str:
+        return self._tok().apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **extra)
+
+    def chat_template_source(self) -> str | None:
+        return self._tok().chat_template
 
     def stats(self) -> EngineStats:
         return self._stats
+
+    def grammar_vocab(self) -> Any:
+        """The grammar engine's view of the vocabulary, built on first use (~0.3 s) and kept."""
+        if self._grammar_vocab is None:
+            from gearshift.engine.pipeline.guided import vocab_from_hf_json
+
+            tok = self._tok()
+            self._grammar_vocab = vocab_from_hf_json(tok._tok.to_str(), tok.vocab_size, tok.eos_token_ids)
+        return self._grammar_vocab
 
     # ----- requests -----
 

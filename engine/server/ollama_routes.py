@@ -17,6 +17,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from gearshift.engine.errors import InvalidRequestError
 from gearshift.engine.outputs import RequestOutput
+from gearshift.engine.pipeline import chat as chat_pipeline
+from gearshift.engine.pipeline import structured
+from gearshift.engine.pipeline.tools import parse_tools
 from gearshift.engine.sampling_params import SamplingParams
 from gearshift.engine.server.errors import APIError
 from gearshift.engine.server.generation import ClientGone, Generation, GenerationStream
@@ -26,7 +29,8 @@ from gearshift.engine.server.state import ServerState, get_state
 from pydantic import BaseModel, ConfigDict
 
 router = APIRouter()
-OLLAMA_API_VERSION = "0.6.0"  # the Ollama API level these routes follow
+# The Ollama API level these routes follow; VS Code's agent mode refuses servers below 0.6.4.
+OLLAMA_API_VERSION = "0.6.4"
 NDJSON = "application/x-ndjson"
 
 
@@ -46,12 +50,22 @@ class OllamaOptions(_Strict):
     repeat_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    num_ctx: int | None = None  # checked against the served context; it cannot be changed per request
+    # Accepted and ignored (llama.cpp runtime knobs that do not change the output): Ollama clients send them.
+    num_keep: int | None = None
+    num_batch: int | None = None
+    num_gpu: int | None = None
+    num_thread: int | None = None
+    use_mmap: bool | None = None
+    repeat_last_n: int | None = None
 
 
 class OllamaMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: list[str] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_name: str | None = None
 
 
 class _OllamaRequest(_Strict):
@@ -61,12 +75,14 @@ class _OllamaRequest(_Strict):
     format: str | dict[str, Any] | None = None
     keep_alive: str | int | float | None = None
 
-    def sampling_params(self) -> SamplingParams:
-        if self.format:
-            raise InvalidRequestError("format (structured output) is not supported", param="format")
+    def sampling_params(self, context_length: int) -> SamplingParams:
         o = self.options or OllamaOptions()
         if o.num_predict == 0 or o.num_predict < -2:
             raise InvalidRequestError(f"num_predict must be positive, -1 or -2, got {o.num_predict}", param="num_predict")
+        if o.num_ctx is not None and not 0 < o.num_ctx <= context_length:
+            raise InvalidRequestError(
+                f"num_ctx must be in [1, {context_length}] (the served context length), got {o.num_ctx}",
+                param="num_ctx")
         return SamplingParams(
             max_tokens=o.num_predict if o.num_predict > 0 else None, temperature=o.temperature, top_p=o.top_p,
             top_k=o.top_k, min_p=o.min_p, seed=o.seed, stop=list(o.stop or []),
@@ -104,7 +120,7 @@ def _line(obj: dict[str, Any]) -> str:
 
 
 async def _serve(request: Request, state: ServerState, body: _OllamaRequest, ids: list[int],
-                 params: SamplingParams, piece: Any, extra_final: Any) -> Response:
+                 params: SamplingParams, piece: Any, extra_final: Any, plan: chat_pipeline.ChatPlan | None = None) -> Response:
     gen = Generation(state, ids, params)
     try:
         await gen.start(request)
@@ -112,23 +128,28 @@ async def _serve(request: Request, state: ServerState, body: _OllamaRequest, ids
         return Response(status_code=499)
     model = body.model
 
-    def final(out: RequestOutput, text: str) -> dict[str, Any]:
-        return {"model": model, "created_at": _created_at(), **piece(text), "done": True,
+    def final(out: RequestOutput, text: str, calls: list[Any] | None = None) -> dict[str, Any]:
+        body = piece(text)
+        if calls:
+            body["message"]["tool_calls"] = [c.ollama() for c in calls]
+        return {"model": model, "created_at": _created_at(), **body, "done": True,
                 "done_reason": out.outputs[0].finish_reason or "stop", **_timings(gen, out), **extra_final(out)}
 
     if body.stream:
         async def lines() -> AsyncIterator[str]:
-            sent = 0
+            split = chat_pipeline.ToolStream(plan or chat_pipeline.ChatPlan([], chat_pipeline.NO_TOOLS, "hermes"))
             try:
                 async for out in gen.outputs():
-                    text = out.outputs[0].text
-                    delta, sent = text[sent:], max(sent, len(text))
+                    delta, calls = split.update(out.outputs[0].text, out.finished)
                     if out.finished:
                         if delta:
                             yield _line({"model": model, "created_at": _created_at(), **piece(delta), "done": False})
-                        yield _line(final(out, ""))
-                    elif delta:
-                        yield _line({"model": model, "created_at": _created_at(), **piece(delta), "done": False})
+                        yield _line(final(out, "", split.calls))
+                    elif delta or calls:
+                        line = {"model": model, "created_at": _created_at(), **piece(delta), "done": False}
+                        if calls:
+                            line["message"]["tool_calls"] = [c.ollama() for c in calls]
+                        yield _line(line)
             except APIError as e:
                 yield _line({"error": e.message})
 
@@ -139,7 +160,8 @@ async def _serve(request: Request, state: ServerState, body: _OllamaRequest, ids
         return Response(status_code=499)
     finally:
         await gen.close()
-    return Response(_line(final(out, out.outputs[0].text)), media_type="application/json")
+    text, calls = chat_pipeline.final_message(plan, out.outputs[0].text) if plan is not None else (out.outputs[0].text, [])
+    return Response(_line(final(out, text or "", calls)), media_type="application/json")
 
 
 @router.post("/api/generate")
@@ -147,8 +169,9 @@ async def generate(body: OllamaGenerateRequest, request: Request) -> Response:
     state = get_state(request)
     state.check_model(body.model, ollama=True)
     if body.images:
-        raise InvalidRequestError("images are not supported by this model", param="images")
-    params = body.sampling_params()
+        raise InvalidRequestError("images are not supported: the served model reads text only", param="images")
+    params = body.sampling_params(state.backend.max_model_len)
+    structured.attach(params, structured.ollama_spec(body.format), state.backend)
     if not body.prompt and not body.system:
         # Ollama's "load the model" call: the model is always loaded here.
         return Response(_line({"model": body.model, "created_at": _created_at(), "response": "", "done": True,
@@ -167,19 +190,29 @@ async def generate(body: OllamaGenerateRequest, request: Request) -> Response:
 async def chat(body: OllamaChatRequest, request: Request) -> Response:
     state = get_state(request)
     state.check_model(body.model, ollama=True)
-    if body.tools:
-        raise InvalidRequestError("tools are not supported by this server", param="tools")
     if any(m.images for m in body.messages):
-        raise InvalidRequestError("images are not supported by this model", param="messages")
-    params = body.sampling_params()
+        raise InvalidRequestError("images are not supported: the served model reads text only", param="images")
+    params = body.sampling_params(state.backend.max_model_len)
     if not body.messages:
         return Response(_line({"model": body.model, "created_at": _created_at(),
                                "message": {"role": "assistant", "content": ""}, "done": True,
                                "done_reason": "load"}), media_type="application/json")
-    msgs = [ChatMessage(role=m.role, content=m.content) for m in body.messages]
-    ids = state.backend.encode(render_chat(state, msgs, True), add_special_tokens=False)
-    return await _serve(request, state, body, ids, params,
-                        lambda t: {"message": {"role": "assistant", "content": t}}, lambda out: {})
+    tools = parse_tools(body.tools, None, None)
+    plan = chat_pipeline.prepare_chat(state.backend, [_message_dict(m) for m in body.messages], tools, params,
+                             structured.ollama_spec(body.format))
+    return await _serve(request, state, body, plan.prompt_ids, params,
+                        lambda t: {"message": {"role": "assistant", "content": t}}, lambda out: {}, plan)
+
+
+def _message_dict(m: OllamaMessage) -> dict[str, Any]:
+    d: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:  # Ollama sends arguments as an object; the pipeline speaks OpenAI's JSON text
+        d["tool_calls"] = [{"type": "function", "function": {
+            "name": (c.get("function") or {}).get("name", ""),
+            "arguments": json.dumps((c.get("function") or {}).get("arguments") or {})}} for c in m.tool_calls]
+    if m.tool_name:
+        d["name"] = m.tool_name
+    return d
 
 
 def _model_entry(state: ServerState) -> dict[str, Any]:
@@ -218,3 +251,29 @@ async def ps(request: Request) -> dict[str, Any]:
 @router.get("/api/version")
 async def version() -> dict[str, str]:
     return {"version": OLLAMA_API_VERSION}
+
+
+class OllamaShowRequest(_Strict):
+    model: str | None = None
+    name: str | None = None  # older clients send `name`
+    verbose: bool = False
+
+
+@router.post("/api/show")
+async def show(body: OllamaShowRequest, request: Request) -> Response:
+    """What Ollama clients probe before listing a model: details, capabilities, template, parameters."""
+    state = get_state(request)
+    state.check_model(body.model or body.name, ollama=True)
+    entry = _model_entry(state)
+    source_of = getattr(state.backend, "chat_template_source", None)
+    template = (source_of() if source_of is not None else None) or ""
+    caps = ["completion", "tools"]
+    if getattr(state.backend, "embed", None) is not None:
+        caps.append("embedding")
+    ctx = state.backend.max_model_len
+    return Response(_line({
+        "modelfile": f"FROM {entry['name']}\n", "template": template, "parameters": f"num_ctx {ctx}",
+        "details": entry["details"], "capabilities": caps, "modified_at": entry["modified_at"],
+        "model_info": {"general.architecture": entry["details"]["family"] or "llama",
+                       "general.context_length": ctx, "gearshift.engine": state.backend.name},
+    }), media_type="application/json")

@@ -12,8 +12,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from gearshift.engine.errors import GearshiftError, InvalidRequestError
 from gearshift.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from gearshift.engine.pipeline import chat, structured
+from gearshift.engine.pipeline.tools import parse_tools
 from gearshift.engine.server.errors import APIError, error_payload
 from gearshift.engine.server.generation import ClientGone, Generation, GenerationStream
 from gearshift.engine.server.protocol import (
@@ -34,14 +35,19 @@ def sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    out = []
+    for m in messages:
+        d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        for k in ("tool_calls", "tool_call_id", "name"):
+            if getattr(m, k):
+                d[k] = getattr(m, k)
+        out.append(d)
+    return out
+
+
 def render_chat(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
-    msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
-    try:
-        return state.backend.apply_chat_template(msgs, add_generation_prompt)
-    except GearshiftError:
-        raise
-    except Exception as e:  # a template's raise_exception(), or a role order it does not accept
-        raise InvalidRequestError(f"the model's chat template rejected these messages: {e}", param="messages") from None
+    return chat.render_chat(state.backend, message_dicts(messages), add_generation_prompt)[0]
 
 
 def _top(lp: Logprob, k: int) -> list[tuple[int, float]]:
@@ -120,6 +126,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     state = get_state(request)
     state.check_model(body.model)
     params = body.sampling_params()
+    structured.attach(params, structured.openai_spec(None, body.guided_json, body.guided_regex, body.guided_choice),
+                      state.backend)
     prompt = body.single_prompt()
     if isinstance(prompt, str):
         ids = state.backend.encode(prompt, add_special_tokens=True)
@@ -165,8 +173,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     state = get_state(request)
     state.check_model(body.model)
     params = body.sampling_params()
-    text = render_chat(state, body.messages, body.add_generation_prompt)
-    ids = state.backend.encode(text, add_special_tokens=False)
+    tools = parse_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
+    spec = structured.openai_spec(body.response_format, body.guided_json, body.guided_regex, body.guided_choice)
+    plan = chat.prepare_chat(state.backend, message_dicts(body.messages), tools, params, spec,
+                             body.add_generation_prompt)
+    ids = plan.prompt_ids
     rid, created, model, k = new_id("chatcmpl"), now(), state.model_name, params.logprobs
 
     def logprobs(lps: list[Logprob]) -> dict[str, Any] | None:
@@ -174,6 +185,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 
     async def stream(gen: Generation) -> AsyncIterator[str]:
         cur = _Cursor(params.n)
+        splitters = [chat.ToolStream(plan) for _ in range(params.n)]
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                 "system_fingerprint": None}
         if body.include_usage:
@@ -187,21 +199,38 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
                     step = cur.advance(c)
                     if step is None:
                         continue
-                    delta = {"content": step[0]} if step[0] else {}
+                    split = splitters[c.index]
+                    content, calls = split.update(c.text, c.finished)
+                    delta: dict[str, Any] = {"content": content} if content else {}
+                    if calls:
+                        first = len(split.calls) - len(calls)
+                        delta["tool_calls"] = [{"index": first + j, **call.openai()} for j, call in enumerate(calls)]
+                    if not delta and not c.finished and not step[1]:
+                        continue
+                    finish = "tool_calls" if c.finished and split.calls else c.finish_reason
                     yield sse({**base, "choices": [{"index": c.index, "delta": delta, "logprobs": logprobs(step[1]),
-                                                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]})
+                                                    "finish_reason": finish, "stop_reason": c.stop_reason}]})
             if body.include_usage and gen.final is not None:
                 yield sse({**base, "choices": [], "usage": _usage(gen.final)})
         except APIError as e:
             yield sse(error_payload("/v1/chat/completions", e))
         yield "data: [DONE]\n\n"
 
+    def message(c: CompletionOutput) -> tuple[dict[str, Any], str | None]:
+        content, calls = chat.final_message(plan, c.text)
+        msg: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            msg["tool_calls"] = [call.openai() for call in calls]
+        return msg, ("tool_calls" if calls else c.finish_reason)
+
     def reply(out: RequestOutput) -> Response:
+        choices = []
+        for c in out.outputs:
+            msg, finish = message(c)
+            choices.append({"index": c.index, "message": msg, "logprobs": logprobs(c.logprobs or []),
+                            "finish_reason": finish, "stop_reason": c.stop_reason})
         return _json({"id": rid, "object": "chat.completion", "created": created, "model": model,
-                      "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                                   "logprobs": logprobs(c.logprobs or []), "finish_reason": c.finish_reason,
-                                   "stop_reason": c.stop_reason} for c in out.outputs],
-                      "usage": _usage(out), "system_fingerprint": None})
+                      "choices": choices, "usage": _usage(out), "system_fingerprint": None})
 
     return await _run(request, state, ids, body, params, stream, reply)
 

@@ -1,5 +1,7 @@
 """A local Kubernetes control plane for tests: etcd + kube-apiserver + kube-controller-manager +
-kube-scheduler as plain processes on 127.0.0.1, no Docker, no kubelet (see `gearshift.e2e.node`).
+kube-scheduler as plain processes, no Docker. The API server listens on 10.43.0.1, an address put on `lo`
+(pods reach it through their bridge; nothing outside the machine does); a real node joins it on demand
+(`gearshift.e2e.cluster.node`).
 
 `ensure_cluster()` is the one entry point for tests: it returns a kubeconfig path. If `KUBECONFIG` points
 at a reachable cluster (kind, minikube, a real one) it returns that and starts nothing. Otherwise it builds
@@ -8,7 +10,7 @@ detached (they outlive the test run so the next run reuses them; `down()` / `mak
 them) and waits until the API answers and ServiceAccount tokens are being minted.
 
 State lives in `<repo>/.cache/cluster/` (or $GEARSHIFT_CLUSTER_DIR): pki/, kubeconfig, etcd data, logs/,
-Ports (loopback only): API $GEARSHIFT_API_PORT (16443), etcd $GEARSHIFT_ETCD_PORT (23790) and +10.
+Ports: API $GEARSHIFT_API_PORT (16443) on 10.43.0.1, etcd $GEARSHIFT_ETCD_PORT (23790) and +10 on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from gearshift.e2e.cluster.pki import ensure_pki, kubeconfig_text
+from gearshift.e2e.cluster.pki import NODE_IP, ensure_pki, kubeconfig_text
 
 REPO = Path(__file__).resolve().parents[2]
 STATE = Path(os.environ.get("GEARSHIFT_CLUSTER_DIR", REPO / ".cache" / "cluster"))
@@ -31,7 +33,7 @@ KUBECONFIG = STATE / "kubeconfig"
 BIN = Path(os.environ.get("GEARSHIFT_KUBE_CACHE", Path.home() / ".cache" / "gearshift" / "kube")) / "bin"
 API_PORT = int(os.environ.get("GEARSHIFT_API_PORT", "16443"))
 ETCD_PORT = int(os.environ.get("GEARSHIFT_ETCD_PORT", "23790"))
-SERVER = f"https://127.0.0.1:{API_PORT}"
+SERVER = f"https://{NODE_IP}:{API_PORT}"
 # Start order; `down` stops in reverse.
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 
@@ -52,15 +54,17 @@ def _command(name: str) -> list[str]:
                 f"--initial-cluster=gearshift={peer}", "--log-level=warn"]
     if name == "kube-apiserver":
         return [str(BIN / name), f"--etcd-servers=http://127.0.0.1:{ETCD_PORT}",
-                "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={API_PORT}",
+                f"--bind-address={NODE_IP}", f"--advertise-address={NODE_IP}", f"--secure-port={API_PORT}",
                 "--insecure-port=0", f"--tls-cert-file={pki / 'apiserver.crt'}",
                 f"--tls-private-key-file={pki / 'apiserver.key'}", f"--client-ca-file={pki / 'ca.crt'}",
                 f"--service-account-key-file={pki / 'sa.pub'}",
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
                 "--service-cluster-ip-range=10.0.0.0/16", "--authorization-mode=Node,RBAC",
-                # The `kubernetes` Service cannot point at a loopback address: don't try.
-                "--endpoint-reconciler-type=none", "--allow-privileged=true", "--v=1"]
+                "--enable-admission-plugins=NodeRestriction",
+                # logs/exec/port-forward: the API server is a client of the kubelet
+                f"--kubelet-client-certificate={pki / 'admin.crt'}", f"--kubelet-client-key={pki / 'admin.key'}",
+                "--kubelet-preferred-address-types=InternalIP,Hostname", "--allow-privileged=true", "--v=1"]
     common = [str(BIN / name), f"--kubeconfig={kc}", "--leader-elect=false", "--port=0",
               "--secure-port=0", "--v=1"]
     if name == "kube-controller-manager":
@@ -91,10 +95,21 @@ def _alive(name: str) -> int | None:
     return None
 
 
-def _port_taken(port: int) -> bool:
+def _port_taken(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(1)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        return s.connect_ex((host, port)) == 0
+
+
+def _ensure_address() -> None:
+    """NODE_IP on `lo` (a `dummy` link is not available in every kernel): pods cannot reach 127.0.0.1."""
+    shown = subprocess.run(["ip", "-o", "addr", "show", "dev", "lo"], capture_output=True, text=True).stdout
+    if f" {NODE_IP}/" in shown:
+        return
+    proc = subprocess.run(["ip", "addr", "add", f"{NODE_IP}/32", "dev", "lo", "label", "lo:gearshift"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ClusterError(f"cannot add {NODE_IP}/32 to lo (root needed): {proc.stderr.strip()}")
 
 
 def reachable(kubeconfig: str | Path, timeout: float = 5.0) -> bool:
@@ -131,7 +146,7 @@ def _locked():
 
 
 def _build() -> None:
-    if (BIN / "BUILD-INFO").is_file() and all((BIN / c).is_file() for c in COMPONENTS[1:]) and \
+    if (BIN / "BUILD-INFO").is_file() and all((BIN / c).is_file() for c in (*COMPONENTS[1:], "kubelet", "kube-proxy")) and \
             (shutil.which("etcd") or Path("/usr/bin/etcd").exists()):
         return
     script = REPO / "e2e" / "cluster" / "build.sh"
@@ -185,9 +200,10 @@ def up() -> Path:
             return KUBECONFIG
         _build()
         _stop_all()  # a half-running cluster from a crash: start clean
-        for port in (ETCD_PORT, ETCD_PORT + 10, API_PORT):
-            if _port_taken(port):
-                raise ClusterError(f"port {port} on 127.0.0.1 is taken by another program; set "
+        _ensure_address()
+        for port, host in ((ETCD_PORT, "127.0.0.1"), (ETCD_PORT + 10, "127.0.0.1"), (API_PORT, NODE_IP)):
+            if _port_taken(port, host):
+                raise ClusterError(f"port {port} on {host} is taken by another program; set "
                                    "GEARSHIFT_API_PORT / GEARSHIFT_ETCD_PORT to free ones")
         shutil.rmtree(STATE / "etcd", ignore_errors=True)
         ensure_pki(STATE / "pki")
@@ -223,7 +239,10 @@ def _stop_all() -> None:
 
 
 def down() -> None:
-    """Stop our control plane (a cluster given by $KUBECONFIG is never touched)."""
+    """Stop our real node, if up, and our control plane (a cluster given by $KUBECONFIG is never touched)."""
+    from gearshift.e2e.cluster import node
+
+    node.down()
     with _locked():
         _stop_all()
 

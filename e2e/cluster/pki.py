@@ -2,8 +2,10 @@
 
 One CA signs the API server's serving certificate (valid for 127.0.0.1 and the in-cluster names) and
 one client certificate in `system:masters` that the controller-manager, the scheduler, the node agent
-and the tests use. The service-account key pair signs ServiceAccount tokens. Files are made once and
-reused; a missing file is made again.
+and the tests use; the real node's kubelet and kube-proxy get their own (system:node:<name>,
+system:kube-proxy), so the Node authorizer and the default RBAC bind them as on any cluster. The
+service-account key pair signs ServiceAccount tokens. Files are made once and reused; a missing file is
+made again.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import subprocess
 from pathlib import Path
 
 _DAYS = "3650"
+NODE_NAME = "gearshift-node"
+NODE_IP = "10.43.0.1"  # the API server's and the node's address, on lo: pods can reach it, eth0 cannot
 _SANS = (
-    "IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
+    f"IP:127.0.0.1,IP:{NODE_IP},IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
     "DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
 )
 
@@ -23,8 +27,9 @@ def _openssl(*args: str, cwd: Path) -> None:
 
 
 def _signed(pki: Path, name: str, subject: str, ext: str) -> None:
-    if (pki / f"{name}.crt").exists() and (pki / f"{name}.key").exists():
-        return
+    if (pki / f"{name}.crt").exists() and (pki / f"{name}.key").exists() and \
+            (pki / f"{name}.ext").exists() and (pki / f"{name}.ext").read_text() == ext:
+        return  # made with these extensions (an older cert without today's SANs is made again)
     (pki / f"{name}.ext").write_text(ext)
     _openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
              "-out", f"{name}.csr", "-subj", subject, cwd=pki)
@@ -33,7 +38,7 @@ def _signed(pki: Path, name: str, subject: str, ext: str) -> None:
 
 
 def ensure_pki(pki: Path) -> Path:
-    """Make (once) ca, apiserver, admin and service-account keys under `pki`; returns `pki`."""
+    """Make (once) ca, apiserver, admin, node, kube-proxy and service-account keys under `pki`."""
     pki.mkdir(parents=True, exist_ok=True)
     if not (pki / "ca.crt").exists():
         _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
@@ -46,6 +51,9 @@ def ensure_pki(pki: Path) -> Path:
     _signed(pki, "admin", "/O=system:masters/CN=gearshift-admin",
             "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
             "extendedKeyUsage=clientAuth\n")
+    client = "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n"
+    _signed(pki, "node", f"/O=system:nodes/CN=system:node:{NODE_NAME}", client)
+    _signed(pki, "kube-proxy", "/CN=system:kube-proxy", client)
     if not (pki / "sa.key").exists():
         _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
         _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)

@@ -29,8 +29,10 @@ from gearshift.engine.attention_metadata import AttentionMetadata
 @dataclass
 class _Prefill:
     rows: slice  # this sequence's rows in the flat batch
-    ctx_blocks: torch.Tensor | None  # [nblk] int64 cache blocks of the whole context; None: no cached prefix
-    mask: torch.Tensor | None  # [Lq, nblk * block_size] bool, True = may attend; None: plain causal
+    ctx_blocks: torch.Tensor | None  # [nblk] int64 cache blocks of the context; None: no cached prefix
+    # [Lq, nblk * block_size] bool, True = may attend ([Lq, Lq] over the new tokens when ctx_blocks is
+    # None and a window applies); None: plain causal
+    mask: torch.Tensor | None
 
 
 @dataclass
@@ -70,8 +72,12 @@ def _split_by_length(idx: list[int], lens: list[int]) -> list[list[int]]:
 
 
 def build_plan(meta: AttentionMetadata, block_size: int, device: torch.device,
-               native: bool = False) -> TorchAttentionPlan:
-    """native: route decodes to gearshift.engine.cpu_kernels.paged_decode (fp32 caches, kernel loaded)."""
+               native: bool = False, window: int | None = None) -> TorchAttentionPlan:
+    """native: route decodes to gearshift.engine.cpu_kernels.paged_decode (fp32 caches, kernel loaded).
+    window: a sliding window (a query at position i sees keys i - window < j <= i); cache blocks wholly
+    before every query's window are neither gathered nor read."""
+    if window is not None:
+        return _build_window_plan(meta, block_size, device, window)
     qsl = meta.query_start_loc.tolist()
     seq_lens = meta.seq_lens.tolist()
     bt = meta.block_tables.to(device=device, dtype=torch.int64)
@@ -117,6 +123,60 @@ def build_plan(meta: AttentionMetadata, block_size: int, device: torch.device,
     return TorchAttentionPlan(decodes, prefills, native_decodes)
 
 
+def _build_window_plan(meta: AttentionMetadata, bs: int, device: torch.device, w: int) -> TorchAttentionPlan:
+    """build_plan for a sliding-window layer: each decode gathers only the blocks its window touches."""
+    qsl = meta.query_start_loc.tolist()
+    seq_lens = meta.seq_lens.tolist()
+    bt = meta.block_tables.to(device=device, dtype=torch.int64)
+    decode_idx = [i for i in range(len(seq_lens)) if qsl[i + 1] - qsl[i] == 1]
+    decodes: list[_DecodeGroup] = []
+    if decode_idx:
+        idx = torch.tensor(decode_idx, dtype=torch.int64, device=device)
+        lens = meta.seq_lens.index_select(0, idx).to(device=device, dtype=torch.int64)  # [Bd]
+        first = (lens - w).clamp(min=0) // bs  # [Bd] first block inside the window
+        nwin = int(((lens + bs - 1) // bs - first).max())
+        cols = first[:, None] + torch.arange(nwin, device=device)[None, :]  # [Bd, nwin]
+        blocks = bt.index_select(0, idx).gather(1, cols.clamp(max=bt.shape[1] - 1))
+        pos = (cols[:, :, None] * bs + torch.arange(bs, device=device)).flatten(1)  # [Bd, nwin * bs]
+        mask = ((pos < lens[:, None]) & (pos >= lens[:, None] - w))[:, None, None, :]
+        decodes.append(_DecodeGroup(idx.new_tensor([qsl[i] for i in decode_idx]), blocks, mask))
+    prefills: list[_Prefill] = []
+    for i in range(len(seq_lens)):
+        lq = qsl[i + 1] - qsl[i]
+        if lq <= 1:
+            continue
+        length = seq_lens[i]
+        start = length - lq
+        qpos = start + torch.arange(lq, device=device)[:, None]  # [Lq, 1]
+        if start == 0:
+            kpos = torch.arange(lq, device=device)[None, :]
+            prefills.append(_Prefill(slice(qsl[i], qsl[i + 1]), None, (kpos <= qpos) & (kpos > qpos - w)))
+            continue
+        first, nblk = max(0, start + 1 - w) // bs, (length + bs - 1) // bs
+        kpos = first * bs + torch.arange((nblk - first) * bs, device=device)[None, :]
+        prefills.append(_Prefill(slice(qsl[i], qsl[i + 1]), bt[i, first:nblk], (kpos <= qpos) & (kpos > qpos - w)))
+    return TorchAttentionPlan(decodes, prefills, None)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+          softcap: float | None, gqa: bool = False) -> torch.Tensor:
+    """SDPA over [..., H, L, D]; mask None means causal. With softcap (Gemma 2) the logits pass through
+    cap * tanh(s / cap) before the softmax, which SDPA cannot do: explicit matmuls then."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                              enable_gqa=gqa)
+    if gqa and k.shape[-3] != q.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale  # [..., H, Lq, Lk]
+    s = softcap * torch.tanh(s / softcap)
+    if mask is None:
+        lq, lk = s.shape[-2], s.shape[-1]
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=s.device).tril(lk - lq)
+    s = s.masked_fill(~mask, float("-inf"))
+    return (s.softmax(-1) @ v.float()).to(q.dtype)
+
+
 def store_kvcache_torch(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
@@ -135,11 +195,14 @@ def paged_attention_torch(
     meta: AttentionMetadata,
     scale: float,
     plan: TorchAttentionPlan | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """q [T, Hq, D], k/v [T, Hkv, D] (this step's) -> out [T, Hq, D]; writes k/v into the cache first."""
+    """q [T, Hq, D], k/v [T, Hkv, D] (this step's) -> out [T, Hq, D]; writes k/v into the cache first.
+    plan: built for this layer's window (build_plan(..., window=window)); built here when None."""
     store_kvcache_torch(k, v, k_cache, v_cache, meta.slot_mapping)
     if plan is None:
-        plan = build_plan(meta, k_cache.shape[1], q.device)
+        plan = build_plan(meta, k_cache.shape[1], q.device, window=window)
     t, hq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
@@ -155,7 +218,7 @@ def paged_attention_torch(
         # [Bd * nblk, bs, Hkv, D] -> [Bd, L, Hkv, D] -> [Bd, Hkv, L, D]
         kd = k_cache.index_select(0, grp.blocks.flatten()).view(bd, -1, hkv, d).transpose(1, 2)
         vd = v_cache.index_select(0, grp.blocks.flatten()).view(bd, -1, hkv, d).transpose(1, 2)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=grp.mask, scale=scale).reshape(bd, hq, d)
+        od = _sdpa(qd, kd, vd, grp.mask, scale, softcap).reshape(bd, hq, d)
         if isinstance(grp.rows, slice):
             out[grp.rows] = od
         else:
@@ -165,11 +228,11 @@ def paged_attention_torch(
         if p.ctx_blocks is None:
             kp = k[p.rows].transpose(0, 1).unsqueeze(0)  # [1, Hkv, Lq, D]
             vp = v[p.rows].transpose(0, 1).unsqueeze(0)
-            op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
+            op = _sdpa(qp, kp, vp, p.mask, scale, softcap, gqa=True)
         else:
             kp = k_cache.index_select(0, p.ctx_blocks).view(-1, hkv, d).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
             vp = v_cache.index_select(0, p.ctx_blocks).view(-1, hkv, d).transpose(0, 1).unsqueeze(0)
-            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, scale=scale, enable_gqa=True)
+            op = _sdpa(qp, kp, vp, p.mask, scale, softcap, gqa=True)
         out[p.rows] = op.squeeze(0).transpose(0, 1)
     return out
 
@@ -183,11 +246,14 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     plan: TorchAttentionPlan | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Dispatch: Triton kernels for CUDA tensors, the torch path otherwise. Shapes as in the module doc."""
+    """Dispatch: Triton kernels for CUDA tensors, the torch path otherwise. Shapes as in the module doc.
+    window: this layer's sliding window (None: whole context); softcap: attention-logit cap (Gemma 2)."""
     if q.is_cuda:
         from gearshift.engine import kernels  # lazy: Triton is a GPU-only dependency
 
         kernels.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
-        return kernels.paged_attention(q, k_cache, v_cache, meta, scale)
-    return paged_attention_torch(q, k, v, k_cache, v_cache, meta, scale, plan)
+        return kernels.paged_attention(q, k_cache, v_cache, meta, scale, window=window, softcap=softcap)
+    return paged_attention_torch(q, k, v, k_cache, v_cache, meta, scale, plan, window, softcap)

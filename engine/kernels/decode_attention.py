@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from gearshift.engine.kernels.unified_attention import _load_kv_tile
+from gearshift.engine.kernels.unified_attention import _load_kv_tile, _scores
 
 LOG2E = 1.4426950408889634
 
@@ -30,6 +30,8 @@ def _decode_split_kernel(
     seq_lens_ptr,  # [B] int32
     query_start_loc_ptr,  # [B+1] int32
     qk_scale,  # softmax scale * log2(e)
+    window,  # sliding window; used when HAS_WINDOW
+    softcap,  # logit cap; used when HAS_SOFTCAP
     q_stride_0,
     q_stride_1,
     block_table_stride,
@@ -48,6 +50,8 @@ def _decode_split_kernel(
     BLOCK_M: tl.constexpr,  # power of two >= max(16, GROUP)
     NUM_SPLITS: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -69,10 +73,14 @@ def _decode_split_kernel(
     if DOT_FP32:
         q = q.to(tl.float32)
 
-    num_tiles = tl.cdiv(seq_len, TILE)
+    key_lo = 0
+    if HAS_WINDOW:  # only the tiles the window touches are split and read
+        key_lo = tl.maximum(seq_len - window, 0)
+    first_tile = key_lo // TILE
+    num_tiles = tl.cdiv(seq_len, TILE) - first_tile
     tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
-    tile_lo = split * tiles_per_split
-    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    tile_lo = first_tile + split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, first_tile + num_tiles)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -81,11 +89,11 @@ def _decode_split_kernel(
     table_row = block_tables_ptr + seq.to(tl.int64) * block_table_stride
     for t in range(tile_lo, tile_hi):
         key_pos = t * TILE + offs
-        key_ok = key_pos < seq_len
+        key_ok = (key_pos < seq_len) & (key_pos >= key_lo)
         k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, key_pos, key_ok, kv_head, dims, dim_ok,
                              k_stride_0, k_stride_1, k_stride_2, v_stride_0, v_stride_1, v_stride_2,
                              BLOCK_SIZE, DOT_FP32)  # [D, TILE], [TILE, D]
-        s = tl.dot(q, k, input_precision="ieee") * qk_scale  # [BLOCK_M, TILE], log2 domain
+        s = _scores(tl.dot(q, k, input_precision="ieee"), qk_scale, softcap, HAS_SOFTCAP)  # [BLOCK_M, TILE]
         s = tl.where(row_ok[:, None] & key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -157,6 +165,8 @@ def decode_attention(
     scale: float,
     num_splits: int,  # power of two
     out: torch.Tensor,  # [T, Hq, D]
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
@@ -179,6 +189,8 @@ def decode_attention(
         seq_lens,
         query_start_loc,
         scale * LOG2E,
+        window or 0,
+        softcap or 0.0,
         q.stride(0),
         q.stride(1),
         block_tables.stride(0),
@@ -197,6 +209,8 @@ def decode_attention(
         BLOCK_M=max(16, triton.next_power_of_2(group)),
         NUM_SPLITS=num_splits,
         DOT_FP32=INTERPRETED and q.dtype == torch.bfloat16,
+        HAS_WINDOW=window is not None,
+        HAS_SOFTCAP=softcap is not None,
         num_warps=4,
         num_stages=2,
     )

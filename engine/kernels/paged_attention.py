@@ -39,6 +39,8 @@ def paged_attention(
     *,
     out: torch.Tensor | None = None,  # [T, Hq, D]; allocated when None
     num_splits: int | None = None,  # decode path only; None = chosen from the GPU's size
+    window: int | None = None,  # sliding window: a query at position i sees keys i - window < j <= i
+    softcap: float | None = None,  # attention logits -> softcap * tanh(logits / softcap) (Gemma 2)
 ) -> torch.Tensor:
     """Causal attention of this step's queries over each sequence's paged context -> [T, Hq, D].
 
@@ -61,7 +63,8 @@ def paged_attention(
         if splits < 1 or splits & (splits - 1):
             raise ValueError(f"num_splits must be a power of two >= 1, got {splits}")
         return kernel_module("decode_attention", q.device).decode_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale, splits, out
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale, splits, out,
+            window, softcap,
         )
     return kernel_module("unified_attention", q.device).unified_attention(
         q,
@@ -73,6 +76,8 @@ def paged_attention(
         meta.max_query_len,
         scale,
         out,
+        window,
+        softcap,
     )
 
 

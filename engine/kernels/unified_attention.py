@@ -47,6 +47,15 @@ def _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, key_pos, key_ok, kv_head,
 
 
 @triton.jit
+def _scores(qk, qk_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """q.k products -> log2-domain logits; with soft-capping (Gemma 2) cap * tanh(s / cap) in between."""
+    if HAS_SOFTCAP:
+        x = qk * (qk_scale / 1.4426950408889634) / softcap
+        return (2.0 * tl.sigmoid(2.0 * x) - 1.0) * (softcap * 1.4426950408889634)  # tanh via sigmoid
+    return qk * qk_scale
+
+
+@triton.jit
 def _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
     # Sequence s owns q blocks from query_start_loc[s] // BLOCK_Q + s on (an upper bound that keeps
     # the grid computable from T and B alone); binary search the last s starting at or before q_block.
@@ -73,6 +82,8 @@ def _unified_attention_kernel(
     query_start_loc_ptr,  # [B+1] int32
     num_seqs,
     qk_scale,  # softmax scale * log2(e)
+    window,  # sliding window (keys q_pos - window < j <= q_pos); used when HAS_WINDOW
+    softcap,  # logit cap; used when HAS_SOFTCAP
     q_stride_0,
     q_stride_1,
     out_stride_0,
@@ -92,6 +103,8 @@ def _unified_attention_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr,  # >= BLOCK_Q * GROUP, power of two, >= 16 (tl.dot minimum)
     DOT_FP32: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -124,20 +137,26 @@ def _unified_attention_kernel(
     last_pos = tl.minimum(local_block * BLOCK_Q + BLOCK_Q, q_len) - 1
     kv_end = context_len + last_pos + 1
     key_limit = context_len + q_pos + 1  # [BLOCK_M] exclusive bound per row
+    kv_first = 0  # the first key any row of this q block may see
+    if HAS_WINDOW:  # keys (and whole tiles) before the first row's window are never loaded
+        kv_first = tl.maximum(context_len + local_block * BLOCK_Q + 1 - window, 0)
+    kv_start = (kv_first // TILE) * TILE
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], dtype=tl.float32)
     offs = tl.arange(0, TILE)
     table_row = block_tables_ptr + seq.to(tl.int64) * block_table_stride
-    for start in range(0, kv_end, TILE):
+    for start in range(kv_start, kv_end, TILE):
         key_pos = start + offs  # [TILE]
-        key_ok = key_pos < kv_end
+        key_ok = (key_pos < kv_end) & (key_pos >= kv_first)
         k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, key_pos, key_ok, kv_head, dims, dim_ok,
                              k_stride_0, k_stride_1, k_stride_2, v_stride_0, v_stride_1, v_stride_2,
                              BLOCK_SIZE, DOT_FP32)  # [D, TILE], [TILE, D]
-        s = tl.dot(q, k, input_precision="ieee") * qk_scale  # [BLOCK_M, TILE], log2 domain
+        s = _scores(tl.dot(q, k, input_precision="ieee"), qk_scale, softcap, HAS_SOFTCAP)  # [BLOCK_M, TILE]
         visible = row_ok[:, None] & (key_pos[None, :] < key_limit[:, None])
+        if HAS_WINDOW:
+            visible = visible & (key_pos[None, :] >= key_limit[:, None] - window)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # Rows with nothing visible yet keep m = -inf; shift by 0 there so exp2 gives 0, not NaN.
@@ -172,6 +191,8 @@ def unified_attention(
     max_query_len: int,
     scale: float,
     out: torch.Tensor,  # [T, Hq, D]
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -193,6 +214,8 @@ def unified_attention(
         query_start_loc,
         num_seqs,
         scale * LOG2E,
+        window or 0,
+        softcap or 0.0,
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -212,6 +235,8 @@ def unified_attention(
         BLOCK_Q=block_q,
         BLOCK_M=block_m,
         DOT_FP32=INTERPRETED and q.dtype == torch.bfloat16,
+        HAS_WINDOW=window is not None,
+        HAS_SOFTCAP=softcap is not None,
         num_warps=4,
         num_stages=2,
     )

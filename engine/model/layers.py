@@ -64,35 +64,48 @@ class RMSNorm(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)), with gate and up fused in one matmul: [T, D] -> [T, 2F] -> [T, D]."""
+    """down(act(gate(x)) * up(x)), with gate and up fused in one matmul: [T, D] -> [T, 2F] -> [T, D].
+    act: silu (SwiGLU) or gelu_tanh (GeGLU, Gemma)."""
 
-    def __init__(self, hidden: int, intermediate: int) -> None:
+    def __init__(self, hidden: int, intermediate: int, act: str = "silu") -> None:
         super().__init__()
         self.intermediate = intermediate
+        self.act = act
         self.gate_up_proj = Linear(hidden, 2 * intermediate, bias=False)
         self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        native = native_kernels(gate_up)
+        native = native_kernels(gate_up) if self.act == "silu" else None
         if native is not None:
             return self.down_proj(native.silu_mul(gate_up))
         gate, up = gate_up.split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(gated_act(gate, self.act) * up)
+
+
+def gated_act(gate: torch.Tensor, act: str) -> torch.Tensor:
+    return F.silu(gate) if act == "silu" else F.gelu(gate, approximate="tanh")
 
 
 class Attention(nn.Module):
     """q/k/v in one fused projection [T, D] -> [T, (Hq + 2 Hkv) * hd], RoPE, paged attention, output proj.
 
-    rope: (cos, sin) [T, 1, hd/2] for this step's positions, computed once per step by the model."""
+    rope: (cos, sin) [T, 1, hd/2] for this step's positions, computed once per step by the model.
+    Family quirks from cfg: per-head q/k RMSNorm before RoPE (qk_norm), the softmax scale (attn_scale),
+    logit soft-capping (attn_softcap) and this layer's sliding window (cfg.layer_window(layer))."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
-        self.scale = cfg.head_dim**-0.5
+        self.scale = cfg.attn_scale or cfg.head_dim**-0.5
+        self.softcap = cfg.attn_softcap
+        self.window = cfg.layer_window(layer)
         self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
         self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
     def forward(
         self,
@@ -107,6 +120,11 @@ class Attention(nn.Module):
         # Q and K heads rotate together ([T, Hq + Hkv, hd]): one RoPE pass per layer instead of two
         # (the per-op overhead, not the arithmetic, is what a decode step pays for).
         qk = qk.view(t, self.num_heads + self.num_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):  # [T * H, hd] rows normalized per head, then back to [T, Hq + Hkv, hd]
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            qk = torch.cat([self.q_norm(q.reshape(-1, self.head_dim)).view(t, self.num_heads, self.head_dim),
+                            self.k_norm(k.reshape(-1, self.head_dim)).view(t, self.num_kv_heads, self.head_dim)],
+                           dim=1)
         native = native_kernels(qk)
         if native is not None:  # rotated in place, in the projection's output buffer
             native.rope_(qk, rope[0][:, 0], rope[1][:, 0])
@@ -115,5 +133,6 @@ class Attention(nn.Module):
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         q = q.contiguous()  # a no-op at T = 1; at T > 1 attention gets the same dense layout as before
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, plan)
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, plan,
+                              window=self.window, softcap=self.softcap)
         return self.o_proj(out.view(t, self.q_size))

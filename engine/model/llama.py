@@ -15,8 +15,10 @@ from gearshift.engine.attention import TorchAttentionPlan, build_plan
 from gearshift.engine.attention_metadata import AttentionMetadata
 from gearshift.engine.errors import ModelLoadError
 from gearshift.engine.model.config import ModelConfig
+from gearshift.engine.model.family_layer import FamilyDecoderLayer
 from gearshift.engine.model.layers import Attention, Linear, RMSNorm, SwiGLU
 from gearshift.engine.model.rope import RotaryEmbedding
+from gearshift.engine.model.weights import locate
 from torch import nn
 
 
@@ -36,13 +38,26 @@ class DecoderLayer(nn.Module):
         return next_norm.add_(x, self.mlp(h))
 
 
+def _is_plain(cfg: ModelConfig) -> bool:
+    """Llama/Mistral/Qwen2 without a sliding window: the lean DecoderLayer above."""
+    return (cfg.architecture in ("llama", "mistral", "qwen2") and cfg.sliding_window is None
+            and not cfg.qk_norm and cfg.num_experts == 0)
+
+
 class LlamaForCausalLM(nn.Module):
+    """Every family the paged engine runs: the quirks are switched on by the ModelConfig (family_layer.py)."""
+
     def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
         super().__init__()
         self.config = cfg
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
+        # Gemma 3: sliding layers rotate with their own, unscaled base frequency.
+        self.rope_local = (RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_local_theta, None)
+                           if cfg.rope_local_theta else None)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg) if _is_plain(cfg) else FamilyDecoderLayer(cfg, i)
+                                    for i in range(cfg.num_layers))
+        self.windows = sorted({cfg.layer_window(i) for i in range(cfg.num_layers)}, key=lambda w: w or 0)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -52,6 +67,8 @@ class LlamaForCausalLM(nn.Module):
         """After `to_empty()` from the meta device: recompute RoPE tables and re-tie the embeddings
         (to_empty gives each reference to a shared parameter its own new tensor)."""
         self.rope.build(self.embed_tokens.weight.device)
+        if self.rope_local is not None:
+            self.rope_local.build(self.embed_tokens.weight.device)
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -72,77 +89,60 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
-        plan: TorchAttentionPlan | None = None
-        if not input_ids.is_cuda:  # the torch attention path gathers by the same plan in every layer
+        cfg = self.config
+        plans: dict[int | None, TorchAttentionPlan] = {}
+        if not input_ids.is_cuda:  # the torch attention path gathers by one plan per window, in every layer
             k_cache = kv_caches[0][0]
-            native = k_cache.dtype == torch.float32 and cpu_kernels.kernels() is not None
-            plan = build_plan(meta, k_cache.shape[1], input_ids.device, native=native)
+            native = (k_cache.dtype == torch.float32 and cpu_kernels.kernels() is not None
+                      and cfg.attn_softcap is None)
+            plans = {w: build_plan(meta, k_cache.shape[1], input_ids.device, native=native and w is None, window=w)
+                     for w in self.windows}
         x = self.embed_tokens(input_ids)  # [T, D], a fresh tensor: the residual stream, added to in place
+        if cfg.embed_scale is not None:  # Gemma: the scale rounded to the model dtype first, as HF does
+            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
         rope = self.rope.tables(positions, x.dtype)
+        rope_local = self.rope_local.tables(positions, x.dtype) if self.rope_local is not None else rope
         h = self.layers[0].input_layernorm(x)
         next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
         for layer, kv, next_norm in zip(self.layers, kv_caches, next_norms, strict=True):
-            h = layer(rope, x, h, kv, meta, plan, next_norm)
+            w = getattr(layer, "window", None)
+            h = layer(rope if w is None else rope_local, x, h, kv, meta, plans.get(w), next_norm)
         return h
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, D] (final-normed rows that sample) -> float32 logits [N, V]."""
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden).float()
+        cap = self.config.final_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)  # Gemma 2
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named weights in, fusing q/k/v and gate/up; every parameter must be covered once."""
+        """Copy HF-named weights in (weights.locate says where, fusing q/k/v, gate/up and the experts);
+        every parameter must be covered exactly once."""
         cfg = self.config
         params = dict(self.named_parameters(remove_duplicate=False))
-        seen: set[str] = set()
-        q, kv, f = cfg.q_size, cfg.kv_size, cfg.intermediate_size
-        fused = {  # HF suffix -> (our suffix, row offset, rows)
-            "self_attn.q_proj": ("self_attn.qkv_proj", 0, q),
-            "self_attn.k_proj": ("self_attn.qkv_proj", q, kv),
-            "self_attn.v_proj": ("self_attn.qkv_proj", q + kv, kv),
-            "mlp.gate_proj": ("mlp.gate_up_proj", 0, f),
-            "mlp.up_proj": ("mlp.gate_up_proj", f, f),
-        }
+        covered: dict[str, int] = {}
         with torch.no_grad():
             for name, tensor in weights:
-                target, rows = self._target(name, fused)
-                if target is None:
-                    continue  # e.g. rotary inv_freq buffers some checkpoints carry
-                p = params.get(target)
+                slot = locate(name, cfg)
+                if slot is None:
+                    continue
+                p = params.get(slot.param)
                 if p is None:
                     raise ModelLoadError(f"unexpected weight {name!r} for a {cfg.architecture} model")
-                dst = p if rows is None else p[rows[0] : rows[0] + rows[1]]
+                dst = p if slot.index is None else p[slot.index]
+                if slot.rows is not None:
+                    dst = dst[slot.rows[0] : slot.rows[0] + slot.rows[1]]
                 if tuple(dst.shape) != tuple(tensor.shape):
                     raise ModelLoadError(
                         f"weight {name!r} has shape {tuple(tensor.shape)}, the config implies {tuple(dst.shape)}"
                     )
                 dst.copy_(tensor)
-                seen.add(name)
-        self._check_complete(seen, fused)
-
-    @staticmethod
-    def _target(name: str, fused: dict) -> tuple[str | None, tuple[int, int] | None]:
-        if "rotary_emb" in name:
-            return None, None
-        name = name.removeprefix("model.")
-        for suffix, (ours, off, n) in fused.items():
-            if f".{suffix}." in name:
-                return name.replace(suffix, ours), (off, n)
-        return name, None
-
-    def _check_complete(self, seen: set[str], fused: dict) -> None:
-        cfg = self.config
-        needed = ["model.embed_tokens.weight", "model.norm.weight"]
-        if not cfg.tie_word_embeddings:
-            needed.append("lm_head.weight")
-        for i in range(cfg.num_layers):
-            base = f"model.layers.{i}."
-            needed += [base + "input_layernorm.weight", base + "post_attention_layernorm.weight",
-                       base + "self_attn.o_proj.weight", base + "mlp.down_proj.weight"]
-            needed += [base + s + ".weight" for s in fused]
-            if cfg.attention_bias:
-                needed += [base + f"self_attn.{p}_proj.bias" for p in "qkv"]
-        missing = [n for n in needed if n not in seen and n.removeprefix("model.") not in seen]
+                if slot.add:
+                    dst.add_(slot.add)
+                covered[slot.param] = covered.get(slot.param, 0) + dst.numel()
+        tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+        missing = [n for n, p in params.items() if n not in tied and covered.get(n, 0) < p.numel()]
         if missing:
             more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
             raise ModelLoadError(f"the checkpoint lacks weights: {', '.join(missing[:3])}{more}")

@@ -32,9 +32,20 @@ def inv_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.
         mid = (1 - smooth) * scaled / factor + smooth * scaled
         is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return torch.where(is_mid, mid, scaled)
+    if kind == "longrope":  # Phi-3: per-frequency divisors; the short ones within the original context
+        return inv / torch.tensor(scaling["short_factor"], dtype=torch.float32)
     if kind == "freq_factors":  # GGUF's rope_freqs tensor: per-frequency divisors (llama3 files)
         return inv / scaling["factors"].float()
-    raise ModelLoadError(f"unsupported rope scaling type {kind!r}: supported are default, linear, llama3")
+    raise ModelLoadError(f"unsupported rope scaling type {kind!r}: supported are default, linear, llama3, longrope")
+
+
+def longrope_attention_factor(scaling: dict) -> float:
+    """The cos/sin multiplier of LongRoPE: sqrt(1 + ln(factor) / ln(original context)), factor > 1."""
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    orig = float(scaling["original_max_position_embeddings"])
+    factor = float(scaling.get("factor") or scaling.get("max_position_embeddings", orig) / orig)
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
 
 
 class RotaryEmbedding(torch.nn.Module):
@@ -54,8 +65,18 @@ class RotaryEmbedding(torch.nn.Module):
         if torch.device(device).type == "meta":
             return  # built on a meta model: computed for real by build(real_device) after to_empty()
         inv = inv_frequencies(head_dim, theta, scaling).to(device)
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=device), inv)
-        self.cos, self.sin = freqs.cos(), freqs.sin()
+        pos = torch.arange(max_positions, dtype=torch.float32, device=device)
+        freqs = torch.outer(pos, inv)
+        mscale = 1.0
+        if (scaling or {}).get("rope_type") == "longrope":
+            orig = int(scaling["original_max_position_embeddings"])
+            # Positions past the original context rotate by the long factors. HF switches the whole
+            # sequence once it is longer than that; per position keeps cached keys valid.
+            long_inv = inv * torch.tensor(scaling["short_factor"], device=device) / torch.tensor(
+                scaling["long_factor"], dtype=torch.float32, device=device)
+            freqs[orig:] = torch.outer(pos[orig:], long_inv)
+            mscale = longrope_attention_factor(scaling)
+        self.cos, self.sin = freqs.cos() * mscale, freqs.sin() * mscale
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> cos, sin [T, 1, D/2] in dtype; gathered once per step, shared by every layer."""

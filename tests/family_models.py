@@ -1,0 +1,163 @@
+"""Tiny random-weight models of each family, built from transformers' own config classes with the family's
+quirks switched on, and the paged engine's greedy decode of them (shared by the family, MoE, sliding-window
+and tensor-parallel tests).
+
+Sizes: hidden 64, 4 query heads of 16 over 2 KV heads (GQA), 4 layers, a 300-token vocabulary; sliding
+windows of 8-16 tokens so that prompts of ~40 tokens and 32 decode steps cross them many times.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from gearshift.engine.model_runner import ModelRunner
+from gearshift.engine.scheduler_output import ScheduledSeq, SchedulerOutput
+
+TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+COMMON = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-6,
+              eos_token_id=256, bos_token_id=None, pad_token_id=None, initializer_range=0.25)
+SLIDING_4 = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]
+
+
+def family_config(family: str) -> tuple[Any, Any]:
+    """(config, model class) of `family` with its quirks on; transformers imported lazily."""
+    import transformers as T
+
+    if family == "qwen3":
+        return T.Qwen3Config(**COMMON, tie_word_embeddings=False), T.Qwen3ForCausalLM
+    if family == "qwen3-sliding":  # Qwen's own window switch: layer_types from use_sliding_window
+        return T.Qwen3Config(**COMMON, use_sliding_window=True, sliding_window=8, max_window_layers=1), \
+            T.Qwen3ForCausalLM
+    if family == "gemma2":
+        # Untied: a tied, sqrt(hidden)-scaled random embedding makes every step pick the same token.
+        return T.Gemma2Config(**COMMON, tie_word_embeddings=False, query_pre_attn_scalar=24,
+                              sliding_window=8, layer_types=SLIDING_4, attn_logit_softcapping=1.5,
+                              final_logit_softcapping=6.0), T.Gemma2ForCausalLM
+    if family == "gemma3":
+        rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}}
+        return T.Gemma3TextConfig(**COMMON, tie_word_embeddings=False, query_pre_attn_scalar=24, sliding_window=8,
+                                  layer_types=SLIDING_4,
+                                  rope_parameters=rope), T.Gemma3ForCausalLM
+    if family == "phi3":
+        half = COMMON["head_dim"] // 2
+        rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 128,
+                "short_factor": [1.0 + 0.1 * i for i in range(half)],
+                "long_factor": [2.0 + 0.5 * i for i in range(half)]}
+        common = {k: v for k, v in COMMON.items() if k != "head_dim"}
+        return T.Phi3Config(**common, rope_parameters=rope, original_max_position_embeddings=128,
+                            sliding_window=None), T.Phi3ForCausalLM
+    if family == "mixtral":
+        return T.MixtralConfig(**COMMON, num_local_experts=6, num_experts_per_tok=2, sliding_window=16), \
+            T.MixtralForCausalLM
+    if family == "qwen3_moe":
+        return T.Qwen3MoeConfig(**COMMON, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+                                norm_topk_prob=False, mlp_only_layers=[1]), T.Qwen3MoeForCausalLM
+    if family == "qwen3_moe-norm":
+        return T.Qwen3MoeConfig(**COMMON, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+                                norm_topk_prob=True), T.Qwen3MoeForCausalLM
+    if family == "llama":
+        return T.LlamaConfig(**COMMON), T.LlamaForCausalLM
+    raise KeyError(family)
+
+
+def build_hf(family: str, seed: int = 0) -> Any:
+    """A random-weight HF model; norms and biases moved off their init values so that they matter."""
+    cfg, cls = family_config(family)
+    if family.startswith("gemma2"):
+        cfg._attn_implementation = "eager"  # soft-capping is not in SDPA
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def byte_vocab() -> dict:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tokens = list(bytes_to_unicode().values()) + ["<|endoftext|>"]
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": [1] * 256 + [3], "tokenizer.ggml.merges": [],
+            "tokenizer.ggml.eos_token_id": 256, "tokenizer.chat_template": TEMPLATE}
+
+
+def save_hf_dir(model: Any, path: Path) -> Path:
+    """safetensors + config.json as save_pretrained writes them, and a byte-level tokenizer."""
+    from gearshift.engine.loader.gguf_tokenizer import tokenizer_from_gguf
+
+    model.save_pretrained(path)
+    tok, _ = tokenizer_from_gguf(byte_vocab())
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "chat_template": TEMPLATE}))
+    return path
+
+
+def prompts(n0: int = 40, shared: int = 32, n1: int = 44) -> list[list[int]]:
+    """Two prompts; the second starts with the first's `shared` tokens (a prefix-cache hit)."""
+    g = torch.Generator().manual_seed(1)
+    p0 = torch.randint(0, 256, (n0,), generator=g).tolist()
+    return [p0, p0[:shared] + torch.randint(0, 256, (n1 - shared,), generator=g).tolist()]
+
+
+def hf_greedy(model: Any, ids: list[int], steps: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Greedy tokens by full forwards (no HF cache), logits at the prompt's end and at the last step."""
+    seq, tokens = list(ids), []
+    with torch.inference_mode():
+        first = last = None
+        for _ in range(steps):
+            logits = model(torch.tensor([seq])).logits[0, -1].float()
+            first = logits if first is None else first
+            last = logits
+            tokens.append(int(logits.argmax()))
+            seq.append(tokens[-1])
+    return tokens, first, last
+
+
+def ours_greedy(runner: ModelRunner, ps: list[list[int]], steps: int, shared: int = 32
+                ) -> tuple[list[list[int]], list[torch.Tensor], list[torch.Tensor]]:
+    """Both prompts through the paged runner: prompt 0 in two prefill chunks; prompt 1 reuses prompt 0's
+    first shared/block_size cache blocks (a prefix hit) and prefills the rest beside prompt 0's decodes;
+    then both decode together. Block tables run backwards so no table is contiguous."""
+    bs = runner.block_size
+    assert shared % bs == 0
+    need = [-(-(len(p) + steps) // bs) for p in ps]
+    pool = list(range(runner.num_kv_blocks - 1, -1, -1))
+    t0 = pool[: need[0]]
+    t1 = t0[: shared // bs] + pool[need[0] : need[0] + need[1] - shared // bs]
+    half = len(ps[0]) // 2
+    runner.execute(SchedulerOutput(seqs=[ScheduledSeq(0, ps[0][:half], 0, t0, False)]))
+    lg = runner.execute(SchedulerOutput(seqs=[ScheduledSeq(0, ps[0][half:], half, t0, True)]))
+    outs, first, last = [[int(lg[0].argmax())], []], [lg[0], None], [lg[0], None]
+    lg = runner.execute(SchedulerOutput(seqs=[ScheduledSeq(0, [outs[0][-1]], len(ps[0]), t0, True),
+                                              ScheduledSeq(1, ps[1][shared:], shared, t1, True)]))
+    outs[0].append(int(lg[0].argmax()))
+    outs[1].append(int(lg[1].argmax()))
+    first[1], last[0], last[1] = lg[1], lg[0], lg[1]
+    tables = [t0, t1]
+    while any(len(o) < steps for o in outs):
+        live = [i for i in range(2) if len(outs[i]) < steps]
+        seqs = [ScheduledSeq(i, [outs[i][-1]], len(ps[i]) + len(outs[i]) - 1, tables[i], True) for i in live]
+        lg = runner.execute(SchedulerOutput(seqs=seqs))
+        for row, i in enumerate(live):
+            outs[i].append(int(lg[row].argmax()))
+            last[i] = lg[row]
+    return outs, first, last
+
+
+def assert_matches_hf(model: Any, runner: ModelRunner, steps: int = 32, tol: float = 2e-3) -> None:
+    ps = prompts()
+    ours, first, last = ours_greedy(runner, ps, steps)
+    for i, p in enumerate(ps):
+        ref, ref_first, ref_last = hf_greedy(model, p, steps)
+        d_first = (first[i] - ref_first).abs().max().item()
+        assert d_first < tol, f"prompt {i}: logits at the prompt's end differ by {d_first}"
+        assert ours[i] == ref, f"prompt {i}: greedy tokens diverge\nours {ours[i]}\nhf   {ref}"
+        d_last = (last[i] - ref_last).abs().max().item()
+        assert d_last < tol, f"prompt {i}: logits after {steps - 1} decode steps differ by {d_last}"

@@ -60,7 +60,7 @@ class LLM:
             except InvalidRequestError as e:
                 raise InvalidRequestError(f"prompt {i}: {e.message}", param=e.param, code=e.code) from None
         for req in prepared:
-            engine._enqueue(req)
+            engine.enqueue(req)
         return self._run([req.request_id for req in prepared])
 
     def chat(self, messages: Messages | Seq[Messages],
@@ -82,8 +82,10 @@ class LLM:
         try:
             while wanted - finished.keys():
                 outputs = engine.step()
-                if not outputs and not engine.scheduler.running and not engine.scheduler.waiting:
-                    raise GearshiftError("the engine stopped making progress")  # a bug, never a hang
+                if not outputs:
+                    stats = engine.stats()
+                    if not stats.num_running and not stats.num_waiting:
+                        raise GearshiftError("the engine stopped making progress")  # a bug, never a hang
                 for out in outputs:
                     if out.finished and out.request_id in wanted:
                         finished[out.request_id] = out

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gearshift.engine.block_manager import BlockManager
 from gearshift.engine.config import EngineConfig
@@ -26,6 +26,9 @@ from gearshift.engine.outputs import CompletionOutput, EngineStats, FinishReason
 from gearshift.engine.sampling_params import SamplingParams
 from gearshift.engine.scheduler import Scheduler
 from gearshift.engine.sequence import Sequence, fan_out
+
+if TYPE_CHECKING:
+    from gearshift.engine.runner_protocol import Runner
 
 
 class BatchStepError(Exception):
@@ -74,7 +77,7 @@ class _Request:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, runner: object | None = None) -> None:
+    def __init__(self, config: EngineConfig, runner: Runner | None = None) -> None:
         if runner is None:
             from gearshift.engine.model_runner import ModelRunner  # torch lives behind this import
 
@@ -85,8 +88,7 @@ class LLMEngine:
         self.runner = runner
         self.tokenizer = runner.tokenizer
         self.max_model_len: int = runner.max_model_len
-        self.vocab_size: int = min(getattr(runner, "vocab_size", None) or self.tokenizer.vocab_size,
-                                   self.tokenizer.vocab_size)
+        self.vocab_size: int = min(runner.vocab_size, self.tokenizer.vocab_size)
         self.block_manager = BlockManager(runner.num_kv_blocks, runner.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len)
@@ -100,7 +102,7 @@ class LLMEngine:
                     arrival_time: float | None = None) -> None:
         """Validate, then queue. Raises InvalidRequestError (naming the field) with nothing queued."""
         with self._lock:
-            self._enqueue(self.prepare_request(request_id, prompt, params, arrival_time))
+            self.enqueue(self.prepare_request(request_id, prompt, params, arrival_time))
 
     def prepare_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                         arrival_time: float | None = None) -> _Request:
@@ -154,7 +156,8 @@ class LLMEngine:
                     f"prompt token id {t!r} is not in the vocabulary [0, {self.vocab_size})", param="prompt")
         return list(prompt)
 
-    def _enqueue(self, req: _Request) -> None:
+    def enqueue(self, req: _Request) -> None:
+        """Queue a request prepare_request returned (LLM validates a whole batch before queuing any)."""
         with self._lock:
             if req.request_id in self._requests:
                 raise InvalidRequestError(f"request_id {req.request_id!r} is already running", param="request_id")

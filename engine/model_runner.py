@@ -1,7 +1,8 @@
 """ModelRunner: the only device code of the paged engine. Loads model + tokenizer, owns the KV cache,
 executes one SchedulerOutput per step.
 
-Interface the engine (llm_engine / scheduler / sampler) relies on:
+Interface the engine (llm_engine / scheduler / sampler) relies on (runner_protocol.Runner states the part
+LLMEngine reads):
 
     runner = ModelRunner(config: EngineConfig)     # raises ModelLoadError / GearshiftError naming the problem
     runner.tokenizer        -> gearshift.engine.tokenizer.Tokenizer (encode/decode/apply_chat_template/eos_token_ids)
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from gearshift.engine.attention_metadata import AttentionMetadata
@@ -41,6 +43,10 @@ from gearshift.engine.loader import open_model
 from gearshift.engine.model.llama import LlamaForCausalLM
 from gearshift.engine.scheduler_output import SchedulerOutput
 from gearshift.engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from gearshift.engine.cuda_graphs import DecodeGraphs
+    from gearshift.engine.loader import GGUFModel, HFModel
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +101,13 @@ class ModelRunner:
         self.prepacked = False  # CPU: matmul weights pre-packed for oneDNN (set by _load_model)
         self.model = self._load_model(src, wanted_len)
         self._allocate_kv_cache(wanted_len)
-        self.graphs = None  # CUDA graphs for pure-decode batches (GPU, unless enforce_eager)
+        self.graphs: DecodeGraphs | None = None  # CUDA graphs for pure-decode batches (GPU, unless enforce_eager)
         self._warmup()
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_graphs()
 
     # ---- setup ----------------------------------------------------------------------------------
-    def _load_model(self, src, max_positions: int) -> LlamaForCausalLM:
+    def _load_model(self, src: GGUFModel | HFModel, max_positions: int) -> LlamaForCausalLM:
         default = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:

@@ -1,8 +1,4 @@
-"""The engine's `gearshift` sub-commands, registered with the CLI (engine/cli.py) through the
-`gearshift.commands` entry point group in pyproject.toml. Adding a sub-command: one line here.
-
-name -> (module exposing add_arguments(parser) and run(args) -> int, one-line help)
-"""
+"""The engine's `gearshift` sub-commands: the table engine/cli.py reads through the entry point."""
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("gearshift.engine.server.launch", "serve a model behind an OpenAI-compatible API"),

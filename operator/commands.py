@@ -1,8 +1,4 @@
-"""The operator's `gearshift` sub-commands, registered with the CLI (engine/cli.py) through the
-`gearshift.commands` entry point group in pyproject.toml. Adding a sub-command: one line here.
-
-name -> (module exposing add_arguments(parser) and run(args) -> int, one-line help)
-"""
+"""The operator's `gearshift` sub-commands: the table engine/cli.py reads through the entry point."""
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("gearshift.operator.local_up", "decide the engine for an InferenceService file and serve it here"),

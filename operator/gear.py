@@ -22,6 +22,8 @@ MEASURED_TOKENS_PER_SECOND: dict[int, tuple[float, float]] = {
     1: (76.3, 26.8), 2: (60.8, 51.2), 4: (66.6, 78.5), 8: (67.2, 121.9), 16: (64.0, 156.1), 32: (66.8, 205.2),
 }
 DOWN_FRACTION = 0.5  # shift back to gguf only at or below half the crossover
+NO_DATA = "no pod has been scraped yet"
+ADVICE_REASONS = ("AboveCrossover", "BelowCrossover", "WithinBand")  # the reasons that name an engine
 
 
 def measured_crossover() -> int:
@@ -59,11 +61,12 @@ def _fmt(x: float) -> str:
 def advise(running: str, load: Load | None, crossover: int, window_text: str) -> Advice:
     """The engine that serves the observed load better, with hysteresis around `crossover`."""
     if load is None or load.samples == 0:
-        return Advice(None, "NoData", "no pod has been scraped yet")
+        return Advice(None, "NoData", NO_DATA)
+    if not load.covered:
+        # no figures in the words: they would change with every scrape, and so would the status
+        return Advice(None, "Observing", f"observing the load on {running}: advice after {window_text} of it")
     p95 = load.p95
     head = f"p95 {_fmt(p95)} concurrent per replica over {window_text} on {running}"
-    if not load.covered:
-        return Advice(None, "Observing", f"{head} so far: {_fmt(load.span)}s of {window_text} observed")
     down = crossover * DOWN_FRACTION
     gguf, paged = throughput("gguf", max(p95, 1.0)), throughput("paged", max(p95, 1.0))
     if p95 >= crossover:

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from gearshift.operator import replicas as rc
-from gearshift.operator.gear import DOWN_FRACTION, Advice, GearState, advise, hold, should_shift
+from gearshift.operator.gear import ADVICE_REASONS, DOWN_FRACTION, NO_DATA, Advice, GearState, advise, hold, should_shift
 from gearshift.operator.load import Load, LoadWindow, Tick, ceil_concurrency, load_changed, round_load
 from gearshift.operator.policy import CROSSOVER_CONCURRENCY, ObservedGear
 from gearshift.operator.spec import InferenceServiceSpec
@@ -37,9 +37,15 @@ def epoch(text: str | None) -> float | None:
         return None
 
 
+def can_advise(spec: InferenceServiceSpec) -> bool:
+    """Both engines could serve it: a GGUF file on CPU (advice is given even where an engine is requested:
+    it tells a team that its requested engine no longer fits its load)."""
+    return spec.model.uri.format == "gguf" and not spec.hardware.accelerator
+
+
 def can_shift(spec: InferenceServiceSpec) -> bool:
-    """Both engines can serve it and the policy chooses: engine auto, a GGUF file, no accelerator."""
-    return spec.engine == "auto" and spec.model.uri.format == "gguf" and not spec.hardware.accelerator
+    """The policy chooses the engine (engine auto), so `auto` mode may switch it."""
+    return spec.engine == "auto" and can_advise(spec)
 
 
 def override(spec: InferenceServiceSpec, previous: dict[str, Any]) -> ObservedGear | None:
@@ -62,7 +68,7 @@ def plan_notes(spec: InferenceServiceSpec) -> list[str]:
                      f"({CROSSOVER_CONCURRENCY}) or falls to {CROSSOVER_CONCURRENCY * DOWN_FRACTION:g}, held for "
                      f"{gs.window_text}, at most one shift per {gs.cooldown_text}; status.engine says which runs")
     elif gs.mode == "auto":
-        notes.append("spec.gearShift.mode auto has no effect: only one engine can serve this spec")
+        notes.append("spec.gearShift.mode auto shifts only engine auto on a GGUF model on CPU: here it advises")
     if spec.autoscaling and spec.autoscaling.controller == "operator":
         a = spec.autoscaling
         notes.append(f"autoscaling.controller operator: the operator sets the Deployment's replicas "
@@ -103,17 +109,25 @@ def gear_step(spec: InferenceServiceSpec, previous: dict[str, Any], running: str
         else:
             out.fields["load"] = prev_load
     prev_conds = {c.get("type"): c for c in previous.get("conditions") or []}
-    if not can_shift(spec):
-        out.condition = (False, "NoChoice", "only the paged engine can serve this spec (safetensors, an "
-                         "accelerator, or engine paged/gguf requested): nothing to advise")
+    if not can_advise(spec):
+        out.condition = (False, "NoChoice", "only the paged engine serves safetensors weights or an "
+                         "accelerator: nothing to advise")
         return out
     if running is None:
-        out.condition = (False, "NoData", "no engine is running yet")
+        out.condition = (False, "NoData", NO_DATA)
         return out
     advice = advise(running, load, CROSSOVER_CONCURRENCY, gs.window_text)
-    out.condition = _advice_condition(advice, running, prev_conds.get("GearAdvice"), load_written)
-
     prev = previous.get("gearShift") or {}
+    prev_cond = prev_conds.get("GearAdvice")
+    if advice.engine is None and prev_cond and prev_cond.get("reason") in ADVICE_REASONS \
+            and prev.get("mode") == gs.mode:
+        # A gap in the evidence (an operator restart empties the windows): the last advice and its clock
+        # stand until a full window says otherwise, so a restart costs no writes and no Events.
+        out.condition = (prev_cond.get("status") == "True", prev_cond["reason"], prev_cond.get("message", ""))
+        out.fields["gearShift"] = prev
+        return out
+    out.condition = _advice_condition(advice, running, prev_cond, load_written)
+
     state = GearState(prev.get("advised"), epoch(prev.get("advisedSince")), epoch(prev.get("shiftedAt")))
     new = hold(state, advice, now)
     g: dict[str, Any] = {"mode": gs.mode}
@@ -124,7 +138,7 @@ def gear_step(spec: InferenceServiceSpec, previous: dict[str, Any], running: str
             g[k] = prev[k]
     if advice.engine is not None and advice.engine != prev.get("advised"):
         out.events.append(("GearAdvice", f"{advice.engine} advised: {advice.message}"))
-    if gs.mode == "auto" and load is not None:
+    if gs.mode == "auto" and can_shift(spec) and load is not None:
         to = should_shift(new, running, now, gs.window, gs.cooldown)
         if to is not None:
             g.update(engine=to, concurrency=ceil_concurrency(load.p95), shiftedAt=iso(now),

@@ -6,6 +6,7 @@ Conditions (each with observedGeneration, reason, message, lastTransitionTime):
   ModelReady   the model is downloaded and loaded in at least one pod (DownloadFailed carries the error)
   Progressing  a rollout (new spec, engine switch) is under way
   Degraded     something needs a human: crash loops, image pulls, failed downloads, restarts, no node
+  GearAdvice   which engine the observed load wants (added by operator/observe.py, not here)
 """
 
 from __future__ import annotations

@@ -117,7 +117,7 @@ X = CROSSOVER_CONCURRENCY
 # (running engine, load) -> (advised engine, reason, words in the message)
 ADVICE_TABLE = [
     ("gguf", None, None, "NoData", ["no pod"]),
-    ("gguf", L(14, span=100), None, "Observing", ["100s of 10m"]),
+    ("gguf", L(14, span=100), None, "Observing", ["advice after 10m"]),
     ("gguf", L(14), "paged", "AboveCrossover", ["p95 14 concurrent per replica over 10m on gguf",
                                                  f"crossover ({X})", "~2.3x"]),
     ("gguf", L(X), "paged", "AboveCrossover", ["at or above"]),
@@ -305,7 +305,10 @@ def test_no_load_writes_nothing_and_a_fixed_engine_is_never_shifted() -> None:
     assert "load" not in step.fields and step.condition[1] == "NoData" and not step.events
     status, events = status_after({"engine": "gguf", "gearShift": AUTO},
                                   [(t, L(8, window=60, span=60)) for t in range(0, 200, 10)])
-    assert status["engine"] == "gguf" and events == [] and status["conditions"][0]["reason"] == "NoChoice"
+    assert status["engine"] == "gguf" and events == ["GearAdvice"]  # advised, never shifted: gguf was requested
+    assert status["conditions"][0]["reason"] == "AboveCrossover"
+    safetensors = parse_spec({**isvc(), "spec": {"model": {"uri": "hf://org/repo"}}})
+    assert gear_step(safetensors, {"engine": "paged"}, "paged", L(8), T0).condition[1] == "NoChoice"
 
 
 def test_unchanged_load_keeps_status_identical() -> None:
@@ -316,6 +319,19 @@ def test_unchanged_load_keeps_status_identical() -> None:
         {"type": "GearAdvice", "reason": first.condition[1], "message": first.condition[2]}]}
     again = gear_step(spec, prev, "gguf", L(3.2, window=60, span=60), T0 + 10)
     assert again.fields == first.fields and again.condition == first.condition and not again.events
+
+
+def test_a_gap_in_the_evidence_keeps_the_last_advice_and_writes_nothing() -> None:
+    """An operator restart empties the windows: the advice and its clock in status stand until a full
+    window says otherwise (no flip to Observing, no write, no Event)."""
+    spec = parse_spec(isvc(gearShift={"mode": "auto", "window": "60s"}))
+    busy = gear_step(spec, {"engine": "gguf"}, "gguf", L(8, window=60, span=60), T0)
+    prev = {"engine": "gguf", **busy.fields, "conditions": [
+        {"type": "GearAdvice", "status": "True", "reason": busy.condition[1], "message": busy.condition[2]}]}
+    for gap in (None, L(8, window=60, span=20)):
+        again = gear_step(spec, prev, "gguf", gap, T0 + 30)
+        assert again.condition == busy.condition and again.fields["gearShift"] == prev["gearShift"]
+        assert not again.events and not again.shifted
 
 
 def test_plan_explains_that_auto_may_run_the_other_engine() -> None:

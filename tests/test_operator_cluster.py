@@ -174,7 +174,8 @@ def test_create_builds_children_and_status(cluster: dict[str, Any]) -> None:
     assert st["engineReason"] == f"2 concurrent requests on CPU: below the paged engine's crossover ({CROSSOVER})"
     assert st["url"] == f"http://chat.{c['ns']}.svc:8000/v1"
     obj = owner(c, "chat")
-    assert {x["type"] for x in st["conditions"]} == {"Ready", "ModelReady", "Progressing", "Degraded"}
+    assert {x["type"] for x in st["conditions"]} == {"Ready", "ModelReady", "Progressing", "Degraded", "GearAdvice"}
+    assert condition(obj, "GearAdvice")["reason"] == "NoData" and "load" not in st  # no pod to scrape
     assert all(x["observedGeneration"] == 1 for x in st["conditions"])
     assert condition(obj, "Ready")["status"] == "False"  # no node here: nothing can run
     # The scheduler finds no node: surfaced as Degraded with its own words.
@@ -187,7 +188,8 @@ def test_create_builds_children_and_status(cluster: dict[str, Any]) -> None:
     assert events(c, "chat", "Applied")
     # kubectl shows the printer columns.
     out = kubectl(c["kubeconfig"], "-n", c["ns"], "get", "gsvc", "chat").stdout
-    assert out.split()[:5] == ["NAME", "ENGINE", "READY", "URL", "AGE"] and "gguf" in out and "False" in out
+    assert out.split()[:7] == ["NAME", "ENGINE", "LOAD", "ADVICE", "READY", "URL", "AGE"] and "gguf" in out \
+        and "NoData" in out and "False" in out
 
 
 def test_engine_switch_rolls_out(cluster: dict[str, Any]) -> None:

@@ -33,11 +33,11 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 import torch
 from gearshift.engine.attention_metadata import AttentionMetadata
-from gearshift.engine.config import EngineConfig, usable_cpus
+from gearshift.engine.config import DType, EngineConfig, usable_cpus
 from gearshift.engine.errors import GearshiftError
 from gearshift.engine.loader import open_model
 from gearshift.engine.model.llama import LlamaForCausalLM
@@ -50,8 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {name: getattr(torch, name) for name in get_args(DType) if name != "auto"}  # "float32" -> torch.float32
 
 
 def cpu_has_fast_bf16() -> bool:

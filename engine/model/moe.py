@@ -68,9 +68,10 @@ class SparseMoE(nn.Module):
         order, counts = sort_by_expert(ids, self.num_experts)
         xs = x.index_select(0, order // self.top_k)  # [T*k, D] rows grouped by expert
         if x.is_cuda:
-            from gearshift.engine.kernels.moe_gemm import grouped_experts  # lazy: Triton on GPUs only
+            from gearshift.engine.kernels.loader import kernel_module  # lazy: Triton on GPUs only
 
-            ys = grouped_experts(xs, self.experts_gate_up, self.experts_down, counts, self.act)
+            ys = kernel_module("moe_gemm", x.device).grouped_experts(xs, self.experts_gate_up, self.experts_down,
+                                                                      counts, self.act)
         else:
             ys = experts_torch(xs, self.experts_gate_up, self.experts_down, counts.tolist(), self.act)
         ys = ys * weights.flatten().index_select(0, order).to(ys.dtype)[:, None]

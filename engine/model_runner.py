@@ -32,6 +32,7 @@ Contract on K/V: after execute, the cache holds K/V for every scheduled token at
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 from typing import TYPE_CHECKING, get_args
 
@@ -77,6 +78,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor of zeros whose pages become resident only when first written: an anonymous mapping
+    reads as zeros (the kernel's zero page) until touched, so a KV cache sized for the worst case costs
+    memory only for the blocks requests really fill. torch.zeros would write (and keep) every page."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    nbytes = elem
+    for n in shape:
+        nbytes *= n
+    # Private, not mmap's default shared mapping: shared anonymous memory is shmem, and reading it
+    # allocates pages; a private one maps the zero page on read and allocates only on write.
+    buf = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(buf, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)
 
 
 class ModelRunner:
@@ -158,13 +173,12 @@ class ModelRunner:
                 f"bytes of KV cache; kv_cache_memory allows {capacity} tokens"
             )
         self.max_model_len = min(wanted_len, capacity)
-        # [layers, 2, blocks, block_size, Hkv, D] in one tensor; per layer (k, v) views of it. Zeroed, not
+        # [layers, 2, blocks, block_size, Hkv, D] in one tensor; per layer (k, v) views of it. Zeros, not
         # empty: the torch path gathers whole blocks and masks the unused tail, and never-written memory can
         # hold NaN bit patterns, which a zero attention weight does not cancel (0 * NaN = NaN).
-        self.kv_cache = torch.zeros(
-            cfg.num_layers, 2, self.num_kv_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim,
-            dtype=self.dtype, device=self.device,
-        )
+        shape = (cfg.num_layers, 2, self.num_kv_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_cache = lazy_zeros(shape, self.dtype) if self.device.type == "cpu" else torch.zeros(
+            shape, dtype=self.dtype, device=self.device)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_layers)]
         log.info("KV cache: %d blocks x %d tokens (%.1f MiB), max_model_len %d", self.num_kv_blocks,
                  self.block_size, self.kv_cache.numel() * elem / 2**20, self.max_model_len)

@@ -204,3 +204,23 @@ def test_bench_command_prints_a_table(smollm2_gguf, capsys) -> None:
     row = next(line for line in out.splitlines() if line.startswith("| gearshift paged"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "float32" and int(cells[4]) >= 6 and float(cells[5]) > 0  # output tokens, tok/s
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) * 1024
+
+
+def test_kv_cache_pages_are_zero_and_resident_only_once_written() -> None:
+    import torch
+    from gearshift.engine.model_runner import lazy_zeros
+
+    size = 256 << 20
+    before = _rss_bytes()
+    kv = lazy_zeros((2, size // 2 // 16 // 4, 16), torch.float32)  # [2, slots, 16] fp32
+    assert not bool(kv.any())  # never-written slots read as zeros (no NaN garbage: commit 766e566)
+    assert _rss_bytes() - before < size // 8  # reading the zeros made nothing resident
+    kv[0].fill_(1.0)  # write half of it
+    grown = _rss_bytes() - before
+    assert size // 2 * 0.9 < grown < size * 0.75, grown
+    assert float(kv[0].sum()) == kv[0].numel() and not bool(kv[1].any())

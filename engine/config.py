@@ -101,7 +101,14 @@ def _cgroup_cpu_quota() -> float | None:
         return None
 
 
-if __name__ == "__main__":  # regenerate the CRD's engineArgs properties: python -m gearshift.engine.config
-    from gearshift.engine.settings import engine_args_crd_lines
+if __name__ == "__main__":  # the CRD's engineArgs properties: print them, or --write them into the CRD
+    import sys
+    from pathlib import Path
 
-    print(engine_args_crd_lines(EngineConfig), end="")
+    from gearshift.engine.settings import engine_args_crd_lines, rewrite_crd
+
+    if sys.argv[1:2] == ["--write"]:
+        crd = Path(sys.argv[2] if len(sys.argv) > 2 else "crds/inferenceservices.yaml")
+        crd.write_text(rewrite_crd(crd.read_text(), EngineConfig))
+    else:
+        print(engine_args_crd_lines(EngineConfig), end="")

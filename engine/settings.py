@@ -227,6 +227,21 @@ def engine_args_schema(cls: type) -> dict[str, Any]:
     return out
 
 
+CRD_MARKER = "# generated from EngineConfig"
+
+
+def rewrite_crd(text: str, cls: type) -> str:
+    """The CRD's text with the lines under its CRD_MARKER comment (down to the first line indented less)
+    replaced by engine_args_crd_lines: what `python -m gearshift.engine.config --write` does."""
+    lines = text.splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith(CRD_MARKER)) + 1
+    indent = len(lines[start - 1]) - len(lines[start - 1].lstrip())
+    end = start
+    while end < len(lines) and len(lines[end]) - len(lines[end].lstrip()) >= indent and lines[end].strip():
+        end += 1
+    return "".join(lines[:start]) + engine_args_crd_lines(cls, indent) + "".join(lines[end:])
+
+
 def engine_args_crd_lines(cls: type, indent: int = 20) -> str:
     """engine_args_schema as the CRD's lines under engineArgs.properties (JSON is YAML: one line a key)."""
     return "".join(f"{' ' * indent}{key}: {json.dumps(schema)}\n" for key, schema in engine_args_schema(cls).items())

@@ -16,6 +16,7 @@ from gearshift.engine.settings import (
     engine_args,
     engine_args_crd_lines,
     engine_args_schema,
+    rewrite_crd,
     to_flags,
 )
 
@@ -60,7 +61,14 @@ def test_crd_engine_args_schema_is_generated_from_engine_config() -> None:
     props = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
     assert props["engineArgs"]["properties"] == engine_args_schema(EngineConfig), (
         "crds/inferenceservices.yaml disagrees with EngineConfig; regenerate its engineArgs properties with "
-        "`python -m gearshift.engine.config`:\n" + engine_args_crd_lines(EngineConfig))
+        "`python -m gearshift.engine.config --write`:\n" + engine_args_crd_lines(EngineConfig))
+
+
+def test_rewrite_crd_replaces_only_the_generated_lines() -> None:
+    text = CRD.read_text()
+    assert rewrite_crd(text, EngineConfig) == text  # in step: nothing to do
+    stale = text.replace('                    seed: {"description"', '                    oldKey: {}\n                    seed: {"description"')
+    assert stale != text and rewrite_crd(stale, EngineConfig) == text
 
 
 def test_serve_options_are_the_engine_config_fields_with_their_defaults() -> None:

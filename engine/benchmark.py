@@ -12,9 +12,16 @@ import argparse
 import random
 import time
 from dataclasses import dataclass
+from typing import get_args
 
+from gearshift.engine.config import DType, EngineConfig
 from gearshift.engine.errors import GearshiftError
-from gearshift.engine.thread_wait import POLICIES, apply_thread_wait, default_policy
+from gearshift.engine.settings import add_arguments as add_settings
+from gearshift.engine.thread_wait import apply_thread_wait
+
+# The engine settings `gearshift bench` takes, as EngineConfig declares them (flags, help, defaults).
+ENGINE_SETTINGS = ("device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory",
+                   "threads", "thread_wait")
 
 
 @dataclass
@@ -162,15 +169,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--prompt-len", default="32:256", help="uniform range LO:HI of prompt tokens")
     parser.add_argument("--output-len", default="16:256", help="uniform range LO:HI of output tokens")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-model-len", type=int, default=1024)
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--kv-cache-memory", default=None, help="e.g. 512Mi (default: the engine's choice)")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--thread-wait", choices=POLICIES, default=default_policy(),
-                        help="idle CPU threads spin briefly (default) or sleep; see engine/thread_wait.py")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random workload")
+    add_settings(parser, EngineConfig, ENGINE_SETTINGS, defaults={"max_model_len": 1024})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -185,8 +185,8 @@ def run(args: argparse.Namespace) -> int:
     prompt_range, output_range = parse_range(args.prompt_len), parse_range(args.output_len)  # fail fast
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     for d in dtypes:
-        if d not in ("float32", "bfloat16", "float16", "auto"):
-            raise GearshiftError(f"--dtype takes float32, bfloat16, float16 or auto, got {d!r}")
+        if d not in get_args(DType):
+            raise GearshiftError(f"--dtype takes {', '.join(get_args(DType))}, got {d!r}")
     torch.set_num_threads(args.threads or usable_cpus())
     results = []
     for dtype in dtypes:

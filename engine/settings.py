@@ -164,10 +164,14 @@ def _help(d: Declared, cli: bool = True) -> str:
     return s.help + (f" ({'; '.join(notes)})" if notes else "")
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One option per setting of `cls`; the parsed namespace holds each under its field name."""
+def add_arguments(parser: argparse.ArgumentParser, cls: type, names: tuple[str, ...] | None = None,
+                  defaults: dict[str, Any] | None = None) -> None:
+    """One option per setting of `cls` (or of those in `names`, with `defaults` overriding the field
+    defaults); the parsed namespace holds each under its field name."""
     for d in declared(cls):
-        default = d.default
+        if names is not None and d.name not in names:
+            continue
+        default = (defaults or {}).get(d.name, d.default)
         if d.setting.env and os.environ.get(d.setting.env):
             default = os.environ[d.setting.env]
         kwargs: dict[str, Any] = {"dest": d.name, "help": _help(d)}

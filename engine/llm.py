@@ -25,10 +25,10 @@ Messages = list[dict[str, Any]]
 
 
 class LLM:
-    def __init__(self, model: str | Path | None = None, dtype: str = "auto", max_model_len: int | None = None,
-                 kv_cache_memory: int | str | None = None, **kwargs: Any) -> None:
+    def __init__(self, model: str | Path | None = None, **kwargs: Any) -> None:
         """`model`: a .gguf file or a Hugging Face model directory; default: the bundled SmolLM2.
-        Other keyword arguments are EngineConfig fields (max_num_seqs, block_size, seed, device, ...)."""
+        Keyword arguments are EngineConfig fields, with its defaults (dtype, max_model_len, kv_cache_memory
+        such as "512Mi", max_num_seqs, block_size, seed, device, ...)."""
         if model is None:
             from gearshift.engine.bundled import bundled_model_path
 
@@ -36,8 +36,7 @@ class LLM:
         unknown = set(kwargs) - set(EngineConfig.field_names())
         if unknown:
             raise GearshiftError(f"unknown LLM option(s): {', '.join(sorted(unknown))}")
-        config = EngineConfig(model=str(model), dtype=dtype, max_model_len=max_model_len,
-                              kv_cache_memory=kv_cache_memory, **kwargs)
+        config = EngineConfig(model=str(model), **kwargs)
         self.llm_engine = LLMEngine(config)
         self._ids = itertools.count()
 

@@ -86,6 +86,7 @@ class GGUFBackend:
         self._failed_in_a_row = 0  # worker thread only
         self.broken: str | None = None  # why the engine cannot serve any more (/health answers 503)
         self._grammar_vocab: Any = None
+        self._embedder: Any = None
 
     # ----- lifecycle -----
 
@@ -118,6 +119,9 @@ class GGUFBackend:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
         if self._llm is not None:
             self._llm.close()
             self._llm = None
@@ -156,6 +160,17 @@ class GGUFBackend:
     def chat_template_source(self) -> str | None:
         self._model()
         return self._chat.source if self._chat is not None else None
+
+    async def embed(self, inputs: list[list[int]]) -> Any:
+        """Pooled, normalised vectors float32 [len(inputs), hidden] from a second, embedding-only context on
+        the same weights (gguf_embed.py), so generation's context and cache are untouched."""
+        self._model()
+        if self._embedder is None:
+            from gearshift.engine.backends.gguf_embed import GGUFEmbedder
+            from gearshift.engine.config import usable_cpus
+
+            self._embedder = GGUFEmbedder(self.config, self.max_model_len, self.config.threads or usable_cpus())
+        return await asyncio.to_thread(self._embedder.embed, inputs)
 
     def grammar_vocab(self) -> Any:
         """The grammar engine's view of llama.cpp's vocabulary, built on first use (~0.3 s) and kept."""

@@ -133,6 +133,16 @@ class PagedBackend:
     def stats(self) -> EngineStats:
         return self._stats
 
+    async def embed(self, inputs: list[list[int]]) -> Any:
+        """Pooled, normalised vectors float32 [len(inputs), hidden] (paged_embed.py), computed by the worker
+        between two steps."""
+        if not self.ready():
+            raise ModelNotReadyError(self.broken or "the paged engine is not running")
+        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._inbox.put(("embed", "", inputs, done))
+        self._wake.set()
+        return await asyncio.wrap_future(done)
+
     def grammar_vocab(self) -> Any:
         """The grammar engine's view of the vocabulary, built on first use (~0.3 s) and kept."""
         if self._grammar_vocab is None:
@@ -202,7 +212,14 @@ class PagedBackend:
                 op, rid, ids, params = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if op == "add":
+            if op == "embed":  # ids: the inputs, params: a concurrent Future for the vectors
+                try:
+                    from gearshift.engine.backends.paged_embed import embed_on_engine
+
+                    params.set_result(embed_on_engine(self._engine, ids))
+                except Exception as e:
+                    params.set_exception(e)
+            elif op == "add":
                 if rid not in self._streams:
                     continue
                 try:

@@ -58,7 +58,7 @@ class GuidedSpec:
                     raise InvalidRequestError("guided_choice needs at least one choice", param=self.param)
                 return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
             return LLMatcher.grammar_from_lark(str(self.value))
-        except ValueError as e:
+        except (ValueError, TypeError, RuntimeError) as e:  # the grammar engine's word on a bad spec
             raise InvalidRequestError(f"invalid {self.kind}: {e}", param=self.param) from None
 
 
@@ -111,7 +111,10 @@ def compile_guide(spec: GuidedSpec, vocab: Any) -> Guide:
     """Compile `spec` for `vocab`; a grammar the engine cannot build is an InvalidRequestError (400)."""
     from llguidance import LLMatcher
 
-    matcher = LLMatcher(vocab, spec.grammar(), log_level=0)
+    try:
+        matcher = LLMatcher(vocab, spec.grammar(), log_level=0)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise InvalidRequestError(f"cannot use this {spec.kind}: {e}", param=spec.param) from None
     if matcher.is_error():
         raise InvalidRequestError(f"cannot use this {spec.kind}: {matcher.get_error()}", param=spec.param)
     return Guide(matcher)

@@ -10,6 +10,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -18,12 +19,13 @@ from fastapi.responses import Response
 from gearshift.engine.errors import InvalidRequestError
 from gearshift.engine.outputs import RequestOutput
 from gearshift.engine.pipeline import chat as chat_pipeline
+from gearshift.engine.pipeline import embeddings as embedding
 from gearshift.engine.pipeline import structured
 from gearshift.engine.pipeline.tools import parse_tools
 from gearshift.engine.sampling_params import SamplingParams
 from gearshift.engine.server.errors import APIError
 from gearshift.engine.server.generation import ClientGone, Generation, GenerationStream
-from gearshift.engine.server.openai_routes import render_chat
+from gearshift.engine.server.openai_routes import render_chat, run_embedding
 from gearshift.engine.server.protocol import ChatMessage
 from gearshift.engine.server.state import ServerState, get_state
 from pydantic import BaseModel, ConfigDict
@@ -177,11 +179,11 @@ async def generate(body: OllamaGenerateRequest, request: Request) -> Response:
         return Response(_line({"model": body.model, "created_at": _created_at(), "response": "", "done": True,
                                "done_reason": "load"}), media_type="application/json")
     if body.raw:
-        ids = state.backend.encode(body.prompt, add_special_tokens=True)
+        ids = await state.encode(body.prompt, add_special_tokens=True)
     else:
         msgs = ([ChatMessage(role="system", content=body.system)] if body.system else []) + [
             ChatMessage(role="user", content=body.prompt)]
-        ids = state.backend.encode(render_chat(state, msgs, True), add_special_tokens=False)
+        ids = await state.encode(render_chat(state, msgs, True), add_special_tokens=False)
     return await _serve(request, state, body, ids, params, lambda t: {"response": t},
                         lambda out: {"context": list(out.prompt_token_ids) + list(out.outputs[0].token_ids)})
 
@@ -277,3 +279,53 @@ async def show(body: OllamaShowRequest, request: Request) -> Response:
         "model_info": {"general.architecture": entry["details"]["family"] or "llama",
                        "general.context_length": ctx, "gearshift.engine": state.backend.name},
     }), media_type="application/json")
+
+
+class OllamaEmbedRequest(_Strict):
+    model: str
+    input: str | list[str] = ""
+    truncate: bool = True  # Ollama's default: cut an input to the context instead of failing
+    options: dict[str, Any] | None = None
+    keep_alive: str | int | float | None = None
+    dimensions: int | None = None
+
+
+class OllamaEmbeddingsRequest(_Strict):  # the legacy /api/embeddings
+    model: str
+    prompt: str = ""
+    options: dict[str, Any] | None = None
+    keep_alive: str | int | float | None = None
+
+
+async def _embed(state: ServerState, texts: list[str], truncate: bool) -> tuple[Any, int]:
+    limit = state.backend.max_model_len
+    ids = [state.backend.encode(t, add_special_tokens=True) for t in texts]
+    if truncate:
+        ids = [i[:limit] for i in ids]
+    inputs = embedding.token_inputs(state.backend, ids)
+    return await run_embedding(state, inputs), sum(map(len, inputs))
+
+
+@router.post("/api/embed")
+async def embed(body: OllamaEmbedRequest, request: Request) -> Response:
+    state = get_state(request)
+    state.check_model(body.model, ollama=True)
+    embedding.check_dimensions(body.dimensions)
+    texts = [body.input] if isinstance(body.input, str) else list(body.input)
+    if not texts or any(t == "" for t in texts):
+        raise InvalidRequestError("input must be a non-empty string or list of strings", param="input")
+    start = time.monotonic()
+    vectors, n = await _embed(state, texts, body.truncate)
+    return Response(_line({"model": body.model, "embeddings": [[float(x) for x in v] for v in vectors],
+                           "total_duration": int((time.monotonic() - start) * 1e9), "load_duration": 0,
+                           "prompt_eval_count": n}), media_type="application/json")
+
+
+@router.post("/api/embeddings")
+async def embeddings_legacy(body: OllamaEmbeddingsRequest, request: Request) -> Response:
+    state = get_state(request)
+    state.check_model(body.model, ollama=True)
+    if not body.prompt:
+        return Response(_line({"embedding": []}), media_type="application/json")  # Ollama's answer, too
+    vectors, _ = await _embed(state, [body.prompt], truncate=True)
+    return Response(_line({"embedding": [float(x) for x in vectors[0]]}), media_type="application/json")

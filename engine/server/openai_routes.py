@@ -12,8 +12,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from gearshift.engine.errors import InvalidRequestError
 from gearshift.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from gearshift.engine.pipeline import chat, structured
+from gearshift.engine.pipeline import embeddings as embedding
 from gearshift.engine.pipeline.tools import parse_tools
 from gearshift.engine.server.errors import APIError, error_payload
 from gearshift.engine.server.generation import ClientGone, Generation, GenerationStream
@@ -21,6 +23,7 @@ from gearshift.engine.server.protocol import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
+    EmbeddingRequest,
     new_id,
     now,
     usage,
@@ -130,7 +133,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
                       state.backend)
     prompt = body.single_prompt()
     if isinstance(prompt, str):
-        ids = state.backend.encode(prompt, add_special_tokens=True)
+        ids = await state.encode(prompt, add_special_tokens=True)  # long texts off the event loop
     else:
         state.vocab_check(prompt, "prompt")
         ids = list(prompt)
@@ -237,3 +240,31 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 
 def _json(obj: dict[str, Any]) -> Response:
     return Response(json.dumps(obj, ensure_ascii=False, separators=(",", ":")), media_type="application/json")
+
+
+@router.post("/v1/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+    """Last-token pooled, L2-normalised vectors from the served model (both engines; README: Embeddings)."""
+    state = get_state(request)
+    state.check_model(body.model)
+    embedding.check_dimensions(body.dimensions)
+    inputs = embedding.token_inputs(state.backend, body.input)
+    vectors = await run_embedding(state, inputs)
+    n = sum(map(len, inputs))
+    return _json({"object": "list", "model": state.model_name,
+                  "data": [{"object": "embedding", "index": i, "embedding": embedding.encode_vector(v, body.encoding_format)}
+                           for i, v in enumerate(vectors)],
+                  "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+
+async def run_embedding(state: ServerState, inputs: list[list[int]]) -> Any:
+    """Admit like a generation (503 while draining or loading), then ask the engine."""
+    embed = getattr(state.backend, "embed", None)
+    if embed is None:
+        raise InvalidRequestError("this engine does not serve embeddings", param="input")
+    state.lifecycle.admit()
+    state.lifecycle.enter()
+    try:
+        return await embed(inputs)
+    finally:
+        state.lifecycle.leave()

@@ -168,6 +168,14 @@ class ChatCompletionRequest(_SamplingFields):
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
 
+class EmbeddingRequest(_Request):
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None  # accepted and ignored, as by every server but OpenAI's
+
+
 class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
 from gearshift.engine import __version__
 from gearshift.engine.backends.base import Backend
@@ -22,25 +23,12 @@ from gearshift.engine.errors import InvalidRequestError
 from gearshift.engine.server import errors
 from gearshift.engine.server.errors import APIError
 from gearshift.engine.server.lifecycle import Lifecycle
+from gearshift.engine.server.limits import RequestGuard
 from gearshift.engine.server.metrics import CONTENT_TYPE, ServerMetrics
 from gearshift.engine.server.protocol import DetokenizeRequest, TokenizeRequest
 from gearshift.engine.server.state import ServerState, get_state
 
 log = logging.getLogger("gearshift.server")
-
-
-class JSONBodyMiddleware:
-    """Read POST bodies as JSON whatever Content-Type says: Ollama's clients and curl examples send JSON
-    without `application/json`, and a form-encoded JSON body should be a clear 400, not a puzzle."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-            scope = {**scope, "headers": headers + [(b"content-type", b"application/json")]}
-        await self.app(scope, receive, send)
 
 
 def require_api_key(request: Request) -> None:
@@ -73,6 +61,7 @@ def build_app(backend: Backend, config: EngineConfig, *, load_in_background: boo
         async def load() -> None:
             try:
                 await backend.start()
+                state.loaded = True
             except Exception as e:  # one line for the user; `gearshift serve` exits 2 with it
                 state.startup_error = e
                 log.error("the model failed to load: %s", e)
@@ -91,19 +80,23 @@ def build_app(backend: Backend, config: EngineConfig, *, load_in_background: boo
             if state.startup_error is None:
                 await state.stop_backend()
 
-    app = FastAPI(title="gearshift", version=__version__, lifespan=lifespan,
+    # /docs and /openapi.json are routes of ours below: behind the API key when one is set.
+    app = FastAPI(title="gearshift", version=__version__, lifespan=lifespan, docs_url=None, openapi_url=None,
                   description="OpenAI- and Ollama-compatible serving for the paged and gguf engines.")
     state = ServerState(backend=backend, config=config,
                         metrics=ServerMetrics(config.served_model_name or backend.model_name, backend.stats),
                         lifecycle=Lifecycle(backend.ready))
     app.state.gearshift = state
-    app.add_middleware(JSONBodyMiddleware)
+    app.add_middleware(RequestGuard, max_body=config.max_request_body, read_timeout=config.read_timeout)
     errors.install(app)
 
     ops = APIRouter()
 
     @ops.get("/health")
-    async def health() -> dict[str, str]:
+    async def health() -> Any:
+        problem = state.health_problem()
+        if problem is not None:
+            return errors.error_response_plain(503, problem, code="engine_broken")
         return {"status": "ok"}
 
     @ops.get("/ready")
@@ -124,7 +117,7 @@ def build_app(backend: Backend, config: EngineConfig, *, load_in_background: boo
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{
             "id": backend.model_name, "object": "model", "created": state.created, "owned_by": "gearshift",
-            "root": config.model, "parent": None, "max_model_len": backend.max_model_len}]}
+            "root": backend.model_name, "parent": None, "max_model_len": backend.max_model_len}]}
 
     @api.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
@@ -133,9 +126,9 @@ def build_app(backend: Backend, config: EngineConfig, *, load_in_background: boo
             raise InvalidRequestError("send exactly one of prompt or messages", param="prompt")
         if body.messages is not None:
             text = openai_routes.render_chat(state, body.messages, body.add_generation_prompt)
-            ids = backend.encode(text, add_special_tokens=False)
+            ids = await state.encode(text, add_special_tokens=False)
         else:
-            ids = backend.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
+            ids = await state.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
         return {"count": len(ids), "max_model_len": backend.max_model_len, "tokens": ids}
 
     @api.post("/detokenize")
@@ -143,6 +136,14 @@ def build_app(backend: Backend, config: EngineConfig, *, load_in_background: boo
         state.check_model(body.model)
         state.vocab_check(body.tokens, "tokens")
         return {"prompt": backend.decode(body.tokens)}
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> dict[str, Any]:
+        return app.openapi()
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="gearshift API")
 
     app.include_router(ops)
     app.include_router(api)

@@ -48,6 +48,10 @@ class EngineConfig:
              "an OMP_WAIT_POLICY in the environment wins")
     seed: int = setting(0, key="seed", minimum=0, help="sampling seed")
     enforce_eager: bool = setting(False, engines=("paged",), key="enforceEager", help="no CUDA graphs / torch.compile")
+    tensor_parallel_size: int = setting(
+        1, engines=("paged",), minimum=1,
+        help="devices one replica shards the model over (Megatron tensor parallel: one process per device, "
+             "gloo on CPU, NCCL on GPUs); the operator sets it from spec.hardware.count")
     # Server
     host: str = setting("127.0.0.1", help="address to listen on")
     port: int = setting(8000, minimum=1, maximum=65535, help="port to listen on")

@@ -78,7 +78,11 @@ class _Request:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, runner: Runner | None = None) -> None:
-        if runner is None:
+        if runner is None and config.tensor_parallel_size > 1:  # rank 0 here, the other ranks spawned
+            from gearshift.engine.distributed import launch
+
+            runner = launch.start(config, config.tensor_parallel_size)
+        elif runner is None:
             from gearshift.engine.model_runner import ModelRunner  # torch lives behind this import
 
             runner = ModelRunner(config)

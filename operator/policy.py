@@ -10,7 +10,8 @@ Pure and table-tested (tests/test_policy.py). Rules, in order:
    concurrency, sized for the observed concurrency.
 5. A GGUF model whose architecture the paged engine does not implement (read locally by plan/up, or
    reported by a paged pod as UnsupportedModel) with engine auto on CPU -> gguf, and the reason says so.
-6. More than MAX_TENSOR_PARALLEL accelerators per replica -> InvalidSpec (they would sit idle).
+6. hardware.count accelerators per replica -> the paged engine shards the model over all of them (tensor
+   parallel, one engine process per GPU): the plan's tensor_parallel, passed as --tensor-parallel-size.
 """
 
 from __future__ import annotations
@@ -33,10 +34,6 @@ CROSSOVER_CONCURRENCY = 4
 # (dequantized from GGUF on load), activations and the Python process.
 CPU_KV_CACHE_FRACTION = 0.25
 
-# Accelerators one paged engine replica can use: tensor parallelism is not wired into the pods yet, so
-# `hardware.count` above this is refused rather than paid for and left idle.
-MAX_TENSOR_PARALLEL = 1
-
 # Requests when spec.hardware leaves them out: enough to load a small model.
 DEFAULTS = {
     "gguf": {"cpu": "1", "memory": "1Gi"},
@@ -57,6 +54,7 @@ class EnginePlan:
     requests: dict[str, str] = field(default_factory=dict)
     limits: dict[str, str] = field(default_factory=dict)
     engine_args: dict[str, Any] = field(default_factory=dict)  # those that apply to `engine`
+    tensor_parallel: int = 1  # devices one replica shards the model over (spec.hardware.count)
 
 
 @dataclass(frozen=True)
@@ -75,10 +73,6 @@ def decide(spec: InferenceServiceSpec, unsupported_architecture: str | None = No
     implement it (None: unknown, or supported)."""
     fmt = spec.model.uri.format
     hw = spec.hardware
-    if hw.count > MAX_TENSOR_PARALLEL:
-        raise InvalidSpec("spec.hardware.count", (
-            f"{hw.count} accelerators per replica need tensor parallelism, which the paged engine does not "
-            f"run yet (at most {MAX_TENSOR_PARALLEL}); use count {MAX_TENSOR_PARALLEL} and more replicas"))
     accel = f"{hw.accelerator} x{hw.count}" if hw.accelerator else None
     c = spec.concurrency
     requests = f"{c} concurrent request{'s' if c != 1 else ''}"
@@ -144,7 +138,7 @@ def _size(spec: InferenceServiceSpec, engine: str, reason: str, fmt: str) -> Eng
         kv = int(parse_quantity(memory, "spec.hardware.memory") * CPU_KV_CACHE_FRACTION)
     return EnginePlan(engine=engine, reason=reason, device=device, model_format=fmt, max_num_seqs=seqs,
                       kv_cache_memory=kv, threads=int(threads), requests=requests, limits=limits,
-                      engine_args=args)
+                      engine_args=args, tensor_parallel=max(1, hw.count))
 
 
 def _engine_args_for(spec: InferenceServiceSpec, engine: str) -> dict[str, Any]:

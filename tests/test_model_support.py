@@ -1,7 +1,7 @@
 """What each engine can serve: the paged engine's refusal of an unknown architecture (its exit line, which
 becomes the pod's termination message), the operator's reading of it (Degraded/UnsupportedModel, the gguf
-fall back under engine auto), `gearshift plan` reaching the same decision from the file, and `count > 1`
-refused until tensor parallelism runs in the pods. The local-control-plane half is in
+fall back under engine auto), `gearshift plan` reaching the same decision from the file, and
+`hardware.count` passed to the engine as its tensor-parallel size. The local-control-plane half is in
 test_operator_cluster.py's fixtures (imported below)."""
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import yaml
 from gearshift.engine.model.config import UNSUPPORTED_MODEL, reported_architecture
+from gearshift.operator.builders import serve_args
 from gearshift.operator.policy import CROSSOVER_CONCURRENCY, decide
-from gearshift.operator.spec import InvalidSpec, parse_spec
+from gearshift.operator.spec import parse_spec
 from gearshift.operator.status import compute_status, degraded_state
 
 GEARSHIFT = str(Path(sys.executable).parent / "gearshift")
@@ -49,11 +50,14 @@ def mamba_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # ---------------------------------------------------------------------------------- policy (pure)
 
-def test_more_than_one_accelerator_is_invalid_spec_until_tensor_parallel() -> None:
-    with pytest.raises(InvalidSpec) as e:
-        decide(parse_spec(isvc("hf://org/repo", hardware={**GPU, "count": 2})))
-    assert e.value.args[0].startswith("spec.hardware.count") and "tensor parallelism" in str(e.value)
-    assert decide(parse_spec(isvc("hf://org/repo", hardware=GPU))).requests["nvidia.com/gpu"] == "1"
+def test_accelerator_count_becomes_the_tensor_parallel_size() -> None:
+    spec = parse_spec(isvc("hf://org/repo", hardware={**GPU, "count": 4}))
+    plan = decide(spec)
+    assert plan.tensor_parallel == 4 and plan.requests["nvidia.com/gpu"] == "4"
+    args = serve_args(spec, plan, "/models/m", "0.0.0.0", 8000)
+    assert args[args.index("--tensor-parallel-size") + 1] == "4"
+    one = decide(parse_spec(isvc("hf://org/repo", hardware=GPU)))
+    assert one.tensor_parallel == 1 and "--tensor-parallel-size" not in serve_args(spec, one, "/m", "h", 1)
 
 
 @pytest.mark.parametrize(("engine", "hardware", "want", "words"), [

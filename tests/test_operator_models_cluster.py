@@ -1,5 +1,5 @@
 """The operator on the local control plane (real kube-apiserver, no kubelet) with models the paged engine
-cannot run, and with more accelerators than one engine uses.
+cannot run, and with several accelerators per replica (tensor parallel).
 
 No node runs pods here, so the paged engine's exit is written where a kubelet writes it: the engine
 container's lastState.terminated.message in the pod's status (the line `gearshift serve` prints, which
@@ -86,11 +86,12 @@ def test_explicit_paged_engine_reports_unsupported_model(cluster: dict[str, Any]
     assert owner(c, "exotic-paged")["status"]["engine"] == "paged"  # the user's choice is not overridden
 
 
-def test_more_than_one_gpu_is_invalid_spec(cluster: dict[str, Any]) -> None:
+def test_gpu_count_is_passed_through_as_tensor_parallel(cluster: dict[str, Any]) -> None:
     c = cluster
     create(c, isvc("two-gpus", hardware={"accelerator": "nvidia.com/gpu", "count": 2}))
-    ready = wait(lambda: condition(owner(c, "two-gpus"), "Ready").get("reason") == "InvalidSpec"
-                 and condition(owner(c, "two-gpus"), "Ready"), "Ready=InvalidSpec")
-    assert ready["message"].startswith("spec.hardware.count") and "tensor parallelism" in ready["message"]
-    assert get(c, "apps/v1", "Deployment", "two-gpus") is None  # nothing deployed to sit idle
-    assert wait(lambda: events(c, "two-gpus", "InvalidSpec"), "an InvalidSpec event")
+    dep = wait(lambda: get(c, "apps/v1", "Deployment", "two-gpus"), "the Deployment")
+    args = engine_args(dep)
+    assert args[:3] == ["serve", "--engine", "paged"]
+    assert args[args.index("--tensor-parallel-size") + 1] == "2"
+    engine = dep["spec"]["template"]["spec"]["containers"][0]
+    assert engine["resources"]["limits"]["nvidia.com/gpu"] == "2"

@@ -29,6 +29,7 @@ TABLE = [
     ("auto", GGUF, X, {}, "paged", [f"{X} concurrent requests on CPU", "at or above the crossover"]),
     ("auto", GGUF, 32, {}, "paged", ["32 concurrent requests", "batching overtakes"]),
     ("auto", GGUF, 1, GPU, "paged", ["accelerator (nvidia.com/gpu x1)", "runs on GPUs"]),
+    ("auto", GGUF, 64, {**GPU, "count": 2}, "paged", ["nvidia.com/gpu x2"]),
     ("auto", SAFETENSORS_DIR, 1, {}, "paged", ["safetensors weights", "paged engine only"]),
     ("auto", SAFETENSORS_FILE, 1, {}, "paged", ["safetensors"]),
     ("auto", SAFETENSORS_DIR, 100, GPU, "paged", ["safetensors"]),
@@ -88,8 +89,9 @@ def test_gguf_sizing_has_no_kv_budget_and_defaults() -> None:
 
 
 def test_gpu_sizing_requests_the_accelerator_and_leaves_kv_to_the_engine() -> None:
-    plan = decide(parse_spec(isvc(SAFETENSORS_DIR, concurrency=64, hardware=GPU)))
-    assert plan.requests["nvidia.com/gpu"] == "1" and plan.limits["nvidia.com/gpu"] == "1"
+    plan = decide(parse_spec(isvc(SAFETENSORS_DIR, concurrency=64, hardware={**GPU, "count": 2})))
+    assert plan.requests["nvidia.com/gpu"] == "2" and plan.limits["nvidia.com/gpu"] == "2"
+    assert plan.tensor_parallel == 2  # one engine process per GPU, the model sharded over both
     assert plan.requests["cpu"] == DEFAULTS["paged-gpu"]["cpu"]
     assert plan.kv_cache_memory is None  # sized from free GPU memory by the engine
 

@@ -65,3 +65,20 @@ def test_sharding_is_megatron_and_refuses_what_does_not_divide(smollm2_gguf) -> 
     assert shard("model.layers.0.mlp.gate_up_proj.weight", fused, cfg, 1, 2).flatten().tolist() == [2, 3, 6, 7]
     with pytest.raises(GearshiftError, match="does not divide the model's attention heads"):
         local_config(cfg, 2)
+
+
+@pytest.mark.slow
+def test_serve_with_tensor_parallel_answers_as_tp1(smollm2_gguf) -> None:
+    """`gearshift serve --tensor-parallel-size 3`: the server process is rank 0 (scheduler, sampler, HTTP),
+    two spawned ranks hold the other shards; the official client gets TP = 1's greedy text."""
+    openai = pytest.importorskip("openai")
+    from server_process import running_server
+
+    def complete(*extra: str) -> str:
+        with running_server(smollm2_gguf, "paged", "--threads", "1", *extra) as server:
+            client = openai.OpenAI(base_url=server.v1, api_key="x")
+            r = client.chat.completions.create(model="smollm2", temperature=0, max_tokens=24,
+                                               messages=[{"role": "user", "content": "What is the capital of France?"}])
+            return r.choices[0].message.content
+
+    assert complete("--tensor-parallel-size", "3") == complete()

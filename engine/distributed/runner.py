@@ -8,6 +8,7 @@ workers (worker_loop) before running its own part; the all-gathered logits come 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -35,7 +36,8 @@ class TPModelRunner(ModelRunner):
 
     def __init__(self, config: EngineConfig, rank: int, tp: int) -> None:
         self.rank, self.tp = rank, tp
-        super().__init__(config)
+        # CUDA graphs would capture the NCCL collectives; not proven on a multi-GPU machine yet: eager.
+        super().__init__(replace(config, enforce_eager=True))
 
     def _load_model(self, src: Any, max_positions: int):
         self.full_config = self.model_config

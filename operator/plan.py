@@ -91,11 +91,10 @@ def run(args: argparse.Namespace) -> int:
         note = unsupported_note(plan, unsupported)
         if note:
             out.append(f"# warning: {note}\n")
-        out.extend(f"# note: {n}\n" for n in plan_notes(spec))
         out.append(f"# {spec.namespace}/{spec.name}: engine {plan.engine} -- {plan.reason}\n"
                    f"# sizing: max sequences {plan.max_num_seqs}, threads {plan.threads}, "
                    f"kv cache {plan.kv_cache_memory if plan.kv_cache_memory is not None else 'auto'}, "
-                   f"requests {plan.requests}\n")
+                   f"requests {plan.requests}\n" + "".join(f"# note: {n}\n" for n in plan_notes(spec)))
         owner = obj if (obj.get("metadata") or {}).get("uid") else None
         out.append(dump(builders.children(spec, plan, args.image, owner, args.hpa_version, args.pdb_version)))
     sys.stdout.write("---\n".join(out))

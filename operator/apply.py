@@ -141,6 +141,17 @@ class Kube:
                 return None
             raise
 
+    def list(self, api_version: str, kind: str, namespace: str | None,
+             label_selector: str | None = None) -> tuple[list[dict[str, Any]], int]:
+        """(items with apiVersion and kind filled in, the list's resourceVersion) from the server itself."""
+        query = [("labelSelector", label_selector)] if label_selector else []
+        data = self.request("GET", object_path(api_version, kind, namespace), query=query) or {}
+        items = data.get("items") or []
+        for item in items:
+            item.setdefault("apiVersion", api_version)
+            item.setdefault("kind", kind)
+        return items, int((data.get("metadata") or {}).get("resourceVersion") or 0)
+
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply; force: this manager is the one owner of the fields it sets."""
         meta = obj["metadata"]

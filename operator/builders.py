@@ -12,7 +12,7 @@ from typing import Any
 from gearshift.engine.config import EngineConfig
 from gearshift.engine.settings import to_flags
 from gearshift.operator.policy import EnginePlan
-from gearshift.operator.spec import API_VERSION, ENGINE_ARGS, KIND, InferenceServiceSpec
+from gearshift.operator.spec import API_VERSION, ENGINE_ARGS, KIND, POD_SPEC_PASSTHROUGH, InferenceServiceSpec
 
 PORT = 8000
 PRESTOP_SECONDS = 10  # endpoint removal reaches kube-proxy in about a second; slow control planes take more
@@ -166,15 +166,13 @@ def deployment(spec: InferenceServiceSpec, plan: EnginePlan, image: str,
     }
     if init:
         pod_spec["initContainers"] = init
-    for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName", "serviceAccountName",
-                "imagePullSecrets", "runtimeClassName"):
+    for key in POD_SPEC_PASSTHROUGH:  # the allow-list spec.py validates; all else is ours to set
         if key in spec.pod_template:
             pod_spec[key] = spec.pod_template[key]
 
     dep_spec: dict[str, Any] = {
         "selector": {"matchLabels": selector_labels(spec.name)},
-        # A new pod must be ready before an old one goes: zero downtime for a rollout or engine switch.
-        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+        "strategy": rollout_strategy(spec),
         "revisionHistoryLimit": 3,
         "progressDeadlineSeconds": STARTUP_SECONDS,
         "template": {"metadata": {"labels": pod_labels, "annotations": annotations}, "spec": pod_spec},
@@ -185,6 +183,18 @@ def deployment(spec: InferenceServiceSpec, plan: EnginePlan, image: str,
         dep_spec["replicas"] = spec.autoscaling.min_replicas
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(spec, plan, spec.name, owner),
             "spec": dep_spec}
+
+
+def rollout_strategy(spec: InferenceServiceSpec) -> dict[str, Any]:
+    """Surge (a new pod ready before an old one goes: zero downtime) needs room for one more pod: a
+    spare accelerator, and a cache claim the new pod can mount wherever it lands. Without that room the
+    surge pod waits (Pending, or ContainerCreating on a claim attached elsewhere) until the 30-minute
+    progress deadline while the old pod keeps what it needs. Then replace in place: one pod goes, its
+    successor takes its GPU / claim (a short gap per replica, but the rollout finishes)."""
+    rwo_cache = spec.cache is not None and needs_fetch(spec) and "ReadWriteMany" not in spec.cache.access_modes
+    if spec.hardware.accelerator or rwo_cache:
+        return {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}
+    return {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
 
 
 def _fetch_container(spec: InferenceServiceSpec, image: str) -> dict[str, Any]:

@@ -13,12 +13,11 @@ import threading
 from typing import Any
 
 import kopf
-from gearshift.operator.builders import MANAGED_BY
-from gearshift.operator.reconcile import Reconciler
+from gearshift.operator.apply import PLURALS
+from gearshift.operator.reconcile import CHILD_SELECTOR, Reconciler
 from gearshift.operator.spec import GROUP, KIND, PLURAL, VERSION
 
 log = logging.getLogger("gearshift.operator")
-CHILD_SELECTOR = {"app.kubernetes.io/managed-by": MANAGED_BY}
 
 
 def _raw(event: dict[str, Any], api_version: str, kind: str) -> dict[str, Any]:
@@ -30,14 +29,11 @@ def _raw(event: dict[str, Any], api_version: str, kind: str) -> dict[str, Any]:
 
 def child_resources(reconciler: Reconciler) -> list[tuple[str, str, str, str]]:
     """(group, version, plural, kind) of everything the operator watches besides its own resource."""
-    return [
-        ("apps", "v1", "deployments", "Deployment"),
-        ("", "v1", "services", "Service"),
-        ("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim"),
-        ("", "v1", "pods", "Pod"),
-        (*reconciler.hpa_version.split("/"), "horizontalpodautoscalers", "HorizontalPodAutoscaler"),
-        (*reconciler.pdb_version.split("/"), "poddisruptionbudgets", "PodDisruptionBudget"),
-    ]
+    out = []
+    for api_version, kind in reconciler.child_kinds():
+        group, _, version = api_version.rpartition("/")
+        out.append((group, version, PLURALS[(api_version, kind)], kind))
+    return out
 
 
 def select_children_server_side(settings: kopf.OperatorSettings, reconciler: Reconciler) -> None:

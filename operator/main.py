@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         ", ".join(args.namespace) or "all")
 
     registry = kopf.OperatorRegistry()
-    reconciler = Reconciler(kube, args.image, hpa_version, pdb_version, always_apply=args.always_apply)
+    reconciler = Reconciler(kube, args.image, hpa_version, pdb_version, always_apply=args.always_apply,
+                            namespaces=args.namespace)
     handlers.register(registry, reconciler, args.resync_seconds)
     if args.scrape_seconds > 0:
         import threading

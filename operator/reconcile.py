@@ -20,7 +20,7 @@ from gearshift.operator.blocked import ChildBlocked, conflict, controlled_by, re
 from gearshift.operator.observe import Observer, gear_step, merge_gear, override
 from gearshift.operator.policy import decide
 from gearshift.operator.spec import API_VERSION, KIND, InvalidSpec, parse_spec
-from gearshift.operator.status import compute_status, differs, known_unsupported
+from gearshift.operator.status import compute_status, differs, known_unsupported, writable
 
 log = logging.getLogger("gearshift.operator")
 Key = tuple[str, str]  # (namespace, name) of an InferenceService
@@ -231,6 +231,7 @@ class Reconciler:
             now = time.time()
             gear = gear_step(spec, previous, previous.get("engine"), self.observer.load(_key(meta), now), now)
             merge_gear(status, gear, previous, generation, self.clock())
+        status = writable(status)
         if differs(previous, status):
             out = self.kube.patch_status(owner, status)
             if out is not None:

@@ -118,8 +118,17 @@ class InferenceServiceSpec:
     gear_shift: GearShift = field(default_factory=GearShift)
 
 
-_POD_TEMPLATE_FIELDS = ("nodeSelector", "tolerations", "affinity", "priorityClassName", "labels",
-                        "annotations", "serviceAccountName", "imagePullSecrets", "runtimeClassName")
+# podTemplate: an explicit allow-list. These are passed through as the namespace admin's trusted choice
+# (where the pods may run and at what priority); everything else in the pod (security contexts,
+# volumes, commands, host namespaces) is the operator's. README "Security" says which of these a
+# cluster admin should restrict with policy (tolerations, priorityClassName, runtimeClassName, ...).
+POD_SPEC_PASSTHROUGH = ("nodeSelector", "tolerations", "affinity", "priorityClassName", "serviceAccountName",
+                        "imagePullSecrets", "runtimeClassName")
+_POD_TEMPLATE_FIELDS = ("labels", "annotations", *POD_SPEC_PASSTHROUGH)
+# Pod annotations that would loosen the sandbox the operator sets (AppArmor, the legacy seccomp keys
+# that Kubernetes < 1.27 still honours): a spec cannot set them.
+DENIED_ANNOTATION_PREFIXES = ("container.apparmor.security.beta.kubernetes.io/", "seccomp.security.alpha.kubernetes.io/",
+                              "container.seccomp.security.alpha.kubernetes.io/")
 _SPEC_FIELDS = ("model", "concurrency", "hardware", "engine", "replicas", "autoscaling", "engineArgs",
                 "apiKeySecretRef", "cache", "podTemplate", "gearShift")
 
@@ -336,6 +345,11 @@ def _pod_template(p: dict[str, Any]) -> dict[str, Any]:
         v = p.get(key)
         if v is not None and (not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values())):
             raise InvalidSpec(f"spec.podTemplate.{key}", "must map strings to strings")
+    for key in p.get("annotations") or {}:
+        if key.startswith(DENIED_ANNOTATION_PREFIXES):
+            raise InvalidSpec("spec.podTemplate.annotations",
+                              f"{key!r} would change the pods' security profile, which the operator sets "
+                              "(RuntimeDefault seccomp, the runtime's AppArmor default)")
     for key in ("tolerations", "imagePullSecrets"):
         if key in p and not isinstance(p[key], list):
             raise InvalidSpec(f"spec.podTemplate.{key}", "must be a list")

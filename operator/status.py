@@ -165,8 +165,8 @@ def compute_status(*, name: str, generation: int, spec: Any, plan: Any, error: s
 
     status: dict[str, Any] = {"observedGeneration": generation}
     if error is not None:
-        status["engine"] = previous.get("engine") or ""
-        status["engineReason"] = previous.get("engineReason") or ""
+        status["engine"] = previous.get("engine")  # kept from the last valid spec; dropped when none
+        status["engineReason"] = previous.get("engineReason")
         conditions = [cond("Ready", False, "InvalidSpec", error),
                       cond("ModelReady", loaded, m_reason, m_msg),
                       cond("Progressing", False, "InvalidSpec", "the spec is not applied until it is fixed"),
@@ -205,7 +205,18 @@ def compute_status(*, name: str, generation: int, spec: Any, plan: Any, error: s
     status["readyReplicas"] = ready
     status["selector"] = f"app.kubernetes.io/name=gearshift,{INSTANCE_LABEL}={name}"
     status["conditions"] = conditions
-    return status
+    return writable(status)
+
+
+def writable(value: Any) -> Any:  # noqa: ANN401 - any JSON value
+    """`value` without empty strings and nulls (keys dropped): a v1.20 API server reads "" in a merge
+    patch of a custom resource's status as null, the schema's `type: string` then rejects the whole
+    patch (HTTP 422) and no status is ever written. A dropped key keeps its stored value, if any."""
+    if isinstance(value, dict):
+        return {k: writable(v) for k, v in value.items() if v != "" and v is not None}
+    if isinstance(value, list):
+        return [writable(v) for v in value]
+    return value
 
 
 def differs(current: dict[str, Any] | None, desired: dict[str, Any]) -> bool:

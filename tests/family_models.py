@@ -62,6 +62,22 @@ def family_config(family: str) -> tuple[Any, Any]:
                                 norm_topk_prob=True), T.Qwen3MoeForCausalLM
     if family == "llama":
         return T.LlamaConfig(**COMMON), T.LlamaForCausalLM
+    # The GGUF variants keep to what a GGUF can say: llama.cpp's layer patterns (Gemma 2 alternates,
+    # Gemma 3 slides 5 of every 6), a softmax scale of head_dim ** -0.5, no window for Mixtral.
+    if family == "gemma2-gguf":
+        return T.Gemma2Config(**COMMON, tie_word_embeddings=False, query_pre_attn_scalar=16, sliding_window=8,
+                              layer_types=["sliding_attention", "full_attention"] * 2, attn_logit_softcapping=1.5,
+                              final_logit_softcapping=6.0), T.Gemma2ForCausalLM
+    if family == "gemma3-gguf":
+        rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}}
+        common = {**COMMON, "num_hidden_layers": 6}
+        return T.Gemma3TextConfig(**common, tie_word_embeddings=False, query_pre_attn_scalar=16, sliding_window=8,
+                                  layer_types=["sliding_attention"] * 5 + ["full_attention"],
+                                  rope_parameters=rope), T.Gemma3ForCausalLM
+    if family == "mixtral-gguf":
+        return T.MixtralConfig(**COMMON, num_local_experts=6, num_experts_per_tok=2, sliding_window=None), \
+            T.MixtralForCausalLM
     raise KeyError(family)
 
 
@@ -161,3 +177,95 @@ def assert_matches_hf(model: Any, runner: ModelRunner, steps: int = 32, tol: flo
         assert ours[i] == ref, f"prompt {i}: greedy tokens diverge\nours {ours[i]}\nhf   {ref}"
         d_last = (last[i] - ref_last).abs().max().item()
         assert d_last < tol, f"prompt {i}: logits after {steps - 1} decode steps differ by {d_last}"
+
+
+# ---- GGUF, as llama.cpp's convert_hf_to_gguf.py writes these families (F32) ----------------------------
+GGUF_ARCH = {"qwen3": "qwen3", "gemma2-gguf": "gemma2", "gemma3-gguf": "gemma3", "qwen3_moe-norm": "qwen3moe",
+             "mixtral-gguf": "llama"}
+_LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+          "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+          "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+          "mlp.down_proj": "ffn_down", "mlp.gate": "ffn_gate_inp", "pre_feedforward_layernorm": "ffn_norm",
+          "post_feedforward_layernorm": "post_ffw_norm"}
+
+
+def _permute(w, n_head: int):
+    """llama.cpp's permutation of Llama Q/K rows for its interleaved RoPE."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _metadata(w, c, arch: str) -> None:
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    rope = c.rope_parameters.get("full_attention", c.rope_parameters)
+    w.add_rope_freq_base(float(rope["rope_theta"]))
+    if rope.get("rope_type") == "linear":
+        import gguf
+
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+    if getattr(c, "sliding_window", None) and arch.startswith("gemma"):
+        w.add_sliding_window(c.sliding_window)
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(c.attn_logit_softcapping)
+        w.add_final_logit_softcapping(c.final_logit_softcapping)
+    experts = getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None)
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(c.num_experts_per_tok)
+        if getattr(c, "moe_intermediate_size", None):
+            w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    for k, v in byte_vocab().items():
+        (w.add_array if isinstance(v, list) else w.add_uint32 if isinstance(v, int) else w.add_string)(k, v)
+
+
+def _tensors(model, arch: str):
+    """(GGUF name, float32 array) as the converter writes them."""
+    c = model.config
+    top = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output"}
+    for name, p in model.state_dict().items():
+        arr = p.float().numpy().copy()
+        parts = name.removeprefix("model.").split(".")
+        if parts[0] != "layers":
+            yield f"{top[parts[0]]}.{parts[-1]}", arr + (1.0 if arch.startswith("gemma") and parts[0] == "norm" else 0)
+            continue
+        blk, base, suffix = parts[1], ".".join(parts[2:-1]), parts[-1]
+        if base == "mlp.experts":  # transformers' stacked experts: gate_up [E, 2F, D], down [E, D, F]
+            if suffix == "gate_up_proj":
+                gate, up = arr[:, : arr.shape[1] // 2], arr[:, arr.shape[1] // 2 :]
+                yield f"blk.{blk}.ffn_gate_exps.weight", gate.copy()
+                yield f"blk.{blk}.ffn_up_exps.weight", up.copy()
+            else:
+                yield f"blk.{blk}.ffn_down_exps.weight", arr
+            continue
+        if base == "post_attention_layernorm":
+            gname = "post_attention_norm" if arch.startswith("gemma") else "ffn_norm"
+        else:
+            gname = _LAYER[base]
+        if arch == "llama" and gname in ("attn_q", "attn_k"):
+            arr = _permute(arr, c.num_attention_heads if gname == "attn_q" else c.num_key_value_heads)
+        if arch.startswith("gemma") and base.endswith("norm"):
+            arr = arr + 1.0  # the converter stores Gemma's (1 + w)
+        yield f"blk.{blk}.{gname}.{suffix}", arr
+
+
+def save_gguf(model, family: str, path: Path) -> Path:
+    import gguf
+
+    arch = GGUF_ARCH[family]
+    w = gguf.GGUFWriter(str(path), arch)
+    _metadata(w, model.config, arch)
+    for name, arr in _tensors(model, arch):
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -9,7 +9,7 @@ import pytest
 from gearshift.engine.config import EngineConfig
 from gearshift.engine.model_runner import ModelRunner
 
-from family_models import assert_matches_hf, build_hf, save_hf_dir
+from family_models import GGUF_ARCH, assert_matches_hf, build_hf, save_gguf, save_hf_dir
 
 pytest.importorskip("transformers")
 
@@ -21,4 +21,14 @@ def test_family_matches_transformers(family: str, tmp_path) -> None:
     model = build_hf(family)
     save_hf_dir(model, tmp_path)
     runner = ModelRunner(EngineConfig(model=str(tmp_path), device="cpu", dtype="float32", kv_cache_memory="4Mi"))
+    assert_matches_hf(model, runner)
+
+
+@pytest.mark.parametrize("family", list(GGUF_ARCH))
+def test_family_from_gguf_matches_transformers(family: str, tmp_path) -> None:
+    """The same model written as llama.cpp's converter would (the gguf package's writer, F32)."""
+    pytest.importorskip("gguf")
+    model = build_hf(family)
+    path = save_gguf(model, family, tmp_path / f"{family}.gguf")
+    runner = ModelRunner(EngineConfig(model=str(path), device="cpu", dtype="float32", kv_cache_memory="4Mi"))
     assert_matches_hf(model, runner)

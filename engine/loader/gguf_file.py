@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 from gearshift.engine.errors import ModelLoadError
+from gearshift.engine.loader.gguf_families import EXPERT_NAMES, SANDWICH_NAMES, family_fields, family_of
 from gearshift.engine.loader.gguf_reader import GGUFFile
 from gearshift.engine.model.config import GGUF_ARCHITECTURES, ModelConfig, UnsupportedArchitecture
-_PERMUTED_QK = {"llama", "mistral"}
+_PERMUTED_QK = {"llama", "mistral", "mixtral"}  # llama.cpp's converter permutes these (LlamaModel)
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -28,6 +29,9 @@ _LAYER_NAMES = {
     "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.bias": "self_attn.v_proj.bias",
     "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate_inp.weight": "mlp.gate.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
@@ -56,11 +60,16 @@ class GGUFModel:
         """(HF name, float32 tensor) for every tensor, dequantized, Q/K rows un-permuted."""
         cfg = self.config
         for t in self.file.tensors.values():
-            name = _hf_name(t.name)
+            name = _hf_name(t.name, cfg.sandwich_norm)
             if name is None:
                 continue  # rope_freqs is folded into the config
             arr = self.file.dequantize(t)
             w = torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # F32 tensors are mmap views
+            if name.endswith("_exps"):  # stacked experts [E, rows, cols]: one HF tensor per expert
+                layer, proj = name.removesuffix("_exps").rsplit(".", 1)
+                for e in range(w.shape[0]):
+                    yield f"{layer}.experts.{e}.{proj}.weight", w[e]
+                continue
             if cfg.architecture in _PERMUTED_QK:
                 if name.endswith("self_attn.q_proj.weight"):
                     w = _unpermute(w, cfg.num_heads)
@@ -69,11 +78,16 @@ class GGUFModel:
             yield name, w
 
 
-def _hf_name(name: str) -> str | None:
+def _hf_name(name: str, sandwich: bool = False) -> str | None:
+    """The HF name of a GGUF tensor; stacked experts come back as model.layers.N.mlp.<proj>_exps."""
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     if name.startswith("blk."):
         _, idx, rest = name.split(".", 2)
+        if sandwich and rest in SANDWICH_NAMES:
+            return f"model.layers.{idx}.{SANDWICH_NAMES[rest]}"
+        if rest in EXPERT_NAMES:
+            return f"model.layers.{idx}.mlp.{EXPERT_NAMES[rest]}_exps"
         if rest in _LAYER_NAMES:
             return f"model.layers.{idx}.{_LAYER_NAMES[rest]}"
     if name == "rope_freqs.weight":
@@ -126,12 +140,14 @@ def _config(m: GGUFModel, tensors: dict) -> ModelConfig:
     eos = m.field("tokenizer.ggml.eos_token_id")
     eot = m.field("tokenizer.ggml.eot_token_id")
     eos_ids = [int(x) for x in (eos, eot) if x is not None]
+    family = family_of(arch, m.field)
+    layers = int(need("block_count"))
     return ModelConfig(
-        architecture=GGUF_ARCHITECTURES[arch],
+        architecture=family,
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=int(need("feed_forward_length")),
-        num_layers=int(need("block_count")),
+        num_layers=layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
@@ -143,4 +159,5 @@ def _config(m: GGUFModel, tensors: dict) -> ModelConfig:
         attention_bias="blk.0.attn_q.bias" in tensors,
         bos_token_id=m.field("tokenizer.ggml.bos_token_id"),
         eos_token_ids=list(dict.fromkeys(eos_ids)),
+        **family_fields(arch, family, m.field, tensors, hidden, head_dim, layers),
     )

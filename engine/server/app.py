@@ -47,7 +47,7 @@ def require_api_key(request: Request) -> None:
 def build_app(backend: Backend, config: EngineConfig, *, load_in_background: bool = True) -> FastAPI:
     """`load_in_background`: answer /health while the model loads (a server); False: the lifespan
     startup waits for the model (in-process clients that want it loaded before their first call)."""
-    from gearshift.engine.server import ollama_routes, openai_routes
+    from gearshift.engine.server import completions_routes, ollama_routes, openai_routes, responses_routes
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -147,6 +147,8 @@ def build_app(backend: Backend, config: EngineConfig, *, load_in_background: boo
 
     app.include_router(ops)
     app.include_router(api)
+    app.include_router(completions_routes.router, dependencies=[Depends(require_api_key)])
     app.include_router(openai_routes.router, dependencies=[Depends(require_api_key)])
     app.include_router(ollama_routes.router, dependencies=[Depends(require_api_key)])
+    app.include_router(responses_routes.router, dependencies=[Depends(require_api_key)])
     return app

@@ -1,4 +1,5 @@
-"""`POST /v1/completions` and `POST /v1/chat/completions`, streamed (SSE) and not, in OpenAI's shapes.
+"""`POST /v1/chat/completions` and `POST /v1/embeddings` in OpenAI's shapes, and the helpers
+completions_routes.py shares (SSE framing, the stream cursor, logprobs).
 
 Engines hand over cumulative outputs; streaming diffs them per choice into deltas. Usage counts come
 from the engine's token ids, so streamed and non-streamed replies agree.
@@ -12,7 +13,6 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from gearshift.engine.errors import InvalidRequestError
 from gearshift.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from gearshift.engine.pipeline import chat, structured
 from gearshift.engine.pipeline import embeddings as embedding
@@ -22,7 +22,6 @@ from gearshift.engine.server.generation import ClientGone, Generation, Generatio
 from gearshift.engine.server.protocol import (
     ChatCompletionRequest,
     ChatMessage,
-    CompletionRequest,
     EmbeddingRequest,
     new_id,
     now,
@@ -100,7 +99,7 @@ async def _run(request: Request, state: ServerState, prompt_ids: list[int], body
     return reply(final)
 
 
-class _Cursor:
+class Cursor:
     """What has been streamed of each choice so far."""
 
     def __init__(self, n: int) -> None:
@@ -124,53 +123,6 @@ class _Cursor:
         return delta, lps
 
 
-@router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request) -> Response:
-    state = get_state(request)
-    state.check_model(body.model)
-    params = body.sampling_params()
-    structured.attach(params, structured.openai_spec(None, body.guided_json, body.guided_regex, body.guided_choice),
-                      state.backend)
-    prompt = body.single_prompt()
-    if isinstance(prompt, str):
-        ids = await state.encode(prompt, add_special_tokens=True)  # long texts off the event loop
-    else:
-        state.vocab_check(prompt, "prompt")
-        ids = list(prompt)
-    rid, created, model, k = new_id("cmpl"), now(), state.model_name, params.logprobs
-
-    def choice(i: int, text: str, lps: list[Logprob], offset: int, c: CompletionOutput) -> dict[str, Any]:
-        return {"index": i, "text": text,
-                "logprobs": completion_logprobs(state, lps, k, offset) if k is not None else None,
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-
-    async def stream(gen: Generation) -> AsyncIterator[str]:
-        cur = _Cursor(params.n)
-        base = {"id": rid, "object": "text_completion", "created": created, "model": model}
-        if body.include_usage:
-            base["usage"] = None
-        try:
-            async for out in gen.outputs():
-                for c in out.outputs:
-                    offset = cur.offset[c.index]
-                    step = cur.advance(c)
-                    if step is not None:
-                        cur.offset[c.index] += len(step[0])
-                        yield sse({**base, "choices": [choice(c.index, step[0], step[1], offset, c)]})
-            if body.include_usage and gen.final is not None:
-                yield sse({**base, "choices": [], "usage": _usage(gen.final)})
-        except APIError as e:
-            yield sse(error_payload("/v1/completions", e))
-        yield "data: [DONE]\n\n"
-
-    def reply(out: RequestOutput) -> Response:
-        return _json({"id": rid, "object": "text_completion", "created": created, "model": model,
-                      "choices": [choice(c.index, c.text, c.logprobs or [], 0, c) for c in out.outputs],
-                      "usage": _usage(out), "system_fingerprint": None})
-
-    return await _run(request, state, ids, body, params, stream, reply)
-
-
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     state = get_state(request)
@@ -187,7 +139,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         return chat_logprobs(state, lps, k) if k is not None else None
 
     async def stream(gen: Generation) -> AsyncIterator[str]:
-        cur = _Cursor(params.n)
+        cur = Cursor(params.n)
         splitters = [chat.ToolStream(plan) for _ in range(params.n)]
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                 "system_fingerprint": None}
@@ -232,13 +184,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
             msg, finish = message(c)
             choices.append({"index": c.index, "message": msg, "logprobs": logprobs(c.logprobs or []),
                             "finish_reason": finish, "stop_reason": c.stop_reason})
-        return _json({"id": rid, "object": "chat.completion", "created": created, "model": model,
+        return json_response({"id": rid, "object": "chat.completion", "created": created, "model": model,
                       "choices": choices, "usage": _usage(out), "system_fingerprint": None})
 
     return await _run(request, state, ids, body, params, stream, reply)
 
 
-def _json(obj: dict[str, Any]) -> Response:
+def json_response(obj: dict[str, Any]) -> Response:
     return Response(json.dumps(obj, ensure_ascii=False, separators=(",", ":")), media_type="application/json")
 
 
@@ -251,7 +203,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     inputs = embedding.token_inputs(state.backend, body.input)
     vectors = await run_embedding(state, inputs)
     n = sum(map(len, inputs))
-    return _json({"object": "list", "model": state.model_name,
+    return json_response({"object": "list", "model": state.model_name,
                   "data": [{"object": "embedding", "index": i, "embedding": embedding.encode_vector(v, body.encoding_format)}
                            for i, v in enumerate(vectors)],
                   "usage": {"prompt_tokens": n, "total_tokens": n}})
@@ -259,12 +211,9 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
 
 async def run_embedding(state: ServerState, inputs: list[list[int]]) -> Any:
     """Admit like a generation (503 while draining or loading), then ask the engine."""
-    embed = getattr(state.backend, "embed", None)
-    if embed is None:
-        raise InvalidRequestError("this engine does not serve embeddings", param="input")
     state.lifecycle.admit()
     state.lifecycle.enter()
     try:
-        return await embed(inputs)
+        return await state.backend.embed(inputs)
     finally:
         state.lifecycle.leave()

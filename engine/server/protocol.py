@@ -76,8 +76,11 @@ class _SamplingFields(_Request):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+MAX_PROMPTS = 64  # prompts in one /v1/completions batch (each is one request to the engine)
+
+
 class CompletionRequest(_SamplingFields):
-    # One prompt: text, or token ids; a one-element list of either is accepted (LangChain sends lists).
+    # Text or token ids, or a batch: a list of either (choice k of prompt p is index p*n + k).
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
@@ -86,8 +89,8 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = None
 
     def sampling_params(self) -> SamplingParams:
-        if self.echo:
-            raise InvalidRequestError("echo is not supported", param="echo")
+        if self.echo and self.logprobs is not None:
+            raise InvalidRequestError("echo with logprobs is not supported (no prompt logprobs)", param="echo")
         if self.suffix:
             raise InvalidRequestError("suffix is not supported", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
@@ -96,16 +99,16 @@ class CompletionRequest(_SamplingFields):
             raise InvalidRequestError(f"logprobs must be in [0, 5], got {self.logprobs}", param="logprobs")
         return self._sampling(self.max_tokens, self.logprobs)
 
-    def single_prompt(self) -> str | list[int]:
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of the request: text, or token ids; a list of either is a batch (choice i*n + k)."""
         p = self.prompt
-        if isinstance(p, list) and p and not isinstance(p[0], int):
-            if len(p) != 1:
-                raise InvalidRequestError("send one prompt per request (batched prompts are not supported)",
-                                          param="prompt")
-            p = p[0]
-        if isinstance(p, list) and not p or p == "":
-            raise InvalidRequestError("prompt must not be empty", param="prompt")
-        return p
+        batch: list[Any] = list(p) if isinstance(p, list) and p and not isinstance(p[0], int) else [p]
+        if len(batch) > MAX_PROMPTS:
+            raise InvalidRequestError(f"at most {MAX_PROMPTS} prompts per request, got {len(batch)}", param="prompt")
+        for one in batch:
+            if (isinstance(one, list) and not one) or one == "":
+                raise InvalidRequestError("prompt must not be empty", param="prompt")
+        return batch
 
 
 class TextPart(_Request):

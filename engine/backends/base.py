@@ -49,6 +49,16 @@ class Backend(Protocol):
 
     def stats(self) -> EngineStats: ...
 
+    def chat_template_source(self) -> str | None:
+        """The chat template's source text (None: the model has none): tool-aware rendering, /api/show."""
+
+    async def embed(self, inputs: list[list[int]]) -> Any:
+        """Pooled, L2-normalised vectors float32 [len(inputs), hidden] of token id lists (embeddings
+        endpoints). ModelNotReadyError before start() has loaded the model."""
+
+    def grammar_vocab(self) -> Any:
+        """The vocabulary as the structured-output grammar engine sees it (pipeline/guided.py), built once."""
+
 
 async def latest_outputs(
     queue: asyncio.Queue[RequestOutput | BaseException],

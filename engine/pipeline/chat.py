@@ -42,8 +42,7 @@ class ChatPlan:
 def render_chat(backend: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                 tools: ToolRequest = NO_TOOLS) -> tuple[str, Family]:
     """The prompt text from the model's own template; tool turns rendered for it (see tools.py)."""
-    source_of = getattr(backend, "chat_template_source", None)
-    source = source_of() if source_of is not None else None
+    source = backend.chat_template_source()
     native = tools.active and template_knows_tools(source)
     msgs = render_messages(messages, tools, native)
     extra = {"tools": [t.openai() for t in tools.tools]} if native else {}

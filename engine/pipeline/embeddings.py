@@ -25,7 +25,7 @@ def token_inputs(backend: Any, inputs: str | list[str] | list[int] | list[list[i
         raise InvalidRequestError("input must not be empty", param=param)
     if len(items) > MAX_INPUTS:
         raise InvalidRequestError(f"at most {MAX_INPUTS} inputs per request, got {len(items)}", param=param)
-    vocab = getattr(backend, "vocab_size", None)
+    vocab = backend.vocab_size
     limit = backend.max_model_len
     out = []
     for i, item in enumerate(items):

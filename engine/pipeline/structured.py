@@ -56,7 +56,4 @@ def attach(params: SamplingParams, spec: GuidedSpec | None, backend: Any) -> Sam
 
 
 def compile(spec: GuidedSpec, backend: Any) -> Guide:  # noqa: A001 - the module is always qualified
-    vocab_of = getattr(backend, "grammar_vocab", None)
-    if vocab_of is None:
-        raise InvalidRequestError("structured outputs are not supported by this engine", param=spec.param)
-    return compile_guide(spec, vocab_of())
+    return compile_guide(spec, backend.grammar_vocab())

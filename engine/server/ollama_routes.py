@@ -267,11 +267,8 @@ async def show(body: OllamaShowRequest, request: Request) -> Response:
     state = get_state(request)
     state.check_model(body.model or body.name, ollama=True)
     entry = _model_entry(state)
-    source_of = getattr(state.backend, "chat_template_source", None)
-    template = (source_of() if source_of is not None else None) or ""
-    caps = ["completion", "tools"]
-    if getattr(state.backend, "embed", None) is not None:
-        caps.append("embedding")
+    template = state.backend.chat_template_source() or ""
+    caps = ["completion", "tools", "embedding"]  # every Backend embeds
     ctx = state.backend.max_model_len
     return Response(_line({
         "modelfile": f"FROM {entry['name']}\n", "template": template, "parameters": f"num_ctx {ctx}",

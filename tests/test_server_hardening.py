@@ -213,9 +213,13 @@ def test_a_body_over_the_limit_is_413(server):
     assert httpx.get(server.url + "/health").status_code == 200
 
 
-@pytest.mark.parametrize("path,status", [("/tokenize", 200), ("/v1/completions", 400)])  # 400: too long
+@pytest.mark.parametrize("path,status", [("/tokenize", 200), ("/v1/completions", 400),  # 400: too long
+                                         ("/v1/chat/completions", 400), ("/api/chat", 400)])
 def test_health_answers_while_a_4mb_prompt_is_tokenized(server, path, status):
-    body = json.dumps({"model": "smollm2", "prompt": "hello world " * 340_000})  # 4 MB
+    text = "hello world " * 340_000  # 4 MB
+    chat = path.endswith("chat") or path.endswith("chat/completions")
+    body = json.dumps({"model": "smollm2", "stream": False,
+                       **({"messages": [{"role": "user", "content": text}]} if chat else {"prompt": text})})
     order: list[str] = []
 
     def tokenize() -> None:

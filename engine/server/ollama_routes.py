@@ -6,6 +6,7 @@ Durations are in nanoseconds, as Ollama reports them. Errors are Ollama's `{"err
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import json
@@ -200,8 +201,9 @@ async def chat(body: OllamaChatRequest, request: Request) -> Response:
                                "message": {"role": "assistant", "content": ""}, "done": True,
                                "done_reason": "load"}), media_type="application/json")
     tools = parse_tools(body.tools, None, None)
-    plan = chat_pipeline.prepare_chat(state.backend, [_message_dict(m) for m in body.messages], tools, params,
-                             structured.ollama_spec(body.format))
+    # Off the event loop: a long conversation takes seconds to render and tokenize, /health shares the loop.
+    plan = await asyncio.to_thread(chat_pipeline.prepare_chat, state.backend, [_message_dict(m) for m in body.messages],
+                                   tools, params, structured.ollama_spec(body.format))
     return await _serve(request, state, body, plan.prompt_ids, params,
                         lambda t: {"message": {"role": "assistant", "content": t}}, lambda out: {}, plan)
 

@@ -132,7 +132,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     tools = parse_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
     spec = structured.openai_spec(body.response_format, body.guided_json, body.guided_regex, body.guided_choice)
     # Off the event loop: a long conversation takes seconds to render and tokenize, /health shares the loop.
-    plan = await asyncio.to_thread(chat.prepare_chat, state.backend, [m.as_dict() for m in body.messages], tools, params,
+    plan = await asyncio.to_thread(chat.prepare_chat, state.backend, message_dicts(body.messages), tools, params,
                                    spec, body.add_generation_prompt)
     ids = plan.prompt_ids
     rid, created, model, k = new_id("chatcmpl"), now(), state.model_name, params.logprobs

@@ -23,6 +23,7 @@ from gearshift.engine.block_manager import BlockManager
 from gearshift.engine.config import EngineConfig
 from gearshift.engine.errors import InvalidRequestError
 from gearshift.engine.outputs import CompletionOutput, EngineStats, FinishReason, Logprob, RequestOutput
+from gearshift.engine.pipeline.request_checks import check_token_ids, context_budget, find_stop, stop_holdback
 from gearshift.engine.sampling_params import SamplingParams
 from gearshift.engine.scheduler import Scheduler
 from gearshift.engine.sequence import Sequence, fan_out
@@ -121,16 +122,7 @@ class LLMEngine:
         if request_id in self._requests:
             raise InvalidRequestError(f"request_id {request_id!r} is already running", param="request_id")
         ids = self._prompt_ids(prompt)
-        limit = self.max_model_len
-        if len(ids) >= limit:
-            raise InvalidRequestError(
-                f"the prompt is {len(ids)} tokens but max_model_len is {limit}: prompt and at least one "
-                f"generated token must fit", param="prompt")
-        max_tokens = params.max_tokens if params.max_tokens is not None else limit - len(ids)
-        if len(ids) + max_tokens > limit:
-            raise InvalidRequestError(
-                f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) is {len(ids) + max_tokens} tokens, "
-                f"over max_model_len ({limit}); lower max_tokens to at most {limit - len(ids)}", param="max_tokens")
+        max_tokens = context_budget(len(ids), params.max_tokens, self.max_model_len)
         self.scheduler.check_fits(len(ids), max_tokens, params.n)
         from gearshift.engine.tokenizer import IncrementalDetokenizer
 
@@ -154,10 +146,7 @@ class LLMEngine:
                                       param="prompt")
         if not prompt:
             raise InvalidRequestError("the prompt is empty", param="prompt")
-        for t in prompt:
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size:
-                raise InvalidRequestError(
-                    f"prompt token id {t!r} is not in the vocabulary [0, {self.vocab_size})", param="prompt")
+        check_token_ids(list(prompt), self.vocab_size, "prompt")
         return list(prompt)
 
     def enqueue(self, req: _Request) -> None:
@@ -327,12 +316,7 @@ class LLMEngine:
     @staticmethod
     def _find_stop(c: _Choice, p: SamplingParams, before: int) -> bool:
         """Stop at the earliest stop string that reaches into the new text; truncate the text there."""
-        start = max(0, before - max(len(s) for s in p.stop) + 1)  # a match ending in older text was seen then
-        best: tuple[int, str] | None = None
-        for s in p.stop:
-            i = c.text.find(s, start)
-            if i != -1 and (best is None or i < best[0]):
-                best = (i, s)
+        best = find_stop(c.text, p.stop, before)
         if best is None:
             return False
         i, s = best
@@ -341,16 +325,14 @@ class LLMEngine:
         return True
 
     def _output(self, req: _Request) -> RequestOutput:
-        holdback = 0
-        if req.params.stop and not req.params.include_stop_str_in_output:
-            # Hold back what could still turn out to be the start of a stop string, so that streamed text
-            # never has to be taken back.
-            holdback = max(len(s) for s in req.params.stop) - 1
+        stops = req.params.stop
         outs = []
         for c in req.choices:
             text = c.text
-            if c.finish_reason is None and holdback:
-                text = text[: max(0, len(text) - holdback)]
+            if c.finish_reason is None and stops:
+                # Hold back what could still become a stop string (the same rule as the gguf engine), so
+                # streamed text never has to be taken back.
+                text = text[: len(text) - stop_holdback(text, stops)]
             outs.append(CompletionOutput(
                 index=c.index, text=text, token_ids=list(c.token_ids), finish_reason=c.finish_reason,
                 stop_reason=c.stop_reason, logprobs=list(c.logprobs) if c.logprobs is not None else None))

@@ -34,6 +34,7 @@ from gearshift.engine.errors import (
     ModelNotReadyError,
 )
 from gearshift.engine.outputs import CompletionOutput, EngineStats, RequestOutput
+from gearshift.engine.pipeline.request_checks import check_token_ids, context_budget
 from gearshift.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -242,12 +243,7 @@ class GGUFBackend:
         if isinstance(prompt, str):
             ids = self.encode(prompt, add_special_tokens=True)
         else:
-            n_vocab = llm.n_vocab()
-            bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < n_vocab]
-            if bad:
-                raise InvalidRequestError(
-                    f"prompt token id {bad[0]!r} is outside the vocabulary [0, {n_vocab})", param="prompt"
-                )
+            check_token_ids(prompt, llm.n_vocab(), "prompt")
             ids = list(prompt)
         if not ids:
             bos = llm.token_bos()
@@ -257,22 +253,7 @@ class GGUFBackend:
         return ids
 
     def _max_tokens(self, n_prompt: int, params: SamplingParams) -> int:
-        limit = self.max_model_len
-        if n_prompt >= limit:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {limit} tokens, but the prompt has {n_prompt} tokens",
-                param="prompt", code="context_length_exceeded",
-            )
-        if params.max_tokens is None:
-            return limit - n_prompt
-        if n_prompt + params.max_tokens > limit:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{n_prompt + params.max_tokens} tokens ({n_prompt} in the prompt, {params.max_tokens} in the "
-                "completion). Please reduce the prompt or max_tokens.",
-                param="max_tokens", code="context_length_exceeded",
-            )
-        return params.max_tokens
+        return context_budget(n_prompt, params.max_tokens, self.max_model_len)
 
     # ----- the worker thread -----
 

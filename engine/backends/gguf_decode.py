@@ -18,31 +18,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from gearshift.engine.outputs import CompletionOutput, Logprob
+from gearshift.engine.pipeline.request_checks import find_stop, stop_holdback
 from gearshift.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     import llama_cpp
-
-
-def find_stop(text: str, stops: list[str], search_from: int) -> tuple[int, str] | None:
-    """Earliest (position, stop string) of any stop string that ends at or after `search_from`."""
-    best: tuple[int, str] | None = None
-    for s in stops:
-        i = text.find(s, max(0, search_from - len(s) + 1))
-        if i >= 0 and (best is None or i < best[0]):
-            best = (i, s)
-    return best
-
-
-def holdback(text: str, stops: list[str]) -> int:
-    """How many trailing characters could be the start of a stop string (not streamed yet)."""
-    n = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), n, -1):
-            if text.endswith(s[:k]):
-                n = k
-                break
-    return n
 
 
 def choice_seed(params: SamplingParams, index: int) -> int:
@@ -144,7 +124,7 @@ class ChoiceDecoder:
     def _snapshot(self, finish: str | None, stop_reason: str | int | None) -> CompletionOutput:
         text = self._text
         if finish is None and self.params.stop:
-            held = holdback(text, self.params.stop)
+            held = stop_holdback(text, self.params.stop)
             text = text[: len(text) - held] if held else text
         return CompletionOutput(
             index=self.index,

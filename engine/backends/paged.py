@@ -29,6 +29,7 @@ from gearshift.engine.errors import (
     ModelNotReadyError,
 )
 from gearshift.engine.outputs import CompletionOutput, EngineStats, RequestOutput
+from gearshift.engine.pipeline.request_checks import check_token_ids, context_budget
 from gearshift.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("gearshift.paged")
@@ -155,27 +156,14 @@ class PagedBackend:
     # ----- requests -----
 
     def _check_ids(self, ids: list[int], param: str) -> None:
-        vocab = self.vocab_size
-        for t in ids:
-            if not isinstance(t, int) or isinstance(t, bool) or t < 0 or (vocab is not None and t >= vocab):
-                raise InvalidRequestError(f"token id {t!r} is outside the vocabulary [0, {vocab})", param=param)
+        check_token_ids(ids, self.vocab_size, param)
 
     def _validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_ids(ids, "prompt")
         if not ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
-        limit = self.max_model_len
-        if len(ids) >= limit:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {limit} tokens, but the prompt has {len(ids)} tokens",
-                param="prompt", code="context_length_exceeded")
-        if params.max_tokens is not None and len(ids) + params.max_tokens > limit:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{len(ids) + params.max_tokens} tokens ({len(ids)} in the prompt, {params.max_tokens} in the "
-                "completion). Please reduce the prompt or max_tokens.",
-                param="max_tokens", code="context_length_exceeded")
+        context_budget(len(ids), params.max_tokens, self.max_model_len)
         return ids
 
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams

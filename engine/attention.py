@@ -77,7 +77,7 @@ def build_plan(meta: AttentionMetadata, block_size: int, device: torch.device,
     window: a sliding window (a query at position i sees keys i - window < j <= i); cache blocks wholly
     before every query's window are neither gathered nor read."""
     if window is not None:
-        return _build_window_plan(meta, block_size, device, window)
+        return _build_window_plan(meta, block_size, device, window, native)
     qsl = meta.query_start_loc.tolist()
     seq_lens = meta.seq_lens.tolist()
     bt = meta.block_tables.to(device=device, dtype=torch.int64)
@@ -85,13 +85,7 @@ def build_plan(meta: AttentionMetadata, block_size: int, device: torch.device,
     decodes: list[_DecodeGroup] = []
     native_decodes = None
     if native and decode_idx:
-        nblk = (max(seq_lens[i] for i in decode_idx) + block_size - 1) // block_size
-        idx = torch.tensor(decode_idx, dtype=torch.int64, device=device)
-        native_decodes = _NativeDecodes(
-            rows=torch.tensor([qsl[i] for i in decode_idx], dtype=torch.int64, device=device),
-            block_tables=meta.block_tables.index_select(0, idx)[:, :nblk].contiguous(),
-            seq_lens=meta.seq_lens.index_select(0, idx).contiguous(),
-        )
+        native_decodes = _native_decodes(meta, decode_idx, qsl, seq_lens, block_size, device)
         decode_idx = []
     for group in _split_by_length(decode_idx, seq_lens) if decode_idx else []:
         group.sort()  # keep flat-batch order: rows [0, Bd) stay a slice when decodes come first
@@ -123,14 +117,30 @@ def build_plan(meta: AttentionMetadata, block_size: int, device: torch.device,
     return TorchAttentionPlan(decodes, prefills, native_decodes)
 
 
-def _build_window_plan(meta: AttentionMetadata, bs: int, device: torch.device, w: int) -> TorchAttentionPlan:
-    """build_plan for a sliding-window layer: each decode gathers only the blocks its window touches."""
+def _native_decodes(meta: AttentionMetadata, decode_idx: list[int], qsl: list[int], seq_lens: list[int],
+                    block_size: int, device: torch.device) -> _NativeDecodes:
+    nblk = (max(seq_lens[i] for i in decode_idx) + block_size - 1) // block_size
+    idx = torch.tensor(decode_idx, dtype=torch.int64, device=device)
+    return _NativeDecodes(
+        rows=torch.tensor([qsl[i] for i in decode_idx], dtype=torch.int64, device=device),
+        block_tables=meta.block_tables.index_select(0, idx)[:, :nblk].contiguous(),
+        seq_lens=meta.seq_lens.index_select(0, idx).contiguous(),
+    )
+
+
+def _build_window_plan(meta: AttentionMetadata, bs: int, device: torch.device, w: int,
+                       native: bool = False) -> TorchAttentionPlan:
+    """build_plan for a sliding-window layer: each decode gathers only the blocks its window touches (the
+    native kernel, given the window, walks only those blocks too)."""
     qsl = meta.query_start_loc.tolist()
     seq_lens = meta.seq_lens.tolist()
     bt = meta.block_tables.to(device=device, dtype=torch.int64)
     decode_idx = [i for i in range(len(seq_lens)) if qsl[i + 1] - qsl[i] == 1]
     decodes: list[_DecodeGroup] = []
-    if decode_idx:
+    native_decodes = None
+    if native and decode_idx:
+        native_decodes = _native_decodes(meta, decode_idx, qsl, seq_lens, bs, device)
+    elif decode_idx:
         idx = torch.tensor(decode_idx, dtype=torch.int64, device=device)
         lens = meta.seq_lens.index_select(0, idx).to(device=device, dtype=torch.int64)  # [Bd]
         first = (lens - w).clamp(min=0) // bs  # [Bd] first block inside the window
@@ -155,7 +165,7 @@ def _build_window_plan(meta: AttentionMetadata, bs: int, device: torch.device, w
         first, nblk = max(0, start + 1 - w) // bs, (length + bs - 1) // bs
         kpos = first * bs + torch.arange((nblk - first) * bs, device=device)[None, :]
         prefills.append(_Prefill(slice(qsl[i], qsl[i + 1]), bt[i, first:nblk], (kpos <= qpos) & (kpos > qpos - w)))
-    return TorchAttentionPlan(decodes, prefills, None)
+    return TorchAttentionPlan(decodes, prefills, native_decodes)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
@@ -209,7 +219,8 @@ def paged_attention_torch(
     out = torch.empty_like(q)
     if plan.native is not None:
         nd = plan.native
-        cpu_kernels.kernels().paged_decode(q, k_cache, v_cache, nd.block_tables, nd.seq_lens, nd.rows, out, scale)
+        cpu_kernels.kernels().paged_decode(q, k_cache, v_cache, nd.block_tables, nd.seq_lens, nd.rows, out, scale,
+                                           window or 0)
     for grp in plan.decodes:
         bd = grp.blocks.shape[0]
         qd = q[grp.rows] if isinstance(grp.rows, slice) else q.index_select(0, grp.rows)

@@ -113,6 +113,27 @@ def test_torch_path_matches_reference_and_skips_blocks_outside_the_window(step, 
 
 
 @pytest.mark.parametrize("window", [None, 3, 8])
+@pytest.mark.parametrize("step", STEPS)
+def test_native_cpu_decode_matches_reference_and_skips_blocks_outside_the_window(step, window) -> None:
+    from gearshift.engine import cpu_kernels
+    from gearshift.engine.attention import store_kvcache_torch
+
+    if cpu_kernels.kernels() is None:
+        pytest.skip("the native CPU kernels could not be built here")
+    qlens, slens = step
+    q, k, v, kc, vc, meta = make_step(qlens, slens)
+    store_kvcache_torch(k, v, kc, vc, meta.slot_mapping)
+    want = reference(q, kc, vc, qlens, slens, meta.block_tables, 0.3, window, None)
+    if window:  # NaN: the kernel walks only the blocks the window touches
+        poison_outside_windows(kc, vc, meta, qlens, slens, window, float("nan"))
+    plan = build_plan(meta, BS, q.device, native=True, window=window)
+    assert plan.native is not None and not plan.decodes
+    got = paged_attention_torch(q, k, v, kc, vc, meta, 0.3, plan, window)
+    assert torch.isfinite(got).all()
+    assert (got - want).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("window", [None, 3, 8])
 @pytest.mark.parametrize("softcap", [None, 1.5])
 @pytest.mark.parametrize("step", STEPS)
 def test_triton_kernels_match_reference_and_skip_blocks_outside_the_window(step, window, softcap) -> None:

@@ -15,7 +15,7 @@
 
 void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& rows,
-                  at::Tensor& out, double scale);
+                  at::Tensor& out, double scale, int64_t window);
 
 namespace {
 

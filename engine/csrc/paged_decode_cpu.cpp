@@ -9,6 +9,7 @@
 // seq_lens     [B] int32: context length including this step's token (already written to the cache)
 // rows         [B] int64: each sequence's row in q / out
 // out          [T, Hq, D]   fp32; only the `rows` rows are written
+// window       sliding window (0: none): a query at position p sees keys p - window < j <= p
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -83,11 +84,12 @@ inline void prefetch_block(const float* first_row, int64_t slot_stride, int64_t 
 
 // Walks one sequence's context through its block table: fn(block, i, n) gets the first row of this task's
 // heads in block i (n slots used), with block i + 1 already being prefetched.
+// Blocks before `first` (wholly outside a sliding window) are never touched.
 template <typename Fn>
 void for_each_block(const float* cache, const int32_t* table, int64_t ctx, int64_t bs, int64_t slot_stride,
-                    int64_t head_offset, int64_t floats_per_row, Fn fn) {
+                    int64_t head_offset, int64_t floats_per_row, int64_t first, Fn fn) {
   const int64_t nblk = (ctx + bs - 1) / bs;
-  for (int64_t i = 0; i < nblk; ++i) {
+  for (int64_t i = first; i < nblk; ++i) {
     if (i + 1 < nblk)
       prefetch_block(cache + int64_t(table[i + 1]) * bs * slot_stride + head_offset, slot_stride,
                      std::min(bs, ctx - (i + 1) * bs), floats_per_row);
@@ -109,7 +111,7 @@ void accumulate_block_any(float* acc, const float* p, const float* block, int64_
 
 void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& rows,
-                  at::Tensor& out, double scale) {
+                  at::Tensor& out, double scale, int64_t window) {
   TORCH_CHECK(q.dtype() == at::kFloat && k_cache.dtype() == at::kFloat &&
               v_cache.dtype() == at::kFloat && out.dtype() == at::kFloat, "fp32 only");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
@@ -144,7 +146,11 @@ void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
       const int64_t b = task / tasks_per_seq, h0 = (task % tasks_per_seq) * heads_per_task;
       const int64_t ctx = lp[b], row = rp[b];
       if (ctx <= 0) continue;
-      scores.resize(rows_per_task * ctx);
+      // A sliding window (window > 0) sees positions [lo, ctx); scores cover blocks first.. only, and the
+      // positions of block `first` before lo get probability 0 (skipped, not -inf: -ffast-math).
+      const int64_t lo = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
+      const int64_t first = lo / bs, base = first * bs, span = ctx - base, skip = lo - base;
+      scores.resize(rows_per_task * span);
       for (int64_t r = 0; r < rows_per_task; ++r) {  // query head h0 * group + r
         const float* src = qp + row * q_s0 + (h0 * group + r) * q_s1;
         for (int64_t i = 0; i < d; ++i) qs[r * d + i] = src[i] * fscale;
@@ -152,10 +158,10 @@ void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
       const int32_t* table = btp + b * bt_s0;
       const int64_t row_floats = heads_per_task * d;
       // Pass 1: scores[r][pos] = q_r . k_pos, block by block (one block of one head: bs strided rows).
-      for_each_block(kp, table, ctx, bs, slot_stride, h0 * d, row_floats, [&](const float* block, int64_t i, int64_t n) {
+      for_each_block(kp, table, ctx, bs, slot_stride, h0 * d, row_floats, first, [&](const float* block, int64_t i, int64_t n) {
         for (int64_t r = 0; r < rows_per_task; ++r) {
           const float* kb = block + (r / group) * d;
-          float* dst = scores.data() + r * ctx + i * bs;
+          float* dst = scores.data() + r * span + (i - first) * bs;
           if (d == 64) scores_block<8>(qs.data() + r * d, kb, slot_stride, n, dst);
           else if (d == 128) scores_block<16>(qs.data() + r * d, kb, slot_stride, n, dst);
           else scores_block_any(qs.data() + r * d, kb, slot_stride, n, d, dst);
@@ -163,26 +169,27 @@ void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
       });
       // Softmax per query head; simd loops so expf vectorizes (glibc's libmvec).
       for (int64_t r = 0; r < rows_per_task; ++r) {
-        float* sr = scores.data() + r * ctx;
-        float m = sr[0];
+        float* sr = scores.data() + r * span;
+        float m = sr[skip];
 #pragma omp simd reduction(max : m)
-        for (int64_t pos = 0; pos < ctx; ++pos) m = std::max(m, sr[pos]);
+        for (int64_t pos = skip; pos < span; ++pos) m = std::max(m, sr[pos]);
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t pos = 0; pos < ctx; ++pos) {
+        for (int64_t pos = skip; pos < span; ++pos) {
           sr[pos] = std::exp(sr[pos] - m);
           sum += sr[pos];
         }
         const float inv = 1.f / sum;
+        std::fill(sr, sr + skip, 0.f);
 #pragma omp simd
-        for (int64_t pos = 0; pos < ctx; ++pos) sr[pos] *= inv;
+        for (int64_t pos = skip; pos < span; ++pos) sr[pos] *= inv;
       }
       // Pass 2: out_r = sum_pos p[r][pos] * v_pos, block by block.
       std::fill(acc.begin(), acc.end(), 0.f);
-      for_each_block(vp, table, ctx, bs, slot_stride, h0 * d, row_floats, [&](const float* block, int64_t i, int64_t n) {
+      for_each_block(vp, table, ctx, bs, slot_stride, h0 * d, row_floats, first, [&](const float* block, int64_t i, int64_t n) {
         for (int64_t r = 0; r < rows_per_task; ++r) {
           const float* vb = block + (r / group) * d;
-          const float* p = scores.data() + r * ctx + i * bs;
+          const float* p = scores.data() + r * span + (i - first) * bs;
           if (d == 64) accumulate_block<8>(acc.data() + r * d, p, vb, slot_stride, n);
           else if (d == 128) accumulate_block<16>(acc.data() + r * d, p, vb, slot_stride, n);
           else accumulate_block_any(acc.data() + r * d, p, vb, slot_stride, n, d);

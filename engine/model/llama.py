@@ -81,6 +81,20 @@ class LlamaForCausalLM(nn.Module):
             if not (m is self.lm_head and self.config.tie_word_embeddings):
                 m.release_weight()
 
+    def quantize_int8_for_cpu(self, batch_hint: int, lm_head: bool = False) -> None:
+        """int8 weights for the decoder layers' matmuls (see layers.Linear.quantize_int8). The LM head stays
+        fp32 (pre-packed) unless lm_head: its rounding moves the argmax most, for ~20% of the int8 gain on
+        a small model. Call after load_weights."""
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        for m in linears:
+            if m is self.lm_head and not lm_head:
+                m.prepack(batch_hint)
+            else:
+                m.quantize_int8()
+        for m in linears:
+            if not (m is self.lm_head and self.config.tie_word_embeddings):
+                m.release_weight()
+
     @torch.inference_mode()
     def forward(
         self,
@@ -95,7 +109,7 @@ class LlamaForCausalLM(nn.Module):
             k_cache = kv_caches[0][0]
             native = (k_cache.dtype == torch.float32 and cpu_kernels.kernels() is not None
                       and cfg.attn_softcap is None)
-            plans = {w: build_plan(meta, k_cache.shape[1], input_ids.device, native=native and w is None, window=w)
+            plans = {w: build_plan(meta, k_cache.shape[1], input_ids.device, native=native, window=w)
                      for w in self.windows}
         x = self.embed_tokens(input_ids)  # [T, D], a fresh tensor: the residual stream, added to in place
         if cfg.embed_scale is not None:  # Gemma: the scale rounded to the model dtype first, as HF does

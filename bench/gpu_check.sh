@@ -35,7 +35,7 @@ SUMMARY="$OUT/summary.txt"
 step() {
   local name=$1 limit=$2 left
   shift 2
-  [[ " ${STEPS:-tests kernels offline_smollm2 offline_1b offline_8b cuda_launcher} " == *" $name "* ]] || return 0
+  [[ " ${STEPS:-tests kernels offline_smollm2 offline_1b offline_8b cuda_launcher moe} " == *" $name "* ]] || return 0
   left=$(( END - $(date +%s) ))
   if (( left < limit )); then
     echo "== $name: skipped ($left s left of the budget, needs $limit)" | tee -a "$SUMMARY"
@@ -70,5 +70,9 @@ step offline_8b 160 bash -c "python3 bench/random_model.py /tmp/l8b --shape llam
   --kv-cache-memory 16Gi"
 # The CUDA image's runtime stage (Dockerfile): Triton's launcher needs a C compiler; fails without, serves with.
 step cuda_launcher 150 bash bench/cuda_launcher_check.sh $MODEL
+# MoE vs dense at equal active parameters (Qwen3-30B-A3B shape, 2 layers, bf16): expert GEMMs (Triton grouped
+# GEMM) and offline out tok/s, with the MoE/Triton tests compiled (not interpreted) first.
+step moe 240 bash -c "python3 -m pytest -q -p no:cacheprovider tests/test_moe.py tests/test_sliding_window.py -k 'not native' &&
+  python3 bench/moe.py --device cuda --shape qwen3-30b-a3b --layers 2 --tokenizer-from $MODEL"
 echo "== total $(( $(date +%s) - END + BUDGET )) s" | tee -a "$SUMMARY"
 cat "$SUMMARY"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 import time
@@ -30,9 +31,12 @@ GROUP, VERSION, PLURAL, NAME_PORT = "gearshift.dev", "v1alpha1", "inferenceservi
 MODEL = "smollm2"
 
 
-def resource(name: str, uri: str, engine: str, window: str, cooldown: str) -> dict[str, Any]:
+def resource(name: str, uri: str, engine: str, window: str, cooldown: str,
+             pod_template: dict[str, Any] | None = None) -> dict[str, Any]:
     spec: dict[str, Any] = {"model": {"uri": uri, "servedName": MODEL}, "concurrency": 1,
                             "hardware": {"cpu": "1", "memory": "3Gi"}, "engineArgs": {"maxModelLen": 512}}
+    if pod_template:
+        spec["podTemplate"] = pod_template
     if engine == "auto":
         spec["gearShift"] = {"mode": "auto", "window": window, "cooldown": cooldown}
     else:
@@ -65,9 +69,59 @@ class Cluster:
     def url(self, name: str) -> str:
         return f"http://{self.core.read_namespaced_service(name, self.ns).spec.cluster_ip}:{NAME_PORT}"
 
+    def ready_ips(self, name: str) -> list[str]:
+        pods = self.core.list_namespaced_pod(self.ns, label_selector=f"app.kubernetes.io/instance={name}").items
+        return [p.status.pod_ip for p in pods if not p.metadata.deletion_timestamp and any(
+            c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
+
+
+class PodRouter:
+    """For a cluster without kube-proxy (the e2e stand-in node): a loopback TCP proxy that sends each new
+    connection to a ready, non-terminating pod of the resource, as kube-proxy does for a ClusterIP."""
+
+    def __init__(self, cluster: Cluster, name: str) -> None:
+        self.cluster, self.name, self.server = cluster, name, None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._pipe, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *_: object) -> None:
+        self.server.close()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import random
+
+        ips = await asyncio.to_thread(self.cluster.ready_ips, self.name)
+        try:
+            up_r, up_w = await asyncio.open_connection(random.choice(ips), NAME_PORT)
+        except (OSError, IndexError):
+            writer.close()
+            return
+
+        async def copy(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            except OSError:
+                pass
+            finally:
+                w.close()
+
+        await asyncio.gather(copy(reader, up_w), copy(up_r, writer))
+
 
 async def ramp(cluster: Cluster, name: str, prompts: list[str], phases: list[tuple[int, float]],
-               max_tokens: int) -> list[dict[str, Any]]:
+               max_tokens: int, route_pods: bool = False) -> list[dict[str, Any]]:
+    if route_pods:
+        async with PodRouter(cluster, name) as url:
+            return await _ramp(cluster, name, url, prompts, phases, max_tokens)
+    return await _ramp(cluster, name, cluster.url(name), prompts, phases, max_tokens)
+
+
+async def _ramp(cluster: Cluster, name: str, url: str, prompts: list[str], phases: list[tuple[int, float]],
+                max_tokens: int) -> list[dict[str, Any]]:
     rows = []
     for i, (streams, seconds) in enumerate(phases):
         engines: set[str] = set()
@@ -78,7 +132,7 @@ async def ramp(cluster: Cluster, name: str, prompts: list[str], phases: list[tup
                 await asyncio.sleep(5)
 
         watcher = asyncio.create_task(watch())
-        result = await run_level(cluster.url(name), MODEL, prompts, streams, 10**9, max_tokens, True, 600.0,
+        result = await run_level(url, MODEL, prompts, streams, 10**9, max_tokens, True, 600.0,
                                  duration=seconds)
         watcher.cancel()
         s = result.summary()
@@ -86,6 +140,44 @@ async def ramp(cluster: Cluster, name: str, prompts: list[str], phases: list[tup
                      "tok_s": s["output_tok_s"], "ttft_p50": s["ttft_p50_ms"], "ttft_p99": s["ttft_p99_ms"],
                      "failed": s["errors"], "engines": "+".join(sorted(engines))})
     return rows
+
+
+def run_bench(cluster: Cluster, model_uri: str, targets: list[str], phases: list[tuple[int, float]],
+              window: str, cooldown: str, max_tokens: int, route_pods: bool = False,
+              pod_template: dict[str, Any] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """Each target in turn: create it, wait until Ready, run the ramp, delete it."""
+    from gearshift.engine.bundled import bundled_model_path
+
+    prompts = make_prompts(str(bundled_model_path()), 64, 128)
+    table: list[tuple[str, dict[str, Any]]] = []
+    for target in targets:
+        name = f"gear-{target}"
+        body = resource(name, model_uri, target, window, cooldown, pod_template)
+        cluster.custom.create_namespaced_custom_object(GROUP, VERSION, cluster.ns, PLURAL, body)
+        cluster.wait_ready(name)
+        rows = asyncio.run(ramp(cluster, name, prompts, phases, max_tokens, route_pods))
+        table += [(target, r) for r in rows]
+        cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.ns, PLURAL, name)
+    return table
+
+
+def print_table(table: list[tuple[str, dict[str, Any]]], phases: list[tuple[int, float]]) -> str:
+    cpuinfo = open("/proc/cpuinfo").read()
+    lines = [f"{cpuinfo.count('processor')} CPUs; flags: "
+             + " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni") if f" {f}" in cpuinfo),
+             "| resource | phase | engine(s) | output tokens | tok/s | TTFT p50 ms | TTFT p99 ms | failed |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for target, r in table:
+        lines.append(f"| {target} | {r['phase']} | {r['engines']} | {r['tokens']} | {r['tok_s']:.1f} | "
+                     f"{r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | {r['failed']} |")
+    for i in range(len(phases)):
+        by = {t: r for t, r in table if r["phase"].startswith(f"{i + 1}:")}
+        fixed = [by[t]["tokens"] for t in ("gguf", "paged") if t in by]
+        if "auto" in by and fixed and max(fixed):
+            lines.append(f"phase {i + 1}: auto / better fixed engine = {by['auto']['tokens'] / max(fixed):.2f}x tokens")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
 
 
 def main() -> int:
@@ -97,45 +189,29 @@ def main() -> int:
     p.add_argument("--window", default="60s")
     p.add_argument("--cooldown", default="60s")
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--namespace", help="an existing namespace the operator watches (default: a new one)")
+    p.add_argument("--route-pods", action="store_true",
+                   help="no kube-proxy (the e2e stand-in node): route each connection to a ready pod")
+    p.add_argument("--pod-template", type=json.loads, default=None, help="spec.podTemplate as JSON")
     args = p.parse_args()
     if not args.kubeconfig:
         from gearshift.e2e.cluster.local import ensure_cluster
 
         args.kubeconfig = str(ensure_cluster())
-    from gearshift.engine.bundled import bundled_model_path
     from kubernetes import client, config
 
     phases = [(int(a), float(b)) for a, b in (x.split(":") for x in args.phases.split(","))]
-    ns = f"gear-bench-{uuid.uuid4().hex[:6]}"
+    ns = args.namespace or f"gear-bench-{uuid.uuid4().hex[:6]}"
     core = client.CoreV1Api(config.new_client_from_config(config_file=args.kubeconfig))
-    core.create_namespace({"metadata": {"name": ns}})
-    cluster = Cluster(args.kubeconfig, ns)
-    prompts = make_prompts(str(bundled_model_path()), 64, 128)
-    table: list[tuple[str, dict[str, Any]]] = []
+    if not args.namespace:
+        core.create_namespace({"metadata": {"name": ns}})
     try:
-        for target in args.targets.split(","):
-            name = f"gear-{target}"
-            body = resource(name, args.model_uri, target, args.window, args.cooldown)
-            cluster.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
-            cluster.wait_ready(name)
-            rows = asyncio.run(ramp(cluster, name, prompts, phases, args.max_tokens))
-            table += [(target, r) for r in rows]
-            cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+        table = run_bench(Cluster(args.kubeconfig, ns), args.model_uri, args.targets.split(","), phases,
+                          args.window, args.cooldown, args.max_tokens, args.route_pods, args.pod_template)
     finally:
-        core.delete_namespace(ns)
-    print(open("/proc/cpuinfo").read().count("processor"), "CPUs; flags:",
-          " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni")
-                   if f" {f}" in open("/proc/cpuinfo").read()))
-    print("| resource | phase | engine(s) | output tokens | tok/s | TTFT p50 ms | TTFT p99 ms | failed |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
-    for target, r in table:
-        print(f"| {target} | {r['phase']} | {r['engines']} | {r['tokens']} | {r['tok_s']:.1f} | "
-              f"{r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | {r['failed']} |")
-    for i in range(len(phases)):
-        by = {t: r for t, r in table if r["phase"].startswith(f"{i + 1}:")}
-        fixed = [by[t]["tokens"] for t in ("gguf", "paged") if t in by]
-        if "auto" in by and fixed and max(fixed):
-            print(f"phase {i + 1}: auto / better fixed engine = {by['auto']['tokens'] / max(fixed):.2f}x tokens")
+        if not args.namespace:
+            core.delete_namespace(ns)
+    print_table(table, phases)
     return 0
 
 

@@ -33,6 +33,8 @@ class Sampler:
         assert logits.dim() == 2 and logits.shape[0] == len(seqs), (tuple(logits.shape), len(seqs))
         if allowed is not None:
             logits = apply_bitmask(logits, *allowed)
+        if any(s.params.logit_bias for s in seqs):
+            logits = _apply_logit_bias(logits, seqs)
         if all(s.params.plain_greedy for s in seqs):
             # The common greedy batch: argmax where the logits are; only B ids cross to the host.
             return SamplerOutput(token_ids=argmax_rows(logits).tolist(), logprobs=[None] * len(seqs))
@@ -140,6 +142,19 @@ def apply_bitmask(logits: torch.Tensor, rows: list[int], bitmask: np.ndarray) ->
     idx = torch.tensor(rows, device=logits.device)
     logits = logits.clone()
     logits[idx] = logits[idx].masked_fill(bits[:, :vocab] == 0, float("-inf"))
+    return logits
+
+
+def _apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """OpenAI's logit_bias: add each request's bias to its tokens' logits (ids past the vocabulary are
+    ignored; the route checks them against the tokenizer). logits [B, V] -> a new [B, V]."""
+    logits = logits.clone()
+    vocab = logits.shape[1]
+    for i, s in enumerate(seqs):
+        bias = {t: b for t, b in s.params.logit_bias.items() if t < vocab}
+        if bias:
+            ids = torch.tensor(list(bias), device=logits.device)
+            logits[i, ids] += torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
     return logits
 
 

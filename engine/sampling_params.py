@@ -36,6 +36,7 @@ class SamplingParams:
     # A compiled grammar (gearshift.engine.pipeline.guided.Guide) the output must follow; engines fork it
     # per choice, mask each step's logits with it and advance it with every sampled token.
     guide: Any = field(default=None, compare=False, repr=False)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -95,6 +96,9 @@ class SamplingParams:
             or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS
         ):
             raise bad("logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t <= MAX_INT32
+               or not isinstance(b, (int, float)) or not -100.0 <= b <= 100.0 for t, b in self.logit_bias.items()):
+            raise bad("logit_bias", "must map token ids to numbers in [-100, 100]")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "must be non-empty strings")
         if len(self.stop) > MAX_STOP_STRINGS:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import openai
 import pytest
 from server_process import engine_param, running_server
@@ -91,3 +92,24 @@ def test_responses_text_format_json_schema(client):
                                 temperature=0, text={"format": {"type": "json_schema", "name": "a", "schema": schema,
                                                                 "strict": True}})
     assert isinstance(json.loads(r.output_text)["ok"], bool)
+
+
+def tokenize(client, text: str) -> list[int]:
+    url = str(client.base_url).rstrip("/").removesuffix("/v1") + "/tokenize"
+    return httpx.post(url, json={"prompt": text, "add_special_tokens": False}, timeout=30).json()["tokens"]
+
+
+def test_logit_bias_steers_and_bad_keys_are_400s(client):
+    prompt = "My favourite word is"
+    paris = tokenize(client, " Paris")[0]
+    r = client.completions.create(model="smollm2", prompt=prompt, max_tokens=3, temperature=0,
+                                  logit_bias={str(paris): 100})
+    assert r.choices[0].text.startswith(" Paris")
+    plain = client.completions.create(model="smollm2", prompt=prompt, max_tokens=1, temperature=0)
+    first = tokenize(client, plain.choices[0].text)[0]
+    r = client.completions.create(model="smollm2", prompt=prompt, max_tokens=1, temperature=0,
+                                  logit_bias={str(first): -100})
+    assert r.choices[0].text != plain.choices[0].text
+    for bad in ({"abc": 1}, {"10000000": 1}, {"5": 1000}):
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model="smollm2", prompt="x", max_tokens=1, logit_bias=bad)

@@ -67,7 +67,7 @@ class ChoiceDecoder:
             repeat_penalty=p.repetition_penalty,
             frequency_penalty=p.frequency_penalty,
             presence_penalty=p.presence_penalty,
-            logits_processor=[self._mask_logits] if self.guide is not None else None,
+            logits_processor=self._processors() or None,
         )
         out: CompletionOutput | None = None
         try:
@@ -91,6 +91,19 @@ class ChoiceDecoder:
         elif not out.finished:  # cancelled mid-way, or the context ran out under the sampler
             out = self._snapshot("abort" if cancelled() else "length", None)
         return out
+
+    def _processors(self) -> list[Callable[[np.ndarray, np.ndarray], np.ndarray]]:
+        procs = [self._mask_logits] if self.guide is not None else []
+        if self.params.logit_bias:
+            ids = np.array([t for t in self.params.logit_bias if t < self._n_vocab], dtype=np.int64)
+            vals = np.array([self.params.logit_bias[t] for t in ids.tolist()], dtype=np.float32)
+
+            def bias(_input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+                scores[ids] += vals
+                return scores
+
+            procs.insert(0, bias)
+        return procs
 
     def _mask_logits(self, _input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """llama.cpp's first sampler stage (candidates still in token-id order): forbid what the grammar

@@ -45,6 +45,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     state = get_state(request)
     state.check_model(body.model)
     params = body.sampling_params()
+    state.vocab_check(list(params.logit_bias), "logit_bias")
     structured.attach(params, structured.openai_spec(None, body.guided_json, body.guided_regex, body.guided_choice),
                       state.backend)
     prompts = body.prompts()

@@ -129,6 +129,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     state = get_state(request)
     state.check_model(body.model)
     params = body.sampling_params()
+    state.vocab_check(list(params.logit_bias), "logit_bias")
     tools = parse_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
     spec = structured.openai_spec(body.response_format, body.guided_json, body.guided_regex, body.guided_choice)
     # Off the event loop: a long conversation takes seconds to render and tokenize, /health shares the loop.

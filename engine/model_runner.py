@@ -99,6 +99,11 @@ class ModelRunner:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        if config.quantization == "int8":  # int8 weights, fp32 activations (what the int8 matmuls take)
+            if self.device.type != "cpu" or config.dtype not in ("auto", "float32"):
+                raise GearshiftError("quantization int8 runs on CPU with float32 activations: use --device cpu "
+                                     f"and --dtype auto or float32 (got device {self.device.type}, dtype {config.dtype})")
+            self.dtype = torch.float32
         if self.device.type == "cpu":
             torch.set_num_threads(config.threads or usable_cpus())
         src = open_model(config.model)
@@ -132,7 +137,9 @@ class ModelRunner:
         model.to_empty(device=self.device)
         model.materialize()
         model.load_weights(src.weights())
-        if self.device.type == "cpu" and (self.dtype == torch.float32 or
+        if self.config.quantization == "int8":
+            model.quantize_int8_for_cpu(batch_hint=self.config.max_num_seqs)
+        elif self.device.type == "cpu" and (self.dtype == torch.float32 or
                                           (self.dtype == torch.bfloat16 and cpu_has_fast_bf16())):
             try:
                 model.prepack_for_cpu(batch_hint=self.config.max_num_seqs)

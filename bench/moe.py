@@ -64,8 +64,8 @@ def gemm_table(shape: str, device: str, dtype: torch.dtype, iters: int) -> str:
     with torch.inference_mode():
         for t in (1, 16, 64, 256, 1024):
             x = torch.randn(t, hidden, device=device, dtype=dtype)
-            a = time_fn(lambda: moe(x), device, iters)
-            b = time_fn(lambda: dense(x), device, iters)
+            a = time_fn(lambda x=x: moe(x), device, iters)
+            b = time_fn(lambda x=x: dense(x), device, iters)
             rows.append(f"| {t} | {a * 1e3:.3f} | {b * 1e3:.3f} | {a / b:.2f} |")
     return "\n".join(rows)
 

@@ -6,10 +6,9 @@ fp32, through chunked prefill, a prefix-cache hit and batched decodes (tests/fam
 from __future__ import annotations
 
 import pytest
+from family_models import GGUF_ARCH, assert_matches_hf, build_hf, save_gguf, save_hf_dir
 from gearshift.engine.config import EngineConfig
 from gearshift.engine.model_runner import ModelRunner
-
-from family_models import GGUF_ARCH, assert_matches_hf, build_hf, save_gguf, save_hf_dir
 
 pytest.importorskip("transformers")
 

@@ -89,7 +89,7 @@ def test_triton_grouped_gemm_matches_torch(counts: list[int], dtype: torch.dtype
 
 def test_block_layout_covers_every_row_once() -> None:
     pytest.importorskip("triton")
-    from gearshift.engine.kernels.loader import kernel_module, interpreter_active
+    from gearshift.engine.kernels.loader import interpreter_active, kernel_module
 
     if not torch.cuda.is_available() and not interpreter_active():
         pytest.skip("triton imported before TRITON_INTERPRET was set in this process")

@@ -43,7 +43,7 @@ def _report_exit(c: dict[str, Any], pod: dict[str, Any]) -> None:
     c["admin"].request("PATCH", path, status, content_type="application/merge-patch+json")
 
 
-def test_unsupported_architecture_degrades_then_falls_back_to_gguf(cluster: dict[str, Any]) -> None:
+def test_unsupported_architecture_degrades_then_falls_back_to_gguf(cluster: dict[str, Any]) -> None:  # noqa: F811 - the imported fixture
     c = cluster
     create(c, isvc("exotic", concurrency=CROSSOVER * 4))  # GGUF, auto, above the crossover: paged first
     dep = wait(lambda: get(c, "apps/v1", "Deployment", "exotic"), "the Deployment")
@@ -70,7 +70,7 @@ def test_unsupported_architecture_degrades_then_falls_back_to_gguf(cluster: dict
                 "an EngineSelected event naming the architecture")
 
 
-def test_explicit_paged_engine_reports_unsupported_model(cluster: dict[str, Any]) -> None:
+def test_explicit_paged_engine_reports_unsupported_model(cluster: dict[str, Any]) -> None:  # noqa: F811 - the imported fixture
     c = cluster
     create(c, isvc("exotic-paged", engine="paged"))
 
@@ -86,7 +86,7 @@ def test_explicit_paged_engine_reports_unsupported_model(cluster: dict[str, Any]
     assert owner(c, "exotic-paged")["status"]["engine"] == "paged"  # the user's choice is not overridden
 
 
-def test_gpu_count_is_passed_through_as_tensor_parallel(cluster: dict[str, Any]) -> None:
+def test_gpu_count_is_passed_through_as_tensor_parallel(cluster: dict[str, Any]) -> None:  # noqa: F811 - the imported fixture
     c = cluster
     create(c, isvc("two-gpus", hardware={"accelerator": "nvidia.com/gpu", "count": 2}))
     dep = wait(lambda: get(c, "apps/v1", "Deployment", "two-gpus"), "the Deployment")

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from family_models import build_hf, ours_greedy, prompts, save_hf_dir
 from gearshift.engine.config import EngineConfig
 from gearshift.engine.distributed import launch
 from gearshift.engine.distributed.sharding import local_config, shard
 from gearshift.engine.errors import GearshiftError
 from gearshift.engine.loader import open_model
 from gearshift.engine.model_runner import ModelRunner
-
-from family_models import build_hf, ours_greedy, prompts, save_hf_dir
 
 STEPS = 32
 

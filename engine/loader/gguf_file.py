@@ -17,6 +17,7 @@ from gearshift.engine.errors import ModelLoadError
 from gearshift.engine.loader.gguf_families import EXPERT_NAMES, SANDWICH_NAMES, family_fields, family_of
 from gearshift.engine.loader.gguf_reader import GGUFFile
 from gearshift.engine.model.config import GGUF_ARCHITECTURES, ModelConfig, UnsupportedArchitecture
+
 _PERMUTED_QK = {"llama", "mistral", "mixtral"}  # llama.cpp's converter permutes these (LlamaModel)
 
 _LAYER_NAMES = {

@@ -125,7 +125,7 @@ def build_app(backend: Backend, config: EngineConfig, *, load_in_background: boo
         if (body.prompt is None) == (body.messages is None):
             raise InvalidRequestError("send exactly one of prompt or messages", param="prompt")
         if body.messages is not None:
-            text = openai_routes.render_chat(state, body.messages, body.add_generation_prompt)
+            text = state.render_chat(body.messages, body.add_generation_prompt)
             ids = await state.encode(text, add_special_tokens=False)
         else:
             ids = await state.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)

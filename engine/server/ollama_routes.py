@@ -26,7 +26,6 @@ from gearshift.engine.pipeline.tools import parse_tools
 from gearshift.engine.sampling_params import SamplingParams
 from gearshift.engine.server.errors import APIError
 from gearshift.engine.server.generation import ClientGone, Generation, GenerationStream
-from gearshift.engine.server.openai_routes import render_chat, run_embedding
 from gearshift.engine.server.protocol import ChatMessage
 from gearshift.engine.server.state import ServerState, get_state
 from pydantic import BaseModel, ConfigDict
@@ -184,7 +183,7 @@ async def generate(body: OllamaGenerateRequest, request: Request) -> Response:
     else:
         msgs = ([ChatMessage(role="system", content=body.system)] if body.system else []) + [
             ChatMessage(role="user", content=body.prompt)]
-        ids = await state.encode(render_chat(state, msgs, True), add_special_tokens=False)
+        ids = await state.encode(state.render_chat(msgs, True), add_special_tokens=False)
     return await _serve(request, state, body, ids, params, lambda t: {"response": t},
                         lambda out: {"context": list(out.prompt_token_ids) + list(out.outputs[0].token_ids)})
 
@@ -302,7 +301,7 @@ async def _embed(state: ServerState, texts: list[str], truncate: bool) -> tuple[
     if truncate:
         ids = [i[:limit] for i in ids]
     inputs = embedding.token_inputs(state.backend, ids)
-    return await run_embedding(state, inputs), sum(map(len, inputs))
+    return await state.embed(inputs), sum(map(len, inputs))
 
 
 @router.post("/api/embed")

@@ -22,7 +22,6 @@ from gearshift.engine.server.errors import APIError, error_payload
 from gearshift.engine.server.generation import ClientGone, Generation, GenerationStream
 from gearshift.engine.server.protocol import (
     ChatCompletionRequest,
-    ChatMessage,
     EmbeddingRequest,
     new_id,
     now,
@@ -36,21 +35,6 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 def sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
-def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    out = []
-    for m in messages:
-        d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        for k in ("tool_calls", "tool_call_id", "name"):
-            if getattr(m, k):
-                d[k] = getattr(m, k)
-        out.append(d)
-    return out
-
-
-def render_chat(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
-    return chat.render_chat(state.backend, message_dicts(messages), add_generation_prompt)[0]
 
 
 def _top(lp: Logprob, k: int) -> list[tuple[int, float]]:
@@ -133,7 +117,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     tools = parse_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
     spec = structured.openai_spec(body.response_format, body.guided_json, body.guided_regex, body.guided_choice)
     # Off the event loop: a long conversation takes seconds to render and tokenize, /health shares the loop.
-    plan = await asyncio.to_thread(chat.prepare_chat, state.backend, message_dicts(body.messages), tools, params,
+    plan = await asyncio.to_thread(chat.prepare_chat, state.backend, [m.as_dict() for m in body.messages], tools, params,
                                    spec, body.add_generation_prompt)
     ids = plan.prompt_ids
     rid, created, model, k = new_id("chatcmpl"), now(), state.model_name, params.logprobs
@@ -204,7 +188,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     state.check_model(body.model)
     embedding.check_dimensions(body.dimensions)
     inputs = embedding.token_inputs(state.backend, body.input)
-    vectors = await run_embedding(state, inputs)
+    vectors = await state.embed(inputs)
     n = sum(map(len, inputs))
     return json_response({"object": "list", "model": state.model_name,
                   "data": [{"object": "embedding", "index": i, "embedding": embedding.encode_vector(v, body.encoding_format)}
@@ -212,11 +196,3 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
                   "usage": {"prompt_tokens": n, "total_tokens": n}})
 
 
-async def run_embedding(state: ServerState, inputs: list[list[int]]) -> Any:
-    """Admit like a generation (503 while draining or loading), then ask the engine."""
-    state.lifecycle.admit()
-    state.lifecycle.enter()
-    try:
-        return await state.backend.embed(inputs)
-    finally:
-        state.lifecycle.leave()

@@ -132,6 +132,14 @@ class ChatMessage(_Request):
             return "".join(p.text for p in self.content)
         return self.content or ""
 
+    def as_dict(self) -> dict[str, Any]:
+        """The message as chat templates take it (developer -> system, text parts joined)."""
+        d: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        for k in ("tool_calls", "tool_call_id", "name"):
+            if getattr(self, k):
+                d[k] = getattr(self, k)
+        return d
+
 
 class JSONSchemaFormat(_Request):
     model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)

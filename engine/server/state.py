@@ -1,4 +1,5 @@
-"""What every route reads: the server's state (`ServerState`, one per app) and `get_state(request)`.
+"""What every route reads: the server's state (`ServerState`, one per app: chat rendering, admission to
+the engine) and `get_state(request)`.
 
 A leaf of the server package: the app (app.py) builds the state and mounts the routes; the routes
 (openai_routes.py, ollama_routes.py) and generation.py read it from here, never from app.py.
@@ -10,14 +11,17 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request
 from gearshift.engine.backends.base import Backend
 from gearshift.engine.config import EngineConfig
 from gearshift.engine.errors import InvalidRequestError
+from gearshift.engine.pipeline import chat
 from gearshift.engine.server import errors
 from gearshift.engine.server.lifecycle import Lifecycle
 from gearshift.engine.server.metrics import ServerMetrics
+from gearshift.engine.server.protocol import ChatMessage
 
 _ENCODE_ON_LOOP_CHARS = 16_384  # shorter texts tokenize in well under a millisecond
 
@@ -64,6 +68,19 @@ class ServerState:
         if len(text) <= _ENCODE_ON_LOOP_CHARS:
             return self.backend.encode(text, add_special_tokens=add_special_tokens)
         return await asyncio.to_thread(self.backend.encode, text, add_special_tokens)
+
+    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+        """The prompt text of chat messages, from the model's own template (pipeline/chat.py)."""
+        return chat.render_chat(self.backend, [m.as_dict() for m in messages], add_generation_prompt)[0]
+
+    async def embed(self, inputs: list[list[int]]) -> Any:
+        """Admit like a generation (503 while draining or loading), then ask the engine."""
+        self.lifecycle.admit()
+        self.lifecycle.enter()
+        try:
+            return await self.backend.embed(inputs)
+        finally:
+            self.lifecycle.leave()
 
     async def stop_backend(self) -> None:
         if not self.stopped:

@@ -11,13 +11,14 @@ import json
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 from gearshift.engine.control_tokens import ControlShield, plain_pieces
 from gearshift.engine.server import limits
-from server_process import engine_param, running_server
+from server_process import engine_param, metric, running_server
 
 PROMPT = "Write a long story about a lighthouse keeper and the storm."
 FAULT_SERVE = [sys.executable, str(Path(__file__).with_name("fault_serve.py"))]
@@ -374,6 +375,8 @@ def test_a_dead_worker_ends_every_stream_and_fails_health(smollm2_gguf, engine):
         killer = Stream(server.url, completion(8, True, seed=KILL))
         killer.start()
         if engine == "gguf":  # one request at a time: the killer runs after `running`; one waits behind it
+            while metric(server.metrics(), "gearshift:num_requests_waiting") < 1:  # the killer is queued
+                time.sleep(0.05)
             behind = Stream(server.url, completion(8, True))
             behind.start()
             assert_intact(running, 200)

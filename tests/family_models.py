@@ -181,12 +181,13 @@ def assert_matches_hf(model: Any, runner: ModelRunner, steps: int = 32, tol: flo
 
 # ---- GGUF, as llama.cpp's convert_hf_to_gguf.py writes these families (F32) ----------------------------
 GGUF_ARCH = {"qwen3": "qwen3", "gemma2-gguf": "gemma2", "gemma3-gguf": "gemma3", "qwen3_moe-norm": "qwen3moe",
-             "mixtral-gguf": "llama"}
+             "mixtral-gguf": "llama", "phi3": "phi3"}
 _LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
           "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
           "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
           "mlp.down_proj": "ffn_down", "mlp.gate": "ffn_gate_inp", "pre_feedforward_layernorm": "ffn_norm",
-          "post_feedforward_layernorm": "post_ffw_norm"}
+          "post_feedforward_layernorm": "post_ffw_norm", "self_attn.qkv_proj": "attn_qkv",
+          "mlp.gate_up_proj": "ffn_up"}
 
 
 def _permute(w, n_head: int):
@@ -201,11 +202,19 @@ def _metadata(w, c, arch: str) -> None:
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
-    w.add_key_length(c.head_dim)
-    w.add_value_length(c.head_dim)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     rope = c.rope_parameters.get("full_attention", c.rope_parameters)
     w.add_rope_freq_base(float(rope["rope_theta"]))
+    if rope.get("rope_type") == "longrope":  # Phi-3, as the converter writes it; factors are tensors
+        import math
+
+        orig = rope["original_max_position_embeddings"]
+        scale = c.max_position_embeddings / orig
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1 else 1.0)
+        w.add_rope_scaling_orig_ctx_len(orig)
     if rope.get("rope_type") == "linear":
         import gguf
 
@@ -228,7 +237,13 @@ def _metadata(w, c, arch: str) -> None:
 
 def _tensors(model, arch: str):
     """(GGUF name, float32 array) as the converter writes them."""
+    import numpy as np
+
     c = model.config
+    rope = c.rope_parameters
+    if rope.get("rope_type") == "longrope":
+        for k in ("long", "short"):
+            yield f"rope_factors_{k}.weight", np.array(rope[f"{k}_factor"], dtype=np.float32)
     top = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output"}
     for name, p in model.state_dict().items():
         arr = p.float().numpy().copy()

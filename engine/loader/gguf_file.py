@@ -30,6 +30,7 @@ _LAYER_NAMES = {
     "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.bias": "self_attn.v_proj.bias",
     "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_qkv.weight": "self_attn.qkv_proj.weight",  # Phi-3: fused, in our row order
     "attn_q_norm.weight": "self_attn.q_norm.weight",
     "attn_k_norm.weight": "self_attn.k_norm.weight",
     "ffn_gate_inp.weight": "mlp.gate.weight",
@@ -61,9 +62,9 @@ class GGUFModel:
         """(HF name, float32 tensor) for every tensor, dequantized, Q/K rows un-permuted."""
         cfg = self.config
         for t in self.file.tensors.values():
-            name = _hf_name(t.name, cfg.sandwich_norm)
+            name = _hf_name(t.name, cfg.sandwich_norm, cfg.architecture)
             if name is None:
-                continue  # rope_freqs is folded into the config
+                continue  # rope_freqs / rope_factors_* are folded into the config
             arr = self.file.dequantize(t)
             w = torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # F32 tensors are mmap views
             if name.endswith("_exps"):  # stacked experts [E, rows, cols]: one HF tensor per expert
@@ -79,7 +80,7 @@ class GGUFModel:
             yield name, w
 
 
-def _hf_name(name: str, sandwich: bool = False) -> str | None:
+def _hf_name(name: str, sandwich: bool = False, family: str = "llama") -> str | None:
     """The HF name of a GGUF tensor; stacked experts come back as model.layers.N.mlp.<proj>_exps."""
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
@@ -89,9 +90,11 @@ def _hf_name(name: str, sandwich: bool = False) -> str | None:
             return f"model.layers.{idx}.{SANDWICH_NAMES[rest]}"
         if rest in EXPERT_NAMES:
             return f"model.layers.{idx}.mlp.{EXPERT_NAMES[rest]}_exps"
+        if family == "phi3" and rest == "ffn_up.weight":  # Phi-3 keeps gate and up fused in ffn_up
+            return f"model.layers.{idx}.mlp.gate_up_proj.weight"
         if rest in _LAYER_NAMES:
             return f"model.layers.{idx}.{_LAYER_NAMES[rest]}"
-    if name == "rope_freqs.weight":
+    if name in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"):
         return None
     raise ModelLoadError(f"unexpected tensor {name!r} in the GGUF file")
 
@@ -134,6 +137,13 @@ def _config(m: GGUFModel, tensors: dict) -> ModelConfig:
     if "rope_freqs.weight" in tensors:
         factors = torch.from_numpy(m.file.dequantize(tensors["rope_freqs.weight"]).copy())
         scaling = {"rope_type": "freq_factors", "factors": factors}
+    elif "rope_factors_long.weight" in tensors:  # Phi-3 LongRoPE: the factors are tensors
+        orig = int(m.field(f"{arch}.rope.scaling.original_context_length"))
+        scaling = {"rope_type": "longrope", "original_max_position_embeddings": orig,
+                   "max_position_embeddings": int(m.field(f"{arch}.context_length", orig)),
+                   "attention_factor": m.field(f"{arch}.rope.scaling.attn_factor"),
+                   **{f"{k}_factor": m.file.dequantize(tensors[f"rope_factors_{k}.weight"]).tolist()
+                      for k in ("long", "short")}}
     elif m.field(f"{arch}.rope.scaling.type") == "linear":
         scaling = {"rope_type": "linear", "factor": float(m.field(f"{arch}.rope.scaling.factor"))}
     elif m.field(f"{arch}.rope.scaling.type") not in (None, "none"):

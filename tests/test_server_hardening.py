@@ -155,6 +155,14 @@ def test_out_of_range_numbers_are_400_naming_the_field(server, field, value):
     assert r.json()["error"]["param"] == field
 
 
+def test_ollama_seed_minus_one_is_a_fresh_seed_and_past_64_bits_is_400(server):
+    body = {"model": "smollm2", "prompt": "Hi", "stream": False, "options": {"num_predict": 2, "seed": -1}}
+    assert httpx.post(server.url + "/api/generate", json=body, timeout=120).status_code == 200
+    body["options"]["seed"] = 2**64
+    r = httpx.post(server.url + "/api/generate", json=body, timeout=120)
+    assert r.status_code == 400 and "seed" in r.json()["error"]
+
+
 def test_a_bad_request_never_cuts_a_bystander_stream(server):
     bystander = Stream(server.url, completion(48, True))
     bystander.start()

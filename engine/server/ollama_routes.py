@@ -87,7 +87,8 @@ class _OllamaRequest(_Strict):
                 param="num_ctx")
         return SamplingParams(
             max_tokens=o.num_predict if o.num_predict > 0 else None, temperature=o.temperature, top_p=o.top_p,
-            top_k=o.top_k, min_p=o.min_p, seed=o.seed, stop=list(o.stop or []),
+            top_k=o.top_k, min_p=o.min_p, stop=list(o.stop or []),
+            seed=o.seed if o.seed is None or o.seed >= 0 else None,  # Ollama's default -1: a fresh seed
             repetition_penalty=o.repeat_penalty, presence_penalty=o.presence_penalty,
             frequency_penalty=o.frequency_penalty)
 

@@ -8,15 +8,16 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from gearshift.engine.config import EngineConfig
 from gearshift.engine.errors import GearshiftError
+from gearshift.engine.settings import add_arguments as add_settings
 from gearshift.operator import builders
 from gearshift.operator.plan import plan_one, read_services, unsupported_note
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-f", "--filename", required=True, help="InferenceService YAML ('-' for stdin)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    add_settings(parser, EngineConfig, ("host", "port"))  # as `gearshift serve` takes them
     parser.add_argument("--models-dir", default=os.path.expanduser("~/.cache/gearshift/models"),
                         help="where https:// and hf:// models are downloaded")
     parser.add_argument("--dry-run", action="store_true", help="print the decision and the command, serve nothing")

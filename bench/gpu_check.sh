@@ -9,6 +9,10 @@
 # Prepare here (the transfer is capped at 64 MiB; both folders are git-ignored and carried):
 #   .venv/bin/python bench/gguf_trim.py "$(.venv/bin/python -m gearshift.engine.bundled)" .dev/smollm2-10l.gguf --layers 10
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl gguf==0.19.0
+#   # the HTTP server's dependencies, for serve_8b (the image has torch/triton/transformers only; ~4 MiB):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#     -d .whl fastapi starlette uvicorn h11 click pydantic pydantic-core annotated-types typing-inspection \
+#     typing_extensions anyio sniffio idna prometheus-client httpx httpcore certifi
 # Run there:  bash bench/gpu_check.sh   (carry .dev and .whl; logs land in $OUT, default ./out)
 # BUDGET (seconds, default 420) bounds the whole run: a step that would not fit is skipped, not cut.
 # STEPS (default: all) names the steps to run, e.g. STEPS="tests offline_8b".
@@ -35,7 +39,7 @@ SUMMARY="$OUT/summary.txt"
 step() {
   local name=$1 limit=$2 left
   shift 2
-  [[ " ${STEPS:-tests kernels offline_smollm2 offline_1b offline_8b cuda_launcher moe} " == *" $name "* ]] || return 0
+  [[ " ${STEPS:-tests kernels offline_smollm2 offline_1b offline_8b serve_8b cuda_launcher moe} " == *" $name "* ]] || return 0
   left=$(( END - $(date +%s) ))
   if (( left < limit )); then
     echo "== $name: skipped ($left s left of the budget, needs $limit)" | tee -a "$SUMMARY"
@@ -46,7 +50,7 @@ step() {
   local rc=$?
   echo "== $name: rc $rc in $(( $(date +%s) - t0 )) s" | tee -a "$SUMMARY"
   # Tables, results and failures only; the whole log stays in $OUT.
-  grep -E '^\||passed|failed|error|Error|FAILED|machine:|device:|model:|out tok/s' "$OUT/$name.log" \
+  grep -E '^\||^paged |passed|failed|error|Error|FAILED|machine:|device:|model:|out tok/s|resident|after load' "$OUT/$name.log" \
     | grep -v -E '^\s*$' | tail -n 60 >>"$SUMMARY"
 }
 
@@ -68,6 +72,14 @@ step offline_1b 100 bash -c "python3 bench/random_model.py /tmp/l1b --shape llam
 step offline_8b 160 bash -c "python3 bench/random_model.py /tmp/l8b --shape llama-3-8b --tokenizer-from $MODEL &&
   python3 bench/offline.py --device cuda --model /tmp/l8b --dtype bfloat16 --naive-requests 2 --compare-eager \
   --kv-cache-memory 16Gi"
+# GPU serving (issue 15): bench/serve.py's closed loop against `gearshift serve` on CUDA (the HTTP path users hit),
+# Llama-3-8B shape, bf16 random weights, 512-token prompts, 128 output tokens, concurrency 1/16/64/128. Targets:
+# >= 8,000 output tok/s at 64 streams, ITL p50 <= 6 ms at 1. One device call for it and the offline table:
+#   STEPS="offline_8b serve_8b" BUDGET=560 bash bench/gpu_check.sh
+step serve_8b 330 bash -c "{ [ -f /tmp/l8b/config.json ] || python3 bench/random_model.py /tmp/l8b --shape llama-3-8b \
+  --tokenizer-from $MODEL; } && python3 bench/serve.py --targets paged --model /tmp/l8b --concurrency 1,16,64,128 \
+  --prompt-tokens 512 --max-tokens 128 --rounds 2 --level-timeout 90 --threads 8 \
+  --paged-args '--device cuda --dtype bfloat16 --kv-cache-memory 40Gi --max-num-batched-tokens 8192'"
 # The CUDA image's runtime stage (Dockerfile): Triton's launcher needs a C compiler; fails without, serves with.
 step cuda_launcher 150 bash bench/cuda_launcher_check.sh $MODEL
 # MoE vs dense at equal active parameters (Qwen3-30B-A3B shape, 2 layers, bf16): expert GEMMs (Triton grouped

@@ -24,6 +24,8 @@ WORDS = ("river mountain quiet engine paper garden window silver market winter s
 
 def make_prompts(model_path: str, n: int, prompt_tokens: int, seed: int = 0) -> list[str]:
     """n distinct prompts of exactly `prompt_tokens` tokens under the model's own tokenizer (vocab only)."""
+    if not model_path.endswith(".gguf"):  # an HF directory (the GPU machine's random-weight shapes: no llama.cpp)
+        return _make_prompts_hf(model_path, n, prompt_tokens, seed)
     from gearshift.engine.backends.gguf_loader import import_llama_cpp
 
     llama_cpp = import_llama_cpp()
@@ -40,6 +42,21 @@ def make_prompts(model_path: str, n: int, prompt_tokens: int, seed: int = 0) -> 
         text = vocab.detokenize(ids[:prompt_tokens]).decode("utf-8", errors="ignore")
         prompts.append(text)
     vocab.close()
+    return prompts
+
+
+def _make_prompts_hf(model_path: str, n: int, prompt_tokens: int, seed: int) -> list[str]:
+    """make_prompts with gearshift's own tokenizer of an HF model directory (what its server uses)."""
+    from gearshift.engine.loader import open_model
+    from gearshift.engine.tokenizer import Tokenizer
+
+    src = open_model(model_path)
+    tok = Tokenizer.from_model(src, extra_eos_ids=src.config.eos_token_ids)
+    prompts = []
+    for i in range(n):
+        rng = random.Random(seed * 100_003 + i)
+        words = [f"Request {i}: continue this list of words:"] + [rng.choice(WORDS) for _ in range(prompt_tokens)]
+        prompts.append(tok.decode(tok.encode(" ".join(words))[:prompt_tokens]))
     return prompts
 
 

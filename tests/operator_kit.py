@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -109,9 +110,9 @@ def log_tail(log: Path, lines: int = 30) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else "(no log)"
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -124,18 +125,20 @@ class PrivateAPIServer:
         if os.environ.get("KUBECONFIG") and Path(os.environ["KUBECONFIG"]) != local.KUBECONFIG:
             pytest.skip("API server faults need the local control plane (KUBECONFIG names another cluster)")
         self.work = work
-        self.port = free_port()
+        host = urlsplit(local.SERVER).hostname or "127.0.0.1"  # the address the shared one binds
+        self.port = free_port(host)
         pki = work / "pki"
         pki.mkdir(parents=True, exist_ok=True)
         state_pki = str(local.STATE / "pki")
-        for f in ("apiserver.crt", "apiserver.key", "ca.crt", "sa.pub", "sa.key"):
-            shutil.copy(local.STATE / "pki" / f, pki / f)
+        for f in (local.STATE / "pki").iterdir():
+            if f.is_file():
+                shutil.copy(f, pki / f.name)
         # Copies of the keys, so no argument names the shared state directory: the cluster's own process
         # lookup (local._alive) must never take this process for the shared API server, or stop it.
         self.argv = [a.replace(state_pki, str(pki)) if state_pki in a else a
                      for a in local._command("kube-apiserver")]
         self.argv = [f"--secure-port={self.port}" if a.startswith("--secure-port=") else a for a in self.argv]
-        self.server = f"https://127.0.0.1:{self.port}"
+        self.server = f"https://{host}:{self.port}"
         self.log = work / "private-apiserver.log"
         self.proc: subprocess.Popen | None = None
 
@@ -181,17 +184,19 @@ def operator_cluster(work: Path, private: PrivateAPIServer | None = None) -> Ite
     kubectl(kubeconfig, "wait", "--for=condition=Established", "crd/inferenceservices.gearshift.dev",
             "--timeout=60s")
     op_kubeconfig = op.sa_kubeconfig
-    if private is not None:
-        private.start(kubeconfig)
-        op_kubeconfig = private.kubeconfig_for(op.sa_kubeconfig, work / "operator-private.kubeconfig")
     log = work / "operator.log"
     admin = Kube(config.new_client_from_config(config_file=str(kubeconfig)))
-    c = {"kubeconfig": kubeconfig, "ns": ns, "admin": admin, "log": log, "op_kubeconfig": op_kubeconfig,
-         "proc": start_operator(op_kubeconfig, ns, log), "private": private}
+    c: dict[str, Any] = {"kubeconfig": kubeconfig, "ns": ns, "admin": admin, "log": log, "private": private}
     try:
+        if private is not None:
+            private.start(kubeconfig)
+            op_kubeconfig = private.kubeconfig_for(op.sa_kubeconfig, work / "operator-private.kubeconfig")
+        c["op_kubeconfig"] = op_kubeconfig
+        c["proc"] = start_operator(op_kubeconfig, ns, log)
         yield c
     finally:
-        stop_operator(c["proc"])
+        if "proc" in c:
+            stop_operator(c["proc"])
         if private is not None:
             private.stop()
         kubectl(kubeconfig, "delete", "namespace", ns, "--wait=false", check=False)

@@ -124,6 +124,7 @@ class PrivateAPIServer:
 
         if os.environ.get("KUBECONFIG") and Path(os.environ["KUBECONFIG"]) != local.KUBECONFIG:
             pytest.skip("API server faults need the local control plane (KUBECONFIG names another cluster)")
+        local.ensure_cluster()  # its certificates and etcd must exist before they are shared
         self.work = work
         host = urlsplit(local.SERVER).hostname or "127.0.0.1"  # the address the shared one binds
         self.port = free_port(host)

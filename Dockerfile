@@ -13,7 +13,8 @@
 ARG PYTHON_VERSION=3.11
 ARG BASE_IMAGE=python:${PYTHON_VERSION}-slim
 
-FROM ${BASE_IMAGE} AS build
+# Stage deps: Python, torch, llama.cpp and every dependency; changes only with pyproject.toml or the args.
+FROM ${BASE_IMAGE} AS deps
 ARG VARIANT=cpu
 ARG TORCH_VERSION=2.13.0
 # The wheel index for torch: CPU-only wheels by default (small), CUDA 12.8 wheels for VARIANT=cuda.
@@ -42,13 +43,23 @@ COPY pyproject.toml ./
 RUN python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
 print("\n".join(p["dependencies"] + p["optional-dependencies"]["gguf"]))' > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt
+
+# Stage build: the project itself on top (a code change rebuilds from here, in seconds, not the deps).
+FROM deps AS build
 COPY README.md ./
 COPY engine engine
 COPY operator operator
-RUN pip install --no-deps ".[gguf]" && pip check
+# No build isolation: setuptools and wheel are in the venv already (the deps stage's pip settings do not
+# reach this stage, and nothing needs fetching).
+RUN pip install --no-deps --no-build-isolation ".[gguf]" && pip check
 # The native CPU attention kernel, compiled here (x86-64-v3: AVX2/FMA) since the runtime image has no compiler.
 # Lands in /opt/gearshift/share/gearshift/cpu-kernels, where the engine imports it without a compiler.
-RUN python -m gearshift.engine.cpu_kernels
+# PYTHONSAFEPATH: /src/operator would shadow the stdlib's `operator` module from the working directory.
+RUN PYTHONSAFEPATH=1 python -m gearshift.engine.cpu_kernels
+# What this stage added to the venv, alone: the runtime stage copies it as a small layer of its own.
+RUN mkdir /layer && cd / && tar -c opt/gearshift/bin/gearshift opt/gearshift/share/gearshift \
+      opt/gearshift/lib/python3*/site-packages/gearshift opt/gearshift/lib/python3*/site-packages/gearshift-*.dist-info \
+    | tar -C /layer -x
 
 FROM ${BASE_IMAGE}
 ARG VARIANT=cpu
@@ -65,7 +76,8 @@ RUN py="" && { command -v python3 >/dev/null || py="python3"; } \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends libgomp1 ca-certificates $py $cc \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 1000 gearshift && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /tmp gearshift
-COPY --from=build /opt/gearshift /opt/gearshift
+COPY --from=deps /opt/gearshift /opt/gearshift
+COPY --from=build /layer/ /
 # PYTHONSAFEPATH: never put the working directory on sys.path. HOME=/tmp: the root FS is read-only.
 ENV PATH=/opt/gearshift/bin:$PATH PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 HOME=/tmp
 USER 1000:1000

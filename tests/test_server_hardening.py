@@ -299,13 +299,19 @@ def test_models_does_not_reveal_the_local_path(server, smollm2_gguf):
     assert str(smollm2_gguf.parent) not in text and ".gguf" not in text
 
 
-def test_docs_and_schema_need_the_api_key_when_one_is_set(smollm2_gguf):
-    with running_server(smollm2_gguf, "gguf", env={"GEARSHIFT_API_KEY": "s3cret"}) as server:
+def test_docs_schema_and_bodies_need_the_api_key_when_one_is_set(smollm2_gguf):
+    with running_server(smollm2_gguf, "gguf", "--max-request-body", "512Ki",
+                        env={"GEARSHIFT_API_KEY": "s3cret"}) as server:
         for path in ("/docs", "/openapi.json"):
             assert httpx.get(server.url + path).status_code == 401
             ok = httpx.get(server.url + path, headers={"Authorization": "Bearer s3cret"})
             assert ok.status_code == 200
         assert "/v1/chat/completions" in ok.json()["paths"]
+        # Without the key, a body is refused before it is read: strangers cannot make it buffer megabytes.
+        r = httpx.post(server.v1 + "/completions", content=b"x" * 2**20, timeout=60)  # over the limit: not 413
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        r = httpx.post(server.v1 + "/completions", content=b"x" * 2**20, headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 413
 
 
 # ---- 1, 2, 5. engine failures ---------------------------------------------------------------------------

@@ -7,7 +7,6 @@ lifecycle (admission, drain), and mounts the OpenAI and Ollama routes.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,9 +20,8 @@ from gearshift.engine.backends.base import Backend
 from gearshift.engine.config import EngineConfig
 from gearshift.engine.errors import InvalidRequestError
 from gearshift.engine.server import errors
-from gearshift.engine.server.errors import APIError
 from gearshift.engine.server.lifecycle import Lifecycle
-from gearshift.engine.server.limits import RequestGuard
+from gearshift.engine.server.limits import RequestGuard, api_key_error
 from gearshift.engine.server.metrics import CONTENT_TYPE, ServerMetrics
 from gearshift.engine.server.protocol import DetokenizeRequest, TokenizeRequest
 from gearshift.engine.server.state import ServerState, get_state
@@ -32,16 +30,9 @@ log = logging.getLogger("gearshift.server")
 
 
 def require_api_key(request: Request) -> None:
-    key = get_state(request).config.api_key
-    if not key:
-        return
-    auth = request.headers.get("authorization", "")
-    scheme, _, given = auth.partition(" ")
-    if scheme.lower() != "bearer" or not given.strip():
-        raise APIError(401, "You didn't provide an API key. Send it as `Authorization: Bearer YOUR_KEY`.",
-                       code="invalid_api_key")
-    if not hmac.compare_digest(given.strip().encode(), key.encode()):
-        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+    err = api_key_error(request.headers.get("authorization", ""), get_state(request).config.api_key)
+    if err is not None:
+        raise err
 
 
 def build_app(backend: Backend, config: EngineConfig, *, load_in_background: bool = True) -> FastAPI:
@@ -87,7 +78,8 @@ def build_app(backend: Backend, config: EngineConfig, *, load_in_background: boo
                         metrics=ServerMetrics(config.served_model_name or backend.model_name, backend.stats),
                         lifecycle=Lifecycle(backend.ready))
     app.state.gearshift = state
-    app.add_middleware(RequestGuard, max_body=config.max_request_body, read_timeout=config.read_timeout)
+    app.add_middleware(RequestGuard, max_body=config.max_request_body, read_timeout=config.read_timeout,
+                       api_key=config.api_key)
     errors.install(app)
 
     ops = APIRouter()

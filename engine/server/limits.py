@@ -4,13 +4,15 @@ a cap on open connections and a deadline for a request's headers (slow clients c
 descriptors).
 
 `RequestGuard` is an ASGI middleware: it reads a POST body whole (routes read it whole anyway), so every
-refusal is an error in the route's own shape before any work starts. `guarded_protocol` wraps uvicorn's
+refusal is an error in the route's own shape before any work starts; with an API key set, only after the
+key checks out. `guarded_protocol` wraps uvicorn's
 HTTP protocol class for the connection-level limits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import re
 from collections.abc import Awaitable, Callable
@@ -81,16 +83,30 @@ def check_body(body: bytes) -> None:
                                          "without its pair): not valid Unicode text", code="invalid_encoding"))
 
 
+def api_key_error(authorization: str, key: str | None) -> APIError | None:
+    """The 401 for an `Authorization` header that does not carry `key` (None: no key is required)."""
+    if not key:
+        return None
+    scheme, _, given = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        return APIError(401, "You didn't provide an API key. Send it as `Authorization: Bearer YOUR_KEY`.",
+                        code="invalid_api_key")
+    if not hmac.compare_digest(given.strip().encode(), key.encode()):
+        return APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+    return None
+
+
 class RequestGuard:
     """ASGI middleware for POST bodies: 415 for a browser's non-JSON POST (a page elsewhere must not drive
     this server: text/plain and form posts skip CORS preflight), 413 past `max_body` bytes, 408 past
     `read_timeout` seconds, 400 for invalid text. Non-browser clients may omit the JSON content type
     (Ollama's curl examples post `-d` form-encoded JSON): their bodies are read as JSON."""
 
-    def __init__(self, app: Any, max_body: int, read_timeout: float) -> None:
+    def __init__(self, app: Any, max_body: int, read_timeout: float, api_key: str | None = None) -> None:
         self.app = app
         self.max_body = max_body
         self.read_timeout = read_timeout
+        self.api_key = api_key  # checked before a body is read: strangers cannot make us buffer megabytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -113,6 +129,9 @@ class RequestGuard:
         await self.app(scope, _replay(body, receive), send)
 
     async def _read(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
+        denied = api_key_error(headers.get(b"authorization", b"").decode("latin-1"), self.api_key)
+        if denied is not None:
+            raise BodyRejected(denied)
         ctype = headers.get(b"content-type", b"").decode("latin-1")
         if not is_json_type(ctype) and from_browser(headers):
             raise BodyRejected(APIError(415, "send the body as JSON with `Content-Type: application/json`",

@@ -265,6 +265,26 @@ def test_slow_body_gets_408(server):
     assert reply.startswith(b"HTTP/1.1 408"), reply[:80]
 
 
+def test_slow_bodies_share_a_budget(smollm2_gguf):
+    """Slow senders each holding a partial body cannot pin max_connections x max_body bytes: past the
+    budget (8 bodies of the maximum size) the next gets 503, the others 408 when their deadline passes."""
+    with running_server(smollm2_gguf, "gguf", "--max-request-body", "64Ki", "--read-timeout", "5") as server:
+        socks = []
+        for _ in range(10):
+            s = socket.create_connection(("127.0.0.1", server.port))
+            s.sendall(b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 65536\r\n\r\n" + b" " * 63_000)  # never finished
+            socks.append(s)
+        replies = []
+        for s in socks:
+            s.settimeout(60)
+            replies.append(s.recv(4096)[:12])
+            s.close()
+        assert b"HTTP/1.1 503" in replies and b"HTTP/1.1 408" in replies, replies
+        assert set(replies) == {b"HTTP/1.1 503", b"HTTP/1.1 408"}, replies
+        assert httpx.get(server.url + "/health").status_code == 200
+
+
 def test_connections_beyond_the_cap_are_refused_and_the_rest_served(server):
     socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(24)]
     try:

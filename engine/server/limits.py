@@ -27,6 +27,7 @@ Send = Callable[[Message], Awaitable[None]]
 
 # A JSON escape of a UTF-16 surrogate; only bodies with one need the full check.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+BODY_BUDGET_BODIES = 8  # bodies of the maximum size that may be in the middle of being read together
 _OFF_LOOP_BYTES = 256 * 1024  # parse bigger bodies on a worker thread: /health shares this event loop
 
 
@@ -107,6 +108,10 @@ class RequestGuard:
         self.max_body = max_body
         self.read_timeout = read_timeout
         self.api_key = api_key  # checked before a body is read: strangers cannot make us buffer megabytes
+        # Bodies being read at once share a budget (slow senders each holding a partial body could
+        # otherwise pin max_connections x max_body bytes): past it, 503 and retry.
+        self.budget = BODY_BUDGET_BODIES * max_body
+        self.buffered = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -148,18 +153,25 @@ class RequestGuard:
     async def _read_all(self, receive: Receive) -> bytes:
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                raise self._too_large()
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return b"".join(chunks)
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    break
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                self.buffered += len(chunk)
+                if size > self.max_body:
+                    raise self._too_large()
+                if self.buffered > self.budget:
+                    raise BodyRejected(APIError(503, "the server is reading too many request bodies at once; "
+                                                     "retry", code="service_unavailable", headers={"Retry-After": "1"}))
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+            return b"".join(chunks)
+        finally:
+            self.buffered -= size
 
     def _too_large(self) -> BodyRejected:
         return BodyRejected(APIError(413, f"the request body is larger than the server's limit of "
@@ -169,7 +181,7 @@ class RequestGuard:
     async def _refuse(scope: Scope, send: Send, err: APIError) -> None:
         body = json.dumps(error_payload(scope["path"], err)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"connection", b"close")]
+                   (b"connection", b"close"), *((k.lower().encode(), v.encode()) for k, v in err.headers.items())]
         await send({"type": "http.response.start", "status": err.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 

@@ -131,18 +131,26 @@ class Sampler:
 
 
 def apply_bitmask(logits: torch.Tensor, rows: list[int], bitmask: np.ndarray) -> torch.Tensor:
-    """Set the logits of tokens a grammar forbids to -inf. logits [B, V]; bitmask int32 [len(rows), W]
-    for those rows. Only the W-word mask crosses to the device, not a [G, V] boolean."""
+    """Set the logits of tokens a grammar forbids to -inf. logits [B, V]; bitmask int32 [len(rows), W] for
+    those rows (bit t%32 of word t//32 set = allowed). On a GPU only the W-word mask crosses to the device
+    and is unpacked there. On a CPU numpy does it on this thread: torch's [G, V] ops wait at OpenMP
+    barriers, and on shared CPUs that cost ~30 ms a step at 32 rows (bench/serve_features.py)."""
     vocab = logits.shape[1]
-    words = torch.from_numpy(bitmask).to(logits.device, non_blocking=True)  # [G, W]
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-    bits = ((words.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1)  # [G, W*32]
-    if bits.shape[1] < vocab:  # padded embedding rows beyond the tokenizer: never allowed
-        bits = torch.nn.functional.pad(bits, (0, vocab - bits.shape[1]))
-    idx = torch.tensor(rows, device=logits.device)
-    logits = logits.clone()
-    logits[idx] = logits[idx].masked_fill(bits[:, :vocab] == 0, float("-inf"))
-    return logits
+    if logits.is_cuda:
+        words = torch.from_numpy(bitmask).to(logits.device, non_blocking=True)  # [G, W]
+        shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+        allowed = ((words.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1).bool()  # [G, W*32]
+        if allowed.shape[1] < vocab:  # padded embedding rows beyond the tokenizer: never allowed
+            allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
+        idx = torch.tensor(rows, device=logits.device)
+        return logits.index_copy(0, idx, logits.index_select(0, idx).masked_fill_(~allowed[:, :vocab], float("-inf")))
+    out = logits.float().numpy().copy()  # [B, V]
+    allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")  # [G, W*32], 1 = allowed
+    width = min(allowed.shape[1], vocab)
+    for j, r in enumerate(rows):
+        np.copyto(out[r, :width], -np.inf, where=allowed[j, :width] == 0)
+        out[r, width:] = -np.inf  # padded embedding rows beyond the tokenizer: never allowed
+    return torch.from_numpy(out)
 
 
 def _apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

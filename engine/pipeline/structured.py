@@ -51,9 +51,9 @@ def ollama_spec(fmt: str | dict[str, Any] | None) -> GuidedSpec | None:
 def attach(params: SamplingParams, spec: GuidedSpec | None, backend: Any) -> SamplingParams:
     """Compile `spec` for the backend's vocabulary into params.guide (a 400 if it cannot be compiled)."""
     if spec is not None:
-        params.guide = compile(spec, backend)
+        params.guide = compile_spec(spec, backend)
     return params
 
 
-def compile(spec: GuidedSpec, backend: Any) -> Guide:  # noqa: A001 - the module is always qualified
+def compile_spec(spec: GuidedSpec, backend: Any) -> Guide:
     return compile_guide(spec, backend.grammar_vocab())

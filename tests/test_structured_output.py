@@ -170,3 +170,27 @@ def test_bad_formats_are_400s(client):
         ask(client, response_format={"type": "json_object"}, extra_body={"guided_regex": "a+"})
     with pytest.raises(openai.BadRequestError):
         ask(client, extra_body={"guided_regex": "(unclosed"})
+
+
+def _check_masked(out, logits, rows, bitmask, vocab_words):
+    bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")  # [G, W*32]
+    out, logits = out.cpu().numpy(), logits.cpu().numpy()
+    for j, r in enumerate(rows):
+        allowed = np.zeros(logits.shape[1], dtype=bool)
+        allowed[: min(vocab_words * 32, logits.shape[1])] = bits[j, : logits.shape[1]].astype(bool)
+        assert np.isneginf(out[r, ~allowed]).all() and (out[r, allowed] == logits[r, allowed]).all()
+    for r in set(range(logits.shape[0])) - set(rows):
+        assert (out[r] == logits[r]).all()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_apply_bitmask_forbids_exactly_the_cleared_bits(device):
+    import torch
+    from gearshift.engine.sampler import apply_bitmask
+
+    rng = np.random.default_rng(0)
+    words, vocab = 4, 4 * 32 + 7  # logits wider than the mask: padded embedding rows are never allowed
+    bitmask = rng.integers(-(2**31), 2**31 - 1, size=(3, words), dtype=np.int32)
+    logits = torch.randn(5, vocab, device=device)
+    rows = [0, 2, 4]
+    _check_masked(apply_bitmask(logits, rows, bitmask), logits, rows, bitmask, words)

@@ -34,14 +34,16 @@ up: install
 	$(VENV)/bin/gearshift serve --model "$$($(PY) -m gearshift.engine.bundled)" --engine $(ENGINE) \
 		--served-model-name smollm2 --host $(HOST) --port $(PORT)
 
-# Unit, integration and e2e tests; provisions the Kubernetes control plane (built once, cached).
-test: install provision
+# Unit, integration and e2e tests; provisions the Kubernetes control plane and node (built once, cached)
+# and the image the e2e runs on that node (rebuilt when its inputs change).
+test: install provision image
 	@$(CLUSTER) status >/dev/null 2>&1 || trap '$(CLUSTER) down' EXIT; $(E2E_PATH) $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 unit: install
 	$(VENV)/bin/pytest -m "not e2e" $(PYTEST_ARGS)
 
-# The control plane's binaries, built once from Debian's kubernetes source (nothing when $$KUBECONFIG answers).
+# The control plane's and the node's binaries (kubelet, kube-proxy), built once from Debian's kubernetes
+# source (nothing when $$KUBECONFIG answers). containerd, runc and CNI come from Debian at the node's start.
 provision: install provision-monitoring
 	e2e/cluster/build.sh
 
@@ -51,7 +53,7 @@ provision-monitoring:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
 # The e2e scenarios only. The cluster is stopped at the end unless it was already running before.
-e2e: install provision
+e2e: install provision image
 	@$(CLUSTER) status >/dev/null 2>&1 || trap '$(CLUSTER) down' EXIT; $(E2E_PATH) $(VENV)/bin/pytest -m e2e $(PYTEST_ARGS)
 
 # The CPU image from the one Dockerfile, built with podman (debootstrap base, this host's pip settings as

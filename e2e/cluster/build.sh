@@ -113,8 +113,17 @@ for c in "${COMPONENTS[@]}"; do whats+="cmd/$c "; done
 unset GOFLAGS
 export PATH="/usr/lib/go/bin:$PATH" GO111MODULE=on
 export GOCACHE="$CACHE/gocache" GOPATH="$CACHE/gopath"
+# A heartbeat while Go is silent: elapsed time and how many compile results its cache holds so far.
+t0=$(date +%s)
+( while sleep 60; do
+    log "still building: $(( ($(date +%s) - t0) / 60 )) min, $(find "$GOCACHE" -name '*-d' 2>/dev/null | wc -l) objects in the Go cache"
+  done ) &
+beat=$!
+trap 'kill $beat 2>/dev/null || true' EXIT
 # nice: the build takes both cores for minutes; the kubelet static (no host glibc dependency).
 (cd "$tree" && nice -n 19 make WHAT="${whats% }" KUBE_BUILD_PLATFORMS=linux/amd64 KUBE_STATIC_OVERRIDES=kubelet >&2)
+kill $beat 2>/dev/null || true; trap - EXIT
+log "go build finished in $(( ($(date +%s) - t0) / 60 )) min"
 for c in "${COMPONENTS[@]}"; do
     f=$(find "$tree/_output" -type f -name "$c" -perm -u+x | head -n1)
     [[ -n "$f" ]] || { log "build produced no $c"; exit 1; }

@@ -15,7 +15,16 @@ from datetime import datetime, timezone
 from typing import Any
 
 from gearshift.operator import replicas as rc
-from gearshift.operator.gear import ADVICE_REASONS, DOWN_FRACTION, NO_DATA, Advice, GearState, advise, hold, should_shift
+from gearshift.operator.gear import (
+    ADVICE_REASONS,
+    DOWN_FRACTION,
+    NO_DATA,
+    Advice,
+    GearState,
+    advise,
+    hold,
+    should_shift,
+)
 from gearshift.operator.load import Load, LoadWindow, Tick, ceil_concurrency, load_changed, round_load
 from gearshift.operator.policy import CROSSOVER_CONCURRENCY, ObservedGear
 from gearshift.operator.spec import InferenceServiceSpec

@@ -112,40 +112,73 @@ class PodRouter:
         await asyncio.gather(copy(reader, up_w), copy(up_r, writer))
 
 
+Timeline = list[dict[str, Any]]  # bench/plot.py gear: {t, concurrency, output_tok_s, engine} per interval
+INTERVAL_S = 5.0
+
+
 async def ramp(cluster: Cluster, name: str, prompts: list[str], phases: list[tuple[int, float]],
-               max_tokens: int, route_pods: bool = False) -> list[dict[str, Any]]:
+               max_tokens: int, route_pods: bool = False) -> tuple[list[dict[str, Any]], Timeline]:
     if route_pods:
         async with PodRouter(cluster, name) as url:
             return await _ramp(cluster, name, url, prompts, phases, max_tokens)
     return await _ramp(cluster, name, cluster.url(name), prompts, phases, max_tokens)
 
 
-async def _ramp(cluster: Cluster, name: str, url: str, prompts: list[str], phases: list[tuple[int, float]],
-                max_tokens: int) -> list[dict[str, Any]]:
-    rows = []
-    for i, (streams, seconds) in enumerate(phases):
-        engines: set[str] = set()
+def bin_tokens(chunk_times: list[float], start: float, seconds: float, streams: int, t_offset: float,
+               engine_at: list[tuple[float, str]]) -> Timeline:
+    """One phase's streamed chunks (perf_counter times) as tokens/s per INTERVAL_S, with the engine the
+    resource's status named at the end of each interval (engine_at: (time, engine) samples)."""
+    n = max(1, int(seconds // INTERVAL_S))
+    counts = [0] * n
+    for c in chunk_times:
+        b = int((c - start) // INTERVAL_S)
+        if 0 <= b < n:
+            counts[b] += 1
+    out = []
+    for b, count in enumerate(counts):
+        end = start + (b + 1) * INTERVAL_S
+        engine = next((e for t, e in reversed(engine_at) if t <= end), engine_at[0][1] if engine_at else "?")
+        out.append({"t": t_offset + b * INTERVAL_S, "concurrency": streams,
+                    "output_tok_s": count / INTERVAL_S, "engine": engine})
+    return out
 
-        async def watch(engines: set[str] = engines) -> None:  # which engine(s) served this phase
+
+async def _ramp(cluster: Cluster, name: str, url: str, prompts: list[str], phases: list[tuple[int, float]],
+                max_tokens: int) -> tuple[list[dict[str, Any]], Timeline]:
+    rows: list[dict[str, Any]] = []
+    timeline: Timeline = []
+    t_offset = 0.0
+    for i, (streams, seconds) in enumerate(phases):
+        engine_at: list[tuple[float, str]] = []
+
+        async def watch(engine_at: list[tuple[float, str]] = engine_at) -> None:  # engine(s) this phase
             while True:
-                engines.add(await asyncio.to_thread(lambda: cluster.status(name).get("engine", "?")))
-                await asyncio.sleep(5)
+                engine = await asyncio.to_thread(lambda: cluster.status(name).get("engine", "?"))
+                engine_at.append((time.perf_counter(), engine))
+                await asyncio.sleep(INTERVAL_S)
 
         watcher = asyncio.create_task(watch())
+        start = time.perf_counter()
         result = await run_level(url, MODEL, prompts, streams, 10**9, max_tokens, True, 600.0,
                                  duration=seconds)
         watcher.cancel()
+        timeline += bin_tokens([c for r in result.requests for c in r.chunk_times], start, seconds, streams,
+                               t_offset, engine_at)
+        t_offset += seconds
+        engines = {e for _, e in engine_at}
         s = result.summary()
         rows.append({"phase": f"{i + 1}: {streams} streams, {seconds:.0f}s", "tokens": s["output_tokens"],
                      "tok_s": s["output_tok_s"], "ttft_p50": s["ttft_p50_ms"], "ttft_p99": s["ttft_p99_ms"],
                      "failed": s["errors"], "engines": "+".join(sorted(engines))})
-    return rows
+    return rows, timeline
 
 
 def run_bench(cluster: Cluster, model_uri: str, targets: list[str], phases: list[tuple[int, float]],
               window: str, cooldown: str, max_tokens: int, route_pods: bool = False,
-              pod_template: dict[str, Any] | None = None) -> list[tuple[str, dict[str, Any]]]:
-    """Each target in turn: create it, wait until Ready, run the ramp, delete it."""
+              pod_template: dict[str, Any] | None = None,
+              timeline: Timeline | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """Each target in turn: create it, wait until Ready, run the ramp, delete it. `timeline` (when given)
+    gets every target's samples, tagged with the target."""
     from gearshift.engine.bundled import bundled_model_path
 
     prompts = make_prompts(str(bundled_model_path()), 64, 128)
@@ -155,8 +188,10 @@ def run_bench(cluster: Cluster, model_uri: str, targets: list[str], phases: list
         body = resource(name, model_uri, target, window, cooldown, pod_template)
         cluster.custom.create_namespaced_custom_object(GROUP, VERSION, cluster.ns, PLURAL, body)
         cluster.wait_ready(name)
-        rows = asyncio.run(ramp(cluster, name, prompts, phases, max_tokens, route_pods))
+        rows, samples = asyncio.run(ramp(cluster, name, prompts, phases, max_tokens, route_pods))
         table += [(target, r) for r in rows]
+        if timeline is not None:
+            timeline += [{"target": target, **x} for x in samples]
         cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.ns, PLURAL, name)
     return table
 
@@ -193,6 +228,8 @@ def main() -> int:
     p.add_argument("--route-pods", action="store_true",
                    help="no kube-proxy (the e2e stand-in node): route each connection to a ready pod")
     p.add_argument("--pod-template", type=json.loads, default=None, help="spec.podTemplate as JSON")
+    p.add_argument("--json", type=Path, default=None,
+                   help="also write the table and the timeline here (bench/plot.py gear draws it)")
     args = p.parse_args()
     if not args.kubeconfig:
         from gearshift.e2e.cluster.local import ensure_cluster
@@ -205,13 +242,20 @@ def main() -> int:
     core = client.CoreV1Api(config.new_client_from_config(config_file=args.kubeconfig))
     if not args.namespace:
         core.create_namespace({"metadata": {"name": ns}})
+    timeline: Timeline = []
     try:
         table = run_bench(Cluster(args.kubeconfig, ns), args.model_uri, args.targets.split(","), phases,
-                          args.window, args.cooldown, args.max_tokens, args.route_pods, args.pod_template)
+                          args.window, args.cooldown, args.max_tokens, args.route_pods, args.pod_template,
+                          timeline)
     finally:
         if not args.namespace:
             core.delete_namespace(ns)
     print_table(table, phases)
+    if args.json:
+        args.json.write_text(json.dumps({
+            "time": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()), "interval_s": INTERVAL_S,
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "table": [{"target": t, **r} for t, r in table], "samples": timeline}, indent=1))
     return 0
 
 

@@ -78,7 +78,10 @@ def test_options_are_validated_and_raw_generate_works(client):
     assert r.done and r.eval_count <= 8
 
 
-def test_images_are_refused_clearly(client):
+def test_images_and_suffix_are_refused_clearly(client):
+    with pytest.raises(ollama.ResponseError) as e:
+        client.generate("smollm2", "def add(a, b):", suffix="    return c")
+    assert e.value.status_code == 400 and "suffix" in str(e.value)
     with pytest.raises(ollama.ResponseError) as e:
         client.chat("smollm2", messages=[{"role": "user", "content": "what is this?", "images": ["aGVsbG8="]}])
     assert e.value.status_code == 400 and "images" in str(e.value)

@@ -98,6 +98,7 @@ class OllamaGenerateRequest(_OllamaRequest):
     system: str | None = None
     raw: bool = False
     images: list[str] | None = None
+    suffix: str | None = None
 
 
 class OllamaChatRequest(_OllamaRequest):
@@ -173,6 +174,9 @@ async def generate(body: OllamaGenerateRequest, request: Request) -> Response:
     state.check_model(body.model, ollama=True)
     if body.images:
         raise InvalidRequestError("images are not supported: the served model reads text only", param="images")
+    if body.suffix:
+        raise InvalidRequestError("suffix (fill-in-the-middle) is not supported: the chat template has no "
+                                  "fill-in-the-middle form", param="suffix")
     params = body.sampling_params(state.backend.max_model_len)
     structured.attach(params, structured.ollama_spec(body.format), state.backend)
     if not body.prompt and not body.system:

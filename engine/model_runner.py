@@ -40,6 +40,7 @@ import torch
 from gearshift.engine.attention_metadata import AttentionMetadata
 from gearshift.engine.config import DType, EngineConfig, usable_cpus
 from gearshift.engine.errors import GearshiftError
+from gearshift.engine.load_progress import reported
 from gearshift.engine.loader import open_model
 from gearshift.engine.model.llama import LlamaForCausalLM
 from gearshift.engine.scheduler_output import SchedulerOutput
@@ -106,6 +107,7 @@ class ModelRunner:
             self.dtype = torch.float32
         if self.device.type == "cpu":
             torch.set_num_threads(config.threads or usable_cpus())
+        log.info("reading %s (configuration, tokenizer), then its weights", config.model)
         src = open_model(config.model)
         self.model_config = cfg = src.config
         self.tokenizer = Tokenizer.from_model(src, extra_eos_ids=cfg.eos_token_ids)
@@ -136,7 +138,8 @@ class ModelRunner:
             torch.set_default_dtype(default)
         model.to_empty(device=self.device)
         model.materialize()
-        model.load_weights(src.weights())
+        total = sum(p.numel() for p in model.parameters())  # tied weights once, as checkpoints hold them
+        model.load_weights(reported(src.weights(), total, self.model_config.num_layers, log.info))
         if self.config.quantization == "int8":
             model.quantize_int8_for_cpu(batch_hint=self.config.max_num_seqs)
         elif self.device.type == "cpu" and (self.dtype == torch.float32 or

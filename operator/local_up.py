@@ -64,4 +64,12 @@ def run(args: argparse.Namespace) -> int:
         model = str(fetch(uri.uri, Path(args.models_dir), sha256=spec.model.sha256))
     from gearshift.engine.cli import main
 
+    print(f"gearshift up: starting the {plan.engine} engine on {model} ({_size(Path(model))}); it answers "
+          f"http://{args.host}:{args.port}/ready once loaded, its load progress follows", file=sys.stderr, flush=True)
     return main(builders.serve_args(spec, plan, model, args.host, args.port))
+
+
+def _size(path: Path) -> str:
+    """What there is to load: a file's size, or a model directory's weights."""
+    files = [path] if path.is_file() else [*path.glob("*.safetensors"), *path.glob("*.gguf")]
+    return f"{sum(f.stat().st_size for f in files) / 2**20:.1f} MiB"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -50,9 +51,12 @@ def build_app(backend: Backend, config: EngineConfig, *, load_in_background: boo
         state.started = True
         # Load in the background: /health answers at once, /ready (and generation) once loaded.
         async def load() -> None:
+            t0 = time.monotonic()
+            log.info("loading the model (%s engine); /ready answers 503 until it is done", backend.name)
             try:
                 await backend.start()
                 state.loaded = True
+                log.info("model loaded in %.1fs; /ready answers 200", time.monotonic() - t0)
             except Exception as e:  # one line for the user; `gearshift serve` exits 2 with it
                 state.startup_error = e
                 log.error("the model failed to load: %s", e)

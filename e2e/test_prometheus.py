@@ -40,7 +40,7 @@ def serving(kube, model_url, prometheus) -> dict[str, str]:
     for name in ENGINES:
         ip = kube.service_ip(name)
         with ThreadPoolExecutor(4) as pool:
-            assert all(t.strip() for t in pool.map(lambda _: chat(ip, max_tokens=16), range(8)))
+            assert all(t.strip() for t in pool.map(lambda _, ip=ip: chat(ip, max_tokens=16), range(8)))
     return {name: engine for name, (engine, _) in ENGINES.items()}
 
 

@@ -8,116 +8,35 @@ children, status, conditions, events, cleanup by the garbage collector, and no w
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import yaml
 from gearshift.operator.policy import CROSSOVER_CONCURRENCY as CROSSOVER
+from operator_kit import (
+    API,
+    MODEL,
+    condition,
+    create,
+    events,
+    get,
+    isvc,
+    kubectl,
+    operator_cluster,
+    owner,
+    wait,
+)
 
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parents[1]
-GEARSHIFT = str(Path(sys.executable).parent / "gearshift")
-API = "gearshift.dev/v1alpha1"
-MODEL = "https://127.0.0.1:9/models/smollm2.Q4_1.gguf"
-
-
-def wait(check: Callable[[], Any], what: str, timeout: float = 45.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except AssertionError as e:
-            last = e
-        else:
-            if last:
-                return last
-        time.sleep(0.4)
-    pytest.fail(f"timed out waiting for {what}; last: {last}")
-
-
-def kubectl(kubeconfig: Path, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run(["kubectl", f"--kubeconfig={kubeconfig}", *args], input=input, text=True,
-                       capture_output=True, timeout=60)
-    if check and r.returncode:
-        raise AssertionError(f"kubectl {' '.join(args)}: {r.stderr}")
-    return r
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """CRD + RBAC installed, a namespace of our own, and the operator running with the SA token."""
-    from gearshift.e2e.cluster.local import ensure_cluster
-    from gearshift.e2e.cluster.operator_process import OperatorProcess
-    from gearshift.operator.apply import Kube
-    from kubernetes import config
-
-    kubeconfig = ensure_cluster()
-    work = tmp_path_factory.mktemp("operator")
-    ns = f"gs-it-{uuid.uuid4().hex[:6]}"
-    kubectl(kubeconfig, "create", "namespace", ns)
-    op = OperatorProcess(kubeconfig, REPO / "manifests", work, namespaces=[ns])
-    op.install()  # kubectl apply -k manifests/ (CRD included), operator Deployment scaled to 0, SA token
-    kubectl(kubeconfig, "wait", "--for=condition=Established", "crd/inferenceservices.gearshift.dev",
-            "--timeout=60s")
-    log = work / "operator.log"
-    # The operator as its Deployment runs it, with a short resync so drift and rest are seen quickly.
-    proc = subprocess.Popen([GEARSHIFT, "operator", "--kubeconfig", str(op.sa_kubeconfig), "--namespace", ns,
-                             "--resync-seconds", "3", "--image", "gearshift:test"],
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "PYTHONSAFEPATH": "1"})
-    admin = Kube(config.new_client_from_config(config_file=str(kubeconfig)))
-    try:
-        yield {"kubeconfig": kubeconfig, "ns": ns, "admin": admin, "log": log, "proc": proc}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        kubectl(kubeconfig, "delete", "namespace", ns, "--wait=false", check=False)
-        sys.stderr.write("operator log tail:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-30:]))
-
-
-def isvc(name: str, **spec: Any) -> dict[str, Any]:
-    spec.setdefault("model", {"uri": MODEL})
-    return {"apiVersion": API, "kind": "InferenceService", "metadata": {"name": name}, "spec": spec}
-
-
-def create(c: dict[str, Any], obj: dict[str, Any]) -> None:
-    kubectl(c["kubeconfig"], "-n", c["ns"], "apply", "-f", "-", input=yaml.safe_dump(obj))
-
-
-def get(c: dict[str, Any], api_version: str, kind: str, name: str) -> dict[str, Any] | None:
-    return c["admin"].get(api_version, kind, c["ns"], name)
-
-
-def owner(c: dict[str, Any], name: str) -> dict[str, Any]:
-    obj = get(c, API, "InferenceService", name)
-    assert obj is not None
-    return obj
-
-
-def condition(obj: dict[str, Any], ctype: str) -> dict[str, Any]:
-    for cond in (obj.get("status") or {}).get("conditions") or []:
-        if cond["type"] == ctype:
-            return cond
-    return {}
-
-
-def events(c: dict[str, Any], name: str, reason: str | None = None) -> list[dict[str, Any]]:
-    items = c["admin"].request("GET", f"/api/v1/namespaces/{c['ns']}/events")["items"]
-    return [e for e in items if e["involvedObject"]["name"] == name and e["involvedObject"]["kind"] == "InferenceService"
-            and (reason is None or e["reason"] == reason)]
+    with operator_cluster(tmp_path_factory.mktemp("operator")) as c:
+        yield c
 
 
 def engine_args(dep: dict[str, Any]) -> list[str]:

@@ -71,6 +71,15 @@ def _split_by_length(idx: list[int], lens: list[int]) -> list[list[int]]:
     return [idx]
 
 
+def _batch_lists(meta: AttentionMetadata, device: torch.device) -> tuple[list[int], list[int], torch.Tensor, list[int]]:
+    """What both plan builders read first: query start offsets [B+1], sequence lengths [B], the block
+    tables [B, max_blocks] on `device`, and the indices of the decodes (query length 1)."""
+    qsl = meta.query_start_loc.tolist()
+    seq_lens = meta.seq_lens.tolist()
+    bt = meta.block_tables.to(device=device, dtype=torch.int64)
+    return qsl, seq_lens, bt, [i for i in range(len(seq_lens)) if qsl[i + 1] - qsl[i] == 1]
+
+
 def build_plan(meta: AttentionMetadata, block_size: int, device: torch.device,
                native: bool = False, window: int | None = None) -> TorchAttentionPlan:
     """native: route decodes to gearshift.engine.cpu_kernels.paged_decode (fp32 caches, kernel loaded).
@@ -78,10 +87,7 @@ def build_plan(meta: AttentionMetadata, block_size: int, device: torch.device,
     before every query's window are neither gathered nor read."""
     if window is not None:
         return _build_window_plan(meta, block_size, device, window, native)
-    qsl = meta.query_start_loc.tolist()
-    seq_lens = meta.seq_lens.tolist()
-    bt = meta.block_tables.to(device=device, dtype=torch.int64)
-    decode_idx = [i for i in range(len(seq_lens)) if qsl[i + 1] - qsl[i] == 1]
+    qsl, seq_lens, bt, decode_idx = _batch_lists(meta, device)
     decodes: list[_DecodeGroup] = []
     native_decodes = None
     if native and decode_idx:
@@ -132,10 +138,7 @@ def _build_window_plan(meta: AttentionMetadata, bs: int, device: torch.device, w
                        native: bool = False) -> TorchAttentionPlan:
     """build_plan for a sliding-window layer: each decode gathers only the blocks its window touches (the
     native kernel, given the window, walks only those blocks too)."""
-    qsl = meta.query_start_loc.tolist()
-    seq_lens = meta.seq_lens.tolist()
-    bt = meta.block_tables.to(device=device, dtype=torch.int64)
-    decode_idx = [i for i in range(len(seq_lens)) if qsl[i + 1] - qsl[i] == 1]
+    qsl, seq_lens, bt, decode_idx = _batch_lists(meta, device)
     decodes: list[_DecodeGroup] = []
     native_decodes = None
     if native and decode_idx:

@@ -104,11 +104,12 @@ def byte_vocab() -> dict:
             "tokenizer.ggml.eos_token_id": 256, "tokenizer.chat_template": TEMPLATE}
 
 
-def save_hf_dir(model: Any, path: Path) -> Path:
-    """safetensors + config.json as save_pretrained writes them, and a byte-level tokenizer."""
+def save_hf_dir(model: Any, path: Path, max_shard_size: str | None = None) -> Path:
+    """safetensors + config.json as save_pretrained writes them (in shards of at most `max_shard_size`
+    when given, with their index), and a byte-level tokenizer."""
     from gearshift.engine.loader.gguf_tokenizer import tokenizer_from_gguf
 
-    model.save_pretrained(path)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tok, _ = tokenizer_from_gguf(byte_vocab())
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "chat_template": TEMPLATE}))
@@ -190,7 +191,7 @@ _LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_at
           "mlp.gate_up_proj": "ffn_up"}
 
 
-def _permute(w, n_head: int):
+def permute(w, n_head: int):
     """llama.cpp's permutation of Llama Q/K rows for its interleaved RoPE."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -265,16 +266,20 @@ def _tensors(model, arch: str):
         else:
             gname = _LAYER[base]
         if arch == "llama" and gname in ("attn_q", "attn_k"):
-            arr = _permute(arr, c.num_attention_heads if gname == "attn_q" else c.num_key_value_heads)
+            arr = permute(arr, c.num_attention_heads if gname == "attn_q" else c.num_key_value_heads)
         if arch.startswith("gemma") and base.endswith("norm"):
             arr = arr + 1.0  # the converter stores Gemma's (1 + w)
         yield f"blk.{blk}.{gname}.{suffix}", arr
 
 
 def save_gguf(model, family: str, path: Path) -> Path:
+    return write_gguf(model, path, GGUF_ARCH[family])
+
+
+def write_gguf(model, path: Path, arch: str) -> Path:
+    """`model` as a GGUF of architecture `arch` (F32), as llama.cpp's converter writes it."""
     import gguf
 
-    arch = GGUF_ARCH[family]
     w = gguf.GGUFWriter(str(path), arch)
     _metadata(w, model.config, arch)
     for name, arr in _tensors(model, arch):

@@ -9,16 +9,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from family_models import permute, save_hf_dir, write_gguf
 from gearshift.engine.config import EngineConfig
 from gearshift.engine.errors import ModelLoadError
 from gearshift.engine.loader import open_model
 from gearshift.engine.loader.gguf_file import _unpermute
-from gearshift.engine.loader.gguf_tokenizer import tokenizer_from_gguf
 from gearshift.engine.model_runner import ModelRunner
 from gearshift.engine.scheduler_output import ScheduledSeq, SchedulerOutput
 
 transformers = pytest.importorskip("transformers")
-TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
 
 
 def test_smollm2_gguf_config(smollm2_gguf):
@@ -30,26 +29,12 @@ def test_smollm2_gguf_config(smollm2_gguf):
     assert c.eos_token_ids == [2] and c.max_position_embeddings == 8192
 
 
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's convert_hf_to_gguf permutation of Q/K rows (what the file holds)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def test_unpermute_inverts_llama_cpp_permutation():
     w = np.random.default_rng(0).standard_normal((8 * 64, 32)).astype(np.float32)
-    assert torch.equal(_unpermute(torch.from_numpy(_permute(w, 8)), 8), torch.from_numpy(w))
+    assert torch.equal(_unpermute(torch.from_numpy(permute(w, 8)), 8), torch.from_numpy(w))
 
 
 # ---- tiny real models: HF transformers as the reference --------------------------------------------
-def _byte_vocab() -> dict:
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    tokens = list(bytes_to_unicode().values()) + ["<|endoftext|>"]
-    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens,
-            "tokenizer.ggml.token_type": [1] * 256 + [3], "tokenizer.ggml.merges": [],
-            "tokenizer.ggml.eos_token_id": 256, "tokenizer.chat_template": TEMPLATE}
-
-
 def _tiny_hf_model(kind: str):
     common = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
@@ -73,57 +58,6 @@ def _tiny_hf_model(kind: str):
     return model
 
 
-def _write_hf_dir(model, path):
-    model.save_pretrained(path, max_shard_size="100KB")  # several shards + an index
-    tok, _ = tokenizer_from_gguf(_byte_vocab())
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "chat_template": TEMPLATE}))
-
-
-def _write_gguf(model, path, arch: str = "llama"):
-    """The model as llama.cpp's converter would write it (F32, Q/K rows permuted for llama)."""
-    import gguf
-
-    c = model.config
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
-    for k, v in _byte_vocab().items():
-        if isinstance(v, list):
-            w.add_array(k, v)
-        elif isinstance(v, int):
-            w.add_uint32(k, v)
-        else:
-            w.add_string(k, v)
-    names = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output"}
-    layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-    for name, p in model.state_dict().items():
-        arr = p.float().numpy().copy()
-        parts = name.removeprefix("model.").split(".")
-        if parts[0] == "layers":
-            base, suffix = ".".join(parts[2:-1]), parts[-1]
-            if base.endswith("q_proj") and arch == "llama":
-                arr = _permute(arr, c.num_attention_heads)
-            elif base.endswith("k_proj") and arch == "llama":
-                arr = _permute(arr, c.num_key_value_heads)
-            gname = f"blk.{parts[1]}.{layer[base]}.{suffix}"
-        else:
-            gname = f"{names[parts[0]]}.{parts[-1]}"
-        w.add_tensor(gname, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 def _check_against_hf(model, runner: ModelRunner) -> None:
     prompt = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(1)).tolist()
     bt = list(range(runner.num_kv_blocks - 1, runner.num_kv_blocks - 1 - 8, -1))
@@ -141,7 +75,7 @@ def _check_against_hf(model, runner: ModelRunner) -> None:
 @pytest.mark.parametrize("kind", ["llama3", "qwen2", "mistral"])
 def test_hf_directory_matches_transformers(tmp_path, kind):
     model = _tiny_hf_model(kind)
-    _write_hf_dir(model, tmp_path)
+    save_hf_dir(model, tmp_path, max_shard_size="100KB")  # several shards + an index
     assert len(list(tmp_path.glob("*.safetensors"))) > 1 and (tmp_path / "model.safetensors.index.json").exists()
     runner = ModelRunner(EngineConfig(model=str(tmp_path), dtype="float32", kv_cache_memory="2Mi"))
     assert runner.model_config.architecture == ("llama" if kind == "llama3" else kind)
@@ -153,7 +87,7 @@ def test_hf_directory_matches_transformers(tmp_path, kind):
 def test_handwritten_gguf_matches_transformers(tmp_path):
     model = _tiny_hf_model("llama")
     path = tmp_path / "tiny.gguf"
-    _write_gguf(model, path)
+    write_gguf(model, path, "llama")
     runner = ModelRunner(EngineConfig(model=str(path), dtype="float32", kv_cache_memory="2Mi"))
     assert not runner.model_config.tie_word_embeddings
     ids = runner.tokenizer.encode("hé")
@@ -164,7 +98,7 @@ def test_handwritten_gguf_matches_transformers(tmp_path):
 # ---- bad files ---------------------------------------------------------------------------------------
 def test_unsupported_gguf_architecture(tmp_path):
     path = tmp_path / "other.gguf"
-    _write_gguf(_tiny_hf_model("llama"), path, arch="gpt2")
+    write_gguf(_tiny_hf_model("llama"), path, "gpt2")
     with pytest.raises(ModelLoadError, match="UnsupportedModel: architecture 'gpt2' is not implemented"):
         open_model(path)
 
@@ -195,7 +129,7 @@ def test_missing_path(tmp_path):
 def test_bad_hf_directories(tmp_path):
     model = _tiny_hf_model("llama")
     good = tmp_path / "good"
-    _write_hf_dir(model, good)
+    save_hf_dir(model, good, max_shard_size="100KB")
     other = tmp_path / "other"
     shutil.copytree(good, other)
     cfg = json.loads((other / "config.json").read_text())

@@ -1,13 +1,17 @@
-"""`gearshift plan` and `gearshift up` as a user runs them: real subprocesses, a real server."""
+"""`gearshift plan` and `gearshift up` as a user runs them: real subprocesses, a real server (for `up`, the
+real model: its answers, and what it logs while /ready is still 503)."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -88,6 +92,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextmanager
+def _up(isvc: Path, log: Path, ready_within: float) -> Iterator[int]:
+    """`gearshift up -f isvc` as a subprocess, its output in `log`; yields its port once /ready is 200."""
+    port = _free_port()
+    with open(log, "w") as out:
+        proc = subprocess.Popen([GEARSHIFT, "up", "-f", str(isvc), "--port", str(port)], stdout=out, stderr=out,
+                                start_new_session=True, env={**os.environ, "PYTHONSAFEPATH": "1"})
+        try:
+            deadline = time.monotonic() + ready_within
+            while time.monotonic() < deadline:
+                assert proc.poll() is None, log.read_text()
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.5)
+            else:
+                pytest.fail("gearshift up never became ready:\n" + log.read_text())
+            yield port
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
+
+
 @pytest.mark.slow
 def test_up_serves_the_decision_locally(smollm2_gguf: Path, tmp_path: Path) -> None:
     from openai import OpenAI
@@ -95,29 +124,34 @@ def test_up_serves_the_decision_locally(smollm2_gguf: Path, tmp_path: Path) -> N
     f = tmp_path / "isvc.yaml"
     f.write_text(isvc_yaml(f"file://{smollm2_gguf}", concurrency=1, hardware={"cpu": "1", "memory": "1Gi"},
                            engineArgs={"maxModelLen": 512}))
-    port = _free_port()
-    log = open(tmp_path / "up.log", "w+")
-    proc = subprocess.Popen([GEARSHIFT, "up", "-f", str(f), "--port", str(port)], stdout=log, stderr=log,
-                            start_new_session=True, env={**os.environ, "PYTHONSAFEPATH": "1"})
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "up.log").read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("gearshift up never became ready:\n" + (tmp_path / "up.log").read_text())
+    log = tmp_path / "up.log"
+    with _up(f, log, ready_within=180) as port:
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
         out = client.chat.completions.create(model="smollm2", max_tokens=8, temperature=0,
                                              messages=[{"role": "user", "content": "Say hello."}])
         assert out.choices[0].message.content
         assert out.model == "smollm2"
-        assert "engine gguf -- 1 concurrent request on CPU" in (tmp_path / "up.log").read_text()
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
-        log.close()
+        assert "engine gguf -- 1 concurrent request on CPU" in log.read_text()
+
+
+@pytest.mark.slow
+def test_up_logs_the_load_while_ready_waits(smollm2_gguf: Path, tmp_path: Path) -> None:
+    """What `up` says while /ready is still 503, read from its log after /ready turns 200."""
+    f = tmp_path / "isvc.yaml"  # 16 concurrent requests: the paged engine, which copies every weight in
+    f.write_text(isvc_yaml(f"file://{smollm2_gguf}", concurrency=16, hardware={"cpu": "2", "memory": "2Gi"},
+                           engineArgs={"maxModelLen": 256}))
+    log = tmp_path / "up.log"
+    with _up(f, log, ready_within=300) as port:
+        pass
+    text = log.read_text()
+    assert re.search(r"gearshift up: starting the paged engine on \S+ \(\d+\.\d MiB\); it answers "
+                     rf"http://127\.0\.0\.1:{port}/ready once loaded", text), text
+    assert "loading the model (paged engine); /ready answers 503 until it is done" in text
+    steps = re.findall(r"loading weights: layer (\d+) of 30, [\d.]+M params of [\d.]+M params \((\d+)%\), "
+                       r"[\d.]+ M params/s, ETA [\dhms.]+", text)
+    assert len(steps) >= 2, text  # at least the 50% and 75% steps of SmolLM2's 30 layers
+    assert [int(p) for _, p in steps] == sorted(int(p) for _, p in steps)  # forward only
+    assert re.search(r"weights loaded: [\d.]+M params in [\dhms.]+ \([\d.]+ M params/s\)", text), text
+    assert re.search(r"model loaded in [\d.]+s; /ready answers 200", text), text
+    order = [text.index(s) for s in ("gearshift up: starting", "loading weights:", "weights loaded:", "model loaded in")]
+    assert order == sorted(order), text

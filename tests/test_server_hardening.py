@@ -387,8 +387,10 @@ def test_gguf_request_failures_fail_only_themselves_then_break_health(smollm2_gg
         first.start()
         assert first.started.wait(120)
         culprit = Stream(server.url, completion(8, True, seed=SAMPLE))
-        after = Stream(server.url, completion(8, True))  # queued behind the culprit
         culprit.start()
+        while metric(server.metrics(), "gearshift:num_requests_waiting") < 1:  # the culprit is queued
+            time.sleep(0.05)
+        after = Stream(server.url, completion(8, True))  # queued behind the culprit
         after.start()
         ended_with_server_error(culprit)
         assert_intact(first, 24)

@@ -16,7 +16,7 @@ import logging
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -26,7 +26,7 @@ from gearshift.engine.sampling_params import SamplingParams
 from gearshift.engine.server.errors import APIError, from_engine_error
 from gearshift.engine.server.protocol import error_body
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 if TYPE_CHECKING:
@@ -185,6 +185,17 @@ class Generation:
             m.prompt_tokens_c.inc(len(out.prompt_token_ids))
             m.e2e_h.observe(now - self.arrival)
             m.finished(out.finish_reason or "abort")
+
+    async def reply(self, request: Request, render: Callable[[RequestOutput], Response]) -> Response:
+        """The non-streamed answer: run to the end, close, and render the last output; 499 when the client
+        went away first."""
+        try:
+            out = await self.collect(request)
+        except ClientGone:
+            return Response(status_code=499)
+        finally:
+            await self.close()
+        return render(out)
 
     async def close(self) -> None:
         """Abort the engine request if it is still running; idempotent and safe under cancellation."""

@@ -158,14 +158,13 @@ async def _serve(request: Request, state: ServerState, body: _OllamaRequest, ids
                 yield _line({"error": e.message})
 
         return GenerationStream(lines(), gen, media_type=NDJSON)
-    try:
-        out = await gen.collect(request)
-    except ClientGone:
-        return Response(status_code=499)
-    finally:
-        await gen.close()
-    text, calls = chat_pipeline.final_message(plan, out.outputs[0].text) if plan is not None else (out.outputs[0].text, [])
-    return Response(_line(final(out, text or "", calls)), media_type="application/json")
+
+    def render(out: RequestOutput) -> Response:
+        text = out.outputs[0].text
+        text, calls = chat_pipeline.final_message(plan, text) if plan is not None else (text, [])
+        return Response(_line(final(out, text or "", calls)), media_type="application/json")
+
+    return await gen.reply(request, render)
 
 
 @router.post("/api/generate")

@@ -75,13 +75,7 @@ async def _run(request: Request, state: ServerState, prompt_ids: list[int], body
         return Response(status_code=499)
     if body.stream:
         return GenerationStream(stream_body(gen), gen, media_type="text/event-stream", headers=SSE_HEADERS)
-    try:
-        final = await gen.collect(request)
-    except ClientGone:
-        return Response(status_code=499)
-    finally:
-        await gen.close()
-    return reply(final)
+    return await gen.reply(request, reply)
 
 
 class Cursor:

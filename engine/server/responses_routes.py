@@ -76,15 +76,13 @@ async def responses(body: ResponsesRequest, request: Request) -> Response:
     if body.stream:
         return GenerationStream(_events(gen, plan, rid, model, body, finished), gen, media_type="text/event-stream",
                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    try:
-        out = await gen.collect(request)
-    except ClientGone:
-        return Response(status_code=499)
-    finally:
-        await gen.close()
-    content, calls = chat.final_message(plan, out.outputs[0].text)
-    output = ([rs.message_item(rs.new_id("msg"), content)] if content else []) + [rs.call_item(c) for c in calls]
-    return Response(json.dumps(finished(out, output), ensure_ascii=False), media_type="application/json")
+
+    def render(out: RequestOutput) -> Response:
+        content, calls = chat.final_message(plan, out.outputs[0].text)
+        output = ([rs.message_item(rs.new_id("msg"), content)] if content else []) + [rs.call_item(c) for c in calls]
+        return Response(json.dumps(finished(out, output), ensure_ascii=False), media_type="application/json")
+
+    return await gen.reply(request, render)
 
 
 async def _events(gen: Generation, plan: chat.ChatPlan, rid: str, model: str, body: ResponsesRequest,

@@ -95,12 +95,13 @@ def start_operator(kubeconfig: Path, ns: str, log: Path, resync_seconds: float =
                             env={**os.environ, "PYTHONSAFEPATH": "1"})
 
 
-def stop_operator(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+    """Stop a process started with start_new_session=True: `sig` to its group, SIGKILL after `timeout` s."""
     if proc.poll() is not None:
         return
     os.killpg(proc.pid, sig)
     try:
-        proc.wait(timeout=15)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -151,13 +152,8 @@ class PrivateAPIServer:
              "the private kube-apiserver", timeout=180)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        if self.proc is not None:
+            stop_group(self.proc, timeout=30)
 
     def kubeconfig_for(self, kubeconfig: Path, out: Path) -> Path:
         """A copy of `kubeconfig` whose clusters point at this API server."""
@@ -197,7 +193,7 @@ def operator_cluster(work: Path, private: PrivateAPIServer | None = None) -> Ite
         yield c
     finally:
         if "proc" in c:
-            stop_operator(c["proc"])
+            stop_group(c["proc"])
         if private is not None:
             private.stop()
         kubectl(kubeconfig, "delete", "namespace", ns, "--wait=false", check=False)

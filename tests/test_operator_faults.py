@@ -24,7 +24,7 @@ from operator_kit import (
     operator_cluster,
     owner,
     start_operator,
-    stop_operator,
+    stop_group,
     wait,
 )
 
@@ -96,7 +96,7 @@ def test_operator_killed_mid_reconcile_converges_without_duplicates(cluster: dic
     # SIGKILL as soon as the first child is written: the rest of this batch is mid-flight.
     wait(lambda: any(get(c, "v1", "PersistentVolumeClaim", f"{n}-model-cache") for n in names), "a first child",
          timeout=60)
-    stop_operator(c["proc"], signal.SIGKILL)
+    stop_group(c["proc"], signal.SIGKILL)
     statuses = {n: (owner(c, n).get("status") or {}) for n in names}
     c["proc"] = start_operator(c["op_kubeconfig"], c["ns"], c["log"])
     for name in names:

@@ -2,9 +2,8 @@
 
 The server is the real one (real CLI, real SmolLM2 model, real HTTP); only one engine method is wrapped
 so that a request with a marker seed trips a failure no valid request can trip any more:
-  seed 4242  paged: sampling raises for the rows of that request (one request's own failure);
-             gguf: decoding that request raises (its own failure; three in a row break the engine)
-  seed 4243  paged: every forward pass from then on raises (whole-batch failures: a broken device)
+  seed 4242  paged: sampling raises for the rows of that request; gguf: decoding it raises (its own failure)
+  seed 4243  every forward pass (paged) / llama.cpp eval (gguf) from then on raises (a broken device)
   seed 4244  the engine's worker thread dies (a BaseException no request handler catches)
 Run: python tests/fault_serve.py serve --model ... (the arguments of `gearshift serve`).
 """
@@ -55,18 +54,30 @@ def _arm_paged() -> None:
 
 
 def _arm_gguf() -> None:
+    import llama_cpp
     from gearshift.engine.backends import gguf_decode
 
     run = gguf_decode.ChoiceDecoder.run
+    broken = [False]
 
     def failing_run(self: Any, *a: Any, **k: Any) -> Any:
         if self.params.seed == SAMPLE:
             raise RuntimeError("injected decode fault")
         if self.params.seed == KILL:
             raise WorkerKilled()
+        if self.params.seed == EXECUTE:
+            broken[0] = True
         return run(self, *a, **k)
 
     gguf_decode.ChoiceDecoder.run = failing_run
+    evaluate = llama_cpp.Llama.eval
+
+    def failing_eval(self: Any, tokens: Any) -> Any:
+        if broken[0]:
+            raise RuntimeError("injected llama.cpp fault")
+        return evaluate(self, tokens)
+
+    llama_cpp.Llama.eval = failing_eval
 
 
 if __name__ == "__main__":

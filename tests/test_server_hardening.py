@@ -395,9 +395,13 @@ def test_gguf_request_failures_fail_only_themselves_then_break_health(smollm2_gg
         ended_with_server_error(culprit)
         assert_intact(first, 24)
         assert_intact(after, 8)
-        assert httpx.get(server.url + "/health").status_code == 200
-        for _ in range(3):
+        for _ in range(3):  # a request's own failures, however many, do not break the engine
             r = httpx.post(server.url + "/v1/completions", json=completion(4, False, seed=SAMPLE), timeout=120)
+            assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert httpx.get(server.url + "/health").status_code == 200
+        # A context that fails even on one token is broken: after three failed requests, /health says so.
+        for seed in (EXECUTE, None, None):
+            r = httpx.post(server.url + "/v1/completions", json=completion(4, False, seed=seed), timeout=120)
             assert r.status_code == 500
         assert httpx.get(server.url + "/health").status_code == 503
 

@@ -287,7 +287,9 @@ class GGUFBackend:
             except Exception as e:  # a llama.cpp failure ends this request with an error, not the worker
                 log.exception("gguf request %s failed", req.request_id)
                 final = EngineError(f"generation failed: {type(e).__name__}: {e}")
-                self._failed_in_a_row += 1
+                # Only a context that cannot evaluate one token from scratch counts against the engine: a
+                # failure this request's input caused must not take the pod down for everyone.
+                self._failed_in_a_row = 0 if self._context_works() else self._failed_in_a_row + 1
                 if self._failed_in_a_row >= MAX_FAILED_REQUESTS:
                     self.broken = f"{self._failed_in_a_row} requests in a row failed, the last with {e!r}"
             except BaseException as e:  # the worker dies (see _worker); this request hears it first
@@ -300,6 +302,18 @@ class GGUFBackend:
                     self._current = None
                 if final is not None:
                     req.post(final)
+
+    def _context_works(self) -> bool:
+        """After a failed request: clear the context and evaluate one token. False if that fails too."""
+        try:
+            llm = self._model()
+            llm.reset()
+            llm.eval([max(llm.token_bos(), 0)])
+            llm.reset()
+            return True
+        except Exception:
+            log.exception("the llama.cpp context fails on a one-token prompt")
+            return False
 
     def _serve(self, req: _Request) -> RequestOutput:
         llm = self._model()

@@ -138,6 +138,16 @@ def namespace(api) -> Iterator[str]:
     name = f"e2e-{uuid.uuid4().hex[:6]}"
     core.create_namespace({"metadata": {"name": name, "labels": {"gearshift.dev/e2e": "true"}}})
     _STATE["namespaces"].append(name)
+
+    # v1.20 refuses a pod ("No API token found for service account") until the token controller has
+    # minted the namespace's default ServiceAccount token; on a loaded machine that takes seconds.
+    def default_sa_has_token() -> bool:
+        try:
+            return bool(core.read_namespaced_service_account("default", name).secrets)
+        except client.ApiException:
+            return False
+
+    wait_for(default_sa_has_token, 60, f"the default ServiceAccount token in {name}")
     yield name
     core.delete_namespace(name)
     _STATE["namespaces"].remove(name)

@@ -45,7 +45,8 @@ def serving(kube, model_url, prometheus) -> dict[str, str]:
 
 
 def test_series_carry_the_labels_people_filter_by_for_both_engines(kube, prometheus, serving):
-    found = prometheus.wait_for(f'gearshift:generation_tokens_total{{namespace="{kube.ns}"}} > 0')
+    found = prometheus.wait_for(f'gearshift:generation_tokens_total{{namespace="{kube.ns}"}} > 0',
+                                until=lambda r: {s["metric"]["inferenceservice"] for s in r} == set(serving))
     by_resource = {s["metric"]["inferenceservice"]: s["metric"] for s in found}
     assert set(by_resource) == set(serving), by_resource
     for name, labels in by_resource.items():
@@ -58,12 +59,15 @@ def test_series_carry_the_labels_people_filter_by_for_both_engines(kube, prometh
 
 def test_recording_rules_are_evaluated_on_live_series(kube, prometheus, serving):
     sel = f'{{namespace="{kube.ns}"}}'
-    tokens = prometheus.wait_for(f"namespace_inferenceservice:gearshift_output_tokens_per_second:rate1m{sel} > 0")
+    def every_resource(r: list[dict]) -> bool:
+        return {s["metric"]["inferenceservice"] for s in r} == set(serving)
+
+    tokens = prometheus.wait_for(f"namespace_inferenceservice:gearshift_output_tokens_per_second:rate1m{sel} > 0",
+                                 until=every_resource)
     assert {s["metric"]["engine"] for s in tokens} == {"gguf", "paged"}
     for rule in ("replicas_up:sum", "concurrent_requests:sum", "queue_depth:sum", "kv_cache_usage:max",
                  "ttft_seconds:p50", "itl_seconds:p95"):
-        got = prometheus.wait_for(f"namespace_inferenceservice:gearshift_{rule}{sel}")
-        assert {s["metric"]["inferenceservice"] for s in got} == set(serving), (rule, got)
+        prometheus.wait_for(f"namespace_inferenceservice:gearshift_{rule}{sel}", until=every_resource)
     up = prometheus.query(f"namespace_inferenceservice:gearshift_replicas_up:sum{sel}")
     assert all(float(s["value"][1]) == 1 for s in up), up
 

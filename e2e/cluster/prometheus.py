@@ -20,6 +20,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -159,17 +160,19 @@ class Prometheus:
         """An instant query's vector: [{metric: {...}, value: [t, "v"]}]."""
         return self.api("query", query=expr)["result"]
 
-    def wait_for(self, expr: str, timeout_s: float = 120) -> list[dict[str, Any]]:
-        """Poll until the query returns at least one series (scrapes and rule evaluations take a few
-        intervals); the last result is raised with the targets' state when it never does."""
+    def wait_for(self, expr: str, timeout_s: float = 120,
+                 until: Callable[[list[dict[str, Any]]], bool] = bool) -> list[dict[str, Any]]:
+        """Poll until the query's result satisfies `until` (by default: at least one series), as scrapes of
+        new pods and rule evaluations take a few intervals; raises with the result and the targets' state
+        when it never does."""
         deadline = time.monotonic() + timeout_s
         while True:
             result = self.query(expr)
-            if result:
+            if until(result):
                 return result
             if time.monotonic() > deadline:
                 targets = self.api("targets")["activeTargets"]
-                raise AssertionError(f"no series for {expr} in {timeout_s}s; targets: "
+                raise AssertionError(f"{expr} gave {result} for {timeout_s}s; targets: "
                                      + json.dumps([(t["labels"], t["health"], t["lastError"]) for t in targets]))
             time.sleep(2)
 

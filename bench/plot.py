@@ -89,7 +89,7 @@ def plot_gear(data: dict[str, Any], out: Path) -> None:
                     ax_tok.axvspan(p, p + data.get("interval_s", 5), color=COLOURS["paged"], alpha=0.08, lw=0)
     ax_load.set_ylabel("streams")
     ax_tok.set_ylabel("output tokens/s")
-    ax_tok.set_xlabel("seconds (shaded: auto ran the paged engine)")
+    ax_tok.set_xlabel("seconds (shaded: the auto resource's status.engine said paged; old pods serve until new ones are Ready)")
     for ax in (ax_load, ax_tok):
         ax.grid(True, alpha=0.3)
         ax.legend(loc="upper right", fontsize=8)

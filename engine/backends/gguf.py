@@ -330,6 +330,11 @@ class GGUFBackend:
             req.post(self._output(req, list(outputs), finished=False))
 
         for i in range(n):
+            if llm.n_tokens + len(req.prompt_ids) > llm.n_ctx():
+                # Near the context's end llama-cpp-python's prefix reuse can evaluate the whole prompt on
+                # top of the cached tokens ("could not broadcast (64,) into (40,)", seen under the fuzz):
+                # start from an empty cache instead.
+                llm.reset()
             hit = self._count_prefix_hit(llm, req.prompt_ids)
             if i == 0:
                 req.num_cached_tokens = hit

@@ -20,7 +20,7 @@ from gearshift.operator.blocked import ChildBlocked, conflict, controlled_by, re
 from gearshift.operator.observe import Observer, gear_step, merge_gear, override
 from gearshift.operator.policy import decide
 from gearshift.operator.spec import API_VERSION, KIND, InvalidSpec, parse_spec
-from gearshift.operator.status import compute_status, differs, known_unsupported, writable
+from gearshift.operator.status import compute_status, differs, known_unsupported, newly_degraded, writable
 
 log = logging.getLogger("gearshift.operator")
 Key = tuple[str, str]  # (namespace, name) of an InferenceService
@@ -239,6 +239,9 @@ class Reconciler:
             if problem is not None and not _already_reported(previous, generation, *problem):
                 log.warning("%s/%s: %s: %s", meta["namespace"], meta["name"], *problem)
                 self.kube.event(owner, "Warning", *problem)
+            elif problem is None and (turned := newly_degraded(previous, status)) is not None:
+                log.warning("%s/%s: degraded: %s: %s", meta["namespace"], meta["name"], *turned)
+                self.kube.event(owner, "Warning", *turned)
         for reason, message in gear.events if gear is not None else []:
             log.info("%s/%s: %s: %s", meta["namespace"], meta["name"], reason, message)
             self.kube.event(owner, "Normal", reason, message)

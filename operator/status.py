@@ -5,7 +5,8 @@ Conditions (each with observedGeneration, reason, message, lastTransitionTime):
   Ready        a replica answers requests (or InvalidSpec: the spec cannot be served as written)
   ModelReady   the model is downloaded and loaded in at least one pod (DownloadFailed carries the error)
   Progressing  a rollout (new spec, engine switch) is under way
-  Degraded     something needs a human: crash loops, image pulls, failed downloads, restarts, no node
+  Degraded     something needs a human: crash loops, OOM kills, image pulls, failed downloads, restarts,
+               no node (a Warning Event each time it turns True or changes reason: newly_degraded)
   GearAdvice   which engine the observed load wants (added by operator/observe.py, not here)
 """
 
@@ -98,6 +99,40 @@ def model_state(pods: list[dict[str, Any]]) -> tuple[bool, str, str]:
     return False, "Pending", f"pod {name} is {st.get('phase', 'Pending')}"
 
 
+def _memory_limit(pod: dict[str, Any], container: str) -> str:
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        if c.get("name") == container:
+            return ((c.get("resources") or {}).get("limits") or {}).get("memory") or "none"
+    return "unknown"
+
+
+def oom_killed(pod: dict[str, Any]) -> str | None:
+    """Why a container that is not ready was last killed by the kernel's OOM killer (its cgroup's memory
+    limit), or None. A crash loop hides the cause in lastState; status and the Event name it instead."""
+    name = pod["metadata"]["name"]
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        term = _terminated(cs)
+        if cs.get("ready") or not term or term.get("reason") != "OOMKilled":
+            continue
+        return (f"pod {name} container {cs['name']} was OOM-killed (memory limit "
+                f"{_memory_limit(pod, cs['name'])}, restarted {cs.get('restartCount', 0)}x): "
+                "raise spec.hardware.memory if it recurs")
+    return None
+
+
+def newly_degraded(previous: dict[str, Any], status: dict[str, Any]) -> tuple[str, str] | None:
+    """(reason, message) when `status` turns Degraded, or Degraded for a new reason, since `previous`:
+    the one moment a Warning Event is worth sending (a crash loop must not stay silent, nor repeat)."""
+    def degraded(st: dict[str, Any]) -> dict[str, Any]:
+        return next((c for c in st.get("conditions") or [] if c.get("type") == "Degraded"), {})
+    now, before = degraded(status), degraded(previous)
+    if now.get("status") != "True":
+        return None
+    if before.get("status") == "True" and before.get("reason") == now.get("reason"):
+        return None
+    return now.get("reason") or "Degraded", now.get("message") or ""
+
+
 def degraded_state(pods: list[dict[str, Any]], deployment: dict[str, Any] | None) -> tuple[bool, str, str]:
     """(degraded, reason, message): the first problem a human must look at."""
     for c in ((deployment or {}).get("status") or {}).get("conditions") or []:
@@ -116,6 +151,9 @@ def degraded_state(pods: list[dict[str, Any]], deployment: dict[str, Any] | None
         for c in st.get("conditions") or []:
             if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
                 return True, "Unschedulable", f"pod {name}: {_short(c.get('message', ''))}"
+        oom = oom_killed(p)
+        if oom:  # before CrashLoopBackOff: the loop is the symptom, the memory limit the cause
+            return True, "OOMKilled", _short(oom)
         statuses = (st.get("initContainerStatuses") or []) + (st.get("containerStatuses") or [])
         for cs in statuses:
             waiting = (cs.get("state") or {}).get("waiting") or {}

@@ -6,7 +6,7 @@ from typing import Any
 
 from gearshift.operator.policy import decide
 from gearshift.operator.spec import parse_spec
-from gearshift.operator.status import CONDITION_TYPES, compute_status, differs
+from gearshift.operator.status import CONDITION_TYPES, compute_status, differs, newly_degraded
 
 T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
 SPEC = parse_spec({"metadata": {"name": "m", "namespace": "ns"},
@@ -106,6 +106,29 @@ def test_killed_engine_is_degraded_until_ready_again() -> None:
     after = conds(status(deployment(replicas=1, ready=1, updated=1), [pod(engine=healed)], previous=before, now=T1))
     assert after["Degraded"]["status"] == "False" and after["Ready"]["status"] == "True"
     assert after["Degraded"]["lastTransitionTime"] == T1
+
+
+def test_oom_kill_names_the_memory_limit_then_heals_and_the_event_fires_once() -> None:
+    oom = {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}
+    looping = {"ready": False, "restartCount": 3, "lastState": oom,
+               "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting"}}}
+    killed = pod(engine=looping)
+    killed["spec"] = {"containers": [{"name": "engine", "resources": {"limits": {"memory": "96Mi"}}}]}
+    before = status(deployment(replicas=1, updated=1), [killed])
+    c = conds(before)
+    assert (c["Degraded"]["status"], c["Degraded"]["reason"]) == ("True", "OOMKilled")  # not CrashLoopBackOff
+    assert c["Ready"]["reason"] == "OOMKilled"
+    assert "memory limit 96Mi" in c["Degraded"]["message"] and "restarted 3x" in c["Degraded"]["message"]
+    assert newly_degraded({}, before) == ("OOMKilled", c["Degraded"]["message"])
+    again = status(deployment(replicas=1, updated=1), [pod(engine=dict(looping, restartCount=4))], previous=before)
+    assert newly_degraded(before, again) is None  # same reason: no second Event
+    restarted = {"ready": False, "restartCount": 1, "state": {"running": {}}, "lastState": oom}
+    transient = status(deployment(replicas=1, updated=1), [pod(engine=restarted)])
+    assert conds(transient)["Degraded"]["reason"] == "OOMKilled"
+    healed = status(deployment(replicas=1, ready=1, updated=1), [pod(engine=dict(restarted, ready=True))],
+                    previous=transient, now=T1)
+    assert conds(healed)["Degraded"]["status"] == "False" and conds(healed)["Ready"]["status"] == "True"
+    assert newly_degraded(transient, healed) is None
 
 
 def test_unschedulable_and_progress_deadline() -> None:

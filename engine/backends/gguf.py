@@ -94,7 +94,7 @@ class GGUFBackend:
     async def start(self) -> None:
         llm = await asyncio.to_thread(load_llama, self.config)
         self._llm = llm
-        self.max_model_len = llm.n_ctx()
+        self.max_model_len = context_limit(llm)
         self.vocab_size = llm.n_vocab()
         self._chat = GGUFChatTemplate(
             llm.metadata.get("tokenizer.chat_template"),
@@ -215,7 +215,7 @@ class GGUFBackend:
     def stats(self) -> EngineStats:
         cur = self._current
         llm = self._llm
-        n_ctx = llm.n_ctx() if llm is not None else 0
+        n_ctx = self.max_model_len if llm is not None else 0
         used = min(llm.n_tokens, n_ctx) if (llm is not None and cur is not None) else 0
         block = self.config.block_size
         total_blocks = n_ctx // block
@@ -330,11 +330,6 @@ class GGUFBackend:
             req.post(self._output(req, list(outputs), finished=False))
 
         for i in range(n):
-            if llm.n_tokens + len(req.prompt_ids) > llm.n_ctx():
-                # Near the context's end llama-cpp-python's prefix reuse can evaluate the whole prompt on
-                # top of the cached tokens ("could not broadcast (64,) into (40,)", seen under the fuzz):
-                # start from an empty cache instead.
-                llm.reset()
             hit = self._count_prefix_hit(llm, req.prompt_ids)
             if i == 0:
                 req.num_cached_tokens = hit
@@ -373,6 +368,14 @@ class GGUFBackend:
     def _final_abort(self, req: _Request) -> RequestOutput:
         outs = [CompletionOutput(index=i, finish_reason="abort") for i in range(req.params.n)]
         return self._output(req, outs, finished=True)
+
+
+def context_limit(llm: llama_cpp.Llama) -> int:
+    """The tokens one sequence may hold: the context asked for, not llama.cpp's. llama.cpp pads its context
+    up to a multiple of 256 (`n_ctx()` is 256 for 64) but llama-cpp-python's token buffer `input_ids` keeps
+    the size asked for, and `Llama.eval` writes every evaluated token there: a prompt past it failed in
+    numpy ("could not broadcast input array from shape (64,) into shape (40,)") instead of a 400."""
+    return min(llm.n_ctx(), len(llm.input_ids))
 
 
 def _control_strings(llm: llama_cpp.Llama) -> list[str]:

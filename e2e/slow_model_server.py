@@ -1,8 +1,10 @@
 """A model file server for a test pod (mounted from a ConfigMap, run by the image's python3): serves one
 directory with Range support, at a limited rate so a download can be interrupted, and logs each request's
-Range header. `python3 slow_model_server.py DIR PORT BYTES_PER_S`. Standard library only."""
+Range header. `python3 slow_model_server.py DIR PORT BYTES_PER_S [CERT KEY]` (with CERT and KEY: HTTPS).
+Standard library only."""
 
 import os
+import ssl
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -41,4 +43,9 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-ThreadingHTTPServer(("0.0.0.0", PORT), Handler).serve_forever()
+httpd = ThreadingHTTPServer(("0.0.0.0", PORT), Handler)
+if len(sys.argv) > 5:
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(sys.argv[4], sys.argv[5])
+    httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)
+httpd.serve_forever()

@@ -12,6 +12,9 @@
   partial ends and have the recorded size; a 416 counts as complete only at exactly that size.
 - Several fetchers of one file (replicas sharing a cache claim) take turns on `<name>.lock`: the second
   waits, then finds the file complete. The partial is renamed into place atomically.
+- TLS: the public roots (certifi, as httpx trusts by default) plus, with `ca_file`, a private CA's PEM
+  bundle (a model server inside the cluster, a corporate mirror). A certificate that does not verify is
+  permanent: retrying cannot fix it, the message says which setting adds a CA.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import fcntl
 import json
 import os
 import re
+import ssl
 import sys
 import time
 from collections.abc import Iterator
@@ -52,6 +56,28 @@ def log(msg: str) -> None:
 
 class PermanentError(Exception):
     """The server's answer will not change on a retry (404, 403, ...)."""
+
+
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """The roots downloads trust: certifi's public ones, plus the PEM bundle at `ca_file` when given."""
+    import certifi
+
+    ctx = ssl.create_default_context(cafile=certifi.where())
+    if ca_file is not None:
+        try:
+            ctx.load_verify_locations(cafile=ca_file)
+        except (OSError, ssl.SSLError) as e:
+            raise GearshiftError(f"--ca-file {ca_file}: not a readable PEM certificate bundle ({e})") from None
+    return ctx
+
+
+def _tls_failure(e: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate error under an httpx transport error, if that is what it is."""
+    while e is not None:
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return e
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return None
 
 
 class _Restart(Exception):
@@ -99,7 +125,8 @@ def mark_complete(dest: Path, ident: str, sha256: str | None) -> None:
                 {"url": ident, "size": dest.stat().st_size, "sha256": sha256.lower() if sha256 else None})
 
 
-def download(httpx: Any, url: str, part: Path, sha256: str | None) -> None:  # noqa: ANN401 - httpx module
+def download(httpx: Any, url: str, part: Path, sha256: str | None,  # noqa: ANN401 - httpx module
+             tls: ssl.SSLContext | None = None) -> None:
     """One attempt: bring `part` to the whole file, resuming it when it is provably the same file."""
     ident = redact(url)
     meta_path = part.with_name(part.name + ".json")
@@ -114,7 +141,8 @@ def download(httpx: Any, url: str, part: Path, sha256: str | None) -> None:  # n
         headers["Range"] = f"bytes={have}-"
         if validator:
             headers["If-Range"] = validator
-    with httpx.stream("GET", url, headers=headers, follow_redirects=True, timeout=30.0) as r:
+    with httpx.stream("GET", url, headers=headers, follow_redirects=True, timeout=30.0,
+                      verify=tls if tls is not None else True) as r:
         if r.status_code == 416 and have:
             total = _CONTENT_RANGE.fullmatch(r.headers.get("content-range", ""))
             if total and total[3] == str(have) == str(meta.get("size")):
@@ -160,10 +188,11 @@ def _write_body(r: Any, part: Path, have: int, total: int | None) -> None:  # no
 
 
 def fetch_url(url: str, dest: Path, sha256: str | None, retries: int,
-              verify: Any) -> Path:  # noqa: ANN401 - verify(path, sha256) raises on a mismatch
+              verify: Any, ca_file: str | None = None) -> Path:  # noqa: ANN401 - verify(path, sha256) raises
     import httpx
 
     ident = redact(url)
+    tls = tls_context(ca_file)
     with locked(dest):
         if complete(dest, ident, sha256):
             log(f"{dest} already present")
@@ -172,7 +201,7 @@ def fetch_url(url: str, dest: Path, sha256: str | None, retries: int,
         last_error = "no attempt made"
         for attempt in range(1, max(1, retries) + 1):
             try:
-                download(httpx, url, part, sha256)
+                download(httpx, url, part, sha256, tls)
                 break
             except PermanentError as e:
                 raise GearshiftError(str(e)) from None
@@ -181,6 +210,10 @@ def fetch_url(url: str, dest: Path, sha256: str | None, retries: int,
                 log(f"{e}; starting over")
                 part.unlink(missing_ok=True)
             except (httpx.TransportError, OSError) as e:
+                if (bad := _tls_failure(e)) is not None:
+                    hint = "" if ca_file else " (a private CA: spec.model.caConfigMapRef, or `gearshift fetch --ca-file`)"
+                    raise GearshiftError(f"download of {ident}: TLS certificate not trusted: "
+                                         f"{bad.verify_message or bad.reason}{hint}") from None
                 last_error = f"{type(e).__name__}: {_scrub(str(e), url)}"
                 log(f"attempt {attempt} interrupted ({last_error}); resuming")
                 time.sleep(min(2.0**attempt * 0.1, 5.0))

@@ -114,17 +114,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", help="directory to place the model in")
     parser.add_argument("--sha256", default=None, help="expected sha256 of the file (hex)")
     parser.add_argument("--retries", type=int, default=5, help="attempts for an interrupted download")
+    parser.add_argument("--ca-file", default=None,
+                        help="PEM bundle of a private CA to trust for https:// (besides the public roots)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.sha256 is not None and not _SHA256.fullmatch(args.sha256.lower()):
         raise GearshiftError(f"--sha256 must be 64 hex digits, got {args.sha256!r}")
-    path = fetch(args.uri, Path(args.dir), sha256=args.sha256, retries=args.retries)
+    path = fetch(args.uri, Path(args.dir), sha256=args.sha256, retries=args.retries, ca_file=args.ca_file)
     log(f"model ready at {path}")
     return 0
 
 
-def fetch(uri: str, target_dir: Path, sha256: str | None = None, retries: int = 5) -> Path:
+def fetch(uri: str, target_dir: Path, sha256: str | None = None, retries: int = 5,
+          ca_file: str | None = None) -> Path:
     """Bring the model at `uri` into `target_dir`; returns the model's local path."""
     m = parse_model_uri(uri)
     if m.scheme == "pvc":
@@ -135,7 +138,7 @@ def fetch(uri: str, target_dir: Path, sha256: str | None = None, retries: int = 
     if m.scheme == "file":
         return _copy(Path(m.path), dest, sha256)
     if m.scheme in ("https", "http"):
-        return fetch_url(uri, dest, sha256, retries, _verify)
+        return fetch_url(uri, dest, sha256, retries, _verify, ca_file)
     return _hf(m, target_dir, sha256)
 
 

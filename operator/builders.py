@@ -17,6 +17,7 @@ from gearshift.operator.spec import API_VERSION, ENGINE_ARGS, KIND, POD_SPEC_PAS
 PORT = 8000
 PRESTOP_SECONDS = 10  # endpoint removal reaches kube-proxy in about a second; slow control planes take more
 MODELS_DIR = "/models"
+MODEL_CA_DIR = "/etc/gearshift/model-ca"  # a private CA bundle for https:// downloads (spec.model.caConfigMapRef)
 MANAGED_BY = "gearshift-operator"
 ENGINE_LABEL = "gearshift.dev/engine"
 INSTANCE_LABEL = "app.kubernetes.io/instance"
@@ -134,6 +135,9 @@ def deployment(spec: InferenceServiceSpec, plan: EnginePlan, image: str,
             volumes.append({"name": "models", "emptyDir": {}})
         mounts.append({"name": "models", "mountPath": MODELS_DIR, "readOnly": True})
         init.append(_fetch_container(spec, image))
+        if spec.model.ca_config_map:
+            name, key = spec.model.ca_config_map  # the key is mapped to a fixed file name: no CR text in args
+            volumes.append({"name": "model-ca", "configMap": {"name": name, "items": [{"key": key, "path": "ca.crt"}]}})
 
     container = {
         "name": "engine",
@@ -205,6 +209,10 @@ def _fetch_container(spec: InferenceServiceSpec, image: str) -> dict[str, Any]:
     if spec.model.token_secret:
         name, key = spec.model.token_secret
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": name, "key": key}}})
+    mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "models", "mountPath": MODELS_DIR}]
+    if spec.model.ca_config_map:
+        mounts.append({"name": "model-ca", "mountPath": MODEL_CA_DIR, "readOnly": True})
+        args += ["--ca-file", f"{MODEL_CA_DIR}/ca.crt"]
     return {
         "name": "fetch",
         "image": image,
@@ -213,7 +221,7 @@ def _fetch_container(spec: InferenceServiceSpec, image: str) -> dict[str, Any]:
         "args": args,
         "env": env,
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "models", "mountPath": MODELS_DIR}],
+        "volumeMounts": mounts,
         "securityContext": _security_context(),
         # The download error becomes the container's termination message, which status surfaces.
         "terminationMessagePolicy": "FallbackToLogsOnError",

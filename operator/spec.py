@@ -53,6 +53,7 @@ class Model:
     served_name: str
     sha256: str | None = None
     token_secret: tuple[str, str] | None = None  # (secret name, key) holding HF_TOKEN for hf://
+    ca_config_map: tuple[str, str] | None = None  # (ConfigMap name, key): a private CA's PEM for https://
 
 
 @dataclass(frozen=True)
@@ -198,9 +199,10 @@ def _int(d: dict[str, Any], key: str, path: str, default: int, minimum: int, max
 
 
 def _model(m: dict[str, Any], default_name: str) -> Model:
-    unknown = sorted(set(m) - {"uri", "servedName", "sha256", "tokenSecretRef"})
+    allowed = ("uri", "servedName", "sha256", "tokenSecretRef", "caConfigMapRef")
+    unknown = sorted(set(m) - set(allowed))
     if unknown:
-        raise InvalidSpec(f"spec.model.{unknown[0]}", "unknown field; allowed: uri, servedName, sha256, tokenSecretRef")
+        raise InvalidSpec(f"spec.model.{unknown[0]}", f"unknown field; allowed: {', '.join(allowed)}")
     try:
         uri = parse_model_uri(m.get("uri", ""))
     except GearshiftError as e:
@@ -214,7 +216,10 @@ def _model(m: dict[str, Any], default_name: str) -> Model:
     if sha is not None and uri.scheme not in ("https", "http", "file") and not (uri.scheme == "hf" and uri.path):
         raise InvalidSpec("spec.model.sha256", "is checked on downloaded files only (https://, file://, hf://.../file)")
     token = _secret_ref(m.get("tokenSecretRef"), "spec.model.tokenSecretRef")
-    return Model(uri=uri, served_name=served, sha256=sha, token_secret=token)
+    ca = _secret_ref(m.get("caConfigMapRef"), "spec.model.caConfigMapRef", kind="ConfigMap", default_key="ca.crt")
+    if ca is not None and uri.scheme != "https":
+        raise InvalidSpec("spec.model.caConfigMapRef", "is the CA for an https:// model uri; this uri is not one")
+    return Model(uri=uri, served_name=served, sha256=sha, token_secret=token, ca_config_map=ca)
 
 
 def _hardware(h: dict[str, Any]) -> Hardware:
@@ -308,16 +313,17 @@ def _engine_args(args: dict[str, Any]) -> dict[str, Any]:
     return dict(args)
 
 
-def _secret_ref(ref: Any, path: str) -> tuple[str, str] | None:
+def _secret_ref(ref: Any, path: str, kind: str = "Secret", default_key: str = "token") -> tuple[str, str] | None:
+    """(name, key) of a Secret or ConfigMap key reference, checked as the API server would."""
     if ref is None:
         return None
     if not isinstance(ref, dict) or not isinstance(ref.get("name"), str):
-        raise InvalidSpec(f"{path}.name", "is required: the Secret's name")
-    name, key = ref["name"], ref.get("key", "token")
+        raise InvalidSpec(f"{path}.name", f"is required: the {kind}'s name")
+    name, key = ref["name"], ref.get("key", default_key)
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name) or len(name) > 253:
-        raise InvalidSpec(f"{path}.name", f"{name!r} is not a valid Secret name")
-    if not isinstance(key, str) or not re.fullmatch(r"[-._a-zA-Z0-9]+", key):
-        raise InvalidSpec(f"{path}.key", f"{key!r} is not a valid Secret key")
+        raise InvalidSpec(f"{path}.name", f"{name!r} is not a valid {kind} name")
+    if not isinstance(key, str) or not re.fullmatch(r"[-._a-zA-Z0-9]+", key) or len(key) > 253:
+        raise InvalidSpec(f"{path}.key", f"{key!r} is not a valid {kind} key")
     return name, key
 
 

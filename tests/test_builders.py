@@ -211,6 +211,21 @@ def test_hf_download_with_token_and_cache_pvc() -> None:
     assert vol["persistentVolumeClaim"] == {"claimName": "smollm2-model-cache"}
 
 
+def test_https_download_trusting_a_private_ca_from_a_config_map() -> None:
+    obj = isvc("https://models.corp/m.gguf")
+    obj["spec"]["model"]["caConfigMapRef"] = {"name": "corp-ca", "key": "root.pem"}
+    ch = render(obj)
+    (init,) = pod(ch)["initContainers"]
+    assert init["args"][-2:] == ["--ca-file", "/etc/gearshift/model-ca/ca.crt"]  # a fixed path: no CR text
+    mount = {m["name"]: m for m in init["volumeMounts"]}["model-ca"]
+    assert mount == {"name": "model-ca", "mountPath": "/etc/gearshift/model-ca", "readOnly": True}
+    vol = {v["name"]: v for v in pod(ch)["volumes"]}["model-ca"]
+    assert vol["configMap"] == {"name": "corp-ca", "items": [{"key": "root.pem", "path": "ca.crt"}]}
+    assert "model-ca" not in {m["name"] for m in engine_container(ch)["volumeMounts"]}  # the engine never needs it
+    plain = render(isvc("https://models.corp/m.gguf"))
+    assert "--ca-file" not in pod(plain)["initContainers"][0]["args"]
+
+
 def test_no_cache_pvc_for_a_model_on_a_pvc() -> None:
     assert "PersistentVolumeClaim" not in render(isvc("pvc://models/m.gguf", cache={"size": "1Gi"}))
 

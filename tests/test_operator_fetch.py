@@ -7,6 +7,7 @@ import http.server
 import json
 import os
 import re
+import ssl
 import subprocess
 import sys
 import threading
@@ -90,6 +91,24 @@ def server() -> Iterator[str]:
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture()
+def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """The same file server behind TLS with a certificate from a private CA: (its URL, the CA's PEM)."""
+    from gearshift.e2e.cluster.pki import private_ca_server_cert
+
+    ca, cert, key = private_ca_server_cert(tmp_path_factory.mktemp("pki"), "IP:127.0.0.1")
+    _Handler.requests = []
+    _Handler.files = {}
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"https://127.0.0.1:{httpd.server_address[1]}", ca
     httpd.shutdown()
     httpd.server_close()
 
@@ -251,6 +270,24 @@ def test_http_error_is_one_line(server: str, tmp_path: Path) -> None:
 def test_unreachable_server_gives_up_clearly(tmp_path: Path) -> None:
     line = one_line_error(fetch("http://127.0.0.1:9/m.gguf", str(tmp_path), "--retries", "2"))
     assert "failed after 2 attempts" in line
+
+
+def test_https_from_a_private_ca_needs_its_bundle(tls_server: tuple[str, Path], tmp_path: Path) -> None:
+    url, ca = tls_server
+    refused = one_line_error(fetch(f"{url}/model.gguf", str(tmp_path / "a"), "--retries", "5"))
+    assert "TLS certificate not trusted" in refused and "caConfigMapRef" in refused, refused
+    assert "attempt" not in fetch(f"{url}/model.gguf", str(tmp_path / "b")).stderr  # permanent: no retries
+    ok = fetch(f"{url}/model.gguf", str(tmp_path / "c"), "--ca-file", str(ca), "--sha256", SHA)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "c" / "model.gguf").read_bytes() == PAYLOAD
+
+
+def test_a_ca_file_that_is_not_pem_is_one_line(tls_server: tuple[str, Path], tmp_path: Path) -> None:
+    url, _ = tls_server
+    junk = tmp_path / "ca.pem"
+    junk.write_text("not a certificate")
+    assert "not a readable PEM certificate bundle" in one_line_error(
+        fetch(f"{url}/model.gguf", str(tmp_path / "m"), "--ca-file", str(junk)))
 
 
 @pytest.mark.parametrize("uri", ["s3://b/m.gguf", "https://host/", "pvc://Bad/m.gguf", "hf://org"])

@@ -92,3 +92,18 @@ contexts:
   context: {{cluster: cluster, user: sa, namespace: {namespace}}}
 current-context: sa
 """
+
+
+def private_ca_server_cert(directory: Path, san: str) -> tuple[Path, Path, Path]:
+    """A fresh private CA and a server certificate it signs for `san` ("IP:10.0.0.5", "DNS:host"): what a
+    model server inside a company network presents. Returns (ca.crt, server.crt, server.key)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+             "-days", "2", "-subj", "/CN=gearshift-test-model-ca", cwd=directory)
+    _openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+             "-subj", "/CN=model-server", cwd=directory)
+    (directory / "server.ext").write_text("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+                                          f"extendedKeyUsage=serverAuth\nsubjectAltName={san}\n")
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", "server.crt", "-days", "2", "-extfile", "server.ext", cwd=directory)
+    return directory / "ca.crt", directory / "server.crt", directory / "server.key"

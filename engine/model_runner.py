@@ -34,11 +34,14 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+from itertools import chain
 from typing import TYPE_CHECKING, get_args
 
+import numpy as np
 import torch
 from gearshift.engine.attention_metadata import AttentionMetadata
 from gearshift.engine.config import DType, EngineConfig, usable_cpus
+from gearshift.engine.cpu_malloc import keep_large_buffers
 from gearshift.engine.errors import GearshiftError
 from gearshift.engine.load_progress import reported
 from gearshift.engine.loader import open_model
@@ -123,6 +126,8 @@ class ModelRunner:
         self.model = self._load_model(src, wanted_len)
         self._allocate_kv_cache(wanted_len)
         self.graphs: DecodeGraphs | None = None  # CUDA graphs for pure-decode batches (GPU, unless enforce_eager)
+        if self.device.type == "cpu":  # a step's [B, V] logits reused from the heap (cpu_malloc.py says why)
+            keep_large_buffers(2 * config.max_num_seqs * self.vocab_size * 4)
         self._warmup()
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_graphs()
@@ -254,6 +259,10 @@ class ModelRunner:
         """Flatten the step: input_ids [T], positions [T], attention metadata, rows to sample [N] (None: all
         rows, a pure-decode step). The schedule is trusted: the scheduler's tests hold its invariants, and
         checking every block of every sequence here would cost more host time than the rest of this."""
+        if out.num_decodes == len(out.seqs):
+            decode = self._prepare_decode(out)
+            if decode is not None:
+                return decode
         bs = self.block_size
         ids: list[int] = []
         pos: list[int] = []
@@ -299,3 +308,32 @@ class ModelRunner:
         rows = None if len(sample_rows) == len(ids) else torch.tensor(sample_rows, dtype=torch.int64, device=dev)
         return torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(pos, dtype=torch.int64, device=dev), \
             meta, rows
+
+    def _prepare_decode(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, None] | None:
+        """prepare() for a pure-decode step (B sequences, one token each, all sampled), in numpy: one pass
+        over the sequences to read their token, position and table, the rest vectorised. None when a
+        table is longer than its context needs (hand-built outputs): the general path pads those."""
+        seqs = out.seqs
+        b, bs = len(seqs), self.block_size
+        ids = np.fromiter((s.token_ids[0] for s in seqs), np.int64, b)  # [B]
+        pos = np.fromiter((s.start_pos for s in seqs), np.int64, b)  # [B]
+        tables = [s.block_table for s in seqs]
+        lens = np.fromiter(map(len, tables), np.int64, b)  # [B] blocks each sequence holds
+        max_seq_len = int(pos.max()) + 1
+        max_blocks = -(-max_seq_len // bs)
+        if int(lens.max()) > max_blocks:
+            return None
+        flat = np.fromiter(chain.from_iterable(tables), np.int32, int(lens.sum()))
+        block_tables = np.zeros((b, max_blocks), np.int32)  # [B, max_blocks], each row padded with 0
+        block_tables[np.arange(max_blocks) < lens[:, None]] = flat  # row-major fill: row i gets its own table
+        slots = block_tables[np.arange(b), pos // bs].astype(np.int64) * bs + pos % bs  # [B]
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(slots).to(dev),
+            query_start_loc=torch.arange(b + 1, dtype=torch.int32, device=dev),
+            seq_lens=torch.from_numpy((pos + 1).astype(np.int32)).to(dev),
+            block_tables=torch.from_numpy(block_tables).to(dev),
+            max_query_len=1,
+            max_seq_len=max_seq_len,
+        )
+        return torch.from_numpy(ids).to(dev), torch.from_numpy(pos).to(dev), meta, None

@@ -63,32 +63,43 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
         bm = self.block_manager
-        scheduled: list[tuple[Sequence, int]] = []  # (sequence, new tokens this step)
+        bs = bm.block_size
+        decodes: list[Sequence] = []  # one token each, sampled
+        prefills: list[tuple[Sequence, int]] = []  # (sequence, new tokens this step)
         preempted: list[int] = []
 
         # 1. Running sequences, oldest first. Sequences not reached (budget spent) simply wait a step.
+        running = self.running
+        cap = self.max_num_seqs
         i = 0
-        while i < len(self.running) and budget > 0 and len(scheduled) < self.max_num_seqs:
-            seq = self.running[i]
-            num_new = min(seq.num_uncomputed_tokens, budget)
+        while i < len(running) and budget > 0 and len(decodes) + len(prefills) < cap:
+            seq = running[i]
+            computed = seq.num_computed_tokens
+            num_new = len(seq.token_ids) - computed
+            if num_new == 1 and computed < len(seq.block_table) * bs:
+                decodes.append(seq)  # the steady state: a decode whose last block has room, nothing to allocate
+                budget -= 1
+                i += 1
+                continue
+            num_new = min(num_new, budget)
             if num_new <= 0:
                 i += 1  # nothing to run (should not happen: every running sequence has a token to feed)
                 continue
             while not bm.allocate(seq, num_new):
-                victim = self.running.pop()  # the newest
+                victim = running.pop()  # the newest
                 self._preempt(victim)
                 preempted.append(victim.seq_id)
                 if victim is seq:
                     break
             else:
-                scheduled.append((seq, num_new))
+                self._place(seq, num_new, decodes, prefills)
                 budget -= num_new
                 i += 1
 
         # 2. Waiting sequences, FCFS — but not in a step that had to preempt (memory is short).
         while self.waiting and budget > 0 and not preempted:
             seq = self.waiting[0]
-            if len(self.running) >= self.max_num_seqs or len(scheduled) >= self.max_num_seqs:
+            if len(running) >= cap or len(decodes) + len(prefills) >= cap:
                 break
             if not seq.admissible:  # an n > 1 sibling waits for the shared prompt (then hits its blocks)
                 break
@@ -100,27 +111,34 @@ class Scheduler:
                 seq.num_cached_tokens = len(hits) * bm.block_size
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            scheduled.append((seq, num_new))
+            running.append(seq)
+            self._place(seq, num_new, decodes, prefills)
             budget -= num_new
 
-        return self._output(scheduled, preempted)
+        return self._output(decodes, prefills, preempted)
 
     @staticmethod
-    def _output(scheduled: list[tuple[Sequence, int]], preempted: list[int]) -> SchedulerOutput:
+    def _place(seq: Sequence, num_new: int, decodes: list[Sequence], prefills: list[tuple[Sequence, int]]) -> None:
+        """A decode is one token that reaches the sequence's end; anything else is a prefill chunk."""
+        if num_new == 1 and seq.num_computed_tokens + 1 == len(seq.token_ids):
+            decodes.append(seq)
+        else:
+            prefills.append((seq, num_new))
+
+    @staticmethod
+    def _output(decodes: list[Sequence], prefills: list[tuple[Sequence, int]], preempted: list[int]) -> SchedulerOutput:
         """Decodes first, then prefill chunks. Block tables are the sequences' own lists, not copies: they
         change only in schedule(), and the runner reads them before the next one."""
-        decodes: list[ScheduledSeq] = []
-        prefills: list[ScheduledSeq] = []
-        for seq, num_new in scheduled:
+        seqs = [ScheduledSeq(seq.seq_id, [seq.token_ids[-1]], seq.num_computed_tokens, seq.block_table, True)
+                for seq in decodes]
+        for seq, num_new in prefills:
             start = seq.num_computed_tokens
             end = start + num_new
-            if num_new == 1 and end == seq.num_tokens:
-                decodes.append(ScheduledSeq(seq.seq_id, seq.token_ids[start:end], start, seq.block_table, True))
-            else:
-                prefills.append(ScheduledSeq(seq.seq_id, seq.token_ids[start:end], start, seq.block_table,
-                                             end == seq.num_tokens))
-        return SchedulerOutput(seqs=decodes + prefills, preempted_seq_ids=preempted, num_decodes=len(decodes))
+            seqs.append(ScheduledSeq(seq.seq_id, seq.token_ids[start:end], start, seq.block_table,
+                                     end == len(seq.token_ids)))
+            decodes.append(seq)  # now every scheduled sequence, in the order of seqs
+        return SchedulerOutput(seqs=seqs, preempted_seq_ids=preempted, num_decodes=len(seqs) - len(prefills),
+                               scheduled=decodes)
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute later: drop the blocks (cached full ones stay findable), back to the queue's front."""
@@ -132,12 +150,17 @@ class Scheduler:
 
     def on_step_done(self, out: SchedulerOutput) -> None:
         """The runner computed the step: advance each sequence and register its newly full blocks."""
-        for s in out.seqs:
-            seq = self.seqs.get(s.seq_id)
-            if seq is None or seq.is_finished:
+        bm = self.block_manager
+        bs = bm.block_size if bm.enable_prefix_caching else 0
+        seqs = out.scheduled if len(out.scheduled) == len(out.seqs) else [self.seqs.get(s.seq_id) for s in out.seqs]
+        finished = SequenceStatus.FINISHED
+        for seq, s in zip(seqs, out.seqs, strict=True):
+            if seq is None or seq.status is finished:
                 continue
-            seq.num_computed_tokens = s.context_len
-            self.block_manager.cache_full_blocks(seq)
+            end = s.start_pos + len(s.token_ids)
+            seq.num_computed_tokens = end
+            if bs and end // bs > seq.num_registered_blocks:  # a block filled up (else nothing to register)
+                bm.cache_full_blocks(seq)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def finish(self, seq: Sequence) -> None:

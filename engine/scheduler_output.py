@@ -7,9 +7,13 @@ both kinds go in one step (vLLM v1 style: no prefill/decode phases, each sequenc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gearshift.engine.sequence import Sequence
 
 
-@dataclass
+@dataclass(slots=True)  # slots: hundreds are built every step
 class ScheduledSeq:
     seq_id: int
     token_ids: list[int]  # the tokens to feed this step: a prefill chunk, or the one last sampled token
@@ -30,6 +34,14 @@ class SchedulerOutput:
     seqs: list[ScheduledSeq] = field(default_factory=list)  # decodes first, then prefill chunks
     preempted_seq_ids: list[int] = field(default_factory=list)  # lost their blocks; will recompute
     num_decodes: int = 0  # seqs[:num_decodes] are decodes (one token each, sampled)
+    # The scheduler's own Sequence objects, in the order of seqs (so the engine and on_step_done need no
+    # lookup by id); empty when the output was built by hand (tests, warm-up).
+    scheduled: list[Sequence] = field(default_factory=list, compare=False, repr=False)
+
+    def __getstate__(self) -> dict:
+        """Tensor-parallel ranks get the schedule pickled: the Sequence objects (params, grammar, generators)
+        stay on rank 0."""
+        return {**self.__dict__, "scheduled": []}
 
     @property
     def num_batched_tokens(self) -> int:

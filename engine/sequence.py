@@ -52,6 +52,9 @@ class Sequence:
         self.num_preemptions = 0
         # Sampling state: a seeded request's torch.Generator (set by the sampler; opaque here).
         self.generator: object | None = None
+        # Greedy, no penalties, logprobs or logit_bias: the sampler's one-argmax fast path. Read every step
+        # for every row, so it is decided once here (params do not change once the request is queued).
+        self.plain_greedy: bool = params.plain_greedy and not params.logit_bias
 
     # -- token views -------------------------------------------------------------------------------
     @property

@@ -71,7 +71,18 @@ class Scheduler:
         # 1. Running sequences, oldest first. Sequences not reached (budget spent) simply wait a step.
         running = self.running
         cap = self.max_num_seqs
-        i = 0
+        if len(running) <= min(budget, cap):
+            # The steady state in one tight pass: decodes that fit (a new block only when the last is full).
+            # The first sequence that is not a decode, or finds no block, goes to the general loop below.
+            for seq in running:
+                computed = seq.num_computed_tokens
+                if len(seq.token_ids) - computed != 1:
+                    break
+                if computed >= len(seq.block_table) * bs and not bm.allocate(seq, 1):
+                    break
+                decodes.append(seq)
+            budget -= len(decodes)
+        i = len(decodes)
         while i < len(running) and budget > 0 and len(decodes) + len(prefills) < cap:
             seq = running[i]
             computed = seq.num_computed_tokens

@@ -7,7 +7,10 @@ and embeddings inputs/s at batch 32.
 
 Workload: streamed `/v1/completions`, greedy, `ignore_eos`, --max-tokens output tokens from prompts of
 --prompt-tokens tokens (serve.py's prompts). The guided rows send `guided_json` with an unbounded integer
-array, so a guided request also runs to max_tokens and both rows move the same number of tokens.
+array, so a guided request also runs to max_tokens and both rows move the same number of tokens. Each level
+runs free and guided rounds in ABBA order (free, guided, guided, free, --repeats pairs in all), each round
+with prompts of its own, and sums each side: on shared CPUs the load drifts, and running all free rounds
+before all guided ones would charge the drift to the mask.
 Embeddings: `/v1/embeddings` with 32 inputs of --prompt-tokens tokens per call, --embed-calls calls.
 """
 
@@ -69,6 +72,7 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--rounds", type=float, default=2.0, help="requests per level = max(rounds * conc, 4)")
+    p.add_argument("--repeats", type=int, default=2, help="free/guided round pairs per level, in ABBA order")
     p.add_argument("--embed-batch", type=int, default=32)
     p.add_argument("--embed-calls", type=int, default=4)
     p.add_argument("--threads", type=int, default=usable_cpus())
@@ -77,7 +81,7 @@ def main() -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     # Every row gets prompts of its own: a row reusing another's would meet them in the prefix cache.
     per_level = [max(int(args.rounds * c), 4) for c in levels]
-    prompts = make_prompts(model, 2 * sum(per_level) + 2, args.prompt_tokens)
+    prompts = make_prompts(model, 2 * args.repeats * sum(per_level) + 2, args.prompt_tokens)
     flags = sorted({f for f in open("/proc/cpuinfo").read().split() if f in
                     ("avx2", "avx512f", "avx512_bf16", "avx512_vnni")})
     print(f"cpu flags: {' '.join(flags)}; threads {args.threads}; {args.prompt_tokens} prompt tokens, "
@@ -90,13 +94,17 @@ def main() -> int:
             asyncio.run(level(server.url, prompts[-2:], 2, 2, 8, guided=True))  # warm: grammar vocab, first masks
             at = 0
             for conc, n in zip(levels, per_level, strict=True):
-                mine, theirs, at = prompts[at:at + n], prompts[at + n:at + 2 * n], at + 2 * n
-                free = asyncio.run(level(server.url, mine, conc, n, args.max_tokens, guided=False)).summary()
-                guided = asyncio.run(level(server.url, theirs, conc, n, args.max_tokens, guided=True)).summary()
-                ratio = guided["output_tok_s"] / free["output_tok_s"] if free["output_tok_s"] else float("nan")
-                print(f"{engine:<7} {conc:>4} {free['output_tok_s']:>10.1f} {guided['output_tok_s']:>10.1f} "
-                      f"{ratio:>9.2f}   errors {free['errors']}/{guided['errors']}", flush=True)
-            embeds[engine] = embed_rate(server.url, prompts, args.embed_batch, args.embed_calls)
+                rates: dict[bool, list[dict[str, float | int]]] = {False: [], True: []}
+                for guided in [False, True, True, False] * (args.repeats // 2) + [False, True] * (args.repeats % 2):
+                    mine, at = prompts[at:at + n], at + n
+                    rates[guided].append(asyncio.run(level(server.url, mine, conc, n, args.max_tokens, guided)).summary())
+                free, guided_rate = (sum(r["output_tokens"] for r in rates[g]) / sum(r["wall_s"] for r in rates[g])
+                                     for g in (False, True))
+                errors = [sum(r["errors"] for r in rates[g]) for g in (False, True)]
+                print(f"{engine:<7} {conc:>4} {free:>10.1f} {guided_rate:>10.1f} {guided_rate / free:>9.2f}   "
+                      f"errors {errors[0]}/{errors[1]}", flush=True)
+            if args.embed_calls:
+                embeds[engine] = embed_rate(server.url, prompts, args.embed_batch, args.embed_calls)
     for engine, rate in embeds.items():
         print(f"embeddings {engine:<6} batch {args.embed_batch}: {rate:.1f} inputs/s")
     return 0

@@ -100,6 +100,7 @@ class LLMEngine:
         self.sampler = Sampler(config.seed)
         self._requests: dict[str, _Request] = {}
         self._failures: dict[str, BaseException] = {}  # request id -> what ended it in a step
+        self._mask_filler: Any = None  # pipeline/guided.MaskFiller, made for the first guided step
         self._lock = threading.RLock()
 
     # -- requests ----------------------------------------------------------------------------------
@@ -195,6 +196,8 @@ class LLMEngine:
                 req = self._requests[self.scheduler.seqs[s.seq_id].request_id]
                 if req.first_scheduled_time is None:
                     req.first_scheduled_time = now
+            targets: list[Sequence] = [self.scheduler.seqs[s.seq_id] for s in out.seqs if s.sample]
+            masks = self._start_masks(targets)  # the grammar rows fill while the forward pass runs
             try:
                 logits = self.runner.execute(out)  # [num seqs with sample=True, vocab]
             except Exception as e:  # which request caused it cannot be known: the whole batch fails
@@ -203,11 +206,9 @@ class LLMEngine:
                     self._fail(rid, e)
                 raise BatchStepError(sorted(ids), e) from e
             self.scheduler.on_step_done(out)
-
-            targets: list[Sequence] = [self.scheduler.seqs[s.seq_id] for s in out.seqs if s.sample]
             if not targets:
                 return []
-            sampled = self._sample_isolated(logits, targets)
+            sampled = self._sample_isolated(logits, targets, masks)
 
             now = time.time()
             touched: dict[str, _Request] = {}
@@ -234,11 +235,11 @@ class LLMEngine:
                     del self._requests[req.request_id]
             return outputs
 
-    def _sample_isolated(self, logits: Any, targets: list[Sequence]) -> Any:
-        """Sample the batch; if that raises, sample row by row so that only the rows that raise fail (their
-        requests go to take_failures, their token ids are None) and the rest of the batch goes on."""
+    def _sample_isolated(self, logits: Any, targets: list[Sequence], masks: tuple[list[int], Any] | None) -> Any:
+        """Sample the batch (masks: _start_masks'); if that raises, sample row by row so that only the rows
+        that raise fail (their requests go to take_failures, their token ids are None) and the rest goes on."""
         try:
-            return self.sampler.sample(logits, targets, self._grammar_masks(targets))
+            return self.sampler.sample(logits, targets, masks and (masks[0], masks[1].result()))
         except Exception:
             pass
         token_ids: list[int | None] = []
@@ -258,9 +259,8 @@ class LLMEngine:
                 logprobs.append(None)
         return _Sampled(token_ids, logprobs)
 
-    def _grammar_masks(self, targets: list[Sequence]) -> tuple[list[int], Any] | None:
-        """The rows of guided choices and their grammar bitmasks (int32 [G, ceil(V/32)], filled by each
-        choice's guide) for the sampler; None when no row is guided."""
+    def _guided_rows(self, targets: list[Sequence]) -> tuple[list[int], list[Any]]:
+        """The rows of guided choices and their guides; rows without a grammar are skipped."""
         rows, guides = [], []
         for row, seq in enumerate(targets):
             req = self._requests.get(seq.request_id)
@@ -268,14 +268,28 @@ class LLMEngine:
             if guide is not None:
                 rows.append(row)
                 guides.append(guide)
+        return rows, guides
+
+    def _start_masks(self, targets: list[Sequence]) -> tuple[list[int], Any] | None:
+        """Start filling the guided rows' grammar bitmasks (int32 [G, ceil(V/32)], a Future) on the mask
+        filler's threads, so the fill overlaps the forward pass; None when no row is guided."""
+        rows, guides = self._guided_rows(targets)
         if not guides:
             return None
-        import numpy as np
+        if self._mask_filler is None:
+            from gearshift.engine.pipeline.guided import MaskFiller
 
-        mask = np.zeros((len(guides), (self.tokenizer.vocab_size + 31) // 32), dtype=np.int32)
-        for i, guide in enumerate(guides):
-            guide.fill(mask[i])
-        return rows, mask
+            self._mask_filler = MaskFiller(self.tokenizer.vocab_size)
+        return rows, self._mask_filler.start(guides)
+
+    def _grammar_masks(self, targets: list[Sequence]) -> tuple[list[int], Any] | None:
+        """Like _start_masks, filled here and now (the row-by-row fallback)."""
+        rows, guides = self._guided_rows(targets)
+        if not guides:
+            return None
+        from gearshift.engine.pipeline.guided import fill_bitmask
+
+        return rows, fill_bitmask(guides, self.tokenizer.vocab_size)
 
     def _fail(self, request_id: str, error: BaseException) -> None:
         """End one request because of an error in a step: its blocks are freed, the backend reports it."""

@@ -132,10 +132,12 @@ class Sampler:
 
 
 def apply_bitmask(logits: torch.Tensor, rows: list[int], bitmask: np.ndarray) -> torch.Tensor:
-    """Set the logits of tokens a grammar forbids to -inf. logits [B, V]; bitmask int32 [len(rows), W] for
-    those rows (bit t%32 of word t//32 set = allowed). On a GPU only the W-word mask crosses to the device
-    and is unpacked there. On a CPU numpy does it on this thread: torch's [G, V] ops wait at OpenMP
-    barriers, and on shared CPUs that cost ~30 ms a step at 32 rows (bench/serve_features.py)."""
+    """Set the logits of tokens a grammar forbids to -inf: logits [B, V]; bitmask int32 [len(rows), W] for
+    those rows (bit t%32 of word t//32 set = allowed; tokens past W*32, padded embedding rows, never are);
+    other rows are left alone. Returns the masked logits: `logits` itself, masked in place, when it is
+    float32 on the CPU. On a GPU only the W-word mask crosses to the device and is unpacked there. On a CPU
+    numpy works on the packed words on this thread (torch's [G, V] ops wait at OpenMP barriers, ~30 ms a
+    step at 32 rows on shared CPUs: bench/serve_features.py)."""
     vocab = logits.shape[1]
     if logits.is_cuda:
         words = torch.from_numpy(bitmask).to(logits.device, non_blocking=True)  # [G, W]
@@ -145,13 +147,38 @@ def apply_bitmask(logits: torch.Tensor, rows: list[int], bitmask: np.ndarray) ->
             allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
         idx = torch.tensor(rows, device=logits.device)
         return logits.index_copy(0, idx, logits.index_select(0, idx).masked_fill_(~allowed[:, :vocab], float("-inf")))
-    out = logits.float().numpy().copy()  # [B, V]
-    allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")  # [G, W*32], 1 = allowed
+    out = logits if logits.dtype == torch.float32 else logits.float()
+    mask_rows_numpy(out.numpy(), rows, bitmask)
+    return out
+
+
+def mask_rows_numpy(out: np.ndarray, rows: list[int], words: np.ndarray) -> None:
+    """apply_bitmask's CPU core, in place: out float32 [B, V], words int32 [len(rows), W].
+
+    A grammar usually allows a handful of tokens (a JSON number: the digits; after a key: the colon), so
+    most words are 0. Then only the nonzero words are unpacked: the rows are set to -inf and the allowed
+    tokens' logits put back, one pass over memory. A permissive mask (inside a free string) takes the
+    whole unpack, one masked copy per row."""
+    vocab = out.shape[1]
+    g, k = np.nonzero(words)  # [N]: words with at least one allowed token
+    if g.size * 8 <= words.size:
+        bits = np.unpackbits(words[g, k].view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")  # [N, 32]
+        n, b = np.nonzero(bits)
+        row_ids, tokens = np.asarray(rows, dtype=np.intp)[g[n]], k[n] * 32 + b  # [A]: every allowed token
+        inside = tokens < vocab
+        row_ids, tokens = row_ids[inside], tokens[inside]
+        kept = out[row_ids, tokens]  # [A]
+        if len(rows) == out.shape[0]:
+            out.fill(-np.inf)
+        else:
+            out[np.asarray(rows, dtype=np.intp)] = -np.inf
+        out[row_ids, tokens] = kept
+        return
+    allowed = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little").view(bool)  # [G, W*32]
     width = min(allowed.shape[1], vocab)
     for j, r in enumerate(rows):
-        np.copyto(out[r, :width], -np.inf, where=allowed[j, :width] == 0)
+        np.copyto(out[r, :width], -np.inf, where=~allowed[j, :width])
         out[r, width:] = -np.inf  # padded embedding rows beyond the tokenizer: never allowed
-    return torch.from_numpy(out)
 
 
 def _apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

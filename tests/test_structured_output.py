@@ -18,7 +18,13 @@ import openai
 import pydantic
 import pytest
 from gearshift.engine.errors import InvalidRequestError
-from gearshift.engine.pipeline.guided import GuidedSpec, compile_guide, fill_bitmask, vocab_from_hf_json
+from gearshift.engine.pipeline.guided import (
+    GuidedSpec,
+    MaskFiller,
+    compile_guide,
+    fill_bitmask,
+    vocab_from_hf_json,
+)
 from server_process import engine_param, running_server
 
 NASTY = {
@@ -82,6 +88,34 @@ def test_every_walk_through_the_mask_validates(name, vocab, tokenizer):
     for seed in range(12):
         text = random_walk(template.fork(), tokenizer, random.Random(seed))
         jsonschema.validate(json.loads(text), schema)
+
+
+def test_batched_parallel_fill_walks_every_schema_at_once(vocab, tokenizer):
+    """The paged engine's path: one batch of different grammars filled by MaskFiller on two threads in the
+    background; every row equals its guide's own fill, and every walk validates."""
+    names = sorted(NASTY)
+    guides = [compile_guide(GuidedSpec("json_schema", NASTY[n]), vocab).fork() for n in names]
+    filler = MaskFiller(tokenizer.vocab_size, threads=2)
+    rng, eos = random.Random(0), set(tokenizer.eos_token_ids)
+    ids: list[list[int] | None] = [[] for _ in names]  # None: that walk ended
+    for _ in range(400):
+        live = [i for i, walk in enumerate(ids) if walk is not None]
+        if not live:
+            break
+        mask = filler.start([guides[i] for i in live]).result()
+        for row, i in enumerate(live):
+            assert (mask[row] == fill_bitmask([guides[i]], tokenizer.vocab_size)[0]).all(), names[i]
+            bits = np.unpackbits(mask[row].view(np.uint8), bitorder="little")[: tokenizer.vocab_size]
+            allowed = np.flatnonzero(bits).tolist()
+            if any(t in eos for t in allowed):
+                jsonschema.validate(json.loads(tokenizer.decode(ids[i])), NASTY[names[i]])
+                ids[i] = None
+                continue
+            t = allowed[rng.randrange(len(allowed))]
+            assert guides[i].accept(t), guides[i].error
+            ids[i].append(t)
+    filler.close()
+    assert all(walk is None for walk in ids), "a walk did not end within 400 tokens"
 
 
 def test_choice_and_regex_walks(vocab, tokenizer):
@@ -184,13 +218,18 @@ def _check_masked(out, logits, rows, bitmask, vocab_words):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_apply_bitmask_forbids_exactly_the_cleared_bits(device):
+@pytest.mark.parametrize("density", ["dense", "sparse", "empty"])
+@pytest.mark.parametrize(("rows", "words", "vocab"), [
+    ([0, 2, 4], 4, 4 * 32 + 7),  # logits wider than the mask: padded embedding rows are never allowed
+    ([0, 1, 2, 3, 4], 40, 40 * 32 - 5),  # every row guided; the mask wider than the logits
+])
+def test_apply_bitmask_forbids_exactly_the_cleared_bits(device, density, rows, words, vocab):
     import torch
     from gearshift.engine.sampler import apply_bitmask
 
     rng = np.random.default_rng(0)
-    words, vocab = 4, 4 * 32 + 7  # logits wider than the mask: padded embedding rows are never allowed
-    bitmask = rng.integers(-(2**31), 2**31 - 1, size=(3, words), dtype=np.int32)
+    bitmask = rng.integers(-(2**31), 2**31 - 1, size=(len(rows), words), dtype=np.int32)
+    if density != "dense":  # a grammar's usual mask: most words 0 (the CPU takes its sparse path then)
+        bitmask[rng.random(bitmask.shape) < (0.97 if density == "sparse" else 1.0)] = 0
     logits = torch.randn(5, vocab, device=device)
-    rows = [0, 2, 4]
-    _check_masked(apply_bitmask(logits, rows, bitmask), logits, rows, bitmask, words)
+    _check_masked(apply_bitmask(logits.clone(), rows, bitmask), logits, rows, bitmask, words)

@@ -11,11 +11,20 @@ token mask and tells it the token it sampled.
     g = guide.fork()                                                  # one per choice
     mask = fill_bitmask([g, ...], vocab_size)                         # int32 [B, ceil(V/32)]
     g.accept(token_id)
+
+A batched engine fills its rows with a MaskFiller instead: in the background and in parallel, so the
+fill overlaps the model's forward pass (vLLM's shape):
+
+    pending = filler.start([g, ...])        # before the forward; the guides are not touched until result()
+    logits = forward(...)
+    mask = pending.result()                 # int32 [B, ceil(V/32)]
 """
 
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -120,6 +129,11 @@ def compile_guide(spec: GuidedSpec, vocab: Any) -> Guide:
     return Guide(matcher)
 
 
+def mask_threads() -> int:
+    """Fill threads: half this process's CPUs, at most 8 (a row takes ~2-20 us; the rest run the model)."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) // 2))
+
+
 def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
@@ -130,3 +144,30 @@ def fill_bitmask(guides: list[Guide], vocab_size: int) -> np.ndarray:
     for i, g in enumerate(guides):
         g.fill(mask[i])
     return mask
+
+
+class MaskFiller:
+    """Fills a batch's bitmask rows on llguidance's own thread pool (the GIL released for the whole batch),
+    started from one background thread so that the caller's forward pass runs meanwhile. One batch at a
+    time: a guide must not be advanced or filled elsewhere until its batch's result() returned."""
+
+    def __init__(self, vocab_size: int, threads: int | None = None) -> None:
+        from llguidance import LLExecutor
+
+        self.words = bitmask_words(vocab_size)
+        self._executor = LLExecutor(threads or mask_threads())
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
+
+    def start(self, guides: list[Guide]) -> Future[np.ndarray]:
+        """Begin filling int32 [len(guides), W]: row i is guides[i]'s allowed tokens."""
+        mask = np.zeros((len(guides), self.words), dtype=np.int32)
+        matchers = [(g.matcher, i) for i, g in enumerate(guides)]
+        return self._thread.submit(self._fill, matchers, mask)
+
+    def _fill(self, matchers: list[tuple[Any, int]], mask: np.ndarray) -> np.ndarray:
+        self._executor.unsafe_compute_mask_ptr(matchers, mask.ctypes.data, mask.shape[1] * mask.itemsize,
+                                               mask.shape[0])
+        return mask
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)

@@ -191,17 +191,21 @@ class LLMEngine:
             out = self.scheduler.schedule()
             if out.is_empty:
                 return []
-            now = time.time()
-            for s in out.seqs[out.num_decodes:]:  # a decode was scheduled before
-                req = self._requests[self.scheduler.seqs[s.seq_id].request_id]
-                if req.first_scheduled_time is None:
-                    req.first_scheduled_time = now
-            targets: list[Sequence] = [self.scheduler.seqs[s.seq_id] for s in out.seqs if s.sample]
+            scheduled = out.scheduled  # the scheduler's Sequences, in the order of out.seqs
+            if out.num_decodes < len(scheduled):
+                now = time.time()
+                for seq in scheduled[out.num_decodes:]:  # a decode was scheduled before
+                    req = self._requests[seq.request_id]
+                    if req.first_scheduled_time is None:
+                        req.first_scheduled_time = now
+            # A pure-decode step samples every row: the scheduler's list as it is, no per-row lookups.
+            targets: list[Sequence] = scheduled if out.num_decodes == len(scheduled) else \
+                [seq for seq, s in zip(scheduled, out.seqs, strict=True) if s.sample]
             masks = self._start_masks(targets)  # the grammar rows fill while the forward pass runs
             try:
                 logits = self.runner.execute(out)  # [num seqs with sample=True, vocab]
             except Exception as e:  # which request caused it cannot be known: the whole batch fails
-                ids = {self.scheduler.seqs[s.seq_id].request_id for s in out.seqs}
+                ids = {seq.request_id for seq in scheduled}
                 for rid in ids:
                     self._fail(rid, e)
                 raise BatchStepError(sorted(ids), e) from e

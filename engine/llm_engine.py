@@ -74,7 +74,10 @@ class _Request:
 
     @property
     def finished(self) -> bool:
-        return all(c.finish_reason is not None for c in self.choices)
+        choices = self.choices
+        if len(choices) == 1:  # read for every request every step: n = 1 without a generator
+            return choices[0].finish_reason is not None
+        return all(c.finish_reason is not None for c in choices)
 
 
 class LLMEngine:
@@ -234,8 +237,9 @@ class LLMEngine:
                     touched.pop(req.request_id, None)
             outputs = []
             for req in touched.values():
-                outputs.append(self._output(req))
-                if req.finished:
+                output = self._output(req)
+                outputs.append(output)
+                if output.finished:
                     del self._requests[req.request_id]
             return outputs
 

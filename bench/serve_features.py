@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # siblings (PYTH
 
 import httpx  # noqa: E402
 from serve_load import LevelResult, RequestResult, make_prompts, one_request  # noqa: E402
-from serve_servers import free_port, gearshift_cmd, started  # noqa: E402
+from serve_servers import ServerProc, free_port, gearshift_cmd, started  # noqa: E402
 
 SCHEMA = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999}}
 
@@ -50,6 +50,34 @@ async def level(url: str, prompts: list[str], conc: int, n: int, max_tokens: int
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(conc)))
     return LevelResult(conc, results, time.perf_counter() - start)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time the process has used so far, all its threads (utime + stime from /proc)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def structured_row(server: ServerProc, prompts: list[str], conc: int, n: int, max_tokens: int, repeats: int) -> str:
+    """Free vs guided at one concurrency, rounds in ABBA order (len(prompts) = 2 * repeats * n). Besides
+    tokens per wall second, the server's CPU time per token: on shared CPUs wall time swings with the other
+    load, the CPU time the server itself spends per token much less."""
+    rounds: dict[bool, list[tuple[dict[str, float | int], float]]] = {False: [], True: []}
+    order = [False, True, True, False] * (repeats // 2) + [False, True] * (repeats % 2)
+    for i, guided in enumerate(order):
+        cpu = cpu_seconds(server.proc.pid)
+        summary = asyncio.run(level(server.url, prompts[i * n:(i + 1) * n], conc, n, max_tokens, guided)).summary()
+        rounds[guided].append((summary, cpu_seconds(server.proc.pid) - cpu))
+    tok_s, cpu_ms, errors = {}, {}, {}
+    for g, rs in rounds.items():
+        tokens = sum(r["output_tokens"] for r, _ in rs)
+        tok_s[g] = tokens / sum(r["wall_s"] for r, _ in rs)
+        cpu_ms[g] = 1e3 * sum(c for _, c in rs) / max(tokens, 1)
+        errors[g] = sum(r["errors"] for r, _ in rs)
+    spread = ["/".join(f"{r['output_tok_s']:.0f}" for r, _ in rounds[g]) for g in (False, True)]
+    return (f"{tok_s[False]:>10.1f} {tok_s[True]:>10.1f} {tok_s[True] / tok_s[False]:>9.2f} "
+            f"{cpu_ms[False]:>15.2f} {cpu_ms[True]:>15.2f} {cpu_ms[False] / cpu_ms[True]:>13.2f}   "
+            f"errors {errors[False]}/{errors[True]}; rounds free {spread[0]}, json {spread[1]} tok/s")
 
 
 def embed_rate(url: str, prompts: list[str], batch: int, calls: int) -> float:
@@ -86,7 +114,8 @@ def main() -> int:
                     ("avx2", "avx512f", "avx512_bf16", "avx512_vnni")})
     print(f"cpu flags: {' '.join(flags)}; threads {args.threads}; {args.prompt_tokens} prompt tokens, "
           f"{args.max_tokens} output tokens, greedy, ignore_eos; thread wait {THREAD_WAIT}")
-    print(f"{'engine':<7} {'conc':>4} {'free tok/s':>10} {'json tok/s':>10} {'json/free':>9}")
+    print(f"{'engine':<7} {'conc':>4} {'free tok/s':>10} {'json tok/s':>10} {'json/free':>9} "
+          f"{'free cpu ms/tok':>15} {'json cpu ms/tok':>15} {'cpu json/free':>13}")
     embeds = {}
     for engine in args.targets.split(","):
         cmd = gearshift_cmd(engine, model, free_port(), args.threads, max(levels), 2048, [])
@@ -94,15 +123,10 @@ def main() -> int:
             asyncio.run(level(server.url, prompts[-2:], 2, 2, 8, guided=True))  # warm: grammar vocab, first masks
             at = 0
             for conc, n in zip(levels, per_level, strict=True):
-                rates: dict[bool, list[dict[str, float | int]]] = {False: [], True: []}
-                for guided in [False, True, True, False] * (args.repeats // 2) + [False, True] * (args.repeats % 2):
-                    mine, at = prompts[at:at + n], at + n
-                    rates[guided].append(asyncio.run(level(server.url, mine, conc, n, args.max_tokens, guided)).summary())
-                free, guided_rate = (sum(r["output_tokens"] for r in rates[g]) / sum(r["wall_s"] for r in rates[g])
-                                     for g in (False, True))
-                errors = [sum(r["errors"] for r in rates[g]) for g in (False, True)]
-                print(f"{engine:<7} {conc:>4} {free:>10.1f} {guided_rate:>10.1f} {guided_rate / free:>9.2f}   "
-                      f"errors {errors[0]}/{errors[1]}", flush=True)
+                row = structured_row(server, prompts[at:at + 2 * args.repeats * n], conc, n, args.max_tokens,
+                                     args.repeats)
+                at += 2 * args.repeats * n
+                print(f"{engine:<7} {conc:>4} {row}", flush=True)
             if args.embed_calls:
                 embeds[engine] = embed_rate(server.url, prompts, args.embed_batch, args.embed_calls)
     for engine, rate in embeds.items():

@@ -19,6 +19,7 @@ import pydantic
 import pytest
 from gearshift.engine.errors import InvalidRequestError
 from gearshift.engine.pipeline.guided import (
+    GuideCache,
     GuidedSpec,
     MaskFiller,
     compile_guide,
@@ -116,6 +117,24 @@ def test_batched_parallel_fill_walks_every_schema_at_once(vocab, tokenizer):
             ids[i].append(t)
     filler.close()
     assert all(walk is None for walk in ids), "a walk did not end within 400 tokens"
+
+
+def test_a_repeated_spec_is_a_fresh_fork_of_its_kept_guide(vocab, tokenizer):
+    cache = GuideCache(size=2)
+    schema = NASTY["top_level_array"]
+    first = cache.compile(GuidedSpec("json_schema", schema), vocab)
+    again = cache.compile(GuidedSpec("json_schema", json.loads(json.dumps(schema)), param="format"), vocab)
+    assert len(cache) == 1 and again.matcher is not first.matcher
+    start = fill_bitmask([again], tokenizer.vocab_size)
+    jsonschema.validate(json.loads(random_walk(first, tokenizer, random.Random(0))), schema)
+    assert (fill_bitmask([again], tokenizer.vocab_size) == start).all()  # walking one fork left the other
+    jsonschema.validate(json.loads(random_walk(again, tokenizer, random.Random(1))), schema)
+    cache.compile(GuidedSpec("json_schema", schema, strict=False), vocab)  # strictness is part of the key
+    cache.compile(GuidedSpec("regex", "[a-c]{3}"), vocab)
+    assert len(cache) == 2  # the least recently used went
+    with pytest.raises(InvalidRequestError):
+        cache.compile(GuidedSpec("regex", "(unclosed", param="guided_regex"), vocab)
+    assert len(cache) == 2
 
 
 def test_choice_and_regex_walks(vocab, tokenizer):

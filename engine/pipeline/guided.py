@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -127,6 +129,35 @@ def compile_guide(spec: GuidedSpec, vocab: Any) -> Guide:
     if matcher.is_error():
         raise InvalidRequestError(f"cannot use this {spec.kind}: {matcher.get_error()}", param=spec.param)
     return Guide(matcher)
+
+
+class GuideCache:
+    """Compiled guides by spec, most recently used kept: clients send the same schema on every request, so
+    a repeat is a fork of the kept guide, with no compile on the event loop, and the forks share the
+    grammar's lexer, already warm (a fresh compile builds its lexer states again, mask by mask)."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self._guides: OrderedDict[tuple[Any, ...], tuple[Any, Guide]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def compile(self, spec: GuidedSpec, vocab: Any) -> Guide:
+        """A fresh guide at the start of `spec`'s grammar (InvalidRequestError as compile_guide)."""
+        key = (id(vocab), spec.kind, json.dumps(spec.value, sort_keys=True, default=repr), spec.strict)
+        with self._lock:
+            kept = self._guides.get(key)
+            if kept is not None and kept[0] is vocab:
+                self._guides.move_to_end(key)
+                return kept[1].fork()
+        guide = compile_guide(spec, vocab)
+        with self._lock:
+            self._guides[key] = (vocab, guide)  # never advanced itself: only its forks are
+            while len(self._guides) > self.size:
+                self._guides.popitem(last=False)
+        return guide.fork()
+
+    def __len__(self) -> int:
+        return len(self._guides)
 
 
 def mask_threads() -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from gearshift.engine.errors import InvalidRequestError
-from gearshift.engine.pipeline.guided import Guide, GuidedSpec, compile_guide
+from gearshift.engine.pipeline.guided import Guide, GuideCache, GuidedSpec
 from gearshift.engine.sampling_params import SamplingParams
 
 
@@ -55,5 +55,9 @@ def attach(params: SamplingParams, spec: GuidedSpec | None, backend: Any) -> Sam
     return params
 
 
+_GUIDES = GuideCache()
+
+
 def compile_spec(spec: GuidedSpec, backend: Any) -> Guide:
-    return compile_guide(spec, backend.grammar_vocab())
+    """`spec` compiled for the backend's vocabulary; a spec seen lately is a fork of its kept guide."""
+    return _GUIDES.compile(spec, backend.grammar_vocab())

@@ -6,10 +6,12 @@
         for out in engine.step(): ...                                  # cumulative text per request
 
 A step: the scheduler picks tokens under the budget, the model runner computes logits for every sequence
-that reached its last token, the sampler draws, and each choice's text grows through its incremental
-detokenizer until a stop string, a stop token, EOS or max_tokens ends it. Finished sequences free their
-blocks at once. Not thread-safe by design beyond a lock: the server drives it from one worker thread and
-calls add_request/abort between steps.
+that reached its last token, the sampler draws, and each choice grows by a token until a stop token, EOS or
+max_tokens ends it. Finished sequences free their blocks at once. Text (detokenization, stop strings,
+hold-back) is the request pipeline's (pipeline/detokenizer.py): with `detokenize=True` (the offline API)
+step() runs it here; the server's paged backend passes False and runs it on its event loop instead, so
+the step thread only turns token ids into token ids. Not thread-safe by design beyond a lock: the server
+drives it from one worker thread and calls add_request/abort between steps.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from gearshift.engine.block_manager import BlockManager
 from gearshift.engine.config import EngineConfig
 from gearshift.engine.errors import InvalidRequestError
 from gearshift.engine.outputs import CompletionOutput, EngineStats, FinishReason, Logprob, RequestOutput
-from gearshift.engine.pipeline.request_checks import check_token_ids, context_budget, find_stop, stop_holdback
+from gearshift.engine.pipeline.detokenizer import OutputProcessor
+from gearshift.engine.pipeline.request_checks import check_token_ids, context_budget
 from gearshift.engine.sampling_params import SamplingParams
 from gearshift.engine.scheduler import Scheduler
 from gearshift.engine.sequence import Sequence, fan_out
@@ -51,9 +54,7 @@ class _Sampled:
 @dataclass
 class _Choice:
     index: int
-    detok: object  # IncrementalDetokenizer
     seq: Sequence | None = None  # set when the request is queued
-    text: str = ""  # everything decoded so far, truncated at a stop string once found
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[Logprob] | None = None
     finish_reason: FinishReason | None = None
@@ -81,7 +82,7 @@ class _Request:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, runner: Runner | None = None) -> None:
+    def __init__(self, config: EngineConfig, runner: Runner | None = None, detokenize: bool = True) -> None:
         if runner is None and config.tensor_parallel_size > 1:  # rank 0 here, the other ranks spawned
             from gearshift.engine.distributed import launch
 
@@ -104,6 +105,8 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
         self._failures: dict[str, BaseException] = {}  # request id -> what ended it in a step
         self._mask_filler: Any = None  # pipeline/guided.MaskFiller, made for the first guided step
+        # request id -> its text (pipeline/detokenizer.py); None: outputs carry token ids only
+        self._text: dict[str, OutputProcessor] | None = {} if detokenize else None
         self._lock = threading.RLock()
 
     # -- requests ----------------------------------------------------------------------------------
@@ -128,11 +131,8 @@ class LLMEngine:
         ids = self._prompt_ids(prompt)
         max_tokens = context_budget(len(ids), params.max_tokens, self.max_model_len)
         self.scheduler.check_fits(len(ids), max_tokens, params.n)
-        from gearshift.engine.tokenizer import IncrementalDetokenizer
-
         req = _Request(request_id, ids, params, max_tokens, arrival_time if arrival_time is not None else time.time())
-        req.choices = [_Choice(k, IncrementalDetokenizer(self.tokenizer, ids),
-                               logprobs=[] if params.logprobs is not None else None,
+        req.choices = [_Choice(k, logprobs=[] if params.logprobs is not None else None,
                                guide=params.guide.fork() if params.guide is not None else None)
                        for k in range(params.n)]
         return req
@@ -159,6 +159,8 @@ class LLMEngine:
             if req.request_id in self._requests:
                 raise InvalidRequestError(f"request_id {req.request_id!r} is already running", param="request_id")
             self._requests[req.request_id] = req
+            if self._text is not None:
+                self._text[req.request_id] = OutputProcessor(self.tokenizer.decode, req.prompt_token_ids, req.params)
             # n > 1: n sequences now (choices 1.. wait for choice 0's prompt, then hit its cached blocks),
             # so step() never forks and no KV block is ever copied on write.
             for choice, seq in zip(req.choices, fan_out(req.request_id, req.prompt_token_ids, req.params,
@@ -178,7 +180,22 @@ class LLMEngine:
                     c.finish_reason = "abort"
                 if c.seq is not None:
                     self.scheduler.finish(c.seq)
-            return self._output(req)
+            texts = self._texts([out := self._output(req)])
+            return texts[0] if texts else out
+
+    def finish_choice(self, request_id: str, index: int) -> None:
+        """A stop string ended choice `index` (the output processor saw it): stop computing it, free its
+        blocks. Its tokens past the stop are dropped by the processor, not reported here."""
+        with self._lock:
+            req = self._requests.get(request_id)
+            if req is None or req.choices[index].finish_reason is not None:
+                return
+            c = req.choices[index]
+            c.finish_reason = "stop"
+            if c.seq is not None:
+                self.scheduler.finish(c.seq)
+            if req.finished:
+                del self._requests[request_id]
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
@@ -241,7 +258,7 @@ class LLMEngine:
                 outputs.append(output)
                 if output.finished:
                     del self._requests[req.request_id]
-            return outputs
+            return self._texts(outputs)
 
     def _sample_isolated(self, logits: Any, targets: list[Sequence], masks: tuple[list[int], Any] | None) -> Any:
         """Sample the batch (masks: _start_masks'); if that raises, sample row by row so that only the rows
@@ -321,43 +338,32 @@ class LLMEngine:
             c.finish_reason, c.stop_reason = "stop", token_id
         elif not p.ignore_eos and token_id in self.tokenizer.eos_token_ids:
             c.finish_reason = "stop"
-        else:
-            before = len(c.text)
-            c.text += c.detok.add(token_id)
-            if p.stop and self._find_stop(c, p, before):
-                return
-            if len(c.token_ids) >= req.max_tokens:
-                c.finish_reason = "length"
-        if c.finish_reason is not None:
-            # Ended on a token: release bytes held back for an unfinished character (they may finish a stop).
-            before = len(c.text)
-            c.text += c.detok.flush()
-            if p.stop:
-                self._find_stop(c, p, before)
+        elif len(c.token_ids) >= req.max_tokens:
+            c.finish_reason = "length"
 
-    @staticmethod
-    def _find_stop(c: _Choice, p: SamplingParams, before: int) -> bool:
-        """Stop at the earliest stop string that reaches into the new text; truncate the text there."""
-        best = find_stop(c.text, p.stop, before)
-        if best is None:
-            return False
-        i, s = best
-        c.text = c.text[: i + len(s)] if p.include_stop_str_in_output else c.text[:i]
-        c.finish_reason, c.stop_reason = "stop", s
-        return True
+    def _texts(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """With detokenize=True (the offline API): each output through its request's text processor; a
+        choice a stop string ended is finished here and now."""
+        if self._text is None:
+            return outputs
+        texts = []
+        for out in outputs:
+            proc = self._text.get(out.request_id)
+            if proc is None:
+                continue
+            text = proc.process(out)[-1]  # one token per request per step: one output
+            for index in proc.take_stopped():
+                self.finish_choice(out.request_id, index)
+            if text.finished:
+                del self._text[out.request_id]
+            texts.append(text)
+        return texts
 
     def _output(self, req: _Request) -> RequestOutput:
-        stops = req.params.stop
-        outs = []
-        for c in req.choices:
-            text = c.text
-            if c.finish_reason is None and stops:
-                # Hold back what could still become a stop string (the same rule as the gguf engine), so
-                # streamed text never has to be taken back.
-                text = text[: len(text) - stop_holdback(text, stops)]
-            outs.append(CompletionOutput(
-                index=c.index, text=text, token_ids=list(c.token_ids), finish_reason=c.finish_reason,
-                stop_reason=c.stop_reason, logprobs=list(c.logprobs) if c.logprobs is not None else None))
+        """Token ids only (text is the output processor's): cumulative, a fresh object every step."""
+        outs = [CompletionOutput(index=c.index, token_ids=list(c.token_ids), finish_reason=c.finish_reason,
+                                 stop_reason=c.stop_reason, logprobs=list(c.logprobs) if c.logprobs is not None else None)
+                for c in req.choices]
         first = req.choices[0].seq
         return RequestOutput(
             request_id=req.request_id, prompt_token_ids=req.prompt_token_ids, outputs=outs,

@@ -1,11 +1,10 @@
-"""Tokenizer: HF `tokenizers` underneath (from tokenizer.json or built from GGUF metadata), jinja2 chat
-templates, and IncrementalDetokenizer for streaming text one token at a time.
+"""Tokenizer: HF `tokenizers` underneath (from tokenizer.json or built from GGUF metadata) and jinja2 chat
+templates. Streaming text one token at a time is the request pipeline's (pipeline/detokenizer.py).
 
     tok = Tokenizer.from_model(src)            # src from gearshift.engine.loader.open_model
     ids = tok.encode("Hello")                  # adds BOS when the model wants it
     text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     tok.eos_token_ids                          # every id that ends generation
-    detok = IncrementalDetokenizer(tok, prompt_ids); delta = detok.add(token_id)
 """
 
 from __future__ import annotations
@@ -167,43 +166,4 @@ def _token_text(tok: Any) -> str | None:
     return tok
 
 
-class IncrementalDetokenizer:
-    """Turns one new token id at a time into new text, holding back bytes of an unfinished UTF-8 character.
-
-    Decoding a window [prefix, read) and [prefix, end) and emitting the difference keeps tokenizer-level
-    spacing right (SentencePiece's leading-space rule) without re-decoding the whole output each step.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None,
-                 skip_special_tokens: bool = True) -> None:
-        self._tok = tokenizer
-        self._skip = skip_special_tokens
-        ctx = list(prompt_ids or [])[-6:]  # a little prompt context, so the first token spaces right
-        self._ids: list[int] = ctx
-        self._prefix = 0
-        self._read = len(ctx)
-        self.text = ""  # all text emitted so far
-
-    def add(self, token_id: int) -> str:
-        """Append one token; return the newly complete text (possibly "")."""
-        self._ids.append(int(token_id))
-        prefix_text = self._tok.decode(self._ids[self._prefix : self._read], self._skip)
-        full = self._tok.decode(self._ids[self._prefix :], self._skip)
-        if full.endswith("\ufffd") or len(full) <= len(prefix_text):
-            return ""  # an incomplete UTF-8 sequence (or nothing visible yet): wait for more tokens
-        delta = full[len(prefix_text) :]
-        self._prefix, self._read = self._read, len(self._ids)
-        self.text += delta
-        return delta
-
-    def flush(self) -> str:
-        """At the end: whatever is still held back (a genuinely broken byte sequence decodes to U+FFFD)."""
-        full = self._tok.decode(self._ids[self._prefix :], self._skip)
-        prefix_text = self._tok.decode(self._ids[self._prefix : self._read], self._skip)
-        delta = full[len(prefix_text) :] if len(full) > len(prefix_text) else ""
-        self._prefix, self._read = self._read, len(self._ids)
-        self.text += delta
-        return delta
-
-
-__all__ = ["Tokenizer", "IncrementalDetokenizer"]
+__all__ = ["Tokenizer"]

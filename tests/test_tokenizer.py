@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from gearshift.engine.loader import open_model
 from gearshift.engine.loader.gguf_tokenizer import tokenizer_from_gguf
-from gearshift.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from gearshift.engine.pipeline.detokenizer import IncrementalDetokenizer
+from gearshift.engine.tokenizer import Tokenizer
 
 TEXTS = [
     "Hello, world!",
@@ -70,7 +71,7 @@ def test_special_ids(ours):
 @pytest.mark.parametrize("text", TEXTS[3:6])
 def test_incremental_detokenizer_never_splits_a_character(ours, text):
     prompt = ours.encode("Say:")
-    detok = IncrementalDetokenizer(ours, prompt)
+    detok = IncrementalDetokenizer(ours.decode, prompt)
     deltas = [detok.add(t) for t in ours.encode(text)]
     deltas.append(detok.flush())
     assert "".join(deltas) == ours.decode(ours.encode(text)) == detok.text
@@ -106,5 +107,5 @@ def test_sentencepiece_vocab_from_gguf_metadata():
     assert tok.encode("hé").tokens[1:] == ["\u2581h", "<0xC3>", "<0xA9>"]
     assert t.decode(ids) == "hé"
     assert t.eos_token_ids == [2]
-    detok = IncrementalDetokenizer(t)
+    detok = IncrementalDetokenizer(t.decode)
     assert "".join(detok.add(i) for i in ids[1:]) + detok.flush() == "hé"

@@ -34,6 +34,7 @@ from gearshift.engine.errors import (
     ModelNotReadyError,
 )
 from gearshift.engine.outputs import CompletionOutput, EngineStats, RequestOutput
+from gearshift.engine.pipeline.detokenizer import OutputProcessor, text_outputs
 from gearshift.engine.pipeline.request_checks import check_token_ids, context_budget
 from gearshift.engine.sampling_params import SamplingParams
 
@@ -58,6 +59,7 @@ class _Request:
     first_token_time: float | None = None
     num_cached_tokens: int = 0
     cancelled: bool = False  # set by the consumer side (iterator closed) or stop(); read by the worker
+    stopped: set[int] = field(default_factory=set)  # choices a stop string ended (set by the event loop)
 
     def post(self, item: RequestOutput | BaseException) -> None:
         try:
@@ -208,9 +210,17 @@ class GGUFBackend:
                     if req in self._waiting:
                         self._waiting.remove(req)
 
-        async with aclosing(relay_outputs(req.queue, on_end)) as outputs:
+        # Text, stop strings and hold-back: the request pipeline, here on the event loop (as for the paged
+        # engine); the worker hands out token ids only.
+        texts = text_outputs(relay_outputs(req.queue, on_end), OutputProcessor(self._detokenize, prompt_ids, params),
+                             req.stopped.add)
+        async with aclosing(texts) as outputs:
             async for item in outputs:
                 yield item
+
+    def _detokenize(self, ids: list[int]) -> str:
+        # special=False: control tokens have no text, as the paged engine's skip_special_tokens
+        return self._model().detokenize(ids).decode("utf-8", errors="replace")
 
     def stats(self) -> EngineStats:
         cur = self._current
@@ -334,7 +344,7 @@ class GGUFBackend:
             if i == 0:
                 req.num_cached_tokens = hit
             decoder = ChoiceDecoder(llm, req.prompt_ids, req.params, i, req.max_tokens)
-            outputs[i] = decoder.run(lambda: req.cancelled or self._stopping, emit)
+            outputs[i] = decoder.run(lambda: req.cancelled or self._stopping, emit, lambda i=i: i in req.stopped)
             if outputs[i].finish_reason == "abort":
                 for j in range(i + 1, n):
                     outputs[j] = CompletionOutput(index=j, finish_reason="abort")

@@ -1,11 +1,12 @@
-"""One choice of one request decoded on a llama.cpp context: sampling, stop conditions, text, logprobs.
+"""One choice of one request decoded on a llama.cpp context: sampling, token stop conditions, logprobs.
 
 Runs on the GGUF worker thread only (a llama.cpp context is single-threaded). Sampling is llama-cpp-python's
 own `Llama.generate`, the very path `Llama.create_completion` takes, so greedy text equals calling
 `llama_cpp.Llama` directly. Semantics follow the OpenAI/vLLM API rather than llama-cpp-python's:
-  * the EOS (or a stop_token_ids token) is counted in token_ids/usage but never appears in the text;
-  * a stop string ends the choice, is cut from the text (unless include_stop_str_in_output), and text
-    that might still turn into a stop string is held back from the stream until it cannot;
+  * the EOS (or a stop_token_ids token) ends the choice with 'stop' and is counted in token_ids/usage;
+  * text, stop strings and their hold-back are the request pipeline's (pipeline/detokenizer.py, on the
+    event loop, the same code as the paged engine's): it calls `stopped` true when a stop string ended
+    this choice, and the decoder ends it at the next token;
   * logprobs are of the model's raw distribution at each sampled position (before penalties).
 """
 
@@ -18,7 +19,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from gearshift.engine.outputs import CompletionOutput, Logprob
-from gearshift.engine.pipeline.request_checks import find_stop, stop_holdback
 from gearshift.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -44,14 +44,15 @@ class ChoiceDecoder:
         self.max_tokens = max_tokens
         self.token_ids: list[int] = []
         self.logprobs: list[Logprob] | None = [] if params.logprobs is not None else None
-        self._bytes = b""
-        self._text = ""  # all text decoded so far (may still hold an unfinished stop string)
         self._vocab = llm._model.vocab
         self._n_vocab = llm.n_vocab()
         self.guide = params.guide.fork() if params.guide is not None else None
         self._mask = np.zeros((1, (self._n_vocab + 31) // 32), dtype=np.int32)  # [1, W] grammar bitmask
 
-    def run(self, cancelled: Callable[[], bool], emit: Callable[[CompletionOutput], None]) -> CompletionOutput:
+    def run(self, cancelled: Callable[[], bool], emit: Callable[[CompletionOutput], None],
+            stopped: Callable[[], bool] = lambda: False) -> CompletionOutput:
+        """Decode until a token ends the choice; `cancelled` aborts it (and the request), `stopped` ends
+        just this choice (a stop string: the text side already finished it)."""
         import llama_cpp
 
         p = self.params
@@ -74,6 +75,9 @@ class ChoiceDecoder:
             for token in gen:
                 if cancelled():
                     out = self._snapshot("abort", None)
+                    break
+                if stopped():
+                    out = self._snapshot("stop", None)
                     break
                 self.token_ids.append(int(token))
                 if self.guide is not None:
@@ -120,28 +124,13 @@ class ChoiceDecoder:
             return self._snapshot("stop", None)
         if token in p.stop_token_ids:
             return self._snapshot("stop", token)
-        searched = len(self._text)
-        self._bytes += self.llm.detokenize([token])
-        # 'ignore' drops an unfinished multi-byte character at the end; it reappears whole next token.
-        self._text = self._bytes.decode("utf-8", errors="ignore")
-        if p.stop:
-            hit = find_stop(self._text, p.stop, searched)
-            if hit is not None:
-                pos, s = hit
-                self._text = self._text[: pos + (len(s) if p.include_stop_str_in_output else 0)]
-                return self._snapshot("stop", s)
         if len(self.token_ids) >= self.max_tokens:
             return self._snapshot("length", None)
         return self._snapshot(None, None)
 
     def _snapshot(self, finish: str | None, stop_reason: str | int | None) -> CompletionOutput:
-        text = self._text
-        if finish is None and self.params.stop:
-            held = stop_holdback(text, self.params.stop)
-            text = text[: len(text) - held] if held else text
         return CompletionOutput(
             index=self.index,
-            text=text,
             token_ids=list(self.token_ids),
             finish_reason=finish,  # type: ignore[arg-type]
             stop_reason=stop_reason,

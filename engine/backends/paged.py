@@ -1,8 +1,11 @@
 """The paged engine behind the Backend contract: `LLMEngine` stepped by one background worker thread.
 
-Threads: the worker owns the engine (add_request / step / abort all happen there, between steps). The
-event loop validates and admits requests, then hands adds and aborts over through a thread-safe inbox;
-each request has its own asyncio queue that the worker feeds with `call_soon_threadsafe`. With nothing
+Threads: the worker owns the engine (add_request / step / abort all happen there, between steps) and only
+turns token ids into token ids. The event loop validates and admits requests, then hands adds and aborts
+over through a thread-safe inbox; each request has its own asyncio queue that the worker feeds with
+`call_soon_threadsafe`, and the request pipeline's output processor (pipeline/detokenizer.py) turns those
+token outputs into text there, off the step thread; a stop string it finds finishes that choice in the
+engine through the inbox. With nothing
 to do the worker sleeps on an Event, so idle connections cost nothing.
 """
 
@@ -29,6 +32,7 @@ from gearshift.engine.errors import (
     ModelNotReadyError,
 )
 from gearshift.engine.outputs import CompletionOutput, EngineStats, RequestOutput
+from gearshift.engine.pipeline.detokenizer import OutputProcessor, text_outputs
 from gearshift.engine.pipeline.request_checks import check_token_ids, context_budget
 from gearshift.engine.sampling_params import SamplingParams
 
@@ -188,9 +192,18 @@ class PagedBackend:
                 self._inbox.put(("abort", request_id, None, None))
                 self._wake.set()
 
-        async with aclosing(relay_outputs(stream.queue, on_end)) as outputs:
+        def finish_choice(index: int) -> None:  # a stop string ended it: stop computing it
+            self._inbox.put(("finish", request_id, index, None))
+            self._wake.set()
+
+        texts = text_outputs(relay_outputs(stream.queue, on_end), OutputProcessor(self._detokenize, ids, params),
+                             finish_choice)
+        async with aclosing(texts) as outputs:
             async for item in outputs:
                 yield item
+
+    def _detokenize(self, ids: list[int]) -> str:
+        return self._tok().decode(ids, True)
 
     # ----- the worker thread -----
 
@@ -215,13 +228,16 @@ class PagedBackend:
                 except Exception as e:
                     stream = self._streams.pop(rid)
                     stream.post(e if isinstance(e, GearshiftError) else EngineError(f"cannot add request: {e}"))
+            elif op == "finish":  # ids: the index of the choice a stop string ended
+                if rid in self._streams:
+                    self._engine.finish_choice(rid, ids)
             else:
                 if self._streams.pop(rid, None) is not None:
                     self._engine.abort(rid)
 
     def _run(self, engine_cls: Any, built: concurrent.futures.Future[Any]) -> None:
         try:
-            engine = engine_cls(self.config)
+            engine = engine_cls(self.config, detokenize=False)  # text is made on the event loop
         except BaseException as e:
             built.set_exception(e)
             return

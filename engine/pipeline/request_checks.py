@@ -1,10 +1,9 @@
-"""The request checks and the stop-string rules every engine applies, written once: the vocabulary check of
-token ids, the context-length check (OpenAI's wording and `context_length_exceeded` code), finding a stop
-string in new text, and how much trailing text to hold back while it may still become one.
+"""The request checks every engine applies, written once: the vocabulary check of token ids and the
+context-length check (OpenAI's wording and `context_length_exceeded` code). Stop strings and their hold-back
+live with the output text (detokenizer.py).
 
-Both engines and the HTTP layer call these; before, each carried its own copy and the copies disagreed (the
-paged engine held back max(len(stop)) - 1 characters, the gguf engine only an actual partial match, so the
-same request streamed different chunks). Pure functions, table-tested in tests/test_pipeline.py.
+Both engines and the HTTP layer call these; before, each carried its own copy and the copies disagreed.
+Pure functions, table-tested in tests/test_pipeline.py.
 """
 
 from __future__ import annotations
@@ -34,25 +33,3 @@ def context_budget(n_prompt: int, max_tokens: int | None, limit: int) -> int:
             f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} in the completion). "
             "Please reduce the prompt or max_tokens.", param="max_tokens", code="context_length_exceeded")
     return max_tokens
-
-
-def find_stop(text: str, stops: list[str], search_from: int) -> tuple[int, str] | None:
-    """Earliest (position, stop string) of any stop string that ends at or after `search_from` (text up to
-    there was searched before)."""
-    best: tuple[int, str] | None = None
-    for s in stops:
-        i = text.find(s, max(0, search_from - len(s) + 1))
-        if i >= 0 and (best is None or i < best[0]):
-            best = (i, s)
-    return best
-
-
-def stop_holdback(text: str, stops: list[str]) -> int:
-    """How many trailing characters could still be the start of a stop string: not streamed yet."""
-    n = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), n, -1):
-            if text.endswith(s[:k]):
-                n = k
-                break
-    return n

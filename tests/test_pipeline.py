@@ -217,3 +217,29 @@ def test_both_engines_stream_identical_chunks(servers, route, prompt, n, stop):
     assert deltas and not any("\ufffd" in d for d in deltas[:-1])
     if stop and finish == "stop":
         assert not any(s in "".join(deltas) for s in stop)
+
+
+def test_a_stop_string_ends_each_choice_alike_on_both_engines(servers):
+    """n=2 with a stop string and room for 300 tokens: each choice ends at the stop, and the tokens an
+    engine computed past it before it heard are not counted."""
+    body = {"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 300, "n": 2,
+            "temperature": 0, "stop": ["ris."]}
+    answers = {name: httpx.post(s.v1 + "/completions", json=body, timeout=300).json() for name, s in servers.items()}
+    for a in answers.values():
+        assert [c["text"] for c in a["choices"]] == [" Pa", " Pa"]
+        assert [c["finish_reason"] for c in a["choices"]] == ["stop", "stop"]
+        assert a["usage"]["completion_tokens"] == 4  # " Paris" "." twice: nothing past the stop counted
+    assert answers["gguf"]["choices"] == answers["paged"]["choices"]
+
+
+def test_the_engine_stops_computing_a_choice_a_stop_string_ended(smollm2_gguf):
+    """The offline LLMEngine (text on its own thread): the choice a stop string ended is finished in the
+    engine at once, its blocks freed, though max_tokens left room for 300 more."""
+    from gearshift.engine.llm import LLM
+
+    llm = LLM(model=smollm2_gguf, dtype="float32", max_model_len=512, kv_cache_memory=32 << 20)
+    [out] = llm.generate("The capital of France is", SamplingParams(temperature=0.0, max_tokens=300, n=2, stop=["ris."]))
+    assert [c.text for c in out.outputs] == [" Pa", " Pa"] and out.finished
+    engine = llm.llm_engine
+    assert not engine.has_unfinished() and not engine.scheduler.running
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

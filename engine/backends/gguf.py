@@ -147,10 +147,7 @@ class GGUFBackend:
 
     def decode(self, token_ids: list[int]) -> str:
         llm = self._model()
-        n_vocab = llm.n_vocab()
-        for t in token_ids:
-            if not isinstance(t, int) or not 0 <= t < n_vocab:
-                raise InvalidRequestError(f"token id {t!r} is outside the vocabulary [0, {n_vocab})", param="tokens")
+        check_token_ids(list(token_ids), llm.n_vocab(), "tokens")
         return llm.detokenize(list(token_ids)).decode("utf-8", errors="replace")
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,

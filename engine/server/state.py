@@ -16,8 +16,8 @@ from typing import Any
 from fastapi import Request
 from gearshift.engine.backends.base import Backend
 from gearshift.engine.config import EngineConfig
-from gearshift.engine.errors import InvalidRequestError
 from gearshift.engine.pipeline import chat
+from gearshift.engine.pipeline.request_checks import check_token_ids
 from gearshift.engine.server import errors
 from gearshift.engine.server.lifecycle import Lifecycle
 from gearshift.engine.server.metrics import ServerMetrics
@@ -51,10 +51,7 @@ class ServerState:
         raise errors.model_not_found(name)
 
     def vocab_check(self, ids: list[int], param: str) -> None:
-        vocab = self.backend.vocab_size
-        for t in ids:
-            if t < 0 or (vocab is not None and t >= vocab):
-                raise InvalidRequestError(f"token id {t} is outside the vocabulary", param=param)
+        check_token_ids(ids, self.backend.vocab_size, param)
 
     def health_problem(self) -> str | None:
         """Why the engine can no longer serve (its worker died, or steps keep failing), once it has loaded:

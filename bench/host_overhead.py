@@ -8,8 +8,9 @@ tokenizer from the bundled SmolLM2), fp32 on CPU, so the forward is small and th
 batch: B requests of 64 random prompt tokens, 128 output tokens each (ignore_eos, greedy), all added at
 once. Only pure-decode steps are counted (every sequence one token): step = wall time of `engine.step()`,
 forward = time inside `runner.execute` (the model, attention metadata and logits), host = step - forward
-(scheduler, sampler, stop checks, detokenization, outputs), as wall time and as the engine thread's CPU
-time (the figure to trust on a shared machine). Medians over the decode steps.
+(scheduler, sampler, stop checks, outputs; detokenization and stop strings too with --detokenize), as wall
+time and as the engine thread's CPU time (the figure to trust on a shared machine). Medians over the decode
+steps.
 """
 
 from __future__ import annotations
@@ -36,6 +37,17 @@ class TimedRunner:
         self._runner = runner
         self.last_s = 0.0
         self.last_cpu_s = 0.0  # this thread's CPU time inside execute
+        self.last_prep_cpu_s = 0.0  # of which in `prepare` (input ids, positions, attention metadata)
+        prepare = runner.prepare
+
+        def timed_prepare(out):
+            c = time.thread_time()
+            try:
+                return prepare(out)
+            finally:
+                self.last_prep_cpu_s = time.thread_time() - c
+
+        runner.prepare = timed_prepare  # execute calls it through the instance
 
     def __getattr__(self, name: str):
         return getattr(self._runner, name)
@@ -61,8 +73,9 @@ def cpu_flags() -> str:
 
 
 def measure(engine, timed: TimedRunner, batch: int, prompt_len: int, output_len: int, seed: int,
-            profiler: cProfile.Profile | None = None) -> tuple[float, float, float, int]:
-    """-> (median step ms, median forward ms, median host CPU ms, decode steps) for one batch run to the end.
+            profiler: cProfile.Profile | None = None) -> tuple[float, float, float, float, int]:
+    """-> (median step ms, median forward ms, median host CPU ms, median input-prep CPU ms, decode steps) for
+    one batch run to the end.
 
     Host CPU = the engine thread's CPU time in the step outside `execute` (time.thread_time): on a shared,
     oversubscribed machine it counts the work, not the waits for a core."""
@@ -75,6 +88,7 @@ def measure(engine, timed: TimedRunner, batch: int, prompt_len: int, output_len:
     steps: list[float] = []
     forwards: list[float] = []
     host_cpu: list[float] = []
+    prep_cpu: list[float] = []
     while engine.has_unfinished():
         decode = all(s.num_tokens - s.num_computed_tokens == 1 for s in engine.scheduler.running) and \
             len(engine.scheduler.running) == batch
@@ -89,8 +103,9 @@ def measure(engine, timed: TimedRunner, batch: int, prompt_len: int, output_len:
             steps.append(dt)
             forwards.append(timed.last_s)
             host_cpu.append(dc - timed.last_cpu_s)
-    ms = [statistics.median(x) * 1e3 for x in (steps, forwards, host_cpu)]
-    return ms[0], ms[1], ms[2], len(steps)
+            prep_cpu.append(timed.last_prep_cpu_s)
+    ms = [statistics.median(x) * 1e3 for x in (steps, forwards, host_cpu, prep_cpu)]
+    return ms[0], ms[1], ms[2], ms[3], len(steps)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the forward (host work is one thread)")
     ap.add_argument("--profile", action="store_true", help="cProfile the decode steps; print the top 25")
+    ap.add_argument("--detokenize", action="store_true",
+                    help="text on the engine thread, as the offline LLM API runs it (default: token ids only, as "
+                         "the server runs it: detokenization and stop strings are its event loop's)")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
 
@@ -119,20 +137,23 @@ def main(argv: list[str] | None = None) -> int:
                            kv_cache_memory=64 * max(batches) * (args.prompt_len + args.output_len) * 64,
                            threads=args.threads)
         timed = TimedRunner(ModelRunner(cfg))
-        engine = LLMEngine(cfg, runner=timed)
+        engine = LLMEngine(cfg, runner=timed, detokenize=args.detokenize)
         measure(engine, timed, 4, 16, 8, seed=99)  # warm-up
         profiler = cProfile.Profile() if args.profile else None
         rows = []
         for b in batches:
-            step, fwd, cpu, n = measure(engine, timed, b, args.prompt_len, args.output_len, seed=b, profiler=profiler)
-            rows.append((b, step, fwd, step - fwd, cpu, n))
+            step, fwd, cpu, prep, n = measure(engine, timed, b, args.prompt_len, args.output_len, seed=b,
+                                              profiler=profiler)
+            rows.append((b, step, fwd, step - fwd, cpu, prep, n))
     print(f"tiny random model (2 layers, hidden 256), fp32 CPU, prompt {args.prompt_len}, output "
-          f"{args.output_len}, greedy; threads {torch.get_num_threads()}, thread wait {THREAD_WAIT}; "
+          f"{args.output_len}, greedy, detokenize on the engine thread: {args.detokenize}; "
+          f"threads {torch.get_num_threads()}, thread wait {THREAD_WAIT}; "
           f"cpu flags: {cpu_flags()}")
-    print("| batch | step ms | forward ms | host ms (wall) | host ms (CPU) | host CPU us/seq | decode steps |")
-    print("|------:|--------:|-----------:|---------------:|--------------:|----------------:|-------------:|")
-    for b, step, fwd, host, cpu, n in rows:
-        print(f"| {b} | {step:.2f} | {fwd:.2f} | {host:.2f} | {cpu:.2f} | {1e3 * cpu / b:.1f} | {n} |")
+    print("| batch | step ms | forward ms | host ms (wall) | host ms (CPU) | host CPU us/seq | input prep ms (CPU, "
+          "in forward) | decode steps |")
+    print("|------:|--------:|-----------:|---------------:|--------------:|----------------:|------:|-------------:|")
+    for b, step, fwd, host, cpu, prep, n in rows:
+        print(f"| {b} | {step:.2f} | {fwd:.2f} | {host:.2f} | {cpu:.2f} | {1e3 * cpu / b:.1f} | {prep:.2f} | {n} |")
     if profiler is not None:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
     return 0

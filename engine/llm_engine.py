@@ -360,16 +360,15 @@ class LLMEngine:
         return texts
 
     def _output(self, req: _Request) -> RequestOutput:
-        """Token ids only (text is the output processor's): cumulative, a fresh object every step."""
-        outs = [CompletionOutput(index=c.index, token_ids=list(c.token_ids), finish_reason=c.finish_reason,
-                                 stop_reason=c.stop_reason, logprobs=list(c.logprobs) if c.logprobs is not None else None)
-                for c in req.choices]
+        """Token ids only (text is the output processor's): cumulative, a fresh object every step. Arguments
+        are positional, in outputs.py's field order: this runs for every request every step, and keyword
+        arguments made each dataclass construction ~3x slower (0.42 vs 0.13 us)."""
+        outs = [CompletionOutput(c.index, "", list(c.token_ids), c.finish_reason, c.stop_reason,
+                                 None if c.logprobs is None else list(c.logprobs)) for c in req.choices]
         first = req.choices[0].seq
-        return RequestOutput(
-            request_id=req.request_id, prompt_token_ids=req.prompt_token_ids, outputs=outs,
-            finished=req.finished, num_cached_tokens=first.num_cached_tokens if first is not None else 0,
-            arrival_time=req.arrival_time, first_scheduled_time=req.first_scheduled_time,
-            first_token_time=req.first_token_time)
+        return RequestOutput(req.request_id, req.prompt_token_ids, outs, req.finished,
+                             first.num_cached_tokens if first is not None else 0, req.arrival_time,
+                             req.first_scheduled_time, req.first_token_time)
 
     # -- introspection -------------------------------------------------------------------------------
     def stats(self) -> EngineStats:

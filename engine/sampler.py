@@ -134,22 +134,33 @@ class Sampler:
 def apply_bitmask(logits: torch.Tensor, rows: list[int], bitmask: np.ndarray) -> torch.Tensor:
     """Set the logits of tokens a grammar forbids to -inf: logits [B, V]; bitmask int32 [len(rows), W] for
     those rows (bit t%32 of word t//32 set = allowed; tokens past W*32, padded embedding rows, never are);
-    other rows are left alone. Returns the masked logits: `logits` itself, masked in place, when it is
-    float32 on the CPU. On a GPU only the W-word mask crosses to the device and is unpacked there. On a CPU
+    other rows are left alone. Returns the masked logits: `logits` itself, masked in place, on a GPU or when
+    it is float32 on the CPU. On a GPU only the W-word mask crosses to the device and is unpacked there. On a CPU
     numpy works on the packed words on this thread (torch's [G, V] ops wait at OpenMP barriers, ~30 ms a
     step at 32 rows on shared CPUs: bench/serve_features.py)."""
-    vocab = logits.shape[1]
     if logits.is_cuda:
-        words = torch.from_numpy(bitmask).to(logits.device, non_blocking=True)  # [G, W]
-        shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-        allowed = ((words.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1).bool()  # [G, W*32]
-        if allowed.shape[1] < vocab:  # padded embedding rows beyond the tokenizer: never allowed
-            allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
-        idx = torch.tensor(rows, device=logits.device)
-        return logits.index_copy(0, idx, logits.index_select(0, idx).masked_fill_(~allowed[:, :vocab], float("-inf")))
+        return mask_rows_torch(logits, rows, bitmask)
     out = logits if logits.dtype == torch.float32 else logits.float()
     mask_rows_numpy(out.numpy(), rows, bitmask)
     return out
+
+
+def mask_rows_torch(logits: torch.Tensor, rows: list[int], words: np.ndarray) -> torch.Tensor:
+    """apply_bitmask's device path, in place, on any device (tests run it on the CPU): logits [B, V], words
+    int32 [len(rows), W] on the host; only the words cross to the device."""
+    vocab = logits.shape[1]
+    w = torch.from_numpy(words).to(logits.device, non_blocking=True)  # [G, W]
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    forbidden = ((w.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1) == 0  # [G, W*32]
+    width = min(forbidden.shape[1], vocab)
+    every_row = len(rows) == logits.shape[0]
+    idx = None if every_row else torch.tensor(rows, device=logits.device)
+    target = logits if idx is None else logits.index_select(0, idx)  # [G, V]
+    target[:, :width].masked_fill_(forbidden[:, :width], float("-inf"))
+    target[:, width:] = float("-inf")  # padded embedding rows beyond the tokenizer: never allowed
+    if idx is not None:
+        logits.index_copy_(0, idx, target)
+    return logits
 
 
 def mask_rows_numpy(out: np.ndarray, rows: list[int], words: np.ndarray) -> None:

@@ -244,7 +244,7 @@ def _check_masked(out, logits, rows, bitmask, vocab_words):
 ])
 def test_apply_bitmask_forbids_exactly_the_cleared_bits(device, density, rows, words, vocab):
     import torch
-    from gearshift.engine.sampler import apply_bitmask
+    from gearshift.engine.sampler import apply_bitmask, mask_rows_torch
 
     rng = np.random.default_rng(0)
     bitmask = rng.integers(-(2**31), 2**31 - 1, size=(len(rows), words), dtype=np.int32)
@@ -252,3 +252,5 @@ def test_apply_bitmask_forbids_exactly_the_cleared_bits(device, density, rows, w
         bitmask[rng.random(bitmask.shape) < (0.97 if density == "sparse" else 1.0)] = 0
     logits = torch.randn(5, vocab, device=device)
     _check_masked(apply_bitmask(logits.clone(), rows, bitmask), logits, rows, bitmask, words)
+    # the GPU's torch path, run here on whatever device this case has
+    _check_masked(mask_rows_torch(logits.clone(), rows, bitmask), logits, rows, bitmask, words)

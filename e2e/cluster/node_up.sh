@@ -18,6 +18,11 @@ start() { # name cmd...: own session, pid in $N/<name>.pid, log in $L/<name>.log
   if [[ -f $N/$n.pid ]] && kill -0 "$(cat "$N/$n.pid")" 2>/dev/null; then return; fi
   setsid "$@" >>"$L/$n.log" 2>&1 </dev/null & echo $! >"$N/$n.pid"
 }
+# A config file from stdin, replaced only when its content changed: a running kube-proxy exits (fatal,
+# "content of the proxy server's configuration file was updated") on any write to its config file, so a
+# re-run of this script (restarting containerd alone) must not touch an unchanged one.
+put() { local t; t=$(mktemp "$1.XXXXXX"); cat >"$t"
+  if cmp -s "$t" "$1"; then rm -f "$t"; else mv -f "$t" "$1"; fi; }
 waitfor() { local what=$1 t=$2; shift 2
   for _ in $(seq 1 $((t * 2))); do "$@" >/dev/null 2>&1 && return 0; sleep 0.5; done
   log "timeout after ${t}s: $what"; return 1; }
@@ -36,8 +41,8 @@ if ! podman image exists localhost/pause:3.4.1; then
   podman build --runtime runc --network none -q -t localhost/pause:3.4.1 "$d" >/dev/null; rm -rf "$d"
 fi
 
-# 1. configuration (rewritten each time: paths follow $STATE)
-cat >"$N/containerd/config.toml" <<EOF
+# 1. configuration (written each time it differs: paths follow $STATE)
+put "$N/containerd/config.toml" <<EOF
 version = 2
 root = "$N/containerd/root"
 state = "$N/containerd/state"
@@ -68,14 +73,14 @@ disabled_plugins = ["io.containerd.grpc.v1.cri.tracing", "io.containerd.snapshot
     max_conf_num = 1
 EOF
 # Pods get no default route: only Services and the API server's address, via the bridge.
-cat >"$N/cni/net.d/10-gearshift.conflist" <<EOF
+put "$N/cni/net.d/10-gearshift.conflist" <<EOF
 {"cniVersion": "0.4.0", "name": "gearshift", "plugins": [
   {"type": "bridge", "bridge": "$BRIDGE", "isGateway": true, "isDefaultGateway": false, "ipMasq": false,
    "hairpinMode": true, "ipam": {"type": "host-local", "ranges": [[{"subnet": "$POD_CIDR", "gateway": "10.244.0.1"}]],
    "routes": [{"dst": "$SERVICE_CIDR"}, {"dst": "$NODE_IP/32"}], "dataDir": "$N/cni/ipam"}},
   {"type": "portmap", "capabilities": {"portMappings": true}}, {"type": "loopback"}]}
 EOF
-cat >"$N/kubelet/config.yaml" <<EOF
+put "$N/kubelet/config.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 address: $NODE_IP
@@ -100,7 +105,7 @@ syncFrequency: 10s
 fileCheckFrequency: 10s
 nodeStatusUpdateFrequency: 5s
 EOF
-cat >"$N/kube-proxy.yaml" <<EOF
+put "$N/kube-proxy.yaml" <<EOF
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 clientConnection: {kubeconfig: $N/kube-proxy.kubeconfig}

@@ -19,6 +19,7 @@ import argparse
 import cProfile
 import pstats
 import random
+import resource
 import statistics
 import sys
 import tempfile
@@ -115,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the forward (host work is one thread)")
     ap.add_argument("--profile", action="store_true", help="cProfile the decode steps; print the top 25")
+    ap.add_argument("--malloc-default", action="store_true",
+                    help="leave glibc's malloc as it is (the runner otherwise keeps the step's logits buffer in the "
+                         "heap: engine/cpu_malloc.py); compare the host time and the peak RSS")
     ap.add_argument("--detokenize", action="store_true",
                     help="text on the engine thread, as the offline LLM API runs it (default: token ids only, as "
                          "the server runs it: detokenization and stop strings are its event loop's)")
@@ -122,10 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
 
     import torch
+    from gearshift.engine import model_runner
     from gearshift.engine.bundled import bundled_model_path
     from gearshift.engine.config import EngineConfig
     from gearshift.engine.llm_engine import LLMEngine
     from gearshift.engine.model_runner import ModelRunner
+
+    if args.malloc_default:
+        model_runner.keep_large_buffers = lambda trim_bytes: False
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import random_model
@@ -154,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|------:|--------:|-----------:|---------------:|--------------:|----------------:|------:|-------------:|")
     for b, step, fwd, host, cpu, prep, n in rows:
         print(f"| {b} | {step:.2f} | {fwd:.2f} | {host:.2f} | {cpu:.2f} | {1e3 * cpu / b:.1f} | {prep:.2f} | {n} |")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(f"peak RSS {peak:.0f} MiB; malloc: {'glibc default' if args.malloc_default else 'step buffers kept'}")
     if profiler is not None:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
     return 0

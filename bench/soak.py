@@ -57,10 +57,13 @@ class Tally:
     bad: int = 0
     bad_status: dict[int, int] = field(default_factory=dict)
     tokens: int = 0
-    errors: list[str] = field(default_factory=list)  # first few failures, for the log
+    errors: list[str] = field(default_factory=list)  # the first few failures of each kind, for the log
+    kinds: dict[str, int] = field(default_factory=dict)
 
     def fail(self, what: str) -> None:
-        if len(self.errors) < 10:
+        kind = what.split(" ", 3)[2] if what.startswith("/") else what.split("(", 1)[0]
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
+        if self.kinds[kind] <= 3:
             self.errors.append(what)
 
 
@@ -93,8 +96,9 @@ async def one_good(http: httpx.AsyncClient, rng: random.Random, t: Tally, max_to
     async with http.stream("POST", path, json=body) as r:
         if r.status_code != 200:
             await r.aread()
-            if r.status_code == 429:
+            if r.status_code == 429:  # back-pressure: wait as told, as the official clients do
                 t.good_429 += 1
+                await asyncio.sleep(min(float(r.headers.get("retry-after", "1") or 1), 10.0))
             elif r.status_code >= 500:
                 t.good_5xx += 1
                 t.fail(f"{path} -> {r.status_code} {r.text[:200]}")
@@ -174,7 +178,7 @@ def server(model: str, engine: str, args: argparse.Namespace):
     log = Path(tempfile.mkstemp(prefix=f"soak-{engine}-", suffix=".log")[1])
     cmd = [sys.executable, "-m", "gearshift.engine.cli", "serve", "--model", model, "--engine", engine,
            "--served-model-name", "smollm2", "--port", str(port), "--log-level", "warning",
-           "--max-waiting", str(max(256, args.concurrency * 2)), *args.serve_arg]
+           *(["--max-waiting", str(args.max_waiting)] if args.max_waiting else []), *args.serve_arg]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONSAFEPATH": "1"})
     url = f"http://127.0.0.1:{port}"
@@ -225,6 +229,7 @@ def soak(model: str, engine: str, args: argparse.Namespace) -> dict:
         return {"engine": engine, "good": t.good, "good_5xx": t.good_5xx, "good_other": t.good_other,
                 "no_done": t.no_done, "429": t.good_429, "disconnects": t.disconnects, "bad": t.bad,
                 "bad_status": dict(sorted(t.bad_status.items())), "leaked_blocks": leaked,
+                "total_blocks": metric(text, "gearshift:kv_cache_total_blocks"),
                 "rss_start_mib": rss_start, "rss_end_mib": rss_end, "alive": alive, "seconds": elapsed,
                 "lines_per_s": t.tokens / elapsed if elapsed else 0.0}
 
@@ -249,6 +254,8 @@ def main() -> int:
     p.add_argument("--bad-rate", type=float, default=0.05, help="share of requests that are invalid")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--port", default=None)
+    p.add_argument("--max-waiting", type=int, default=None,
+                   help="the server's queue bound (default: its own); beyond it requests get 429 and wait")
     p.add_argument("--serve-arg", action="append", default=[], help="extra `gearshift serve` argument (repeat)")
     args = p.parse_args()
     model = args.model
@@ -269,7 +276,8 @@ def main() -> int:
     for r in rows:
         statuses = ", ".join(f"{k}: {v}" for k, v in r["bad_status"].items())
         print(f"| {r['engine']} | {r['good']} | {r['good_5xx']} | {r['good_other']} | {r['no_done']} | {r['429']} | "
-              f"{r['disconnects']} | {r['bad']} ({statuses}) | {r['leaked_blocks']:g} | {r['rss_start_mib']:.0f} | "
+              f"{r['disconnects']} | {r['bad']} ({statuses}) | {r['leaked_blocks']:g} of {r['total_blocks']:g} | "
+              f"{r['rss_start_mib']:.0f} | "
               f"{r['rss_end_mib']:.0f} |")
         failed |= bool(r["good_5xx"] or r["good_other"] or r["no_done"] or r["leaked_blocks"] or not r["alive"]
                        or any(not 400 <= s < 500 for s in r["bad_status"]))

@@ -57,7 +57,7 @@ def servers(smollm2_gguf):
     if len(engines) < 2:
         pytest.skip("needs both engines")
     with running_server(smollm2_gguf, "gguf", "--max-model-len", "1024") as g, \
-            running_server(smollm2_gguf, "paged") as p:
+            running_server(smollm2_gguf, "paged", "--dtype", "float32") as p:  # the same numerics on every CPU
         yield {"gguf": g, "paged": p}
 
 
@@ -166,13 +166,14 @@ CASES = [
 ]
 
 
-def _greedy_ids(server, prompt: str, n: int) -> list[int]:
-    """Prompt + greedy output ids (Ollama's `context`), the same sampling the streamed requests use."""
+def _greedy_ids(server, prompt: str, n: int) -> tuple[list[int], int]:
+    """Prompt + greedy output ids (Ollama's `context`), the same sampling the streamed requests use, and
+    how many of them are the prompt's."""
     r = httpx.post(server.url + "/api/generate", timeout=300, json={
         "model": "smollm2", "prompt": prompt, "raw": True, "stream": False,
         "options": {"temperature": 0, "num_predict": n}})
     assert r.status_code == 200, r.text
-    return r.json()["context"]
+    return r.json()["context"], r.json()["prompt_eval_count"]
 
 
 def _stream_deltas(server, route: str, prompt: str, n: int, stop: list[str]) -> tuple[list[str], str, int]:
@@ -200,16 +201,30 @@ def _stream_deltas(server, route: str, prompt: str, n: int, stop: list[str]) -> 
     return deltas, finish, used
 
 
+def _agreeing(a: list[int], b: list[int], n_prompt: int) -> int:
+    """How many generated tokens (after the common prompt of n_prompt) the two id lists share."""
+    assert a[:n_prompt] == b[:n_prompt], "the engines tokenized the prompt differently"
+    k = n_prompt
+    while k < min(len(a), len(b)) and a[k] == b[k]:
+        k += 1
+    return k - n_prompt
+
+
 @pytest.mark.parametrize("route,prompt,n,stop", CASES)
 def test_both_engines_stream_identical_chunks(servers, route, prompt, n, stop):
     raw = _chat_prompt(prompt) if route == "chat" else prompt
-    ids = {name: _greedy_ids(s, raw, n) for name, s in servers.items()}
+    got = {name: _greedy_ids(s, raw, n) for name, s in servers.items()}
+    ids = {name: context for name, (context, _) in got.items()}
     if route == "chat":  # the raw prompt is exactly what the chat route renders
         for name, s in servers.items():
             chat_ids = httpx.post(s.url + "/tokenize", json={"messages": [{"role": "user", "content": prompt}]},
                                   timeout=60).json()["tokens"]
             assert ids[name][:len(chat_ids)] == chat_ids
-    assert ids["gguf"] == ids["paged"], "the engines' greedy tokens differ: pick another prompt (see CASES)"
+    # Compare the chunks over the tokens both engines chose: on another CPU (AVX2 vs AVX-512, llama.cpp's
+    # kernels differ) a near-tie further on may go the other way; the pipeline must still cut alike there.
+    agreed = _agreeing(ids["gguf"], ids["paged"], got["gguf"][1])
+    assert agreed >= 1, "the engines' first greedy token differs: pick another prompt (see CASES)"
+    n = min(n, agreed)
     streams = {name: _stream_deltas(s, route, prompt, n, stop) for name, s in servers.items()}
     assert streams["gguf"] == streams["paged"]
     deltas, finish, _ = streams["paged"]

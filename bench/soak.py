@@ -59,6 +59,7 @@ class Tally:
     tokens: int = 0
     errors: list[str] = field(default_factory=list)  # the first few failures of each kind, for the log
     kinds: dict[str, int] = field(default_factory=dict)
+    rss_samples: list[float] = field(default_factory=list)  # MiB, during the run
 
     def fail(self, what: str) -> None:
         kind = what.split(" ", 3)[2] if what.startswith("/") else what.split("(", 1)[0]
@@ -167,9 +168,17 @@ async def idle_metrics(url: str, timeout: float = 120) -> str:
             await asyncio.sleep(0.5)
 
 
-async def load(url: str, args: argparse.Namespace, seconds: float, t: Tally) -> None:
+async def load(url: str, args: argparse.Namespace, seconds: float, t: Tally, pid: int | None = None) -> None:
     deadline = time.monotonic() + seconds
-    await asyncio.gather(*(client(url, i, deadline, args, t) for i in range(args.concurrency)))
+    clients = asyncio.gather(*(client(url, i, deadline, args, t) for i in range(args.concurrency)))
+    if pid is not None:  # RSS at each tenth of the run: a plateau is warm-up, a steady climb a leak
+        async def sample() -> None:
+            for _ in range(10):
+                await asyncio.sleep(seconds / 10)
+                t.rss_samples.append(rss_mib(pid))
+        await asyncio.gather(clients, sample())
+    else:
+        await clients
 
 
 @contextlib.contextmanager
@@ -218,7 +227,7 @@ def soak(model: str, engine: str, args: argparse.Namespace) -> dict:
         rss_start = rss_mib(proc.pid)
         t = Tally()
         started = time.monotonic()
-        asyncio.run(load(url, args, args.duration, t))
+        asyncio.run(load(url, args, args.duration, t, proc.pid))
         elapsed = time.monotonic() - started
         text = asyncio.run(idle_metrics(url))
         rss_end = rss_mib(proc.pid)
@@ -230,7 +239,8 @@ def soak(model: str, engine: str, args: argparse.Namespace) -> dict:
                 "no_done": t.no_done, "429": t.good_429, "disconnects": t.disconnects, "bad": t.bad,
                 "bad_status": dict(sorted(t.bad_status.items())), "leaked_blocks": leaked,
                 "total_blocks": metric(text, "gearshift:kv_cache_total_blocks"),
-                "rss_start_mib": rss_start, "rss_end_mib": rss_end, "alive": alive, "seconds": elapsed,
+                "rss_start_mib": rss_start, "rss_end_mib": rss_end, "rss_samples_mib": t.rss_samples,
+                "alive": alive, "seconds": elapsed,
                 "lines_per_s": t.tokens / elapsed if elapsed else 0.0}
 
 
@@ -281,6 +291,8 @@ def main() -> int:
               f"{r['rss_end_mib']:.0f} |")
         failed |= bool(r["good_5xx"] or r["good_other"] or r["no_done"] or r["leaked_blocks"] or not r["alive"]
                        or any(not 400 <= s < 500 for s in r["bad_status"]))
+    for r in rows:
+        print(f"{r['engine']} RSS MiB at each tenth of the run: " + " ".join(f"{x:.0f}" for x in r["rss_samples_mib"]))
     return 1 if failed else 0
 
 

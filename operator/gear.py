@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from gearshift.operator.load import Load
 
 # Output tokens/s by concurrency, gguf vs paged: bench/serve.py, SmolLM2-135M-Instruct Q4_1, 2 threads,
-# idle 2-core VM, 2026-11-26 06:23 UTC (README "Serving load"). policy.CROSSOVER_CONCURRENCY is the first
-# concurrency at which paged is ahead (tests/test_gear.py checks that the two agree).
+# idle 2-core VM, 2026-11-26 06:23 UTC (docs/bench/serve-2026-11-26.json). policy.CROSSOVER_CONCURRENCY is
+# the first concurrency at which paged is ahead (tests/test_gear.py checks that the two agree). The
+# 2026-11-30 run on an AVX-512-BF16 VM reads 2 (README "Serving load" says why the constant stays 4).
 MEASURED_TOKENS_PER_SECOND: dict[int, tuple[float, float]] = {
     1: (76.3, 26.8), 2: (60.8, 51.2), 4: (66.6, 78.5), 8: (67.2, 121.9), 16: (64.0, 156.1), 32: (66.8, 205.2),
 }

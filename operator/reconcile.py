@@ -111,6 +111,9 @@ class Reconciler:
         self._locks_lock = threading.Lock()
         self.retry: dict[Key, float] = {}  # key -> monotonic time of the next attempt
         self._failures: dict[Key, int] = {}
+        # The engine each resource's last EngineSelected Event named: reconciles right after a create read a
+        # status the previous one has not written yet, and each would announce the same choice again.
+        self._announced: dict[Key, str] = {}
         self.observer = Observer()  # observed load per resource, filled by operator/scrape.py
 
     # ----------------------------------------------------------------------------- watch triggers
@@ -120,6 +123,7 @@ class Reconciler:
         if event_type == "DELETED":
             self.cache.drop(obj)
             self.retry.pop(key, None)
+            self._announced.pop(key, None)  # a resource made again under this name is announced again
             return  # the garbage collector removes the owner-referenced children
         self.cache.put(obj)
         self.reconcile(key)
@@ -271,7 +275,9 @@ class Reconciler:
                     self.kube.delete(live["apiVersion"], kind, ns, name)
                     self.cache.drop(live)
                     applied.append(f"-{kind}")
-        if previous.get("engine") != plan.engine:
+        key = _key(owner["metadata"])
+        if previous.get("engine") != plan.engine and self._announced.get(key) != plan.engine:
+            self._announced[key] = plan.engine
             self.kube.event(owner, "Normal", "EngineSelected", f"engine {plan.engine}: {plan.reason}")
         if applied:
             log.info("%s/%s: applied %s (engine %s)", ns, spec.name, ", ".join(applied), plan.engine)

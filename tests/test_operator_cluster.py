@@ -122,12 +122,15 @@ def test_engine_switch_rolls_out(cluster: dict[str, Any]) -> None:
     assert dep2["metadata"]["generation"] > dep["metadata"]["generation"]
     assert dep2["spec"]["template"]["metadata"]["labels"]["gearshift.dev/engine"] == "paged"
     assert dep2["spec"]["selector"] == dep["spec"]["selector"]  # same pods' identity: a rollout, not a new app
-    st = wait(lambda: (o := owner(c, "switch"))["status"].get("observedGeneration") == 2 and o["status"], "status")
+    st = wait(lambda: (o := owner(c, "switch")).get("status", {}).get("observedGeneration") == 2 and o["status"],
+              "status")
     assert st["engine"] == "paged" and f"at or above the crossover ({CROSSOVER})" in st["engineReason"]
     assert condition(owner(c, "switch"), "Progressing")["status"] == "True"
     msgs = [e["message"] for e in wait(lambda: len(events(c, "switch", "EngineSelected")) >= 2 and
                                        events(c, "switch", "EngineSelected"), "two EngineSelected events")]
     assert any(m.startswith("engine paged:") for m in msgs)
+    # One Event per engine choice, not one per reconcile (the create used to emit ~8 alike within seconds).
+    assert sorted(m.split(":")[0] for m in msgs) == ["engine gguf", "engine paged"], msgs
 
 
 def test_autoscaling_adds_and_removes_the_hpa(cluster: dict[str, Any]) -> None:

@@ -86,8 +86,11 @@ def ended(kind: str, lines: list[str]) -> bool:
     if kind == "ollama":
         last = json.loads(lines[-1]) if lines else {}
         return bool(last.get("done")) and "error" not in last
-    data = [x for x in lines if x.startswith("data: ")]
-    return bool(data) and data[-1] == "data: [DONE]" and not any('"error"' in x for x in data)
+    data = [x[6:] for x in lines if x.startswith("data: ")]
+    if not data or data[-1] != "[DONE]":
+        return False
+    # An error event is an object with an "error" key (a token whose text is "error" is not one).
+    return not any("error" in json.loads(x) for x in data[:-1])
 
 
 async def one_good(http: httpx.AsyncClient, rng: random.Random, t: Tally, max_tokens: int, hang_up: bool) -> None:

@@ -35,15 +35,6 @@ def _cond(kube: Any, ctype: str) -> dict[str, Any]:  # noqa: ANN401 - scenario.K
     return kube.condition(ctype, NAME)
 
 
-def _no_duplicates(kube: Any, name: str = NAME) -> None:  # noqa: ANN401 - scenario.Kube
-    sel = f"app.kubernetes.io/instance={name}"
-    assert len(kube.apps.list_namespaced_deployment(kube.ns, label_selector=sel).items) == 1
-    assert len(kube.core.list_namespaced_service(kube.ns, label_selector=sel).items) == 1
-    live_rs = [rs for rs in kube.apps.list_namespaced_replica_set(kube.ns, label_selector=sel).items
-               if rs.spec.replicas]
-    assert len(live_rs) == 1
-    assert len([p for p in kube.pods(name) if not p.metadata.deletion_timestamp]) == 1
-
 
 def _kept(kube: Any, name: str = NAME) -> dict[str, Any]:  # noqa: ANN401 - scenario.Kube
     st = kube.isvc(name).get("status") or {}
@@ -79,7 +70,7 @@ def test_a_model_that_never_fits_its_memory_limit_reports_oomkilled_then_recover
     kube.patch(NAME, {"hardware": {"cpu": "500m", "memory": "2Gi"}})
     wait_for(lambda: kube.is_ready(NAME) and _cond(kube, "Degraded").get("status") == "False"
              and len(kube.pods(NAME)) == 1, LOAD_S, "Ready with 2Gi, the OOM-killed pod gone")
-    _no_duplicates(kube)
+    kube.assert_no_duplicates(NAME)
     assert chat(kube.service_ip(NAME)).strip()
 
 
@@ -102,7 +93,7 @@ def test_an_engine_pushed_past_its_limit_is_oom_killed_restarted_degraded_then_r
     assert engine_pid(kube.ready_pods(NAME)[0]) != pid
     assert _kept(kube) == before
     assert _warnings(kube, NAME, "OOMKilled")
-    _no_duplicates(kube)
+    kube.assert_no_duplicates(NAME)
     assert chat(kube.service_ip(NAME)).strip()
 
 
@@ -145,7 +136,7 @@ def test_containerd_restarted_while_a_model_serves_converges(kube, image):
     assert _engine_status(kube).restart_count == restarts
     assert kube.ready_pods(NAME)[0].metadata.name == pod.metadata.name
     assert _kept(kube) == before
-    _no_duplicates(kube)
+    kube.assert_no_duplicates(NAME)
     assert chat(ip).strip()
     kube.delete(NAME)
     wait_for(lambda: not kube.pods(NAME), 120, "the resource's pods gone")

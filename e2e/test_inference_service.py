@@ -128,12 +128,7 @@ def test_operator_restarted_mid_rollout_converges_without_duplicates(kube, opera
     wait_for(lambda: len(kube.pods()) == 2, 60, "the rollout's new pod")
     operator.restart()
     wait_for(lambda: is_ready(kube) and len(kube.pods()) == 1, LOAD_S, "convergence after the restart")
-    sel = f"app.kubernetes.io/instance={NAME}"
-    assert len(kube.apps.list_namespaced_deployment(kube.ns, label_selector=sel).items) == 1
-    assert len(kube.core.list_namespaced_service(kube.ns, label_selector=sel).items) == 1
-    live_rs = [rs for rs in kube.apps.list_namespaced_replica_set(kube.ns, label_selector=sel).items
-               if rs.spec.replicas]
-    assert len(live_rs) == 1
+    kube.assert_no_duplicates()
     assert "256" in " ".join(kube.ready_pods()[0].spec.containers[0].args)
     assert chat(kube.service_ip()).strip()
 

@@ -60,6 +60,16 @@ class Kube:
         """The Service's ClusterIP: kube-proxy sends each connection to one of its ready endpoints."""
         return self.core.read_namespaced_service(name, self.ns).spec.cluster_ip
 
+    def assert_no_duplicates(self, name: str = NAME) -> None:
+        """One Deployment, one Service, one ReplicaSet with replicas and one live pod for the resource."""
+        sel = f"app.kubernetes.io/instance={name}"
+        assert len(self.apps.list_namespaced_deployment(self.ns, label_selector=sel).items) == 1
+        assert len(self.core.list_namespaced_service(self.ns, label_selector=sel).items) == 1
+        live_rs = [rs for rs in self.apps.list_namespaced_replica_set(self.ns, label_selector=sel).items
+                   if rs.spec.replicas]
+        assert len(live_rs) == 1
+        assert len([p for p in self.pods(name) if not p.metadata.deletion_timestamp]) == 1
+
     def is_ready(self, name: str = NAME) -> bool:
         """Ready, not Progressing, and the status is of the current generation."""
         obj = self.isvc(name)

@@ -1,46 +1,36 @@
 """Gear advice and automatic shifting from observed load. Pure: the load and the time are passed in.
 
-Advice compares the observed p95 concurrency per replica with the crossover of the measured serving table
-(bench/serve.py, the README's "Serving load" table): which engine serves that many streams better and by
-how much. Hysteresis keeps it from flapping: up to paged at or above the crossover, back down to gguf only
-well below it (DOWN_FRACTION of the crossover), and anything in between keeps the engine that runs.
-In `auto` mode a shift happens when the same advice has held for the whole window, the window was fully
-observed, and the last shift is at least `cooldown` ago.
+Advice compares the observed p95 concurrency per replica with the crossover the resource's pods report for
+their CPU (engine/crossover.py's measured table, read from each pod's /metrics: 2 on CPUs with AVX512-BF16,
+4 on AVX2-only ones, 4 where a pod reports none): which engine serves that many streams better and by how
+much, read off the same measured table. Hysteresis keeps it from flapping: up to paged at or above the
+crossover, back down to gguf only well below it (DOWN_FRACTION of the crossover), and anything in between
+keeps the engine that runs. In `auto` mode a shift happens when the same advice has held for the whole
+window, the window was fully observed, and the last shift is at least `cooldown` ago.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from gearshift.operator.load import Load
+from gearshift.engine.crossover import CONSERVATIVE_CLASS, measured
+from gearshift.operator.load import Crossover, Load
 
-# Output tokens/s by concurrency, gguf vs paged: bench/serve.py, SmolLM2-135M-Instruct Q4_1, 2 threads,
-# idle 2-core VM, 2026-11-26 06:23 UTC (docs/bench/serve-2026-11-26.json). policy.CROSSOVER_CONCURRENCY is
-# the first concurrency at which paged is ahead (tests/test_gear.py checks that the two agree). The
-# 2026-11-30 run on an AVX-512-BF16 VM reads 2 (README "Serving load" says why the constant stays 4).
-MEASURED_TOKENS_PER_SECOND: dict[int, tuple[float, float]] = {
-    1: (76.3, 26.8), 2: (60.8, 51.2), 4: (66.6, 78.5), 8: (67.2, 121.9), 16: (64.0, 156.1), 32: (66.8, 205.2),
-}
 DOWN_FRACTION = 0.5  # shift back to gguf only at or below half the crossover
 NO_DATA = "no pod has been scraped yet"
 ADVICE_REASONS = ("AboveCrossover", "BelowCrossover", "WithinBand")  # the reasons that name an engine
 
 
-def measured_crossover() -> int:
-    return min(c for c, (gguf, paged) in MEASURED_TOKENS_PER_SECOND.items() if paged > gguf)
+def crossover_text(x: Crossover) -> str:
+    """The crossover and where it comes from, for the advice message."""
+    if x.cpu_class is None:
+        return f"{x.value}, the default: a pod does not report its CPU's"
+    return f"{x.value} on the pods' CPU: {x.cpu_class}"
 
 
-def throughput(engine: str, concurrency: float) -> float:
-    """Measured output tokens/s of `engine` at `concurrency` streams, interpolated on log2(concurrency)."""
-    col = 0 if engine == "gguf" else 1
-    points = sorted(MEASURED_TOKENS_PER_SECOND.items())
-    c = min(max(concurrency, points[0][0]), points[-1][0])
-    for (c0, v0), (c1, v1) in zip(points, points[1:], strict=False):
-        if c0 <= c <= c1:
-            w = (math.log2(c) - math.log2(c0)) / (math.log2(c1) - math.log2(c0))
-            return v0[col] + w * (v1[col] - v0[col])
-    return points[-1][1][col]
+def throughput(engine: str, concurrency: float, cpu_class: str | None = None) -> float:
+    """Measured output tokens/s of `engine` at `concurrency` streams on `cpu_class` (None: the default)."""
+    return measured(cpu_class or CONSERVATIVE_CLASS).throughput(engine, concurrency)
 
 
 @dataclass(frozen=True)
@@ -59,30 +49,33 @@ def _fmt(x: float) -> str:
     return f"{x:.0f}" if abs(x - round(x)) < 0.05 else f"{x:.1f}"
 
 
-def advise(running: str, load: Load | None, crossover: int, window_text: str) -> Advice:
-    """The engine that serves the observed load better, with hysteresis around `crossover`."""
+def advise(running: str, load: Load | None, window_text: str) -> Advice:
+    """The engine that serves the observed load better, with hysteresis around the crossover its pods report
+    (load.crossover)."""
     if load is None or load.samples == 0:
         return Advice(None, "NoData", NO_DATA)
     if not load.covered:
         # no figures in the words: they would change with every scrape, and so would the status
         return Advice(None, "Observing", f"observing the load on {running}: advice after {window_text} of it")
+    x = load.crossover
     p95 = load.p95
     head = f"p95 {_fmt(p95)} concurrent per replica over {window_text} on {running}"
-    down = crossover * DOWN_FRACTION
-    gguf, paged = throughput("gguf", max(p95, 1.0)), throughput("paged", max(p95, 1.0))
-    if p95 >= crossover:
-        ratio = paged / gguf
+    down = x.value * DOWN_FRACTION
+    cls = (x.cpu_class or CONSERVATIVE_CLASS).split("/")[0]
+    gguf, paged = throughput("gguf", max(p95, 1.0), cls), throughput("paged", max(p95, 1.0), cls)
+    table = f"measured on {cls}"
+    if p95 >= x.value:
         return Advice("paged", "AboveCrossover",
-                      f"{head}: at or above the crossover ({crossover}); paged serves {_fmt(max(p95, 1))} streams "
-                      f"at ~{ratio:.1f}x the output tokens/s of gguf (measured table)")
+                      f"{head}: at or above the crossover ({crossover_text(x)}); paged serves {_fmt(max(p95, 1))} "
+                      f"streams at ~{paged / gguf:.1f}x the output tokens/s of gguf ({table})")
     if p95 <= down:
-        ratio = gguf / paged
         return Advice("gguf", "BelowCrossover",
-                      f"{head}: well below the crossover ({crossover}); gguf serves {_fmt(max(p95, 1))} "
-                      f"stream{'s' if p95 > 1 else ''} at ~{ratio:.1f}x the output tokens/s of paged, "
-                      "in a fraction of its memory")
+                      f"{head}: well below the crossover ({crossover_text(x)}); gguf serves {_fmt(max(p95, 1))} "
+                      f"stream{'s' if p95 > 1 else ''} at ~{gguf / paged:.1f}x the output tokens/s of paged "
+                      f"({table}), in a fraction of its memory")
     return Advice(running, "WithinBand",
-                  f"{head}: between {_fmt(down)} and the crossover ({crossover}); {running} stays (hysteresis)")
+                  f"{head}: between {_fmt(down)} and the crossover ({crossover_text(x)}); {running} stays "
+                  "(hysteresis)")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ Between ticks the concurrency is taken to hold its last value (a step function),
 the mean and p95 time-weighted: a burst seen by one tick counts for as long as it lasted, not once per
 scrape. Output tokens/s comes from the deltas of each pod's `generation_tokens` counter (a counter that
 went down is a restarted pod: its new value is the delta), summed over pods, over the window's span.
+The crossover is what the latest tick's pods report for their CPU (`crossover_concurrency`,
+engine/crossover.py): the largest of them, and the conservative default where a pod reports none.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
+from gearshift.engine.crossover import CONSERVATIVE_CROSSOVER
 from prometheus_client.parser import text_string_to_metric_families
 
 PREFIX = "gearshift:"  # engine/server/metrics.py's metric names
 RUNNING, WAITING, GENERATED = "num_requests_running", "num_requests_waiting", "generation_tokens"
+CROSSOVER = "crossover_concurrency"
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,28 @@ class PodSample:
     running: float
     waiting: float
     generated: float  # the cumulative output-token counter
+    crossover: int | None = None  # the engine crossover of the pod's CPU; None: not reported (older image)
+    cpu_class: str | None = None
+
+
+@dataclass(frozen=True)
+class Crossover:
+    """The crossover the advice uses for a resource, and the CPU class it was measured for."""
+    value: int
+    cpu_class: str | None  # None: a pod does not report its CPU's, so the conservative default
+
+
+DEFAULT_CROSSOVER = Crossover(CONSERVATIVE_CROSSOVER, None)
+
+
+def pods_crossover(pods: dict[str, PodSample]) -> Crossover:
+    """The largest crossover the pods report (pods on different CPUs: the one that shifts to paged last);
+    the default as soon as one pod reports none."""
+    reported = [(p.crossover, p.cpu_class or "") for p in pods.values() if p.crossover is not None]
+    if not pods or len(reported) < len(pods):
+        return DEFAULT_CROSSOVER
+    top = max(v for v, _ in reported)
+    return Crossover(top, "/".join(sorted({c for v, c in reported if v == top and c})) or None)
 
 
 @dataclass(frozen=True)
@@ -53,6 +79,7 @@ class Load:
     p95: float  # time-weighted 95th percentile of concurrency per replica
     tokens_per_second: float  # achieved output tokens/s, all replicas together
     samples: int
+    crossover: Crossover = DEFAULT_CROSSOVER  # what the latest tick's pods report
 
     @property
     def covered(self) -> bool:
@@ -63,16 +90,19 @@ class Load:
 def parse_metrics(text: str) -> PodSample:
     """A /metrics body -> the figures the window needs. Raises ValueError on a body without them."""
     found: dict[str, float] = {}
+    crossover: tuple[int | None, str | None] = (None, None)
     for family in text_string_to_metric_families(text):
         name = family.name.removeprefix(PREFIX)
         for s in family.samples:
             # counters are exposed as `<name>_total`; the family name drops the suffix
             if name in (RUNNING, WAITING, GENERATED) and s.name in (family.name, family.name + "_total"):
                 found[name] = found.get(name, 0.0) + float(s.value)
+            elif name == CROSSOVER and s.name == family.name and s.value >= 1:
+                crossover = (int(s.value), s.labels.get("cpu_class") or None)
     missing = [n for n in (RUNNING, WAITING, GENERATED) if n not in found]
     if missing:
         raise ValueError(f"no {PREFIX}{missing[0]} in the metrics")
-    return PodSample(found[RUNNING], found[WAITING], found[GENERATED])
+    return PodSample(found[RUNNING], found[WAITING], found[GENERATED], *crossover)
 
 
 def _steps(ticks: list[Tick], now: float, start: float) -> list[tuple[float, float]]:
@@ -142,7 +172,7 @@ class LoadWindow:
         inside = [t for t in ticks if t.t >= start]
         return Load(window=self.window, span=span, mean=time_weighted_mean(steps),
                     p95=time_weighted_quantile(steps, 0.95), tokens_per_second=tokens_per_second(inside),
-                    samples=len(inside))
+                    samples=len(inside), crossover=pods_crossover(ticks[-1].pods) if ticks else DEFAULT_CROSSOVER)
 
 
 # A status write is worth it when a figure moves by at least this much (absolute or relative, whichever

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from gearshift.engine.crossover import CONSERVATIVE_CROSSOVER, MEASURED, crossover
 from gearshift.operator import replicas as rc
 from gearshift.operator.gear import (
     ADVICE_REASONS,
@@ -26,7 +27,7 @@ from gearshift.operator.gear import (
     should_shift,
 )
 from gearshift.operator.load import Load, LoadWindow, Tick, ceil_concurrency, load_changed, round_load
-from gearshift.operator.policy import CROSSOVER_CONCURRENCY, ObservedGear
+from gearshift.operator.policy import ObservedGear
 from gearshift.operator.spec import InferenceServiceSpec
 from gearshift.operator.status import _condition
 
@@ -67,14 +68,20 @@ def override(spec: InferenceServiceSpec, previous: dict[str, Any]) -> ObservedGe
                         concurrency=int(g.get("concurrency") or 1))
 
 
+def _crossovers() -> str:
+    """The measured crossover per CPU class, for `gearshift plan` (it does not know the node's CPU)."""
+    return ", ".join(f"{crossover(c)} on {c}" for c in sorted(MEASURED)) + \
+        f"; {CONSERVATIVE_CROSSOVER} until a pod reports it"
+
+
 def plan_notes(spec: InferenceServiceSpec) -> list[str]:
     """What `gearshift plan` cannot show, because it depends on the load the pods will see."""
     notes = []
     gs = spec.gear_shift
     if gs.mode == "auto" and can_shift(spec):
         notes.append(f"spec.gearShift.mode auto: the operator may run the other engine than planned here when "
-                     f"the observed p95 concurrency per replica over {gs.window_text} reaches the crossover "
-                     f"({CROSSOVER_CONCURRENCY}) or falls to {CROSSOVER_CONCURRENCY * DOWN_FRACTION:g}, held for "
+                     f"the observed p95 concurrency per replica over {gs.window_text} reaches the crossover its pods "
+                     f"report for their CPU ({_crossovers()}) or falls to {DOWN_FRACTION:g} of it, held for "
                      f"{gs.window_text}, at most one shift per {gs.cooldown_text}; status.engine says which runs")
     elif gs.mode == "auto":
         notes.append("spec.gearShift.mode auto shifts only engine auto on a GGUF model on CPU: here it advises")
@@ -125,7 +132,7 @@ def gear_step(spec: InferenceServiceSpec, previous: dict[str, Any], running: str
     if running is None:
         out.condition = (False, "NoData", NO_DATA)
         return out
-    advice = advise(running, load, CROSSOVER_CONCURRENCY, gs.window_text)
+    advice = advise(running, load, gs.window_text)
     prev = previous.get("gearShift") or {}
     prev_cond = prev_conds.get("GearAdvice")
     if advice.engine is None and prev_cond and prev_cond.get("reason") in ADVICE_REASONS \

@@ -5,7 +5,8 @@ Pure and table-tested (tests/test_policy.py). Rules, in order:
    (gguf engine with safetensors weights, gguf engine on an accelerator) is InvalidSpec, never a guess.
 2. safetensors weights -> paged (the llama.cpp runner reads GGUF only).
 3. An accelerator -> paged (the image's llama.cpp is a CPU build; our Triton kernels run on GPUs).
-4. GGUF on CPU -> gguf below CROSSOVER_CONCURRENCY concurrent requests, paged at or above it; with
+4. GGUF on CPU -> gguf below CROSSOVER_CONCURRENCY concurrent requests, paged at or above it (the
+   conservative crossover: the node's CPU is not known here); with
    spec.gearShift.mode auto the engine the observed load chose (operator/observe.py) instead of the declared
    concurrency, sized for the observed concurrency.
 5. A GGUF model whose architecture the paged engine does not implement (read locally by plan/up, or
@@ -20,15 +21,17 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from gearshift.engine.crossover import CONSERVATIVE_CROSSOVER
 from gearshift.operator.spec import ENGINE_ARGS, InferenceServiceSpec, InvalidSpec, parse_quantity
 
 # The concurrency per replica at which the paged engine's continuous batching overtakes the llama.cpp
-# runner in total output tokens/s on CPU: bench/serve.py, SmolLM2-135M-Instruct Q4_1, 2 threads, idle
-# 2-core VM, thread wait `spin`, 2026-11-26 06:23 UTC, with the native CPU kernels (README "Benchmarks"),
-# output tok/s gguf vs paged: 60.8 vs 51.2 at 2, 66.6 vs 78.5 at 4, 67.2 vs 121.9 at 8, 66.8 vs 205.2 at 32.
-# (It was 6 before the native kernels, 8 with passive OpenMP waits, which cost llama.cpp 3.4x, and briefly
-# 12 while the paged server stepped its engine on a second OpenMP team.)
-CROSSOVER_CONCURRENCY = 4
+# runner in total output tokens/s on CPU, as the policy uses it at create time: the conservative figure of
+# engine/crossover.py's measured table (4, an AVX2-only CPU; 2 on a CPU with AVX512-BF16). Before a pod
+# runs the operator does not know the node's CPU (finding out would take node read access cluster-wide);
+# once pods serve, the observed path (operator/gear.py) uses the crossover each pod reports for its CPU.
+# (It was 6 before the native CPU kernels, 8 with passive OpenMP waits, which cost llama.cpp 3.4x, and
+# briefly 12 while the paged server stepped its engine on a second OpenMP team.)
+CROSSOVER_CONCURRENCY = CONSERVATIVE_CROSSOVER
 
 # Share of the memory limit given to the paged engine's KV cache on CPU; the rest holds the weights
 # (dequantized from GGUF on load), activations and the Python process.

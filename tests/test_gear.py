@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import pytest
+from gearshift.engine.crossover import CONSERVATIVE_CLASS, MEASURED, crossover
 from gearshift.engine.outputs import EngineStats
 from gearshift.engine.server.metrics import ServerMetrics
 from gearshift.operator import gear, load, replicas
 from gearshift.operator.gear import Advice, GearState, advise, hold, should_shift
-from gearshift.operator.load import Load, LoadWindow, PodSample, Tick, load_changed, parse_metrics
+from gearshift.operator.load import (
+    DEFAULT_CROSSOVER,
+    Crossover,
+    Load,
+    LoadWindow,
+    PodSample,
+    Tick,
+    load_changed,
+    parse_metrics,
+    pods_crossover,
+)
 from gearshift.operator.observe import gear_step, override, plan_notes
 from gearshift.operator.policy import CROSSOVER_CONCURRENCY, ObservedGear, decide
 from gearshift.operator.replicas import Bounds, recommend, stabilise
@@ -23,10 +34,18 @@ def tick(t: float, *per_pod: tuple[float, float, float]) -> Tick:
 def test_parse_metrics_reads_what_the_engines_export() -> None:
     """The body of the real metrics module, not a hand-written copy: names drift together or fail here."""
     stats = EngineStats(num_running=3, num_waiting=5)
-    m = ServerMetrics("smol", lambda: stats)
+    m = ServerMetrics("smol", lambda: stats, cpu_class="avx512_bf16")
     m.generation_tokens_c.inc(1234)
     s = parse_metrics(m.render().decode())
-    assert s == PodSample(running=3, waiting=5, generated=1234)
+    assert s == PodSample(running=3, waiting=5, generated=1234, crossover=2, cpu_class="avx512_bf16")
+
+
+def test_a_pod_without_the_crossover_gauge_reports_none() -> None:
+    """An engine image from before the gauge: the load is read, the crossover is unknown (the default)."""
+    m = ServerMetrics("smol", lambda: EngineStats(num_running=1, num_waiting=1))
+    m.generation_tokens_c.inc(1)
+    body = "".join(ln for ln in m.render().decode().splitlines(keepends=True) if "crossover" not in ln)
+    assert parse_metrics(body) == PodSample(1, 1, 1, None, None)
 
 
 @pytest.mark.parametrize("body", ["", "# nothing here\n", "gearshift:num_requests_running{model_name=\"m\"} 1\n"])
@@ -81,9 +100,10 @@ def test_window_drops_old_ticks_and_ignores_time_going_back() -> None:
     assert w.load(190).mean == 1.0
 
 
-def L(p95: float, mean: float | None = None, tps: float = 0.0, span: float = 600, window: float = 600) -> Load:
+def L(p95: float, mean: float | None = None, tps: float = 0.0, span: float = 600, window: float = 600,
+      x: Crossover = DEFAULT_CROSSOVER) -> Load:
     return Load(window=window, span=span, mean=p95 if mean is None else mean, p95=p95, tokens_per_second=tps,
-                samples=10)
+                samples=10, crossover=x)
 
 
 @pytest.mark.parametrize(("previous", "new", "changed"), [
@@ -102,36 +122,78 @@ def test_status_load_is_rewritten_only_on_a_meaningful_step(previous: dict | Non
 
 # ------------------------------------------------------------------------------------------ advice
 
-def test_measured_table_and_policy_agree_on_the_crossover() -> None:
-    assert gear.measured_crossover() == CROSSOVER_CONCURRENCY
+def test_create_time_policy_uses_the_conservative_measured_crossover() -> None:
+    """One table (engine/crossover.py): each CPU class's crossover is read off its measured run, and the
+    policy's create-time constant is the conservative class's."""
+    assert {c: m.crossover for c, m in MEASURED.items()} == {"avx512_bf16": 2, "avx2": 4}
+    assert CROSSOVER_CONCURRENCY == crossover(CONSERVATIVE_CLASS) == DEFAULT_CROSSOVER.value == 4
 
 
-@pytest.mark.parametrize(("c", "engine", "tps"), [
-    (1, "gguf", 76.3), (4, "paged", 78.5), (0.5, "paged", 26.8), (64, "paged", 205.2), (6, "paged", 103.9),
+@pytest.mark.parametrize(("c", "engine", "cls", "tps"), [
+    (1, "gguf", None, 76.3), (4, "paged", None, 78.5), (0.5, "paged", None, 26.8), (64, "paged", None, 205.2),
+    (6, "paged", None, 103.9), (2, "paged", "avx512_bf16", 126.6), (1, "gguf", "avx512_bf16", 96.3),
+    (3, "paged", "other", 67.2),  # never measured: the conservative table
 ])
-def test_throughput_interpolates_the_measured_table(c: float, engine: str, tps: float) -> None:
-    assert gear.throughput(engine, c) == pytest.approx(tps, abs=0.1)
+def test_throughput_interpolates_the_measured_table(c: float, engine: str, cls: str | None, tps: float) -> None:
+    assert gear.throughput(engine, c, cls) == pytest.approx(tps, abs=0.1)
+
+
+BF16 = Crossover(2, "avx512_bf16")
+AVX2 = Crossover(4, "avx2")
+
+
+# pods of one tick (crossover, cpu_class) -> the crossover the advice uses
+@pytest.mark.parametrize(("pods", "want"), [
+    ([(2, "avx512_bf16")], BF16),
+    ([(2, "avx512_bf16"), (2, "avx512_bf16")], BF16),
+    ([(2, "avx512_bf16"), (4, "avx2")], AVX2),  # replicas on different CPUs: the later shift to paged
+    ([(4, "avx2"), (4, "other")], Crossover(4, "avx2/other")),
+    ([(2, "avx512_bf16"), (None, None)], DEFAULT_CROSSOVER),  # one pod from an image without the gauge
+    ([(None, None)], DEFAULT_CROSSOVER),
+    ([], DEFAULT_CROSSOVER),
+])
+def test_the_crossover_of_a_resource_is_what_its_pods_report(pods: list, want: Crossover) -> None:
+    assert pods_crossover({f"p{i}": PodSample(1, 0, 0, x, c) for i, (x, c) in enumerate(pods)}) == want
+
+
+def test_the_window_carries_the_latest_ticks_crossover() -> None:
+    w = LoadWindow(60)
+    w.add(Tick(0, {"a": PodSample(1, 0, 0, 4, "avx2")}))
+    w.add(Tick(10, {"b": PodSample(1, 0, 0, 2, "avx512_bf16")}))  # the pod was replaced on another node
+    assert w.load(20).crossover == BF16
 
 
 X = CROSSOVER_CONCURRENCY
-# (running engine, load) -> (advised engine, reason, words in the message)
+# (running engine, load) -> (advised engine, reason, words in the message); crossover: the default (no pod
+# reports one), which is the conservative 4
 ADVICE_TABLE = [
     ("gguf", None, None, "NoData", ["no pod"]),
     ("gguf", L(14, span=100), None, "Observing", ["advice after 10m"]),
     ("gguf", L(14), "paged", "AboveCrossover", ["p95 14 concurrent per replica over 10m on gguf",
-                                                 f"crossover ({X})", "~2.3x"]),
+                                                 f"crossover ({X}, the default", "~2.3x", "measured on avx2"]),
     ("gguf", L(X), "paged", "AboveCrossover", ["at or above"]),
     ("gguf", L(X - 0.5), "gguf", "WithinBand", ["gguf stays (hysteresis)"]),
     ("paged", L(X - 0.5), "paged", "WithinBand", ["paged stays"]),
     ("paged", L(X * gear.DOWN_FRACTION), "gguf", "BelowCrossover", ["well below", "~1.2x"]),
     ("paged", L(0), "gguf", "BelowCrossover", ["p95 0 concurrent", "~2.8x"]),
     ("paged", L(32), "paged", "AboveCrossover", ["~3.1x"]),
+    # pods on an AVX2-only CPU report 4: the same thresholds, and the message says where it comes from
+    ("gguf", L(3, x=AVX2), "gguf", "WithinBand", ["between 2 and the crossover (4 on the pods' CPU: avx2)"]),
+    ("gguf", L(4, x=AVX2), "paged", "AboveCrossover", ["crossover (4 on the pods' CPU: avx2)", "~1.2x"]),
+    # pods on an AVX512-BF16 CPU report 2: 2 streams already advise paged, and only 1 goes back to gguf
+    ("gguf", L(2, x=BF16), "paged", "AboveCrossover", ["crossover (2 on the pods' CPU: avx512_bf16)", "~1.3x",
+                                                        "measured on avx512_bf16"]),
+    ("gguf", L(1.5, x=BF16), "gguf", "WithinBand", ["between 1 and the crossover (2"]),
+    ("paged", L(1.5, x=BF16), "paged", "WithinBand", ["paged stays"]),
+    ("paged", L(1, x=BF16), "gguf", "BelowCrossover", ["well below the crossover (2", "gguf serves 1 stream at ~1.5x"]),
+    ("paged", L(0, x=BF16), "gguf", "BelowCrossover", ["p95 0 concurrent"]),
+    ("gguf", L(14, x=BF16), "paged", "AboveCrossover", ["~4.2x"]),
 ]
 
 
 @pytest.mark.parametrize(("running", "load_", "engine", "reason", "words"), ADVICE_TABLE)
 def test_advice_table(running: str, load_: Load | None, engine: str | None, reason: str, words: list[str]) -> None:
-    a = advise(running, load_, X, "10m")
+    a = advise(running, load_, "10m")
     assert (a.engine, a.reason) == (engine, reason)
     for w in words:
         assert w in a.message, (w, a.message)
@@ -179,10 +241,12 @@ def test_shift_hysteresis_and_cooldown(steps: list, running: str, last_shift: fl
 
 
 def test_load_that_sits_between_the_thresholds_never_flaps() -> None:
-    """3 streams (between 2 and the crossover 4) on either engine: advice keeps what runs."""
+    """3 streams (between 2 and the crossover 4), or 1.5 on a CPU whose crossover is 2, on either engine:
+    advice keeps what runs."""
     for running in ("gguf", "paged"):
-        steps = [(t, advise(running, L(X - 1), X, "1m")) for t in range(0, 1000, 10)]
-        assert run_shifter(steps, running, window=60, cooldown=60) == []
+        for load_ in (L(X - 1), L(1.5, x=BF16)):
+            steps = [(t, advise(running, load_, "1m")) for t in range(0, 1000, 10)]
+            assert run_shifter(steps, running, window=60, cooldown=60) == []
 
 
 # ------------------------------------------------------------------------------------------ replicas
@@ -289,6 +353,22 @@ def test_auto_shifts_up_after_the_window_and_back_down_after_cooldown() -> None:
     status, events = status_after({"gearShift": AUTO}, idle)
     assert status["engine"] == "gguf"
     assert events == ["GearAdvice", "GearShift", "GearAdvice", "GearShift"]
+
+
+def test_auto_follows_the_crossover_the_pods_report() -> None:
+    """3 streams: on pods that report no crossover (the default 4) gguf stays; on pods on an AVX512-BF16 CPU
+    (crossover 2) the same load shifts to paged, and the reason names the crossover and its CPU class."""
+    status, events = status_after({"gearShift": AUTO}, [(t, L(3, window=60, span=60)) for t in range(0, 200, 10)])
+    assert status["engine"] == "gguf" and "GearShift" not in events
+    assert status["conditions"][0]["reason"] == "WithinBand"
+    busy = [(t, L(3, window=60, span=60, x=BF16)) for t in range(0, 70, 10)]
+    status, events = status_after({"gearShift": AUTO}, busy)
+    assert status["engine"] == "paged" and events == ["GearAdvice", "GearShift"]
+    assert "crossover (2 on the pods' CPU: avx512_bf16)" in status["gearShift"]["reason"]
+    # one stream stays on paged only down to half that crossover: 1 goes back after cooldown + window
+    idle = busy + [(t, L(1, window=60, span=60, x=BF16)) for t in range(70, 200, 10)]
+    status, events = status_after({"gearShift": AUTO}, idle)
+    assert status["engine"] == "gguf" and events == ["GearAdvice", "GearShift", "GearAdvice", "GearShift"]
 
 
 def test_advise_mode_only_changes_the_condition_and_posts_events() -> None:

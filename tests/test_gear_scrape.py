@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-from gearshift.operator.load import LoadWindow, Tick
+from gearshift.engine.crossover import crossover, node_cpu_class
+from gearshift.operator.load import LoadWindow, Tick, pods_crossover
 from gearshift.operator.scrape import fetch, ready_pods
 from server_process import running_server
 
@@ -52,6 +53,18 @@ def test_scrape_sees_the_streams_in_flight_and_the_tokens_served(smollm2_gguf: P
     assert after.running + after.waiting == 0
     assert len(served) == STREAMS and after.generated - before.generated == sum(served)
     assert window.load(time.monotonic()).mean > 0
+
+
+@pytest.mark.parametrize("engine", ["gguf", "paged"])
+def test_both_engines_report_the_crossover_of_this_cpu(smollm2_gguf: Path, engine: str) -> None:
+    """The operator's gear advice reads the crossover from the pod: what the real server measures its CPU as
+    (on an AVX512-BF16 CPU 2, so 2 streams there advise paged; AVX2-only 4)."""
+    with running_server(smollm2_gguf, engine) as server:
+        s = fetch("127.0.0.1", server.port)
+    cls = node_cpu_class()
+    assert s is not None and (s.crossover, s.cpu_class) == (crossover(cls), cls)
+    x = pods_crossover({"pod": s})
+    assert (x.value, x.cpu_class) == (crossover(cls), cls)
 
 
 def test_scrape_of_a_closed_port_is_unknown_not_zero() -> None:

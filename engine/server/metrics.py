@@ -3,15 +3,18 @@
 Latencies (TTFT, inter-token, end-to-end) are measured here from the output stream, so they mean the
 same thing whichever engine produced the tokens. Engine-side state (running/waiting, KV blocks,
 preemptions, prefix cache) is read from `Backend.stats()` at scrape time by a collector. Each app has
-its own registry, so several apps in one process (tests) never collide.
+its own registry, so several apps in one process (tests) never collide. `crossover_concurrency` is the
+measured engine crossover of the CPU this server runs on (engine/crossover.py), for the operator's gear
+advice and the monitoring rules: the node's CPU is known here, not where the operator runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+from gearshift.engine import crossover
 from gearshift.engine.outputs import EngineStats
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -58,7 +61,7 @@ class _EngineCollector(Collector):
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, stats: Callable[[], EngineStats]) -> None:
+    def __init__(self, model_name: str, stats: Callable[[], EngineStats], cpu_class: str | None = None) -> None:
         self.model_name = model_name
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_EngineCollector(model_name, stats))
@@ -83,6 +86,11 @@ class ServerMetrics:
         self.queue_time_h = self.queue_time.labels(model_name)
         for reason in ("stop", "length", "abort"):  # present from the start so rate() works on them
             self.request_success.labels(model_name, reason)
+        self.cpu_class = cpu_class or crossover.node_cpu_class()
+        Gauge(P + "crossover_concurrency", "Concurrent requests per replica from which the paged engine serves "
+              "more output tokens/s than the gguf runner on this CPU class (measured, engine/crossover.py).",
+              lab + ["cpu_class"], registry=r).labels(model_name, self.cpu_class).set(
+                  crossover.crossover(self.cpu_class))
 
     def finished(self, reason: str) -> None:
         self.request_success.labels(self.model_name, reason).inc()

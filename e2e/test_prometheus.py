@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from gearshift.e2e.cluster.scenario import LOAD_S, MODEL_FILE, chat, spec
 from gearshift.e2e.cluster.wait import wait_for
+from gearshift.engine.crossover import crossover, node_cpu_class
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -70,6 +71,11 @@ def test_recording_rules_are_evaluated_on_live_series(kube, prometheus, serving)
         prometheus.wait_for(f"namespace_inferenceservice:gearshift_{rule}{sel}", until=every_resource)
     up = prometheus.query(f"namespace_inferenceservice:gearshift_replicas_up:sum{sel}")
     assert all(float(s["value"][1]) == 1 for s in up), up
+    # both engines' pods report the crossover of the node's CPU (the node is this machine), which the
+    # GearAdvice alert compares with
+    crossovers = prometheus.wait_for(f"namespace_inferenceservice:gearshift_crossover_concurrency:max{sel}",
+                                     until=every_resource)
+    assert {float(s["value"][1]) for s in crossovers} == {crossover(node_cpu_class())}, crossovers
 
 
 def test_every_dashboard_query_returns_data(kube, prometheus, serving):

@@ -84,18 +84,22 @@ def test_dashboard_reads_only_series_that_exist() -> None:
     assert used and used <= recorded, used - recorded
 
 
-def _crossovers(text: str) -> set[int]:
-    return {int(n) for n in re.findall(r"crossover \((\d+)\)", text)}
-
-
 def test_crossover_in_rules_and_dashboard_is_the_operators() -> None:
-    from gearshift.operator.policy import CROSSOVER_CONCURRENCY
+    """The alert and the dashboard compare with the crossover the pods report (engine/crossover.py, per CPU
+    class); where a pod reports none, the rule's fallback is the operator's default."""
+    from gearshift.operator.load import DEFAULT_CROSSOVER
 
     rules: dict[str, Any] = yaml.safe_load((MON / "rules.yaml").read_text())
-    advice = next(r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "GearshiftGearAdviceHeld")
-    assert re.search(rf">= {CROSSOVER_CONCURRENCY}\b", advice["expr"]), advice["expr"]
-    assert _crossovers(advice["annotations"]["description"]) == {CROSSOVER_CONCURRENCY}
-    assert f"vector({CROSSOVER_CONCURRENCY})" in dashboard_queries()
+    by_name = {r.get("alert") or r.get("record"): r for g in rules["groups"] for r in g["rules"]}
+    recorded = by_name["namespace_inferenceservice:gearshift_crossover_concurrency:max"]["expr"]
+    assert "gearshift:crossover_concurrency" in recorded
+    assert re.findall(r"\* 0 \+ (\d+)", recorded) == [str(DEFAULT_CROSSOVER.value)], recorded
+    advice = by_name["GearshiftGearAdviceHeld"]["expr"]
+    assert re.search(r">= on \(namespace, inferenceservice\) group_left\s+"
+                     r"namespace_inferenceservice:gearshift_crossover_concurrency:max$", advice), advice
+    assert not re.search(r">=\s*\d", advice)  # no literal crossover left
+    assert any("gearshift_crossover_concurrency:max" in q for q in dashboard_queries())
+    assert not any(q.startswith("vector(") for q in dashboard_queries())
 
 
 def test_the_e2e_prometheus_config_is_valid_and_keeps_the_users_relabelling(tmp_path: Path) -> None:

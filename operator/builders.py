@@ -84,7 +84,8 @@ def serve_args(spec: InferenceServiceSpec, plan: EnginePlan, model: str, host: s
     values = {"engine": plan.engine, "model": model, "served_model_name": spec.model.served_name,
               "host": host, "port": port, "device": plan.device, "max_num_seqs": plan.max_num_seqs,
               "threads": plan.threads, "kv_cache_memory": plan.kv_cache_memory,
-              "tensor_parallel_size": plan.tensor_parallel if plan.tensor_parallel > 1 else None}
+              "tensor_parallel_size": plan.tensor_parallel if plan.tensor_parallel > 1 else None,
+              "max_waiting": plan.max_waiting}
     values.update((ENGINE_ARGS[key].name, value) for key, value in sorted(plan.engine_args.items()))
     return ["serve", *to_flags(EngineConfig, values)]
 

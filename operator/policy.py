@@ -18,9 +18,10 @@ Pure and table-tested (tests/test_policy.py). Rules, in order:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from gearshift.engine.config import EngineConfig
 from gearshift.engine.crossover import CONSERVATIVE_CROSSOVER
 from gearshift.operator.spec import ENGINE_ARGS, InferenceServiceSpec, InvalidSpec, parse_quantity
 
@@ -36,6 +37,27 @@ CROSSOVER_CONCURRENCY = CONSERVATIVE_CROSSOVER
 # Share of the memory limit given to the paged engine's KV cache on CPU; the rest holds the weights
 # (dequantized from GGUF on load), activations and the Python process.
 CPU_KV_CACHE_FRACTION = 0.25
+
+# The gguf runner decodes one request at a time, so a request queued behind W others waits W request times
+# before its first token, and the server ends it at request_timeout (408, or an error event in a stream).
+# Its waiting queue (--max-waiting) is bounded so that the expected wait at a full queue stays within half
+# the timeout (the other half for the request itself and for requests slower than the reference):
+# W = request_timeout / (2 x GGUF_REQUEST_SECONDS), 120 at the default 600 s. The reference request time
+# is measured: the 2026-11-30 soak (README "Soak"; 256 clients, SmolLM2-135M Q4_1 on 2 CPUs, 32 output
+# tokens) drained its queue at ~2.5 s a request, so the engine's default queue of 256 waited ~640 s, past
+# the 600 s timeout; bench/serve.py's 128-token requests took ~1.35 s at 95 tok/s. Beyond the bound a
+# request gets 429 with Retry-After at once instead of a timeout after minutes. The declared concurrency
+# (max sequences) is always admitted: a team that declares more than that on gguf is told by GearAdvice.
+GGUF_REQUEST_SECONDS = 2.5
+_ENGINE_DEFAULTS = {f.name: f.default for f in fields(EngineConfig)}
+
+
+def gguf_max_waiting(concurrency: int, request_timeout: float = _ENGINE_DEFAULTS["request_timeout"]) -> int:
+    """The gguf pod's --max-waiting: the time bound above, at least the concurrency, at most the engine's
+    default queue."""
+    bound = math.floor(request_timeout / (2 * GGUF_REQUEST_SECONDS))
+    return min(_ENGINE_DEFAULTS["max_waiting"], max(concurrency, bound, 1))
+
 
 # Requests when spec.hardware leaves them out: enough to load a small model.
 DEFAULTS = {
@@ -58,6 +80,7 @@ class EnginePlan:
     limits: dict[str, str] = field(default_factory=dict)
     engine_args: dict[str, Any] = field(default_factory=dict)  # those that apply to `engine`
     tensor_parallel: int = 1  # devices one replica shards the model over (spec.hardware.count)
+    max_waiting: int | None = None  # gguf: the queue bound (gguf_max_waiting); None: the engine's default
 
 
 @dataclass(frozen=True)
@@ -107,6 +130,8 @@ def decide(spec: InferenceServiceSpec, unsupported_architecture: str | None = No
     plan = _size(spec, engine, reason, fmt)
     if observed is not None and reason == observed.reason and "maxNumSeqs" not in spec.engine_args:
         plan = replace(plan, max_num_seqs=max(plan.max_num_seqs, observed.concurrency))
+    if engine == "gguf":
+        plan = replace(plan, max_waiting=gguf_max_waiting(plan.max_num_seqs))
     return plan
 
 

@@ -69,6 +69,14 @@ def test_gguf_on_cpu_full_deployment() -> None:
     assert dep["spec"]["template"]["metadata"]["labels"]["gearshift.dev/engine"] == "gguf"
 
 
+def test_gguf_pods_get_a_queue_bounded_by_the_request_timeout() -> None:
+    """--max-waiting for gguf pods (operator/policy.py gguf_max_waiting); paged pods keep the engine's."""
+    gguf = serve_parser().parse_args(engine_container(render(isvc(concurrency=2)))["args"])
+    assert (gguf.engine, gguf.max_waiting) == ("gguf", 120)
+    args = engine_container(render(isvc(concurrency=32)))["args"]
+    assert "--max-waiting" not in args and serve_parser().parse_args(args).max_waiting == 256
+
+
 def test_paged_on_cpu_args_parse_with_engine_args() -> None:
     ch = render(isvc(concurrency=32, hardware={"cpu": "4", "memory": "8Gi"},
                      engineArgs={"maxModelLen": 2048, "dtype": "float32", "blockSize": 32,

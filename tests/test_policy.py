@@ -5,7 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from gearshift.operator.policy import CPU_KV_CACHE_FRACTION, CROSSOVER_CONCURRENCY, DEFAULTS, decide
+from gearshift.operator.policy import (
+    CPU_KV_CACHE_FRACTION,
+    CROSSOVER_CONCURRENCY,
+    DEFAULTS,
+    GGUF_REQUEST_SECONDS,
+    ObservedGear,
+    decide,
+    gguf_max_waiting,
+)
 from gearshift.operator.spec import InvalidSpec, parse_spec
 
 GGUF = "pvc://models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -119,3 +127,26 @@ def test_engine_args_for_the_other_engine() -> None:
     assert low.engine == "gguf" and low.engine_args == {"maxModelLen": 512}
     high = decide(parse_spec(isvc(concurrency=X, engineArgs={"dtype": "float32", "maxModelLen": 512})))
     assert high.engine == "paged" and high.engine_args == {"dtype": "float32", "maxModelLen": 512}
+
+
+# (declared concurrency, request timeout) -> the gguf pod's --max-waiting: a full queue waits at most half the
+# timeout at the reference 2.5 s a request (the soak's 256 queued x ~2.5 s went past 600 s), never fewer
+# than the declared concurrency, never more than the engine's default queue
+@pytest.mark.parametrize(("concurrency", "timeout", "want"), [
+    (1, 600.0, 120), (3, 600.0, 120), (120, 600.0, 120), (200, 600.0, 200), (1000, 600.0, 256),
+    (1, 60.0, 12), (1, 1.0, 1), (2, 1.0, 2), (1, 6000.0, 256),
+])
+def test_gguf_queue_is_bounded_by_the_request_timeout(concurrency: int, timeout: float, want: int) -> None:
+    assert gguf_max_waiting(concurrency, timeout) == want
+    assert gguf_max_waiting(concurrency, timeout) * GGUF_REQUEST_SECONDS <= max(timeout / 2, concurrency * 2.5)
+
+
+def test_gguf_plans_get_the_bounded_queue_and_paged_plans_the_engines_default() -> None:
+    gguf = decide(parse_spec(isvc(concurrency=2)))
+    assert (gguf.engine, gguf.max_waiting) == ("gguf", 120)
+    assert decide(parse_spec(isvc(engine="gguf", concurrency=300))).max_waiting == 256
+    observed = decide(parse_spec(isvc(concurrency=1, gearShift={"mode": "auto"})),
+                      observed=ObservedGear("gguf", "observed p95 1 ...", 1))
+    assert observed.max_waiting == 120
+    paged = decide(parse_spec(isvc(concurrency=32)))
+    assert paged.engine == "paged" and paged.max_waiting is None

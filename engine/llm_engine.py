@@ -29,7 +29,7 @@ from gearshift.engine.pipeline.detokenizer import OutputProcessor
 from gearshift.engine.pipeline.request_checks import check_token_ids, context_budget
 from gearshift.engine.sampling_params import SamplingParams
 from gearshift.engine.scheduler import Scheduler
-from gearshift.engine.sequence import Sequence, fan_out
+from gearshift.engine.sequence import Sequence, SequenceStatus, fan_out
 
 if TYPE_CHECKING:
     from gearshift.engine.runner_protocol import Runner
@@ -72,6 +72,7 @@ class _Request:
     choices: list[_Choice] = field(default_factory=list)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    stops: frozenset[int] = frozenset()  # token ids that end a choice: stop_token_ids, and EOS unless ignore_eos
 
     @property
     def finished(self) -> bool:
@@ -103,6 +104,7 @@ class LLMEngine:
                                    self.max_model_len)
         self.sampler = Sampler(config.seed)
         self._requests: dict[str, _Request] = {}
+        self._num_guided = 0  # requests in _requests with a grammar: none, and no step scans for guided rows
         self._failures: dict[str, BaseException] = {}  # request id -> what ended it in a step
         self._mask_filler: Any = None  # pipeline/guided.MaskFiller, made for the first guided step
         # request id -> its text (pipeline/detokenizer.py); None: outputs carry token ids only
@@ -132,6 +134,8 @@ class LLMEngine:
         max_tokens = context_budget(len(ids), params.max_tokens, self.max_model_len)
         self.scheduler.check_fits(len(ids), max_tokens, params.n)
         req = _Request(request_id, ids, params, max_tokens, arrival_time if arrival_time is not None else time.time())
+        req.stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos
+                                                        else frozenset(self.tokenizer.eos_token_ids))
         req.choices = [_Choice(k, logprobs=[] if params.logprobs is not None else None,
                                guide=params.guide.fork() if params.guide is not None else None)
                        for k in range(params.n)]
@@ -159,6 +163,7 @@ class LLMEngine:
             if req.request_id in self._requests:
                 raise InvalidRequestError(f"request_id {req.request_id!r} is already running", param="request_id")
             self._requests[req.request_id] = req
+            self._num_guided += req.params.guide is not None
             if self._text is not None:
                 self._text[req.request_id] = OutputProcessor(self.tokenizer.decode, req.prompt_token_ids, req.params)
             # n > 1: n sequences now (choices 1.. wait for choice 0's prompt, then hit its cached blocks),
@@ -166,15 +171,17 @@ class LLMEngine:
             for choice, seq in zip(req.choices, fan_out(req.request_id, req.prompt_token_ids, req.params,
                                                         req.max_tokens), strict=True):
                 choice.seq = seq
+                seq.owner = req
                 self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """End a request now (finish_reason 'abort'), freeing its blocks. Returns its final output, or None
         if it is unknown or already finished. The next step() does not report it again."""
         with self._lock:
-            req = self._requests.pop(request_id, None)
+            req = self._requests.get(request_id)
             if req is None:
                 return None
+            self._forget(req)
             for c in req.choices:
                 if c.finish_reason is None:
                     c.finish_reason = "abort"
@@ -195,7 +202,12 @@ class LLMEngine:
             if c.seq is not None:
                 self.scheduler.finish(c.seq)
             if req.finished:
-                del self._requests[request_id]
+                self._forget(req)
+
+    def _forget(self, req: _Request) -> None:
+        """The request has ended: it leaves the engine's table (its blocks were freed as its choices ended)."""
+        del self._requests[req.request_id]
+        self._num_guided -= req.params.guide is not None
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
@@ -215,7 +227,7 @@ class LLMEngine:
             if out.num_decodes < len(scheduled):
                 now = time.time()
                 for seq in scheduled[out.num_decodes:]:  # a decode was scheduled before
-                    req = self._requests[seq.request_id]
+                    req = seq.owner
                     if req.first_scheduled_time is None:
                         req.first_scheduled_time = now
             # A pure-decode step samples every row: the scheduler's list as it is, no per-row lookups.
@@ -234,31 +246,49 @@ class LLMEngine:
                 return []
             sampled = self._sample_isolated(logits, targets, masks)
 
-            now = time.time()
-            touched: dict[str, _Request] = {}
-            for seq, token_id, logprob in zip(targets, sampled.token_ids, sampled.logprobs, strict=True):
-                req = self._requests.get(seq.request_id)
-                if req is None or token_id is None:  # failed in this step (see take_failures)
+            return self._texts(self._advance(targets, sampled))
+
+    def _advance(self, targets: list[Sequence], sampled: _Sampled) -> list[RequestOutput]:
+        """Each row's token onto its sequence and choice, stop checks, one output per request that moved.
+        Runs for every row every step: a sequence carries its request (`seq.owner`), so there is no lookup
+        by id, and one set membership decides the stop tokens (_Request.stops)."""
+        now = time.time()
+        outputs: list[RequestOutput] = []
+        multi: dict[str, _Request] = {}  # n > 1: one output per request once all its rows are in
+        finished = SequenceStatus.FINISHED
+        for seq, token_id, logprob in zip(targets, sampled.token_ids, sampled.logprobs, strict=True):
+            req: _Request = seq.owner
+            if token_id is None or seq.status is finished:  # failed in this step (see take_failures)
+                continue
+            try:
+                if req.first_token_time is None:
+                    req.first_token_time = now
+                seq.token_ids.append(token_id)
+                c = req.choices[seq.index]
+                c.token_ids.append(token_id)
+                if c.guide is not None:
+                    c.guide.accept(token_id)
+                if c.logprobs is not None and logprob is not None:
+                    c.logprobs.append(logprob)
+                if token_id in req.stops or len(c.token_ids) >= req.max_tokens:
+                    self._finish_on(req, c, token_id)
+                    self.scheduler.finish(seq)
+                if len(req.choices) > 1:
+                    multi[req.request_id] = req
                     continue
-                try:
-                    if req.first_token_time is None:
-                        req.first_token_time = now
-                    seq.append_token(token_id)
-                    choice = req.choices[seq.index]
-                    self._on_token(req, choice, token_id, logprob)
-                    if choice.finish_reason is not None:
-                        self.scheduler.finish(seq)
-                    touched[req.request_id] = req
-                except Exception as e:  # this request's own data broke it: only it fails
-                    self._fail(req.request_id, e)
-                    touched.pop(req.request_id, None)
-            outputs = []
-            for req in touched.values():
                 output = self._output(req)
                 outputs.append(output)
                 if output.finished:
-                    del self._requests[req.request_id]
-            return self._texts(outputs)
+                    self._forget(req)
+            except Exception as e:  # this request's own data broke it: only it fails
+                self._fail(req.request_id, e)  # n = 1: nothing of it was appended to outputs yet
+                multi.pop(req.request_id, None)
+        for req in multi.values():
+            output = self._output(req)
+            outputs.append(output)
+            if output.finished:
+                self._forget(req)
+        return outputs
 
     def _sample_isolated(self, logits: Any, targets: list[Sequence], masks: tuple[list[int], Any] | None) -> Any:
         """Sample the batch (masks: _start_masks'); if that raises, sample row by row so that only the rows
@@ -286,7 +316,10 @@ class LLMEngine:
 
     def _guided_rows(self, targets: list[Sequence]) -> tuple[list[int], list[Any]]:
         """The rows of guided choices and their guides; rows without a grammar are skipped."""
-        rows, guides = [], []
+        rows: list[int] = []
+        guides: list[Any] = []
+        if not self._num_guided:  # the common step: no request has a grammar, so no row is scanned
+            return rows, guides
         for row, seq in enumerate(targets):
             req = self._requests.get(seq.request_id)
             guide = req.choices[seq.index].guide if req is not None else None
@@ -327,18 +360,13 @@ class LLMEngine:
             failures, self._failures = self._failures, {}
             return failures
 
-    def _on_token(self, req: _Request, c: _Choice, token_id: int, logprob: Logprob | None) -> None:
-        p = req.params
-        c.token_ids.append(token_id)
-        if c.guide is not None:
-            c.guide.accept(token_id)
-        if c.logprobs is not None and logprob is not None:
-            c.logprobs.append(logprob)
-        if token_id in p.stop_token_ids:  # like EOS, its text is not part of the output
+    def _finish_on(self, req: _Request, c: _Choice, token_id: int) -> None:
+        """`token_id` is one of the request's stop tokens or reached max_tokens: why the choice ends."""
+        if token_id in req.params.stop_token_ids:  # like EOS, its text is not part of the output
             c.finish_reason, c.stop_reason = "stop", token_id
-        elif not p.ignore_eos and token_id in self.tokenizer.eos_token_ids:
+        elif not req.params.ignore_eos and token_id in self.tokenizer.eos_token_ids:
             c.finish_reason = "stop"
-        elif len(c.token_ids) >= req.max_tokens:
+        else:
             c.finish_reason = "length"
 
     def _texts(self, outputs: list[RequestOutput]) -> list[RequestOutput]:

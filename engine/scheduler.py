@@ -163,8 +163,17 @@ class Scheduler:
         """The runner computed the step: advance each sequence and register its newly full blocks."""
         bm = self.block_manager
         bs = bm.block_size if bm.enable_prefix_caching else 0
-        seqs = out.scheduled if len(out.scheduled) == len(out.seqs) else [self.seqs.get(s.seq_id) for s in out.seqs]
         finished = SequenceStatus.FINISHED
+        if out.num_decodes == len(out.seqs) == len(out.scheduled):  # pure decode: each advanced by its one token
+            for seq in out.scheduled:
+                if seq.status is finished:
+                    continue
+                end = seq.num_computed_tokens + 1  # its ScheduledSeq's start_pos + 1 (nothing moved it since)
+                seq.num_computed_tokens = end
+                if bs and end // bs > seq.num_registered_blocks:
+                    bm.cache_full_blocks(seq)
+            return
+        seqs = out.scheduled if len(out.scheduled) == len(out.seqs) else [self.seqs.get(s.seq_id) for s in out.seqs]
         for seq, s in zip(seqs, out.seqs, strict=True):
             if seq is None or seq.status is finished:
                 continue

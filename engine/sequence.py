@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+from typing import Any
 
 from gearshift.engine.sampling_params import SamplingParams
 
@@ -55,6 +56,9 @@ class Sequence:
         # Greedy, no penalties, logprobs or logit_bias: the sampler's one-argmax fast path. Read every step
         # for every row, so it is decided once here (params do not change once the request is queued).
         self.plain_greedy: bool = params.plain_greedy and not params.logit_bias
+        # The engine's record of this sequence's request (llm_engine._Request), set when it is queued: the
+        # engine reads it for every row every step instead of looking the request up by id. Opaque here.
+        self.owner: Any = None
 
     # -- token views -------------------------------------------------------------------------------
     @property

@@ -81,7 +81,7 @@ def plan_notes(spec: InferenceServiceSpec) -> list[str]:
     if gs.mode == "auto" and can_shift(spec):
         notes.append(f"spec.gearShift.mode auto: the operator may run the other engine than planned here when "
                      f"the observed p95 concurrency per replica over {gs.window_text} reaches the crossover its pods "
-                     f"report for their CPU ({_crossovers()}) or falls to {DOWN_FRACTION:g} of it, held for "
+                     f"report for their CPU ({_crossovers()}) or falls to {DOWN_FRACTION:.0%} of it, held for "
                      f"{gs.window_text}, at most one shift per {gs.cooldown_text}; status.engine says which runs")
     elif gs.mode == "auto":
         notes.append("spec.gearShift.mode auto shifts only engine auto on a GGUF model on CPU: here it advises")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gearshift.engine.crossover import CONSERVATIVE_CLASS, measured
+from gearshift.engine.crossover import CONSERVATIVE_CLASS, MEASURED, measured
 from gearshift.operator.load import Crossover, Load
 
 DOWN_FRACTION = 0.5  # shift back to gguf only at or below half the crossover
@@ -62,6 +62,7 @@ def advise(running: str, load: Load | None, window_text: str) -> Advice:
     head = f"p95 {_fmt(p95)} concurrent per replica over {window_text} on {running}"
     down = x.value * DOWN_FRACTION
     cls = (x.cpu_class or CONSERVATIVE_CLASS).split("/")[0]
+    cls = cls if cls in MEASURED else CONSERVATIVE_CLASS  # a class never measured: the conservative run's figures
     gguf, paged = throughput("gguf", max(p95, 1.0), cls), throughput("paged", max(p95, 1.0), cls)
     table = f"measured on {cls}"
     if p95 >= x.value:

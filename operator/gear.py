@@ -24,7 +24,7 @@ ADVICE_REASONS = ("AboveCrossover", "BelowCrossover", "WithinBand")  # the reaso
 def crossover_text(x: Crossover) -> str:
     """The crossover and where it comes from, for the advice message."""
     if x.cpu_class is None:
-        return f"{x.value}, the default: a pod does not report its CPU's"
+        return f"{x.value}, the default: a pod does not report its CPU's crossover"
     return f"{x.value} on the pods' CPU: {x.cpu_class}"
 
 

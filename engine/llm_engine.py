@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from gearshift.engine.block_manager import BlockManager
 from gearshift.engine.config import EngineConfig
 from gearshift.engine.errors import InvalidRequestError
+from gearshift.engine.host_gc import fit_gc_to_batch
 from gearshift.engine.outputs import CompletionOutput, EngineStats, FinishReason, Logprob, RequestOutput
 from gearshift.engine.pipeline.detokenizer import OutputProcessor
 from gearshift.engine.pipeline.request_checks import check_token_ids, context_budget
@@ -54,12 +55,18 @@ class _Sampled:
 @dataclass
 class _Choice:
     index: int
-    seq: Sequence | None = None  # set when the request is queued
-    token_ids: list[int] = field(default_factory=list)
+    seq: Sequence | None = None  # set when the request is queued; its output tokens are this choice's
     logprobs: list[Logprob] | None = None
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     guide: Any = None  # this choice's grammar position (SamplingParams.guide forked), or None
+    req: _Request | None = field(default=None, repr=False, compare=False)  # set when queued (a cycle)
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The tokens sampled so far, a copy (the sequence holds them: the token loop appends once)."""
+        seq = self.seq
+        return seq.token_ids[seq.num_prompt_tokens:] if seq is not None else []
 
 
 @dataclass
@@ -103,7 +110,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len)
         self.sampler = Sampler(config.seed)
+        fit_gc_to_batch(config.max_num_seqs)  # a step's outputs die before any young-generation collection
         self._requests: dict[str, _Request] = {}
+        self._stop_sets: dict[tuple[tuple[int, ...], bool], frozenset[int]] = {}  # see _stop_set
         self._num_guided = 0  # requests in _requests with a grammar: none, and no step scans for guided rows
         self._failures: dict[str, BaseException] = {}  # request id -> what ended it in a step
         self._mask_filler: Any = None  # pipeline/guided.MaskFiller, made for the first guided step
@@ -134,12 +143,23 @@ class LLMEngine:
         max_tokens = context_budget(len(ids), params.max_tokens, self.max_model_len)
         self.scheduler.check_fits(len(ids), max_tokens, params.n)
         req = _Request(request_id, ids, params, max_tokens, arrival_time if arrival_time is not None else time.time())
-        req.stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos
-                                                        else frozenset(self.tokenizer.eos_token_ids))
+        req.stops = self._stop_set(params)
         req.choices = [_Choice(k, logprobs=[] if params.logprobs is not None else None,
                                guide=params.guide.fork() if params.guide is not None else None)
                        for k in range(params.n)]
         return req
+
+    def _stop_set(self, params: SamplingParams) -> frozenset[int]:
+        """The token ids that end a choice of `params`; one shared set per distinct kind (fewer objects for
+        the token loop to touch)."""
+        key = (tuple(params.stop_token_ids), params.ignore_eos)
+        stops = self._stop_sets.get(key)
+        if stops is None:
+            eos = () if params.ignore_eos else self.tokenizer.eos_token_ids
+            stops = self._stop_sets.setdefault(key, frozenset(params.stop_token_ids) | frozenset(eos))
+            if len(self._stop_sets) > 1024:  # bounded: clients choose stop_token_ids
+                self._stop_sets.clear()
+        return stops
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -170,8 +190,8 @@ class LLMEngine:
             # so step() never forks and no KV block is ever copied on write.
             for choice, seq in zip(req.choices, fan_out(req.request_id, req.prompt_token_ids, req.params,
                                                         req.max_tokens), strict=True):
-                choice.seq = seq
-                seq.owner = req
+                choice.seq, choice.req = seq, req
+                seq.owner = choice
                 self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -227,7 +247,7 @@ class LLMEngine:
             if out.num_decodes < len(scheduled):
                 now = time.time()
                 for seq in scheduled[out.num_decodes:]:  # a decode was scheduled before
-                    req = seq.owner
+                    req = seq.owner.req
                     if req.first_scheduled_time is None:
                         req.first_scheduled_time = now
             # A pure-decode step samples every row: the scheduler's list as it is, no per-row lookups.
@@ -250,27 +270,29 @@ class LLMEngine:
 
     def _advance(self, targets: list[Sequence], sampled: _Sampled) -> list[RequestOutput]:
         """Each row's token onto its sequence and choice, stop checks, one output per request that moved.
-        Runs for every row every step: a sequence carries its request (`seq.owner`), so there is no lookup
-        by id, and one set membership decides the stop tokens (_Request.stops)."""
+        Runs for every row every step, after a forward that streamed the weights and logits through the
+        caches, so each object it touches is likely a cache miss: a sequence carries its choice
+        (`seq.owner`, no lookup by id), the tokens live in the sequence only, and one set membership
+        decides the stop tokens (_Request.stops)."""
         now = time.time()
         outputs: list[RequestOutput] = []
         multi: dict[str, _Request] = {}  # n > 1: one output per request once all its rows are in
         finished = SequenceStatus.FINISHED
         for seq, token_id, logprob in zip(targets, sampled.token_ids, sampled.logprobs, strict=True):
-            req: _Request = seq.owner
+            c: _Choice = seq.owner
+            req: _Request = c.req
             if token_id is None or seq.status is finished:  # failed in this step (see take_failures)
                 continue
             try:
                 if req.first_token_time is None:
                     req.first_token_time = now
-                seq.token_ids.append(token_id)
-                c = req.choices[seq.index]
-                c.token_ids.append(token_id)
+                toks = seq.token_ids
+                toks.append(token_id)
                 if c.guide is not None:
                     c.guide.accept(token_id)
                 if c.logprobs is not None and logprob is not None:
                     c.logprobs.append(logprob)
-                if token_id in req.stops or len(c.token_ids) >= req.max_tokens:
+                if token_id in req.stops or len(toks) - seq.num_prompt_tokens >= req.max_tokens:
                     self._finish_on(req, c, token_id)
                     self.scheduler.finish(seq)
                 if len(req.choices) > 1:
@@ -391,7 +413,7 @@ class LLMEngine:
         """Token ids only (text is the output processor's): cumulative, a fresh object every step. Arguments
         are positional, in outputs.py's field order: this runs for every request every step, and keyword
         arguments made each dataclass construction ~3x slower (0.42 vs 0.13 us)."""
-        outs = [CompletionOutput(c.index, "", list(c.token_ids), c.finish_reason, c.stop_reason,
+        outs = [CompletionOutput(c.index, "", c.token_ids, c.finish_reason, c.stop_reason,
                                  None if c.logprobs is None else list(c.logprobs)) for c in req.choices]
         first = req.choices[0].seq
         return RequestOutput(req.request_id, req.prompt_token_ids, outs, req.finished,

@@ -224,3 +224,29 @@ def test_kv_cache_pages_are_zero_and_resident_only_once_written() -> None:
     grown = _rss_bytes() - before
     assert size // 2 * 0.9 < grown < size * 0.75, grown
     assert float(kv[0].sum()) == kv[0].numel() and not bool(kv[1].any())
+
+
+def test_a_guided_request_among_plain_ones_follows_its_grammar(llm: LLM) -> None:
+    """A step scans for grammar rows only while some request has a grammar (a count kept as requests come
+    and go): a guided request queued after an aborted guided one, beside plain ones, still follows it."""
+    from gearshift.engine.pipeline.guided import GuidedSpec, compile_guide, vocab_from_hf_json
+
+    tok = llm.get_tokenizer()
+    guide = compile_guide(GuidedSpec("regex", r"[0-9]{3}-[a-c]{2}"),
+                          vocab_from_hf_json(tok._tok.to_str(), tok.vocab_size, tok.eos_token_ids))
+    engine = llm.llm_engine
+    prompt = tok.encode("Write a serial number:")
+    engine.add_request("guided-aborted", prompt, SamplingParams(temperature=0.0, max_tokens=12, guide=guide.fork()))
+    engine.step()
+    engine.abort("guided-aborted")
+    plain = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    engine.add_request("plain-0", prompt, plain)
+    engine.add_request("guided", prompt, SamplingParams(temperature=0.0, max_tokens=12, guide=guide.fork()))
+    engine.add_request("plain-1", prompt, plain)
+    texts = {}
+    while engine.has_unfinished():
+        texts.update((out.request_id, out.text) for out in engine.step() if out.finished)
+    out = texts["guided"]
+    assert len(out) == 6 and out[:3].isdigit() and out[3] == "-" and set(out[4:]) <= set("abc"), out
+    assert texts["plain-0"] == texts["plain-1"] and texts["plain-0"] != out
+    assert_no_leak(llm)

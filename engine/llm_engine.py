@@ -412,12 +412,21 @@ class LLMEngine:
     def _output(self, req: _Request) -> RequestOutput:
         """Token ids only (text is the output processor's): cumulative, a fresh object every step. Arguments
         are positional, in outputs.py's field order: this runs for every request every step, and keyword
-        arguments made each dataclass construction ~3x slower (0.42 vs 0.13 us)."""
-        outs = [CompletionOutput(c.index, "", c.token_ids, c.finish_reason, c.stop_reason,
-                                 None if c.logprobs is None else list(c.logprobs)) for c in req.choices]
-        first = req.choices[0].seq
-        return RequestOutput(req.request_id, req.prompt_token_ids, outs, req.finished,
-                             first.num_cached_tokens if first is not None else 0, req.arrival_time,
+        arguments made each dataclass construction ~3x slower (0.42 vs 0.13 us); n = 1 takes no loop."""
+        choices = req.choices
+        if len(choices) == 1:
+            c = choices[0]
+            seq = c.seq
+            outs = [CompletionOutput(c.index, "", seq.token_ids[seq.num_prompt_tokens:] if seq is not None else [],
+                                     c.finish_reason, c.stop_reason, None if c.logprobs is None else list(c.logprobs))]
+            done = c.finish_reason is not None
+        else:
+            outs = [CompletionOutput(c.index, "", c.token_ids, c.finish_reason, c.stop_reason,
+                                     None if c.logprobs is None else list(c.logprobs)) for c in choices]
+            seq = choices[0].seq
+            done = req.finished
+        return RequestOutput(req.request_id, req.prompt_token_ids, outs, done,
+                             seq.num_cached_tokens if seq is not None else 0, req.arrival_time,
                              req.first_scheduled_time, req.first_token_time)
 
     # -- introspection -------------------------------------------------------------------------------

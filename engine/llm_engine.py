@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gearshift.engine.block_manager import BlockManager
 from gearshift.engine.config import EngineConfig
 from gearshift.engine.errors import InvalidRequestError
 from gearshift.engine.host_gc import fit_gc_to_batch
-from gearshift.engine.outputs import CompletionOutput, EngineStats, FinishReason, Logprob, RequestOutput
+from gearshift.engine.outputs import EngineStats, Logprob, RequestOutput
 from gearshift.engine.pipeline.detokenizer import OutputProcessor
 from gearshift.engine.pipeline.request_checks import check_token_ids, context_budget
+from gearshift.engine.request_state import ChoiceState, RequestState, Sampled, build_output
 from gearshift.engine.sampling_params import SamplingParams
 from gearshift.engine.scheduler import Scheduler
 from gearshift.engine.sequence import Sequence, SequenceStatus, fan_out
@@ -44,49 +44,6 @@ class BatchStepError(Exception):
         super().__init__(f"{type(cause).__name__}: {cause}")
         self.request_ids = request_ids
         self.cause = cause
-
-
-@dataclass
-class _Sampled:
-    token_ids: list[int | None]  # None: that row's request failed while sampling
-    logprobs: list[Logprob | None]
-
-
-@dataclass
-class _Choice:
-    index: int
-    seq: Sequence | None = None  # set when the request is queued; its output tokens are this choice's
-    logprobs: list[Logprob] | None = None
-    finish_reason: FinishReason | None = None
-    stop_reason: str | int | None = None
-    guide: Any = None  # this choice's grammar position (SamplingParams.guide forked), or None
-    req: _Request | None = field(default=None, repr=False, compare=False)  # set when queued (a cycle)
-
-    @property
-    def token_ids(self) -> list[int]:
-        """The tokens sampled so far, a copy (the sequence holds them: the token loop appends once)."""
-        seq = self.seq
-        return seq.token_ids[seq.num_prompt_tokens:] if seq is not None else []
-
-
-@dataclass
-class _Request:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    max_tokens: int
-    arrival_time: float
-    choices: list[_Choice] = field(default_factory=list)
-    first_scheduled_time: float | None = None
-    first_token_time: float | None = None
-    stops: frozenset[int] = frozenset()  # token ids that end a choice: stop_token_ids, and EOS unless ignore_eos
-
-    @property
-    def finished(self) -> bool:
-        choices = self.choices
-        if len(choices) == 1:  # read for every request every step: n = 1 without a generator
-            return choices[0].finish_reason is not None
-        return all(c.finish_reason is not None for c in choices)
 
 
 class LLMEngine:
@@ -111,7 +68,7 @@ class LLMEngine:
                                    self.max_model_len)
         self.sampler = Sampler(config.seed)
         fit_gc_to_batch(config.max_num_seqs)  # a step's outputs die before any young-generation collection
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, RequestState] = {}
         self._stop_sets: dict[tuple[tuple[int, ...], bool], frozenset[int]] = {}  # see _stop_set
         self._num_guided = 0  # requests in _requests with a grammar: none, and no step scans for guided rows
         self._failures: dict[str, BaseException] = {}  # request id -> what ended it in a step
@@ -128,7 +85,7 @@ class LLMEngine:
             self.enqueue(self.prepare_request(request_id, prompt, params, arrival_time))
 
     def prepare_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                        arrival_time: float | None = None) -> _Request:
+                        arrival_time: float | None = None) -> RequestState:
         """Every check add_request makes, without queuing: lets a batch be validated as a whole first."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -142,9 +99,9 @@ class LLMEngine:
         ids = self._prompt_ids(prompt)
         max_tokens = context_budget(len(ids), params.max_tokens, self.max_model_len)
         self.scheduler.check_fits(len(ids), max_tokens, params.n)
-        req = _Request(request_id, ids, params, max_tokens, arrival_time if arrival_time is not None else time.time())
+        req = RequestState(request_id, ids, params, max_tokens, arrival_time if arrival_time is not None else time.time())
         req.stops = self._stop_set(params)
-        req.choices = [_Choice(k, logprobs=[] if params.logprobs is not None else None,
+        req.choices = [ChoiceState(k, logprobs=[] if params.logprobs is not None else None,
                                guide=params.guide.fork() if params.guide is not None else None)
                        for k in range(params.n)]
         return req
@@ -177,7 +134,7 @@ class LLMEngine:
         check_token_ids(list(prompt), self.vocab_size, "prompt")
         return list(prompt)
 
-    def enqueue(self, req: _Request) -> None:
+    def enqueue(self, req: RequestState) -> None:
         """Queue a request prepare_request returned (LLM validates a whole batch before queuing any)."""
         with self._lock:
             if req.request_id in self._requests:
@@ -207,7 +164,7 @@ class LLMEngine:
                     c.finish_reason = "abort"
                 if c.seq is not None:
                     self.scheduler.finish(c.seq)
-            texts = self._texts([out := self._output(req)])
+            texts = self._texts([out := build_output(req)])
             return texts[0] if texts else out
 
     def finish_choice(self, request_id: str, index: int) -> None:
@@ -224,7 +181,7 @@ class LLMEngine:
             if req.finished:
                 self._forget(req)
 
-    def _forget(self, req: _Request) -> None:
+    def _forget(self, req: RequestState) -> None:
         """The request has ended: it leaves the engine's table (its blocks were freed as its choices ended)."""
         del self._requests[req.request_id]
         self._num_guided -= req.params.guide is not None
@@ -268,19 +225,19 @@ class LLMEngine:
 
             return self._texts(self._advance(targets, sampled))
 
-    def _advance(self, targets: list[Sequence], sampled: _Sampled) -> list[RequestOutput]:
+    def _advance(self, targets: list[Sequence], sampled: Sampled) -> list[RequestOutput]:
         """Each row's token onto its sequence and choice, stop checks, one output per request that moved.
         Runs for every row every step, after a forward that streamed the weights and logits through the
         caches, so each object it touches is likely a cache miss: a sequence carries its choice
         (`seq.owner`, no lookup by id), the tokens live in the sequence only, and one set membership
-        decides the stop tokens (_Request.stops)."""
+        decides the stop tokens (RequestState.stops)."""
         now = time.time()
         outputs: list[RequestOutput] = []
-        multi: dict[str, _Request] = {}  # n > 1: one output per request once all its rows are in
+        multi: dict[str, RequestState] = {}  # n > 1: one output per request once all its rows are in
         finished = SequenceStatus.FINISHED
         for seq, token_id, logprob in zip(targets, sampled.token_ids, sampled.logprobs, strict=True):
-            c: _Choice = seq.owner
-            req: _Request = c.req
+            c: ChoiceState = seq.owner
+            req: RequestState = c.req
             if token_id is None or seq.status is finished:  # failed in this step (see take_failures)
                 continue
             try:
@@ -298,7 +255,7 @@ class LLMEngine:
                 if len(req.choices) > 1:
                     multi[req.request_id] = req
                     continue
-                output = self._output(req)
+                output = build_output(req)
                 outputs.append(output)
                 if output.finished:
                     self._forget(req)
@@ -306,7 +263,7 @@ class LLMEngine:
                 self._fail(req.request_id, e)  # n = 1: nothing of it was appended to outputs yet
                 multi.pop(req.request_id, None)
         for req in multi.values():
-            output = self._output(req)
+            output = build_output(req)
             outputs.append(output)
             if output.finished:
                 self._forget(req)
@@ -334,7 +291,7 @@ class LLMEngine:
                 self._fail(seq.request_id, e)
                 token_ids.append(None)
                 logprobs.append(None)
-        return _Sampled(token_ids, logprobs)
+        return Sampled(token_ids, logprobs)
 
     def _guided_rows(self, targets: list[Sequence]) -> tuple[list[int], list[Any]]:
         """The rows of guided choices and their guides; rows without a grammar are skipped."""
@@ -382,7 +339,7 @@ class LLMEngine:
             failures, self._failures = self._failures, {}
             return failures
 
-    def _finish_on(self, req: _Request, c: _Choice, token_id: int) -> None:
+    def _finish_on(self, req: RequestState, c: ChoiceState, token_id: int) -> None:
         """`token_id` is one of the request's stop tokens or reached max_tokens: why the choice ends."""
         if token_id in req.params.stop_token_ids:  # like EOS, its text is not part of the output
             c.finish_reason, c.stop_reason = "stop", token_id
@@ -408,26 +365,6 @@ class LLMEngine:
                 del self._text[out.request_id]
             texts.append(text)
         return texts
-
-    def _output(self, req: _Request) -> RequestOutput:
-        """Token ids only (text is the output processor's): cumulative, a fresh object every step. Arguments
-        are positional, in outputs.py's field order: this runs for every request every step, and keyword
-        arguments made each dataclass construction ~3x slower (0.42 vs 0.13 us); n = 1 takes no loop."""
-        choices = req.choices
-        if len(choices) == 1:
-            c = choices[0]
-            seq = c.seq
-            outs = [CompletionOutput(c.index, "", seq.token_ids[seq.num_prompt_tokens:] if seq is not None else [],
-                                     c.finish_reason, c.stop_reason, None if c.logprobs is None else list(c.logprobs))]
-            done = c.finish_reason is not None
-        else:
-            outs = [CompletionOutput(c.index, "", c.token_ids, c.finish_reason, c.stop_reason,
-                                     None if c.logprobs is None else list(c.logprobs)) for c in choices]
-            seq = choices[0].seq
-            done = req.finished
-        return RequestOutput(req.request_id, req.prompt_token_ids, outs, done,
-                             seq.num_cached_tokens if seq is not None else 0, req.arrival_time,
-                             req.first_scheduled_time, req.first_token_time)
 
     # -- introspection -------------------------------------------------------------------------------
     def stats(self) -> EngineStats:

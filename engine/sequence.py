@@ -56,7 +56,7 @@ class Sequence:
         # Greedy, no penalties, logprobs or logit_bias: the sampler's one-argmax fast path. Read every step
         # for every row, so it is decided once here (params do not change once the request is queued).
         self.plain_greedy: bool = params.plain_greedy and not params.logit_bias
-        # The engine's record of this sequence's choice (llm_engine._Choice), set when it is queued: the
+        # The engine's record of this sequence's choice (request_state.ChoiceState), set when queued: the
         # engine reads it for every row every step instead of looking the request up by id. Opaque here.
         self.owner: Any = None
 

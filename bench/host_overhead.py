@@ -9,8 +9,9 @@ batch: B requests of 64 random prompt tokens, 128 output tokens each (ignore_eos
 once. Only pure-decode steps are counted (every sequence one token): step = wall time of `engine.step()`,
 forward = time inside `runner.execute` (the model, attention metadata and logits), host = step - forward
 (scheduler, sampler, stop checks, outputs; detokenization and stop strings too with --detokenize), as wall
-time and as the engine thread's CPU time (the figure to trust on a shared machine). Medians over the decode
-steps.
+time and as the engine thread's CPU time (the figure to trust on a shared machine); of the host CPU time,
+the sampler's share (greedy: the argmax over the [B, V] logits) and the rest per sequence. Medians over the
+decode steps.
 """
 
 from __future__ import annotations
@@ -64,6 +65,25 @@ class TimedRunner:
         return logits
 
 
+class TimedSampler:
+    """The engine's sampler with the CPU time of each `sample` call recorded (greedy rows: the argmax over
+    the [B, V] logits, one pass over them in memory)."""
+
+    def __init__(self, sampler) -> None:
+        self._sampler = sampler
+        self.last_cpu_s = 0.0
+
+    def __getattr__(self, name: str):
+        return getattr(self._sampler, name)
+
+    def sample(self, *args, **kwargs):
+        c = time.thread_time()
+        try:
+            return self._sampler.sample(*args, **kwargs)
+        finally:
+            self.last_cpu_s = time.thread_time() - c
+
+
 def cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -74,9 +94,9 @@ def cpu_flags() -> str:
 
 
 def measure(engine, timed: TimedRunner, batch: int, prompt_len: int, output_len: int, seed: int,
-            profiler: cProfile.Profile | None = None) -> tuple[float, float, float, float, int]:
-    """-> (median step ms, median forward ms, median host CPU ms, median input-prep CPU ms, decode steps) for
-    one batch run to the end.
+            profiler: cProfile.Profile | None = None) -> tuple[float, float, float, float, float, int]:
+    """-> (median step ms, median forward ms, median host CPU ms, median input-prep CPU ms, median sampling
+    CPU ms, decode steps) for one batch run to the end.
 
     Host CPU = the engine thread's CPU time in the step outside `execute` (time.thread_time): on a shared,
     oversubscribed machine it counts the work, not the waits for a core."""
@@ -90,6 +110,7 @@ def measure(engine, timed: TimedRunner, batch: int, prompt_len: int, output_len:
     forwards: list[float] = []
     host_cpu: list[float] = []
     prep_cpu: list[float] = []
+    sample_cpu: list[float] = []
     while engine.has_unfinished():
         decode = all(s.num_tokens - s.num_computed_tokens == 1 for s in engine.scheduler.running) and \
             len(engine.scheduler.running) == batch
@@ -105,8 +126,9 @@ def measure(engine, timed: TimedRunner, batch: int, prompt_len: int, output_len:
             forwards.append(timed.last_s)
             host_cpu.append(dc - timed.last_cpu_s)
             prep_cpu.append(timed.last_prep_cpu_s)
-    ms = [statistics.median(x) * 1e3 for x in (steps, forwards, host_cpu, prep_cpu)]
-    return ms[0], ms[1], ms[2], ms[3], len(steps)
+            sample_cpu.append(getattr(engine.sampler, "last_cpu_s", 0.0))
+    ms = [statistics.median(x) * 1e3 for x in (steps, forwards, host_cpu, prep_cpu, sample_cpu)]
+    return ms[0], ms[1], ms[2], ms[3], ms[4], len(steps)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,22 +168,24 @@ def main(argv: list[str] | None = None) -> int:
                            threads=args.threads)
         timed = TimedRunner(ModelRunner(cfg))
         engine = LLMEngine(cfg, runner=timed, detokenize=args.detokenize)
+        engine.sampler = TimedSampler(engine.sampler)
         measure(engine, timed, 4, 16, 8, seed=99)  # warm-up
         profiler = cProfile.Profile() if args.profile else None
         rows = []
         for b in batches:
-            step, fwd, cpu, prep, n = measure(engine, timed, b, args.prompt_len, args.output_len, seed=b,
-                                              profiler=profiler)
-            rows.append((b, step, fwd, step - fwd, cpu, prep, n))
+            step, fwd, cpu, prep, samp, n = measure(engine, timed, b, args.prompt_len, args.output_len, seed=b,
+                                                    profiler=profiler)
+            rows.append((b, step, fwd, step - fwd, cpu, samp, prep, n))
     print(f"tiny random model (2 layers, hidden 256), fp32 CPU, prompt {args.prompt_len}, output "
           f"{args.output_len}, greedy, detokenize on the engine thread: {args.detokenize}; "
           f"threads {torch.get_num_threads()}, thread wait {THREAD_WAIT}; "
           f"cpu flags: {cpu_flags()}")
-    print("| batch | step ms | forward ms | host ms (wall) | host ms (CPU) | host CPU us/seq | input prep ms (CPU, "
-          "in forward) | decode steps |")
-    print("|------:|--------:|-----------:|---------------:|--------------:|----------------:|------:|-------------:|")
-    for b, step, fwd, host, cpu, prep, n in rows:
-        print(f"| {b} | {step:.2f} | {fwd:.2f} | {host:.2f} | {cpu:.2f} | {1e3 * cpu / b:.1f} | {prep:.2f} | {n} |")
+    print("| batch | step ms | forward ms | host ms (wall) | host ms (CPU) | of which sampling (CPU) | rest of host "
+          "us/seq | input prep ms (CPU, in forward) | decode steps |")
+    print("|------:|--------:|-----------:|---------------:|--------------:|------:|------:|------:|-------------:|")
+    for b, step, fwd, host, cpu, samp, prep, n in rows:
+        print(f"| {b} | {step:.2f} | {fwd:.2f} | {host:.2f} | {cpu:.2f} | {samp:.2f} | {1e3 * (cpu - samp) / b:.1f} | "
+              f"{prep:.2f} | {n} |")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(f"peak RSS {peak:.0f} MiB; malloc: {'glibc default' if args.malloc_default else 'step buffers kept'}")
     if profiler is not None:

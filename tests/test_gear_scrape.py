@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from gearshift.engine.crossover import crossover, node_cpu_class
+from gearshift.operator.gear import advise
 from gearshift.operator.load import LoadWindow, Tick, pods_crossover
 from gearshift.operator.scrape import fetch, ready_pods
 from server_process import running_server
@@ -65,6 +66,47 @@ def test_both_engines_report_the_crossover_of_this_cpu(smollm2_gguf: Path, engin
     assert s is not None and (s.crossover, s.cpu_class) == (crossover(cls), cls)
     x = pods_crossover({"pod": s})
     assert (x.value, x.cpu_class) == (crossover(cls), cls)
+
+
+def test_two_streams_on_gguf_get_the_advice_of_this_cpus_crossover(smollm2_gguf: Path) -> None:
+    """The observed path end to end on a real server: 2 closed-loop streams on gguf are p95 2 in flight
+    (one decoding, one queued). On this CPU's crossover 2 (AVX512-BF16) that advises paged; where it is 4
+    (AVX2-only) it is at most half the crossover, so gguf stays."""
+    from openai import OpenAI
+
+    stop = threading.Event()
+    with running_server(smollm2_gguf, "gguf") as server:
+        client = OpenAI(base_url=server.v1, api_key="none")
+
+        def stream(i: int) -> None:
+            while not stop.is_set():
+                for _ in client.completions.create(model="smollm2", prompt=f"{i} Once upon a time", max_tokens=24,
+                                                   stream=True, seed=i):
+                    pass
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        window = LoadWindow(3.0)
+        try:
+            while not (load := window.load(time.monotonic())).covered or load.samples < 10:
+                s = fetch("127.0.0.1", server.port)
+                if s is not None:
+                    window.add(Tick(time.monotonic(), {"pod": s}))
+                time.sleep(0.2)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+    advice = advise("gguf", load, "3s")
+    x = crossover(node_cpu_class())
+    # 2 in flight, or 3 for a scrape that saw a finished request not yet released next to its successor
+    assert 2 <= load.p95 <= 3 and load.crossover.value == x, load
+    if x <= 2:
+        assert (advice.engine, advice.reason) == ("paged", "AboveCrossover"), advice
+    else:
+        assert advice.engine == "gguf" and advice.reason in ("BelowCrossover", "WithinBand"), advice
+    assert f"crossover ({x} on the pods' CPU: {node_cpu_class()})" in advice.message, advice.message
 
 
 def test_scrape_of_a_closed_port_is_unknown_not_zero() -> None:

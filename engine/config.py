@@ -52,9 +52,11 @@ class EngineConfig:
         1, engines=("paged",), minimum=1,
         help="devices one replica shards the model over (Megatron tensor parallel: one process per device, "
              "gloo on CPU, NCCL on GPUs); the operator sets it from spec.hardware.count")
-    quantization: Literal["none", "int8"] = setting(
+    quantization: Literal["none", "int8", "int4"] = setting(
         "none", engines=("paged",),
-        help="CPU only: int8 weights (per-channel) with int8 matmuls, fp32 activations; 2-4x fp32's speed")
+        help="CPU only: int8 weights (per-channel) with int8 matmuls, fp32 activations; 2-4x fp32's speed; "
+             "int4: 4-bit weights in groups of 32 (a GGUF's own Q4_0/Q4_1 blocks), bf16 activations, "
+             "needs avx512_bf16")
     # Server
     host: str = setting("127.0.0.1", help="address to listen on")
     port: int = setting(8000, minimum=1, maximum=65535, help="port to listen on")

@@ -46,6 +46,7 @@ from gearshift.engine.errors import GearshiftError
 from gearshift.engine.load_progress import reported
 from gearshift.engine.loader import open_model
 from gearshift.engine.model.llama import LlamaForCausalLM
+from gearshift.engine.model.quant_int4 import INT4_MAX_ROWS, int4_activation_dtype
 from gearshift.engine.scheduler_output import SchedulerOutput
 from gearshift.engine.tokenizer import Tokenizer
 
@@ -108,6 +109,8 @@ class ModelRunner:
                 raise GearshiftError("quantization int8 runs on CPU with float32 activations: use --device cpu "
                                      f"and --dtype auto or float32 (got device {self.device.type}, dtype {config.dtype})")
             self.dtype = torch.float32
+        if config.quantization == "int4":  # 4-bit weights, bf16 activations (what ATen's int4 kernel takes)
+            self.dtype = int4_activation_dtype(self.device.type, config.dtype, cpu_has_fast_bf16())
         if self.device.type == "cpu":
             torch.set_num_threads(config.threads or usable_cpus())
         log.info("reading %s (configuration, tokenizer), then its weights", config.model)
@@ -147,6 +150,12 @@ class ModelRunner:
         model.load_weights(reported(src.weights(), total, self.model_config.num_layers, log.info))
         if self.config.quantization == "int8":
             model.quantize_int8_for_cpu(batch_hint=self.config.max_num_seqs)
+        elif self.config.quantization == "int4":
+            blocks = src.q4_blocks() if hasattr(src, "q4_blocks") else ()  # a GGUF's own Q4_0/Q4_1 blocks
+            counts = model.quantize_int4_for_cpu(blocks, INT4_MAX_ROWS, batch_hint=self.config.max_num_seqs)
+            self.prepacked = True
+            log.info("int4 weights: %(kept)d matrices keep the checkpoint's Q4 blocks, %(quantized)d quantized "
+                     "by group min/max", counts)
         elif self.device.type == "cpu" and (self.dtype == torch.float32 or
                                           (self.dtype == torch.bfloat16 and cpu_has_fast_bf16())):
             try:

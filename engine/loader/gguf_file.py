@@ -17,6 +17,7 @@ from gearshift.engine.errors import ModelLoadError
 from gearshift.engine.loader.gguf_families import EXPERT_NAMES, SANDWICH_NAMES, family_fields, family_of
 from gearshift.engine.loader.gguf_reader import GGUFFile
 from gearshift.engine.model.config import GGUF_ARCHITECTURES, ModelConfig, UnsupportedArchitecture
+from gearshift.engine.model.quant_int4 import Q4Blocks, from_gguf_rows, is_q4
 
 _PERMUTED_QK = {"llama", "mistral", "mixtral"}  # llama.cpp's converter permutes these (LlamaModel)
 
@@ -78,6 +79,21 @@ class GGUFModel:
                 elif name.endswith("self_attn.k_proj.weight"):
                     w = _unpermute(w, cfg.num_kv_heads)
             yield name, w
+
+    def q4_blocks(self) -> Iterator[tuple[str, Q4Blocks]]:
+        """(HF name, 4-bit blocks as stored) for each Q4_0 / Q4_1 matrix, for --quantization int4 to keep
+        them (model/quant_int4.py); Q/K rows un-permuted as in weights(). Other tensors are not listed."""
+        cfg = self.config
+        for t in self.file.tensors.values():
+            name = _hf_name(t.name, cfg.sandwich_norm, cfg.architecture)
+            if name is None or not is_q4(t.qtype) or len(t.shape) != 2 or name.endswith("_exps"):
+                continue
+            b = from_gguf_rows(self.file.raw(t), t.qtype)
+            qk = name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight"))
+            if qk and cfg.architecture in _PERMUTED_QK:
+                heads = cfg.num_heads if name.endswith("q_proj.weight") else cfg.num_kv_heads
+                b = Q4Blocks(*(_unpermute(x, heads) for x in (b.q, b.scale, b.low)))
+            yield name, b
 
 
 def _hf_name(name: str, sandwich: bool = False, family: str = "llama") -> str | None:

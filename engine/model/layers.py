@@ -8,6 +8,8 @@ from gearshift.engine.attention import TorchAttentionPlan, paged_attention
 from gearshift.engine.attention_metadata import AttentionMetadata
 from gearshift.engine.cpu_kernels import for_tensor as native_kernels
 from gearshift.engine.model.config import ModelConfig
+from gearshift.engine.model.quant_int4 import Int4Weight
+from gearshift.engine.model.quant_int8_rows import Int8RowWeight
 from gearshift.engine.model.rope import apply_rope
 from torch import nn
 
@@ -22,6 +24,14 @@ class Linear(nn.Linear):
 
     packed: torch.Tensor | None = None
     qpacked: object | None = None  # int8 weights packed for FBGEMM's dynamic int8 linear (quantize_int8)
+    small: Int4Weight | Int8RowWeight | None = None  # weight-only quantized copy for small steps (set_small)
+    small_max_rows: int = 0  # steps of at most this many rows use `small`, larger ones the dense path
+
+    def set_small(self, weight: Int4Weight | Int8RowWeight, max_rows: int) -> None:
+        """Decode-sized steps (x with <= max_rows rows, bf16) multiply by a weight-only quantized copy
+        (fewer bytes read a token); larger ones keep the dense (pre-packed) weight, where oneDNN's bf16 GEMM
+        is faster (llama.quantize_int4_for_cpu)."""
+        self.small, self.small_max_rows = weight, max_rows
 
     def quantize_int8(self) -> None:
         """Per-output-channel symmetric int8 weights; each call quantizes its fp32 input per tensor on the
@@ -41,6 +51,8 @@ class Linear(nn.Linear):
         self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.small is not None and x.shape[0] <= self.small_max_rows:
+            return self.small.matmul(x, self.bias)
         if self.qpacked is not None:
             return torch.ops.quantized.linear_dynamic(x, self.qpacked)
         if self.packed is not None:

@@ -17,6 +17,8 @@ from gearshift.engine.errors import ModelLoadError
 from gearshift.engine.model.config import ModelConfig
 from gearshift.engine.model.family_layer import FamilyDecoderLayer
 from gearshift.engine.model.layers import Attention, Linear, RMSNorm, SwiGLU
+from gearshift.engine.model.quant_int4 import Int4Weight, Q4Blocks, from_dense, whole_rows
+from gearshift.engine.model.quant_int8_rows import Int8RowWeight
 from gearshift.engine.model.rope import RotaryEmbedding
 from gearshift.engine.model.weights import locate
 from torch import nn
@@ -95,6 +97,34 @@ class LlamaForCausalLM(nn.Module):
         for m in linears.values():
             if not (m is self.lm_head and self.config.tie_word_embeddings):
                 m.release_weight()
+
+    def quantize_int4_for_cpu(self, blocks: Iterable[tuple[str, Q4Blocks]], max_rows: int,
+                              batch_hint: int) -> dict[str, int]:
+        """4-bit weights for every decoder matmul (quant_int4.py): the checkpoint's own Q4 blocks (HF-named,
+        from GGUFModel.q4_blocks) where they cover every row of our (fused) matrix, else each group's
+        min/max; the LM head per-row int8 (quant_int8_rows.py says why). The dense weights become the 4-bit
+        ones dequantized, so both kernels multiply the same weights, and stay pre-packed for steps of more
+        than max_rows rows (prefill, big batches). Call after load_weights; returns how many decoder
+        matrices kept checkpoint blocks and how many were quantized here."""
+        cfg = self.config
+        pieces: dict[str, dict[int, Q4Blocks]] = {}  # our parameter -> row offset -> blocks
+        for name, b in blocks:
+            slot = locate(name, cfg)
+            if slot is not None and slot.index is None:
+                pieces.setdefault(slot.param, {})[slot.rows[0] if slot.rows else 0] = b
+        counts = {"kept": 0, "quantized": 0}
+        with torch.no_grad():
+            for name, m in self.named_modules():
+                if not isinstance(m, Linear) or m is self.lm_head:
+                    continue
+                b = whole_rows(pieces.pop(f"{name}.weight", {}), m.weight.shape[0])
+                counts["kept" if b is not None else "quantized"] += 1
+                b = b if b is not None else from_dense(m.weight)
+                m.weight.copy_(b.dequantize())
+                m.set_small(Int4Weight(b), max_rows)
+            self.lm_head.set_small(Int8RowWeight(self.lm_head.weight), max_rows)
+        self.prepack_for_cpu(batch_hint)
+        return counts
 
     @torch.inference_mode()
     def forward(

@@ -21,7 +21,7 @@ class Sampled:
     logprobs: list[Logprob | None]
 
 
-@dataclass
+@dataclass(slots=True)  # attributes inline: the token loop reads them every step, mostly from cold cache
 class ChoiceState:
     index: int
     seq: Sequence | None = None  # set when the request is queued; its output tokens are this choice's
@@ -38,7 +38,7 @@ class ChoiceState:
         return seq.token_ids[seq.num_prompt_tokens:] if seq is not None else []
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestState:
     request_id: str
     prompt_token_ids: list[int]

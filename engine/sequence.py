@@ -23,6 +23,12 @@ class SequenceStatus(enum.Enum):
 
 
 class Sequence:
+    # Slots: the attributes sit inline in the object, so the per-row loops of a step (schedule, input prep,
+    # on_step_done, the token loop), which mostly meet it cold after the forward, read one block of memory.
+    __slots__ = ("seq_id", "request_id", "index", "params", "prompt_token_ids", "token_ids", "num_prompt_tokens",
+                 "num_computed_tokens", "block_table", "block_hashes", "num_registered_blocks", "num_cached_tokens",
+                 "status", "max_tokens", "first_sibling", "num_preemptions", "generator", "plain_greedy", "owner")
+
     def __init__(
         self,
         request_id: str,

@@ -100,7 +100,7 @@ class LLMEngine:
         max_tokens = context_budget(len(ids), params.max_tokens, self.max_model_len)
         self.scheduler.check_fits(len(ids), max_tokens, params.n)
         req = RequestState(request_id, ids, params, max_tokens, arrival_time if arrival_time is not None else time.time())
-        req.stops = self._stop_set(params)
+        req.stops, req.n = self._stop_set(params), params.n
         req.choices = [ChoiceState(k, logprobs=[] if params.logprobs is not None else None,
                                guide=params.guide.fork() if params.guide is not None else None)
                        for k in range(params.n)]
@@ -252,10 +252,10 @@ class LLMEngine:
                 if token_id in req.stops or len(toks) - seq.num_prompt_tokens >= req.max_tokens:
                     self._finish_on(req, c, token_id)
                     self.scheduler.finish(seq)
-                if len(req.choices) > 1:
+                if req.n > 1:
                     multi[req.request_id] = req
                     continue
-                output = build_output(req)
+                output = build_output(req, c)
                 outputs.append(output)
                 if output.finished:
                     self._forget(req)

@@ -1,4 +1,5 @@
-"""Fidelity of the paged engine's int8 CPU weights (`--quantization int8`): perplexity and top-1 agreement.
+"""Fidelity of the paged engine's quantized CPU weights (`--quantization int8`, `int4`): perplexity and top-1
+agreement with fp32, beside bf16 and llama.cpp's own logits on the same GGUF.
 
     .venv/bin/python bench/int8_fidelity.py                  # the bundled SmolLM2-135M-Instruct
 
@@ -44,45 +45,74 @@ def all_logits(runner, ids: list[int]):
     return runner.model.compute_logits(hidden)
 
 
+def _runner_logits(model: str, quant: str, dtype: str, ids_text: str, head_int4: bool = False):
+    """(ids, logits [T, V]) of one teacher-forced prefill. int4: every matmul forced onto its small-step
+    weight (4-bit blocks, LM head per-row int8) for all rows, the path decode steps take; head_int4: the
+    LM head as min/max int4 blocks instead (the rejected alternative, for the table)."""
+    import torch
+    from gearshift.engine.config import EngineConfig
+    from gearshift.engine.model.layers import Linear
+    from gearshift.engine.model.quant_int4 import Int4Weight, from_dense
+    from gearshift.engine.model_runner import ModelRunner
+
+    runner = ModelRunner(EngineConfig(model=model, dtype=dtype, device="cpu", quantization=quant, max_model_len=1024,
+                                      kv_cache_memory=64 << 20, max_num_seqs=1))
+    for m in runner.model.modules():
+        if isinstance(m, Linear) and m.small is not None:
+            m.small_max_rows = 1 << 30
+    if head_int4:
+        runner.model.lm_head.small = Int4Weight(from_dense(runner.model.lm_head.weight))
+    ids = runner.tokenizer.encode(ids_text)
+    with torch.inference_mode():
+        return ids, all_logits(runner, ids).float()
+
+
+def _llama_cpp_logits(model: str, ids: list[int]):
+    """llama.cpp's own logits on the same ids (its Q4_1 x Q8 dot products), or None if not installed."""
+    import numpy as np
+    import torch
+
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    llm = llama_cpp.Llama(model_path=model, n_ctx=1024, n_threads=2, logits_all=True, verbose=False)
+    llm.eval(ids)
+    return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="a .gguf file or HF directory (default: bundled SmolLM2)")
     args = ap.parse_args(argv)
     import torch
     from gearshift.engine.bundled import bundled_model_path
-    from gearshift.engine.config import EngineConfig
-    from gearshift.engine.model_runner import ModelRunner
+    from gearshift.engine.model_runner import cpu_has_fast_bf16
 
     model = args.model or str(bundled_model_path())
+    runs = {"fp32": ("none", "float32", False), "int8 (per-channel; down_proj, LM head fp32)": ("int8", "auto", False)}
+    if cpu_has_fast_bf16():  # bf16 and int4 need avx512_bf16 (int4 is refused without it)
+        runs |= {"bf16": ("none", "bfloat16", False),
+                 "int4 (GGUF Q4_1 blocks; LM head per-row int8), bf16 activations": ("int4", "auto", False),
+                 "int4 with the LM head min/max int4 too (rejected)": ("int4", "auto", True)}
     logits = {}
     ids: list[int] = []
-    for quant in ("none", "int8"):
-        cfg = EngineConfig(model=model, dtype="float32", device="cpu", quantization=quant, max_model_len=1024,
-                           kv_cache_memory=64 << 20, max_num_seqs=1)
-        runner = ModelRunner(cfg)
-        ids = runner.tokenizer.encode(TEXT)
-        with torch.inference_mode():
-            logits[quant] = all_logits(runner, ids).float()
-        del runner
+    for name, (quant, dtype, head) in runs.items():
+        ids, logits[name] = _runner_logits(model, quant, dtype, TEXT, head)
+    if model.endswith(".gguf") and (lc := _llama_cpp_logits(model, ids)) is not None:
+        logits["llama.cpp (llama-cpp-python, same GGUF)"] = lc
     targets = torch.tensor(ids[1:])
-    rows = []
-    for quant, lg in logits.items():
-        nll = torch.nn.functional.cross_entropy(lg[:-1], targets)
-        rows.append((quant, math.exp(float(nll))))
-    ref, q8 = logits["none"][:-1], logits["int8"][:-1]
-    agree = ref.argmax(-1) == q8.argmax(-1)
+    ref = logits["fp32"][:-1]
     top2 = ref.topk(2, dim=-1).values
     clear = (top2[:, 0] - top2[:, 1]) > 1.0
-    print(f"model: {model}; {len(ids)} tokens of fixed text, teacher-forced, fp32 activations")
+    print(f"model: {model}; {len(ids)} tokens of fixed text, teacher-forced")
     print("| weights | perplexity | top-1 = fp32 | top-1 = fp32 where fp32 margin > 1 logit |")
     print("|---------|-----------:|-------------:|-------------------------------------------|")
-    for quant, ppl in rows:
-        if quant == "none":
-            print(f"| fp32 | {ppl:.3f} | - | - |")
-        else:
-            print(f"| int8 (per-channel; down_proj, LM head fp32) | {ppl:.3f} | {100 * float(agree.float().mean()):.1f}% "
-                  f"| {100 * float(agree[clear].float().mean()):.1f}% of {int(clear.sum())} |")
-    print(f"perplexity ratio int8/fp32: {rows[1][1] / rows[0][1]:.4f}")
+    for name, lg in logits.items():
+        ppl = math.exp(float(torch.nn.functional.cross_entropy(lg[:-1], targets)))
+        agree = ref.argmax(-1) == lg[:-1].argmax(-1)
+        print(f"| {name} | {ppl:.3f} | {100 * float(agree.float().mean()):.1f}% "
+              f"| {100 * float(agree[clear].float().mean()):.1f}% of {int(clear.sum())} |")
     return 0
 
 

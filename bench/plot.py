@@ -24,8 +24,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
-COLOURS = {"paged": "tab:blue", "paged-int8": "tab:cyan", "gguf": "tab:orange", "llama-server": "tab:green",
-           "auto": "tab:purple"}
+COLOURS = {"paged": "tab:blue", "paged-int8": "tab:cyan", "paged-int4": "tab:red", "gguf": "tab:orange",
+           "llama-server": "tab:green", "auto": "tab:purple"}
 
 
 def crossover(rows: list[dict[str, Any]]) -> int | None:
@@ -46,7 +46,7 @@ def plot_serve(data: dict[str, Any], out: Path) -> None:
     targets = sorted({r["target"] for r in rows}, key=lambda t: list(COLOURS).index(t) if t in COLOURS else 9)
     fig, (ax_tok, ax_ttft) = plt.subplots(1, 2, figsize=(11, 4.2))
     for t in targets:
-        kw = {"marker": "o", "label": t, "color": COLOURS.get(t), "linestyle": "--" if t.endswith("-int8") else "-"}
+        kw = {"marker": "o", "label": t, "color": COLOURS.get(t), "linestyle": "--" if t.endswith(("-int8", "-int4")) else "-"}
         ax_tok.plot(*series(rows, t, "output_tok_s"), **kw)
         xs, ys = series(rows, t, "ttft_p50_ms")
         ax_ttft.plot(xs, [y / 1e3 for y in ys], **kw)

@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--targets", default="gguf,paged,llama-server",
-                   help="comma list of servers to start: gguf, paged, paged-int8 (--quantization int8), llama-server")
+                   help="comma list of servers to start: gguf, paged, paged-int8 / paged-int4 "
+                        "(--quantization int8 / int4), llama-server")
     p.add_argument("--url", default=None, help="benchmark an already running server instead")
     p.add_argument("--model-name", default="smollm2", help="model name sent with --url")
     p.add_argument("--model", default=None, help="GGUF file (default: the bundled SmolLM2-135M Q4_1)")
@@ -150,15 +151,16 @@ def report(rows: list[dict], servers: dict[str, dict], baseline: dict | None, le
             itl = (lambda r: f"{r['itl_p50_ms']:.1f}" if r else "-")  # noqa: E731
             print(f"{c:>4} {ratio(tok(p), tok(ls)):>19} {ratio(tok(g), tok(ls)):>18} {ratio(tok(p), tok(g)):>11}"
                   f" {itl(p):>10} {itl(ls):>17}")
-    if {"paged-int8", "llama-server"} <= names:
-        print("\npaged-int8: output tokens/s over llama-server's, over paged's (fp32/bf16 weights), and over gguf's:")
-        for c in levels:
-            q, p, g, ls = (by.get((t, c)) for t in ("paged-int8", "paged", "gguf", "llama-server"))
-            tok = (lambda r: r["output_tok_s"] if r else None)  # noqa: E731
-            print(f"{c:>4} {ratio(tok(q), tok(ls)):>8} {ratio(tok(q), tok(p)):>8} {ratio(tok(q), tok(g)):>8}")
-        cross = next((c for c in levels if by.get(("paged-int8", c)) and by.get(("gguf", c))
-                      and by[("paged-int8", c)]["output_tok_s"] > by[("gguf", c)]["output_tok_s"]), None)
-        print(f"crossover paged-int8 over gguf: concurrency {cross}")
+    for quant in ("paged-int8", "paged-int4"):
+        if {quant, "llama-server"} <= names:
+            print(f"\n{quant}: output tokens/s over llama-server's, over paged's (fp32/bf16 weights), and over gguf's:")
+            for c in levels:
+                q, p, g, ls = (by.get((t, c)) for t in (quant, "paged", "gguf", "llama-server"))
+                tok = (lambda r: r["output_tok_s"] if r else None)  # noqa: E731
+                print(f"{c:>4} {ratio(tok(q), tok(ls)):>8} {ratio(tok(q), tok(p)):>8} {ratio(tok(q), tok(g)):>8}")
+            cross = next((c for c in levels if by.get((quant, c)) and by.get(("gguf", c))
+                          and by[(quant, c)]["output_tok_s"] > by[("gguf", c)]["output_tok_s"]), None)
+            print(f"crossover {quant} over gguf: concurrency {cross}")
     if {"paged", "gguf"} <= names:
         cross = next((c for c in levels if by.get(("paged", c)) and by.get(("gguf", c))
                       and by[("paged", c)]["output_tok_s"] > by[("gguf", c)]["output_tok_s"]), None)
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         targets = [t.strip() for t in args.targets.split(",") if t.strip()]
         for t in targets:
-            if t not in ("gguf", "paged", "paged-int8", "llama-server"):
+            if t not in ("gguf", "paged", "paged-int8", "paged-int4", "llama-server"):
                 print(f"bench/serve.py: unknown target {t!r}", file=sys.stderr)
                 return 2
         for t in targets:
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                 ready = "/health"
             else:
                 extra = (args.gguf_args if t == "gguf" else args.paged_args).split()
-                extra += ["--quantization", "int8"] if t == "paged-int8" else []
+                extra += ["--quantization", t.split("-")[1]] if t.startswith("paged-") else []
                 cmd = gearshift_cmd(t.split("-")[0], model, free_port(), args.threads, max(levels),
                                     max(slot_ctx, 1024), extra)
                 ready = "/ready"

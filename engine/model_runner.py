@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from gearshift.engine.attention_metadata import AttentionMetadata
 from gearshift.engine.config import DType, EngineConfig, usable_cpus
-from gearshift.engine.cpu_malloc import keep_large_buffers
+from gearshift.engine.cpu_malloc import keep_large_buffers, release_free_heap
 from gearshift.engine.errors import GearshiftError
 from gearshift.engine.load_progress import reported
 from gearshift.engine.loader import open_model
@@ -154,6 +154,7 @@ class ModelRunner:
             blocks = src.q4_blocks() if hasattr(src, "q4_blocks") else ()  # a GGUF's own Q4_0/Q4_1 blocks
             counts = model.quantize_int4_for_cpu(blocks, INT4_MAX_ROWS, batch_hint=self.config.max_num_seqs)
             self.prepacked = True
+            release_free_heap()  # the repacking's temporaries: RSS after load 1076 -> 806 MiB on SmolLM2
             log.info("int4 weights: %(kept)d matrices keep the checkpoint's Q4 blocks, %(quantized)d quantized "
                      "by group min/max", counts)
         elif self.device.type == "cpu" and (self.dtype == torch.float32 or

@@ -156,7 +156,7 @@ class ModelRunner:
             self.prepacked = True
             release_free_heap()  # the repacking's temporaries: RSS after load 1076 -> 806 MiB on SmolLM2
             log.info("int4 weights: %(kept)d matrices keep the checkpoint's Q4 blocks, %(quantized)d quantized "
-                     "by group min/max", counts)
+                     "by group min/max, %(dense)d stay dense", counts)
         elif self.device.type == "cpu" and (self.dtype == torch.float32 or
                                           (self.dtype == torch.bfloat16 and cpu_has_fast_bf16())):
             try:

@@ -17,7 +17,7 @@ from gearshift.engine.errors import ModelLoadError
 from gearshift.engine.model.config import ModelConfig
 from gearshift.engine.model.family_layer import FamilyDecoderLayer
 from gearshift.engine.model.layers import Attention, Linear, RMSNorm, SwiGLU
-from gearshift.engine.model.quant_int4 import Int4Weight, Q4Blocks, from_dense, whole_rows
+from gearshift.engine.model.quant_int4 import Int4Weight, Q4Blocks, from_dense, int4_shape_ok, whole_rows
 from gearshift.engine.model.quant_int8_rows import Int8RowWeight
 from gearshift.engine.model.rope import RotaryEmbedding
 from gearshift.engine.model.weights import locate
@@ -105,17 +105,20 @@ class LlamaForCausalLM(nn.Module):
         min/max; the LM head per-row int8 (quant_int8_rows.py says why). The dense weights become the 4-bit
         ones dequantized, so both kernels multiply the same weights, and stay pre-packed for steps of more
         than max_rows rows (prefill, big batches). Call after load_weights; returns how many decoder
-        matrices kept checkpoint blocks and how many were quantized here."""
+        matrices kept checkpoint blocks, were quantized here, or stay dense (a shape the kernel cannot take)."""
         cfg = self.config
         pieces: dict[str, dict[int, Q4Blocks]] = {}  # our parameter -> row offset -> blocks
         for name, b in blocks:
             slot = locate(name, cfg)
             if slot is not None and slot.index is None:
                 pieces.setdefault(slot.param, {})[slot.rows[0] if slot.rows else 0] = b
-        counts = {"kept": 0, "quantized": 0}
+        counts = {"kept": 0, "quantized": 0, "dense": 0}
         with torch.no_grad():
             for name, m in self.named_modules():
                 if not isinstance(m, Linear) or m is self.lm_head:
+                    continue
+                if not int4_shape_ok(m.out_features, m.in_features):
+                    counts["dense"] += 1
                     continue
                 b = whole_rows(pieces.pop(f"{name}.weight", {}), m.weight.shape[0])
                 counts["kept" if b is not None else "quantized"] += 1

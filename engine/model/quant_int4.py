@@ -78,6 +78,11 @@ def from_dense(w: torch.Tensor) -> Q4Blocks:
     return Q4Blocks(q.view(n, k), scale, lo)
 
 
+def int4_shape_ok(n: int, k: int) -> bool:
+    """Whether ATen's pack takes an [N, K] matrix: K in whole groups, N a multiple of 16 (its tile)."""
+    return k % GROUP == 0 and n % 16 == 0
+
+
 def cat_rows(parts: list[Q4Blocks]) -> Q4Blocks:
     """Row-concatenate (fused q/k/v, gate/up)."""
     return Q4Blocks(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
@@ -136,6 +141,10 @@ def int4_activation_dtype(device_type: str, dtype: str, fast_bf16: bool) -> torc
     if not kernel_available():
         raise GearshiftError(f"quantization int4 needs torch >= 2.5's CPU int4 kernel (this is {torch.__version__})")
     if not fast_bf16:
-        raise GearshiftError("quantization int4 needs a CPU with avx512_bf16 (bf16 activations); this one has "
-                             "none: use --quantization int8 or none")
+        # Measured on this VM forced to AVX2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2), one thread,
+        # M=1, against the pre-packed fp32 matmul AVX2 CPUs run today: the int4 kernel with (emulated) bf16
+        # activations 0.51-0.81x on the decoder's matrices, 2.05x on the LM head, 0.98x over SmolLM2's whole
+        # mix; and oneDNN cannot pre-pack bf16 there at all (the dense path for prefill). A loss: refuse.
+        raise GearshiftError("quantization int4 needs a CPU with avx512_bf16 (bf16 activations); without it the "
+                             "int4 kernel is no faster than fp32: use --quantization int8 or none")
     return torch.bfloat16

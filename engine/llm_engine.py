@@ -218,11 +218,13 @@ class LLMEngine:
                 for rid in ids:
                     self._fail(rid, e)
                 raise BatchStepError(sorted(ids), e) from e
+            # Sample first: the argmax streams the [B, V] logits through the caches, so on_step_done's pass
+            # after it leaves the sequences warm for the token loop (a failed row's request is ended first,
+            # and on_step_done skips it).
+            sampled = self._sample_isolated(logits, targets, masks) if targets else None
             self.scheduler.on_step_done(out)
-            if not targets:
+            if sampled is None:
                 return []
-            sampled = self._sample_isolated(logits, targets, masks)
-
             return self._texts(self._advance(targets, sampled))
 
     def _advance(self, targets: list[Sequence], sampled: Sampled) -> list[RequestOutput]:

@@ -239,6 +239,9 @@ def test_full_queue_is_overloaded_and_stop_aborts_everything(small_queue_backend
         r2 = b.generate("e", STORY, forever)
         r2_first = asyncio.ensure_future(r2.__anext__())
         await _wait_for(lambda: b.stats().num_waiting == 1)
+        # r1's worker queues tokens its consumer has not read yet: stop() must not close the model their
+        # detokenization needs (it did: ModelNotReadyError in r1's stream instead of its 'abort' end).
+        await asyncio.sleep(0.3)
         await b.stop()
         assert (await r2_first).finish_reason == "abort"
         last = [o async for o in r1][-1]

@@ -90,6 +90,9 @@ class GGUFBackend:
         self.broken: str | None = None  # why the engine cannot serve any more (/health answers 503)
         self._grammar_vocab: Any = None
         self._embedder: Any = None
+        # Streams still open (event loop only): their queued tokens are detokenized with the model, so
+        # stop() leaves the model to the last of them to close it.
+        self._open_streams = 0
 
     # ----- lifecycle -----
 
@@ -125,6 +128,10 @@ class GGUFBackend:
         if self._embedder is not None:
             self._embedder.close()
             self._embedder = None
+        if self._open_streams == 0:
+            self._release_model()
+
+    def _release_model(self) -> None:
         if self._llm is not None:
             self._llm.close()
             self._llm = None
@@ -211,9 +218,15 @@ class GGUFBackend:
         # engine); the worker hands out token ids only.
         texts = text_outputs(relay_outputs(req.queue, on_end), OutputProcessor(self._detokenize, prompt_ids, params),
                              req.stopped.add)
-        async with aclosing(texts) as outputs:
-            async for item in outputs:
-                yield item
+        self._open_streams += 1
+        try:
+            async with aclosing(texts) as outputs:
+                async for item in outputs:
+                    yield item
+        finally:
+            self._open_streams -= 1
+            if self._stopping and self._open_streams == 0 and self._thread is None:
+                self._release_model()  # stop() ran while this stream still had tokens to detokenize
 
     def _detokenize(self, ids: list[int]) -> str:
         # special=False: control tokens have no text, as the paged engine's skip_special_tokens

@@ -122,8 +122,9 @@ class LlamaForCausalLM(nn.Module):
                     continue
                 b = whole_rows(pieces.pop(f"{name}.weight", {}), m.weight.shape[0])
                 counts["kept" if b is not None else "quantized"] += 1
-                b = b if b is not None else from_dense(m.weight)
-                m.weight.copy_(b.dequantize())
+                if b is None:  # kept blocks need no copy: load_weights put exactly their dequantization there
+                    b = from_dense(m.weight)
+                    m.weight.copy_(b.dequantize())
                 m.set_small(Int4Weight(b), max_rows)
             self.lm_head.set_small(Int8RowWeight(self.lm_head.weight), max_rows)
         self.prepack_for_cpu(batch_hint)

@@ -53,7 +53,7 @@ class EngineConfig:
         help="devices one replica shards the model over (Megatron tensor parallel: one process per device, "
              "gloo on CPU, NCCL on GPUs); the operator sets it from spec.hardware.count")
     quantization: Literal["none", "int8", "int4"] = setting(
-        "none", engines=("paged",),
+        "none", engines=("paged",), key="quantization",
         help="CPU only: int8 weights (per-channel) with int8 matmuls, fp32 activations; 2-4x fp32's speed; "
              "int4: 4-bit weights in groups of 32 (a GGUF's own Q4_0/Q4_1 blocks), bf16 activations, "
              "needs avx512_bf16")
@@ -61,7 +61,7 @@ class EngineConfig:
     host: str = setting("127.0.0.1", help="address to listen on")
     port: int = setting(8000, minimum=1, maximum=65535, help="port to listen on")
     api_key: str | None = setting(None, env="GEARSHIFT_API_KEY", help="require `Authorization: Bearer KEY`")
-    max_waiting: int = setting(256, minimum=1, help="queued requests beyond this get 429")
+    max_waiting: int = setting(256, key="maxWaiting", minimum=1, help="queued requests beyond this get 429")
     request_timeout: float = setting(600.0, positive=True, help="seconds a request may live end to end")
     drain_timeout: float = setting(30.0, positive=True, help="SIGTERM grace for in-flight requests, seconds")
     max_request_body: int = setting(8 * 2**20, bytes=True,

@@ -75,18 +75,20 @@ def test_gguf_pods_get_a_queue_bounded_by_the_request_timeout() -> None:
     assert (gguf.engine, gguf.max_waiting) == ("gguf", 120)
     args = engine_container(render(isvc(concurrency=32)))["args"]
     assert "--max-waiting" not in args and serve_parser().parse_args(args).max_waiting == 256
+    mine = serve_parser().parse_args(engine_container(render(isvc(concurrency=2, engineArgs={"maxWaiting": 8})))["args"])
+    assert (mine.engine, mine.max_waiting) == ("gguf", 8)  # engineArgs.maxWaiting wins over the sizing
 
 
 def test_paged_on_cpu_args_parse_with_engine_args() -> None:
     ch = render(isvc(concurrency=32, hardware={"cpu": "4", "memory": "8Gi"},
                      engineArgs={"maxModelLen": 2048, "dtype": "float32", "blockSize": 32,
                                  "maxNumBatchedTokens": 1024, "enforceEager": True, "seed": 7,
-                                 "threadWait": "passive"}))
+                                 "threadWait": "passive", "quantization": "int8"}))
     args = engine_container(ch)["args"]
     p = serve_parser().parse_args(args)
     assert (p.engine, p.max_num_seqs, p.threads, p.max_model_len, p.dtype) == ("paged", 32, 4, 2048, "float32")
     assert (p.block_size, p.max_num_batched_tokens, p.enforce_eager, p.seed) == (32, 1024, True, 7)
-    assert p.thread_wait == "passive"
+    assert p.thread_wait == "passive" and p.quantization == "int8"
     assert int(args[args.index("--kv-cache-memory") + 1]) == 2 * 2**30
     assert ch["Deployment"]["metadata"]["labels"]["gearshift.dev/engine"] == "paged"
 

@@ -56,6 +56,10 @@ def writes_logged(c: dict[str, Any]) -> int:
     ({"model": {"uri": "s3://bucket/m.gguf"}}, "spec.model.uri: Invalid value"),
     ({"concurrency": 2}, "spec.model: Required value"),
     ({"model": {"uri": MODEL}, "hardware": {"count": "two"}}, "spec.hardware.count: Invalid value"),
+    ({"model": {"uri": "https://models.example/m.gguf", "caConfigMapRef": {"name": "a" * 254}}},
+     "spec.model.caConfigMapRef.name: Too long"),
+    ({"model": {"uri": MODEL, "tokenSecretRef": {"name": "tok", "key": "../etc"}}},
+     "spec.model.tokenSecretRef.key: Invalid value"),
 ])
 def test_schema_rejects_invalid_objects_readably(cluster: dict[str, Any], spec: dict, words: str) -> None:
     obj = {"apiVersion": API, "kind": "InferenceService", "metadata": {"name": "bad"}, "spec": spec}

@@ -1,5 +1,5 @@
-"""What only a real node shows: `gearshift fetch` as the init container resumes a download after it is
-killed (the model served by a test pod, throttled), and `kubectl drain` of the node honours the operator's
+"""What only a real node shows: `gearshift fetch` as the init container resumes an https:// download (a
+private CA's certificate, `caConfigMapRef`) after it is killed (the model served by a test pod, throttled), and `kubectl drain` of the node honours the operator's
 PodDisruptionBudget for a resource with two replicas. Clients reach the model through its ClusterIP."""
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 from gearshift.e2e.cluster import node as real_node
-from gearshift.e2e.cluster.local import KUBECONFIG, REPO
-from gearshift.e2e.cluster.scenario import LOAD_S, MODEL_FILE, chat, container_id, spec
+from gearshift.e2e.cluster.local import KUBECONFIG
+from gearshift.e2e.cluster.model_pod import ModelPod, serve_model_pod
+from gearshift.e2e.cluster.scenario import LOAD_S, MODEL_FILE, NAME, chat, container_id, spec
 from gearshift.e2e.cluster.wait import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
-SERVER_PORT = 8080
 RATE = 4 * 1024 * 1024  # bytes/s: the 98 MB model takes ~25 s, time enough to kill the fetch mid-way
 
 
@@ -30,31 +30,9 @@ def kubectl(*args: str, check: bool = True, timeout: float = 180) -> subprocess.
 
 
 @pytest.fixture(scope="module")
-def slow_server(kube, image: str) -> str:
-    """A pod of our image serving the bundled GGUF (a hostPath) at RATE with Range support; its URL."""
-    from gearshift.engine.bundled import bundled_model_path
-
-    script = (REPO / "e2e" / "slow_model_server.py").read_text()
-    kube.core.create_namespaced_config_map(kube.ns, {"metadata": {"name": "slow-server"},
-                                                     "data": {"server.py": script}})
-    pod = {"metadata": {"name": "slow-server", "labels": {"app": "slow-server"}},
-           "spec": {"securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
-                    "terminationGracePeriodSeconds": 1,
-                    "containers": [{"name": "server", "image": image, "imagePullPolicy": "IfNotPresent",
-                                    "command": ["python3", "/srv/server.py", "/models", str(SERVER_PORT), str(RATE)],
-                                    "ports": [{"containerPort": SERVER_PORT}],
-                                    "readinessProbe": {"tcpSocket": {"port": SERVER_PORT}, "periodSeconds": 1},
-                                    "securityContext": {"readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
-                                                        "capabilities": {"drop": ["ALL"]}},
-                                    "volumeMounts": [{"name": "script", "mountPath": "/srv"},
-                                                     {"name": "models", "mountPath": "/models", "readOnly": True}]}],
-                    "volumes": [{"name": "script", "configMap": {"name": "slow-server"}},
-                                {"name": "models", "hostPath": {"path": str(bundled_model_path().parent)}}]}}
-    kube.core.create_namespaced_pod(kube.ns, pod)
-    kube.core.create_namespaced_service(kube.ns, {"metadata": {"name": "slow-server"}, "spec": {
-        "selector": {"app": "slow-server"}, "ports": [{"port": 80, "targetPort": SERVER_PORT}]}})
-    kubectl("-n", kube.ns, "wait", "--for=condition=Ready", "pod/slow-server", "--timeout=120s")
-    return f"http://{kube.service_ip('slow-server')}/{MODEL_FILE}"
+def slow_server(kube, image: str, tmp_path_factory: pytest.TempPathFactory) -> ModelPod:
+    """A pod of our image serving the bundled GGUF over https:// (a private CA) at RATE, with Range support."""
+    return serve_model_pod(kube, image, "slow-server", RATE, tmp_path_factory.mktemp("slow-ca"))
 
 
 def _partial(pod: Any) -> Path:  # noqa: ANN401 - a V1Pod
@@ -64,7 +42,8 @@ def _partial(pod: Any) -> Path:  # noqa: ANN401 - a V1Pod
 
 
 def test_fetch_init_container_resumes_after_it_is_killed(kube, slow_server):
-    kube.create("resume", spec(slow_server, concurrency=1))
+    kube.create("resume", spec(slow_server.url, concurrency=1, model={
+        "uri": slow_server.url, "servedName": NAME, "caConfigMapRef": {"name": slow_server.ca_config_map}}))
     pod = wait_for(lambda: next(iter(kube.pods("resume")), None), 60, "the resource's pod")
     part = _partial(pod)
     wait_for(lambda: part.exists() and part.stat().st_size > 16 * 1024 * 1024, 120, "16 MiB downloaded")

@@ -57,7 +57,7 @@ def writes_logged(c: dict[str, Any]) -> int:
     ({"concurrency": 2}, "spec.model: Required value"),
     ({"model": {"uri": MODEL}, "hardware": {"count": "two"}}, "spec.hardware.count: Invalid value"),
     ({"model": {"uri": "https://models.example/m.gguf", "caConfigMapRef": {"name": "a" * 254}}},
-     "spec.model.caConfigMapRef.name: Too long"),
+     "spec.model.caConfigMapRef.name in body should be at most 253 chars long"),
     ({"model": {"uri": MODEL, "tokenSecretRef": {"name": "tok", "key": "../etc"}}},
      "spec.model.tokenSecretRef.key: Invalid value"),
 ])

@@ -13,14 +13,10 @@ import torch
 from gearshift.engine.config import EngineConfig
 from gearshift.engine.model_runner import ModelRunner
 from gearshift.engine.scheduler_output import ScheduledSeq, SchedulerOutput
+from held_chats import CONVERSATIONS as HELD
+from held_chats import NEW_TOKENS
 
-NEW_TOKENS = 48
-CONVERSATIONS = [
-    [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "user", "content": "Write a haiku about the sea."}],
-    [{"role": "system", "content": "You answer in one short sentence."},
-     {"role": "user", "content": "Why is the sky blue? Explain like I'm five."}],
-]
+CONVERSATIONS = HELD[:3]  # the three this test has always checked against transformers
 
 
 @pytest.fixture(scope="module")

@@ -26,18 +26,10 @@ from gearshift.engine.model_runner import ModelRunner, cpu_has_fast_bf16
 from gearshift.engine.scheduler_output import ScheduledSeq, SchedulerOutput
 from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
+from held_chats import CONVERSATIONS, NEW_TOKENS
 from server_process import running_server
 
 needs_bf16 = pytest.mark.skipif(not cpu_has_fast_bf16(), reason="int4 needs avx512_bf16 (refusal tested below)")
-NEW_TOKENS = 48
-CONVERSATIONS = [
-    [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "user", "content": "Write a haiku about the sea."}],
-    [{"role": "system", "content": "You answer in one short sentence."},
-     {"role": "user", "content": "Why is the sky blue? Explain like I'm five."}],
-    [{"role": "user", "content": "List three uses of a bicycle."}],
-    [{"role": "user", "content": "Explain what a prime number is."}],
-]
 NEAR_TIE = 0.5  # logits: where fp32 itself is this close, a 4-bit weight may legitimately flip the argmax
 
 

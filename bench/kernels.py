@@ -1,15 +1,21 @@
-"""Paged-attention kernels: Triton (GPU path) against the engine's torch path, per step, on one GPU.
+"""Attention per layer-step on one GPU: what the engine runs (Triton, flash SDPA) against the torch path.
 
     .venv/bin/python bench/kernels.py                 # needs CUDA; on CPU it says so and exits 0
     .venv/bin/python bench/kernels.py --dtype float16 --iters 50
     TRITON_INTERPRET=1 .venv/bin/python bench/kernels.py --smoke   # tiny shapes: checks the script only
 
 Each row is one attention layer's step, "store this step's K/V into the cache, then attend":
-  - torch: `gearshift.engine.attention.paged_attention_torch` (index_copy_ + gathered SDPA), its gather
-    plan built outside the timing (the runner builds it once per step for all layers);
-  - triton: `gearshift.engine.kernels.store_kvcache` + `paged_attention` (split-KV for pure decode).
-Both outputs are checked against each other first. Times are medians over --iters runs (CUDA events).
-KV GB/s = bytes of K and V the step must read from the cache / Triton's time (compare with the HBM peak).
+  - torch: `gearshift.engine.attention.paged_attention_torch` (index_copy_ + gathered SDPA; a prefill with
+    no cached prefix is one causal SDPA over its own keys: flash on CUDA), its gather plan built outside the
+    timing (the runner builds it once per step for all layers);
+  - engine: what the engine runs on CUDA, `gearshift.engine.kernels.attention_step`: the Triton K/V store,
+    then prefills of >= 1024 new tokens with no cached prefix by flash SDPA and everything else by the
+    Triton kernels (split-KV for pure decode, else the unified kernel); its route (kernels.plan_route)
+    built outside the timing too. "route" says which: dense, paged, or both in one step.
+Rows marked "unified only" run the same step with no route (all through the unified kernel): the kernel
+the long prefills used before, kept so the change stays visible. Both outputs are checked against each
+other first. Times are medians over --iters runs (CUDA events). KV GB/s = bytes of K and V the step must
+read from the cache / the engine's time (compare with the HBM peak).
 """
 
 from __future__ import annotations
@@ -38,11 +44,14 @@ MODELS = {  # name: (query heads, kv heads, head_dim)
 class Scenario:
     name: str
     seqs: tuple[tuple[int, int], ...]  # (new tokens this step, context after the step)
+    paged_only: bool = False  # no prefill route: every sequence through the paged kernels
+    dense_min: int | None = None  # the route's threshold (None: the engine's DENSE_MIN_QUERY_LEN)
 
 
 def scenarios(smoke: bool) -> list[Scenario]:
     if smoke:
-        return [Scenario("decode 4 x ctx 40", ((1, 40),) * 4), Scenario("mixed", ((1, 20), (9, 30)))]
+        return [Scenario("decode 4 x ctx 40", ((1, 40),) * 4), Scenario("mixed", ((1, 20), (9, 30))),
+                Scenario("prefill 24 + decode (dense from 16)", ((24, 24), (1, 30)), dense_min=16)]
     rng = random.Random(0)
     return [
         Scenario("decode 1 x ctx 4096", ((1, 4096),)),
@@ -51,11 +60,17 @@ def scenarios(smoke: bool) -> list[Scenario]:
         Scenario("decode 256 x ctx 512", ((1, 512),) * 256),
         Scenario("prefill 4 x 512", ((512, 512),) * 4),
         Scenario("prefill 1 x 4096", ((4096, 4096),)),
+        Scenario("prefill 1 x 4096, unified only", ((4096, 4096),), paged_only=True),
+        Scenario("prefill 2 x 1024", ((1024, 1024),) * 2),
+        Scenario("prefill 2 x 1024, unified only", ((1024, 1024),) * 2, paged_only=True),
+        Scenario("chunk 2048 after 2048 cached", ((2048, 4096),)),
         Scenario("prefix hit 4 x 128 of 2048", ((128, 2048),) * 4),
         Scenario(
             "mixed 32 decodes + 512 chunk",
             tuple((1, rng.randint(256, 2048)) for _ in range(32)) + ((512, 1024),),
         ),
+        Scenario("mixed 32 decodes + 2048 prompt", tuple((1, rng.randint(256, 2048)) for _ in range(32))
+                 + ((2048, 2048),)),
     ]
 
 
@@ -124,34 +139,38 @@ def time_ms(fn: Callable[[], object], iters: int, dev: str) -> float:
 
 def run_row(model: str, s: Scenario, args: argparse.Namespace, dev: str) -> list[str]:
     from gearshift.engine import kernels
+    from gearshift.engine.kernels.prefill_route import DENSE_MIN_QUERY_LEN
 
     heads = MODELS[model]
     dtype = DTYPES[args.dtype]
     step = make_step(s, heads, args.block_size, dtype, dev)
     scale = heads[2] ** -0.5
     plan = build_plan(step.meta, args.block_size, torch.device(dev))
+    route = None if s.paged_only else kernels.plan_route(step.meta, None, dtype, heads[2], None,
+                                                         s.dense_min or DENSE_MIN_QUERY_LEN)
     caches_torch = (step.k_cache.clone(), step.v_cache.clone())
 
     def torch_path() -> torch.Tensor:
         return paged_attention_torch(step.q, step.k, step.v, *caches_torch, step.meta, scale, plan)
 
-    def triton_path() -> torch.Tensor:
-        kernels.store_kvcache(step.k, step.v, step.k_cache, step.v_cache, step.meta.slot_mapping)
-        return kernels.paged_attention(step.q, step.k_cache, step.v_cache, step.meta, scale)
+    def engine_path() -> torch.Tensor:
+        return kernels.attention_step(step.q, step.k, step.v, step.k_cache, step.v_cache, step.meta, scale, route)
 
     with torch.inference_mode():
-        diff = (torch_path().float() - triton_path().float()).abs().max().item()
+        diff = (torch_path().float() - engine_path().float()).abs().max().item()
         torch_ms = time_ms(torch_path, args.iters, dev)
-        triton_ms = time_ms(triton_path, args.iters, dev)
+        engine_ms = time_ms(engine_path, args.iters, dev)
     tokens = step.q.shape[0]
-    gbs = step.kv_bytes / (triton_ms * 1e-3) / 1e9
+    gbs = step.kv_bytes / (engine_ms * 1e-3) / 1e9
+    kind = "paged" if route is None else "dense" if route.seq_skip is None else "dense+paged"
     return [
         model,
         s.name,
         str(tokens),
+        kind,
         f"{torch_ms:.3f}",
-        f"{triton_ms:.3f}",
-        f"{torch_ms / triton_ms:.2f}x",
+        f"{engine_ms:.3f}",
+        f"{torch_ms / engine_ms:.2f}x",
         f"{gbs:.0f}",
         f"{diff:.1e}",
     ]
@@ -166,7 +185,7 @@ def format_table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Triton paged attention vs the torch path, per layer-step.")
+    parser = argparse.ArgumentParser(description="The engine's GPU attention vs the torch path, per layer-step.")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--block-size", type=int, default=16, choices=(16, 32))
     parser.add_argument("--iters", type=int, default=30)
@@ -186,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     gpu = torch.cuda.get_device_name() if dev == "cuda" else "CPU (Triton interpreter, smoke only)"
     print(f"device: {gpu}; dtype {args.dtype}; block size {args.block_size}; median of {args.iters}\n")
-    head = ["model", "step", "tokens", "torch ms", "triton ms", "speedup", "KV GB/s", "max |diff|"]
+    head = ["model", "step", "tokens", "route", "torch ms", "engine ms", "speedup", "KV GB/s", "max |diff|"]
     rows = []
     for model in args.model or list(MODELS):
         for s in scenarios(args.smoke):

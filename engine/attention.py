@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from gearshift.engine import cpu_kernels
 from gearshift.engine.attention_metadata import AttentionMetadata
+from gearshift.engine.kernels.prefill_route import PrefillRoute
 
 
 @dataclass
@@ -259,15 +260,17 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
-    plan: TorchAttentionPlan | None = None,
+    plan: TorchAttentionPlan | PrefillRoute | None = None,
     window: int | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
     """Dispatch: Triton kernels for CUDA tensors, the torch path otherwise. Shapes as in the module doc.
-    window: this layer's sliding window (None: whole context); softcap: attention-logit cap (Gemma 2)."""
+    window: this layer's sliding window (None: whole context); softcap: attention-logit cap (Gemma 2).
+    plan on CUDA: the step's kernels.PrefillRoute for this window (long prefills with no cached prefix go
+    to flash SDPA, see kernels/prefill_route.py), or None (every sequence through the paged kernels)."""
     if q.is_cuda:
         from gearshift.engine import kernels  # lazy: Triton is a GPU-only dependency
 
-        kernels.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
-        return kernels.paged_attention(q, k_cache, v_cache, meta, scale, window=window, softcap=softcap)
+        route = plan if isinstance(plan, kernels.PrefillRoute) else None
+        return kernels.attention_step(q, k, v, k_cache, v_cache, meta, scale, route, window=window, softcap=softcap)
     return paged_attention_torch(q, k, v, k_cache, v_cache, meta, scale, plan, window, softcap)

@@ -151,13 +151,14 @@ def _variants() -> Iterator[tuple[str, Callable[[], list[Launch]]]]:
             f"store {label}",
             lambda kv=kv, c=cache, s=slots: record(kv_store, lambda: kv_store.store_kvcache(kv, kv, c, c, s)),
         )
-        for max_q in (2, 512):  # both q-block heights (decode-heavy, prefill)
+        # both q-block heights (decode-heavy, prefill), and prefill beside dense prefills (prefill_route.py)
+        for max_q, skip in ((2, None), (512, None), (512, torch.zeros(2, dtype=torch.int32))):
             yield (
-                f"unified(q{max_q}) {label}",
-                lambda q=q, c=cache, t=tables, n=lens, st=starts, m=max_q: record(
+                f"unified(q{max_q}{'' if skip is None else ',skip'}) {label}",
+                lambda q=q, c=cache, t=tables, n=lens, st=starts, m=max_q, sk=skip: record(
                     unified_attention,
                     lambda: unified_attention.unified_attention(
-                        q, c, c, t, n, st, m, 0.1, torch.empty_like(q)
+                        q, c, c, t, n, st, m, 0.1, torch.empty_like(q), seq_skip=sk
                     ),
                 ),
             )

@@ -2,8 +2,10 @@
 
 `paged_attention` serves any step: pure-decode steps (every query length 1) take the split-KV decode
 kernels, everything else (prefill chunks, prefix-cached prefills, decodes mixed with prefills) the
-unified varlen kernel. Tensors on CUDA run compiled kernels; CPU tensors run them under Triton's
-interpreter (tests), see loader.py.
+unified varlen kernel. `attention_step` is what the engine calls per layer: the K/V write, then long
+prefills with no cached prefix through dense SDPA and the rest through `paged_attention`
+(prefill_route.py says which and why). Tensors on CUDA run compiled kernels; CPU tensors run them under
+Triton's interpreter (tests), see loader.py.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import functools
 import torch
 from gearshift.engine.attention_metadata import AttentionMetadata
 from gearshift.engine.kernels.loader import kernel_module
+from gearshift.engine.kernels.prefill_route import PrefillRoute, dense_causal
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_DECODE_SPLITS = 16
@@ -41,6 +44,7 @@ def paged_attention(
     num_splits: int | None = None,  # decode path only; None = chosen from the GPU's size
     window: int | None = None,  # sliding window: a query at position i sees keys i - window < j <= i
     softcap: float | None = None,  # attention logits -> softcap * tanh(logits / softcap) (Gemma 2)
+    seq_skip: torch.Tensor | None = None,  # [B] int32, 1 = leave this sequence's rows alone (non-decode steps)
 ) -> torch.Tensor:
     """Causal attention of this step's queries over each sequence's paged context -> [T, Hq, D].
 
@@ -58,7 +62,12 @@ def paged_attention(
         q = q.contiguous()
     if q.shape[0] == 0 or meta.num_seqs == 0:
         return out
+    if seq_skip is not None and (seq_skip.dtype != torch.int32 or seq_skip.shape != (meta.num_seqs,)
+                                 or seq_skip.device != q.device):
+        raise ValueError(f"seq_skip must be a [{meta.num_seqs}] int32 tensor on {q.device}")
     if meta.is_pure_decode:
+        if seq_skip is not None:
+            raise ValueError("seq_skip is for steps with prefills (a pure-decode step has nothing dense)")
         splits = num_splits if num_splits is not None else _default_splits(q.device, meta.num_seqs, k_cache)
         if splits < 1 or splits & (splits - 1):
             raise ValueError(f"num_splits must be a power of two >= 1, got {splits}")
@@ -78,7 +87,37 @@ def paged_attention(
         out,
         window,
         softcap,
+        seq_skip,
     )
+
+
+def attention_step(
+    q: torch.Tensor,  # [T, Hq, D]
+    k: torch.Tensor,  # [T, Hkv, D] this step's keys
+    v: torch.Tensor,  # [T, Hkv, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    route: PrefillRoute | None,  # prefill_route.plan_route(meta, ...) for this layer's window; None: all paged
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """One layer's step as the engine runs it on the GPU: write this step's K/V into the cache, then attend
+    (the route's dense prefills by SDPA, every other sequence by the paged kernels) -> [T, Hq, D]."""
+    store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+    if route is None:
+        return paged_attention(q, k_cache, v_cache, meta, scale, window=window, softcap=softcap)
+    if route.seq_skip is None and route.dense_rows == ((0, q.shape[0]),):
+        return dense_causal(q, k, v, scale).contiguous()  # one long prompt: SDPA's own output, no copy
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if route.seq_skip is not None:
+        paged_attention(q, k_cache, v_cache, meta, scale, out=out, window=window, softcap=softcap,
+                        seq_skip=route.seq_skip)
+    for start, end in route.dense_rows:
+        out[start:end] = dense_causal(q[start:end], k[start:end], v[start:end], scale)
+    return out
 
 
 def _default_splits(device: torch.device, num_seqs: int, k_cache: torch.Tensor) -> int:

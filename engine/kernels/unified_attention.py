@@ -80,6 +80,7 @@ def _unified_attention_kernel(
     block_tables_ptr,  # [B, max_blocks] int32
     seq_lens_ptr,  # [B] int32: context after this step
     query_start_loc_ptr,  # [B+1] int32
+    seq_skip_ptr,  # [B] int32, 1 = attended elsewhere (a dense prefill), its rows left alone; used when HAS_SKIP
     num_seqs,
     qk_scale,  # softmax scale * log2(e)
     window,  # sliding window (keys q_pos - window < j <= q_pos); used when HAS_WINDOW
@@ -105,10 +106,14 @@ def _unified_attention_kernel(
     DOT_FP32: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q)
+    if HAS_SKIP:
+        if tl.load(seq_skip_ptr + seq) != 0:
+            return
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     local_block = q_block - (q_start // BLOCK_Q + seq)
@@ -193,6 +198,7 @@ def unified_attention(
     out: torch.Tensor,  # [T, Hq, D]
     window: int | None = None,
     softcap: float | None = None,
+    seq_skip: torch.Tensor | None = None,  # [B] int32, 1 = skip this sequence (see prefill_route.py)
 ) -> torch.Tensor:
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -212,6 +218,7 @@ def unified_attention(
         block_tables,
         seq_lens,
         query_start_loc,
+        seq_lens if seq_skip is None else seq_skip,  # any int32 pointer when unused
         num_seqs,
         scale * LOG2E,
         window or 0,
@@ -237,6 +244,7 @@ def unified_attention(
         DOT_FP32=INTERPRETED and q.dtype == torch.bfloat16,
         HAS_WINDOW=window is not None,
         HAS_SOFTCAP=softcap is not None,
+        HAS_SKIP=seq_skip is not None,
         num_warps=4,
         num_stages=2,
     )

@@ -14,6 +14,7 @@ from gearshift.engine import cpu_kernels
 from gearshift.engine.attention import TorchAttentionPlan, build_plan
 from gearshift.engine.attention_metadata import AttentionMetadata
 from gearshift.engine.errors import ModelLoadError
+from gearshift.engine.kernels.prefill_route import PrefillRoute, plan_route
 from gearshift.engine.model.config import ModelConfig
 from gearshift.engine.model.family_layer import FamilyDecoderLayer
 from gearshift.engine.model.layers import Attention, Linear, RMSNorm, SwiGLU
@@ -139,8 +140,12 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
         cfg = self.config
-        plans: dict[int | None, TorchAttentionPlan] = {}
-        if not input_ids.is_cuda:  # the torch attention path gathers by one plan per window, in every layer
+        plans: dict[int | None, TorchAttentionPlan | PrefillRoute | None] = {}
+        if input_ids.is_cuda:  # which sequences attend densely (long prefills, no cached prefix), per window
+            k_cache = kv_caches[0][0]
+            plans = {w: plan_route(meta, w, k_cache.dtype, k_cache.shape[3], cfg.attn_softcap)
+                     for w in self.windows}
+        else:  # the torch attention path gathers by one plan per window, in every layer
             k_cache = kv_caches[0][0]
             native = (k_cache.dtype == torch.float32 and cpu_kernels.kernels() is not None
                       and cfg.attn_softcap is None)

@@ -119,3 +119,31 @@ def test_bfloat16_engine_runs(smollm2_gguf) -> None:
     assert runner.graphs is not None and runner.kv_cache.dtype == torch.bfloat16
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts(llm.get_tokenizer())[:20]], GREEDY)
     assert all(len(o.token_ids) == GREEDY.max_tokens and o.finish_reason == "length" for o in outs)
+
+
+def test_long_fresh_prefill_routes_to_flash_sdpa(smollm2_gguf, monkeypatch) -> None:
+    """A 1500-token prompt with no cached prefix (bf16) takes the dense SDPA route
+    (engine/kernels/prefill_route.py) and gives the logits the unified kernel gives, in one step and beside
+    decodes of earlier sequences."""
+    from gearshift.engine.model import llama
+    from gearshift.engine.scheduler_output import ScheduledSeq, SchedulerOutput
+
+    llm = LLM(model=str(smollm2_gguf), device="cuda", dtype="bfloat16", max_model_len=2048,
+              kv_cache_memory="256Mi", max_num_seqs=4, max_num_batched_tokens=2048)
+    runner = llm.llm_engine.runner
+    bs = runner.block_size
+    ids = (llm.get_tokenizer().encode("The quick brown fox jumps over the lazy dog. ") * 200)[:1500]
+    fresh = ScheduledSeq(0, ids, 0, list(range(-(-1500 // bs))), True)
+    runner.execute(SchedulerOutput(seqs=[ScheduledSeq(1, ids[:40], 0, [200, 201, 202], True)]))
+    steps = [SchedulerOutput(seqs=[fresh]),
+             SchedulerOutput(seqs=[ScheduledSeq(1, [ids[40]], 40, [200, 201, 202], True), fresh])]
+    for step in steps:
+        _, _, meta, _ = runner.prepare(step)
+        assert llama.plan_route(meta, None, torch.bfloat16, runner.model_config.head_dim, None) is not None
+    routed = [runner.execute(step) for step in steps]
+    monkeypatch.setattr(llama, "plan_route", lambda *args, **kw: None)  # everything through the unified kernel
+    unified = [runner.execute(step) for step in steps]
+    for r, u in zip(routed, unified, strict=True):
+        assert (r - u).abs().max().item() <= 0.02 * u.abs().max().item()
+        top3 = u.topk(3, dim=-1).indices  # [rows, 3]: bf16 kernels may swap a near-tie, nothing more
+        assert (top3 == r.argmax(-1, keepdim=True)).any(-1).all()

@@ -220,9 +220,11 @@ class ModelRunner:
 
     def _warmup_kernels(self) -> None:
         """Compile every Triton variant a step can pick now, so that no request pays the JIT (~1 s each):
-        the unified kernel's q-block heights (chosen by query length x GQA group) and, without CUDA
+        the unified kernel's q-block heights (chosen by query length x GQA group), its variant that skips
+        long prefills attended by flash SDPA (kernels/prefill_route.py) and, without CUDA
         graphs (whose capture compiles its own), the decode kernel's split count for each batch bucket."""
         from gearshift.engine.cuda_graphs import batch_buckets
+        from gearshift.engine.kernels.prefill_route import DENSE_MIN_QUERY_LEN
         from gearshift.engine.scheduler_output import ScheduledSeq
 
         bs = self.block_size
@@ -231,6 +233,11 @@ class ModelRunner:
         for n in sorted({min(cap, q) for q in (2, max(2, 64 // group))}):
             blocks = list(range(-(-n // bs)))
             self.execute(SchedulerOutput(seqs=[ScheduledSeq(0, [0] * n, 0, blocks, True)]))
+        n = DENSE_MIN_QUERY_LEN  # a long fresh prompt beside a decode: the unified kernel's seq_skip variant
+        if n < cap and -(-n // bs) < self.num_kv_blocks:
+            blocks = list(range(-(-n // bs)))
+            self.execute(SchedulerOutput(seqs=[ScheduledSeq(1, [0], 0, [len(blocks)], True),
+                                               ScheduledSeq(0, [0] * n, 0, blocks, True)]))
         if self.config.enforce_eager:
             for b in batch_buckets(self.config.max_num_seqs):
                 if b > self.num_kv_blocks:

@@ -32,7 +32,10 @@ class EngineConfig:
     device: Literal["auto", "cpu", "cuda"] = setting("auto", help="where the paged engine runs")
     max_model_len: int | None = setting(None, key="maxModelLen", minimum=1,
                                         help="context length in tokens (default: the model's, capped by the KV cache)")
-    max_num_seqs: int = setting(64, key="maxNumSeqs", minimum=1, help="sequences decoded together")
+    # Upper bounds: a value past them cannot work (threads: 100000 OpenMP threads crash the process;
+    # max_num_seqs sizes per-step buffers and the GC threshold; max_waiting: each queued request holds one
+    # of max_connections' connections, so a longer queue never forms), so say so at apply time.
+    max_num_seqs: int = setting(64, key="maxNumSeqs", minimum=1, maximum=4096, help="sequences decoded together")
     max_num_batched_tokens: int = setting(2048, engines=("paged",), key="maxNumBatchedTokens", minimum=1,
                                           help="token budget of one step (prefill chunks + decodes)")
     kv_cache_memory: int | None = setting(None, engines=("paged",), key="kvCacheMemory", bytes=True,
@@ -40,7 +43,7 @@ class EngineConfig:
     block_size: int = setting(16, engines=("paged",), key="blockSize", minimum=1, help="tokens per KV block")
     enable_prefix_caching: bool = setting(True, engines=("paged",), flag="--prefix-caching",
                                           help="reuse the KV blocks of a shared prompt prefix")
-    threads: int | None = setting(None, key="threads", minimum=1,
+    threads: int | None = setting(None, key="threads", minimum=1, maximum=1024,
                                   help="CPU threads (default: the CPUs this process may really use)")
     thread_wait: ThreadWait = setting(
         DEFAULT_THREAD_WAIT, key="threadWait", env=THREAD_WAIT_ENV,
@@ -48,6 +51,11 @@ class EngineConfig:
              "an OMP_WAIT_POLICY in the environment wins")
     seed: int = setting(0, key="seed", minimum=0, help="sampling seed")
     enforce_eager: bool = setting(False, engines=("paged",), key="enforceEager", help="no CUDA graphs / torch.compile")
+    async_scheduling: Literal["auto", "on", "off"] = setting(
+        "auto", engines=("paged",),
+        help="schedule and launch step N+1 before step N's tokens reach the host (greedy steps; others run "
+             "synchronously); auto: on for CUDA, off on CPU, where the forward is synchronous and nothing "
+             "overlaps; off with tensor parallelism")
     tensor_parallel_size: int = setting(
         1, engines=("paged",), minimum=1,
         help="devices one replica shards the model over (Megatron tensor parallel: one process per device, "
@@ -61,7 +69,8 @@ class EngineConfig:
     host: str = setting("127.0.0.1", help="address to listen on")
     port: int = setting(8000, minimum=1, maximum=65535, help="port to listen on")
     api_key: str | None = setting(None, env="GEARSHIFT_API_KEY", help="require `Authorization: Bearer KEY`")
-    max_waiting: int = setting(256, key="maxWaiting", minimum=1, help="queued requests beyond this get 429")
+    max_waiting: int = setting(256, key="maxWaiting", minimum=1, maximum=1024,
+                               help="queued requests beyond this get 429 (at most max_connections' default)")
     request_timeout: float = setting(600.0, positive=True, help="seconds a request may live end to end")
     drain_timeout: float = setting(30.0, positive=True, help="SIGTERM grace for in-flight requests, seconds")
     max_request_body: int = setting(8 * 2**20, bytes=True,

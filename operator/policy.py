@@ -50,6 +50,8 @@ CPU_KV_CACHE_FRACTION = 0.25
 # (max sequences) is always admitted: a team that declares more than that on gguf is told by GearAdvice.
 GGUF_REQUEST_SECONDS = 2.5
 _ENGINE_DEFAULTS = {f.name: f.default for f in fields(EngineConfig)}
+# spec.hardware.cpu sets the threads unless engineArgs does: never past what the engine accepts.
+_MAX_THREADS = int(next(f.metadata["setting"].maximum for f in fields(EngineConfig) if f.name == "threads"))
 
 
 def gguf_max_waiting(concurrency: int, request_timeout: float = _ENGINE_DEFAULTS["request_timeout"]) -> int:
@@ -157,7 +159,7 @@ def _size(spec: InferenceServiceSpec, engine: str, reason: str, fmt: str) -> Eng
 
     threads = args.pop("threads", None)
     if threads is None:
-        threads = max(1, math.ceil(parse_quantity(cpu, "spec.hardware.cpu")))
+        threads = min(_MAX_THREADS, max(1, math.ceil(parse_quantity(cpu, "spec.hardware.cpu"))))
 
     kv: int | None = None
     if "kvCacheMemory" in args:

@@ -104,6 +104,9 @@ def test_bool_settings_have_both_flags() -> None:
     ({"dtype": "int4"}, "not one of auto, float32"),
     ({"port": 70000}, "at most 65535"),
     ({"max_num_seqs": 0}, "positive integer"),
+    ({"max_num_seqs": 10**9}, "at most 4096"),  # was an OverflowError from gc.set_threshold at start
+    ({"threads": 100000}, "at most 1024"),  # was a segmentation fault (OpenMP) at start
+    ({"max_waiting": 5000}, "at most 1024"),
     ({"seed": -1}, "at least 0"),
     ({"request_timeout": 0}, "positive"),
     ({"kv_cache_memory": "lots"}, "byte quantity"),

@@ -81,6 +81,8 @@ def test_every_field() -> None:
     (isvc(hardware={"memory": "1Mi"}), "spec.hardware.memory", "too small"),
     (isvc(hardware={"gpus": 1}), "spec.hardware.gpus", "unknown field"),
     (isvc(engineArgs={"maxModelLen": 0}), "spec.engineArgs.maxModelLen", "positive integer"),
+    (isvc(engineArgs={"threads": 100000}), "spec.engineArgs.threads", "at most 1024"),
+    (isvc(engineArgs={"maxNumSeqs": 10**9}), "spec.engineArgs.maxNumSeqs", "at most 4096"),
     (isvc(engineArgs={"dtype": "int4"}), "spec.engineArgs.dtype", "not one of"),
     (isvc(engineArgs={"threadWait": "busy"}), "spec.engineArgs.threadWait", "not one of"),
     (isvc(engineArgs={"temperature": 1}), "spec.engineArgs.temperature", "unknown engine argument"),

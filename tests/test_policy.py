@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from gearshift.engine.config import EngineConfig
 from gearshift.operator.policy import (
     CPU_KV_CACHE_FRACTION,
     CROSSOVER_CONCURRENCY,
@@ -85,6 +86,13 @@ def test_sizing_from_hardware() -> None:
     assert plan.kv_cache_memory == int(8 * 2**30 * CPU_KV_CACHE_FRACTION)
     assert plan.requests == {"cpu": "3500m", "memory": "8Gi"}
     assert plan.limits == {"memory": "8Gi"}  # no CPU limit: throttling stalls decoding
+
+
+def test_threads_from_a_huge_cpu_request_stop_at_what_the_engine_takes() -> None:
+    # 5000 cores would be 5000 OpenMP threads: the engine refuses past 1024 (100000 crashed it)
+    plan = decide(parse_spec(isvc(concurrency=16, hardware={"cpu": "5000", "memory": "8Gi"})))
+    assert plan.threads == 1024
+    EngineConfig(model="m", threads=plan.threads, max_num_seqs=plan.max_num_seqs)  # the pod's flags pass
 
 
 def test_gguf_sizing_has_no_kv_budget_and_defaults() -> None:

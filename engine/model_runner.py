@@ -51,7 +51,7 @@ from gearshift.engine.scheduler_output import SchedulerOutput
 from gearshift.engine.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from gearshift.engine.cuda_graphs import DecodeGraphs
+    from gearshift.engine.cuda_graphs import DecodeGraphs, MixedGraphs
     from gearshift.engine.loader import GGUFModel, HFModel
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,7 @@ class ModelRunner:
         self.model = self._load_model(src, wanted_len)
         self._allocate_kv_cache(wanted_len)
         self.graphs: DecodeGraphs | None = None  # CUDA graphs for pure-decode batches (GPU, unless enforce_eager)
+        self.mixed_graphs: MixedGraphs | None = None  # and for mixed steps of few tokens (cuda_graphs.py)
         if self.device.type == "cpu":  # a step's [B, V] logits reused from the heap (cpu_malloc.py says why)
             keep_large_buffers(2 * config.max_num_seqs * self.vocab_size * 4)
         self._warmup()
@@ -238,6 +239,11 @@ class ModelRunner:
             blocks = list(range(-(-n // bs)))
             self.execute(SchedulerOutput(seqs=[ScheduledSeq(1, [0], 0, [len(blocks)], True),
                                                ScheduledSeq(0, [0] * n, 0, blocks, True)]))
+        n = DENSE_MIN_QUERY_LEN  # a long fresh prompt beside a decode: the unified kernel's seq_skip variant
+        if n < cap and -(-n // bs) < self.num_kv_blocks:
+            blocks = list(range(-(-n // bs)))
+            self.execute(SchedulerOutput(seqs=[ScheduledSeq(1, [0], 0, [len(blocks)], True),
+                                               ScheduledSeq(0, [0] * n, 0, blocks, True)]))
         if self.config.enforce_eager:
             for b in batch_buckets(self.config.max_num_seqs):
                 if b > self.num_kv_blocks:
@@ -260,6 +266,30 @@ class ModelRunner:
         except Exception as e:  # a capture failure costs speed, not correctness: run eager
             log.warning("CUDA graph capture failed (%s); decoding eagerly", e)
             self.graphs = None
+        self._capture_mixed_graphs()
+
+    def _capture_mixed_graphs(self) -> None:
+        """Graphs for mixed prefill + decode steps of few tokens (cuda_graphs.MixedGraphs); on any failure
+        (a model whose forward reads the device, out of memory) those steps run eager, as before."""
+        from gearshift.engine.cuda_graphs import MixedGraphs, batch_buckets, mixed_token_buckets
+        from gearshift.engine.kernels.prefill_route import DENSE_MIN_QUERY_LEN
+
+        def forward(input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                    rows: torch.Tensor) -> torch.Tensor:
+            hidden = self.model(input_ids, positions, meta, self.kv_caches)  # [T, D]
+            return self.model.compute_logits(hidden.index_select(0, rows))  # [S, vocab]
+
+        tokens = mixed_token_buckets(self.config.max_num_batched_tokens, DENSE_MIN_QUERY_LEN)
+        if not tokens:
+            return
+        try:
+            graphs = MixedGraphs(forward, self.device, tokens, batch_buckets(self.config.max_num_seqs),
+                                 max_blocks=-(-self.max_model_len // self.block_size), block_size=self.block_size)
+            graphs.capture()
+            self.mixed_graphs = graphs
+        except Exception as e:
+            log.warning("CUDA graph capture for mixed steps failed (%s); running them eagerly", e)
+            self.mixed_graphs = None
 
     # ---- one step -------------------------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> torch.Tensor:
@@ -269,6 +299,8 @@ class ModelRunner:
         sampled = meta.num_seqs if sample_rows is None else sample_rows.shape[0]
         if self.graphs is not None and self.graphs.can_run(input_ids, meta, sampled):
             return self.graphs.run(input_ids, positions, meta)
+        if self.mixed_graphs is not None and self.mixed_graphs.can_run(input_ids, meta, sample_rows):
+            return self.mixed_graphs.run(input_ids, positions, meta, sample_rows)
         hidden = self.model(input_ids, positions, meta, self.kv_caches)
         return self.model.compute_logits(hidden if sample_rows is None else hidden[sample_rows])
 

@@ -62,6 +62,9 @@ def test_decode_runs_in_cuda_graphs(gpu_llm: LLM) -> None:
     runner = gpu_llm.llm_engine.runner
     assert runner.device.type == "cuda" and runner.graphs is not None
     assert runner.graphs.buckets == [1, 2, 4, 8, 16, 32]
+    mixed = runner.mixed_graphs  # mixed prefill + decode steps: token buckets up to the 512-token budget
+    assert mixed is not None and mixed.token_buckets == [32, 64, 128, 256, 512]
+    assert (512, 32) in mixed.graphs and (32, 32) in mixed.graphs and (32, 64) not in mixed.graphs
 
 
 def test_batch_invariance_with_prefix_hits_and_preemption(gpu_llm: LLM) -> None:
@@ -80,13 +83,35 @@ def test_batch_invariance_with_prefix_hits_and_preemption(gpu_llm: LLM) -> None:
 
 
 def test_gpu_greedy_equals_cpu_and_eager(smollm2_gguf, gpu_llm: LLM) -> None:
-    """Graph replay, the eager GPU path and the CPU torch path give the same fp32 greedy tokens."""
-    ps = prompts(gpu_llm.get_tokenizer())[:6]
+    """Graph replay (decode and mixed steps), the eager GPU path and the CPU torch path give the same fp32
+    greedy tokens. Prompts are added one step apart, so each prefill shares a step with earlier decodes; a
+    suffix no other test uses keeps the prefix cache from serving them whole."""
+    tok = gpu_llm.get_tokenizer()
+    ps = [p + tok.encode(" Reply briefly, please.") for p in prompts(tok)[:6]]
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-    graphs = [o.token_ids for o in gpu_llm.generate([{"prompt_token_ids": p} for p in ps], params)]
+
+    def staggered(llm: LLM) -> list[list[int]]:
+        engine, done = llm.llm_engine, {}
+
+        def step() -> None:
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.outputs[0].token_ids
+
+        for i, p in enumerate(ps):
+            engine.add_request(f"staggered-{i}", p, params)
+            step()
+        while engine.has_unfinished():
+            step()
+        return [done[f"staggered-{i}"] for i in range(len(ps))]
+
+    mixed = gpu_llm.llm_engine.runner.mixed_graphs
+    replays = mixed.replays
+    graphs = staggered(gpu_llm)
+    assert mixed.replays >= replays + len(ps), "each prefill beside decodes was meant to replay a mixed graph"
     eager_llm = make_llm(str(smollm2_gguf), "cuda", enforce_eager=True)
-    assert eager_llm.llm_engine.runner.graphs is None
-    eager = [o.token_ids for o in eager_llm.generate([{"prompt_token_ids": p} for p in ps], params)]
+    assert eager_llm.llm_engine.runner.graphs is None and eager_llm.llm_engine.runner.mixed_graphs is None
+    eager = staggered(eager_llm)
     del eager_llm
     cpu = [o.token_ids for o in make_llm(str(smollm2_gguf), "cpu").generate(
         [{"prompt_token_ids": p} for p in ps], params)]

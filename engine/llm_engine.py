@@ -20,6 +20,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from gearshift.engine import async_step
+from gearshift.engine.async_step import InFlight, launched, resolve_async, samples_on_device
 from gearshift.engine.block_manager import BlockManager
 from gearshift.engine.config import EngineConfig
 from gearshift.engine.errors import InvalidRequestError
@@ -34,6 +36,7 @@ from gearshift.engine.sequence import Sequence, SequenceStatus, fan_out
 
 if TYPE_CHECKING:
     from gearshift.engine.runner_protocol import Runner
+    from gearshift.engine.scheduler_output import SchedulerOutput
 
 
 class BatchStepError(Exception):
@@ -76,6 +79,12 @@ class LLMEngine:
         # request id -> its text (pipeline/detokenizer.py); None: outputs carry token ids only
         self._text: dict[str, OutputProcessor] | None = {} if detokenize else None
         self._lock = threading.RLock()
+        device = getattr(runner, "device", None)
+        self._async = resolve_async(config.async_scheduling, getattr(device, "type", "cpu"),
+                                    config.tensor_parallel_size)
+        self._flight: InFlight | None = None  # the launched step whose ids are not on the host yet
+        self._carried: list[RequestOutput] = []  # outputs the next step() returns first (see _step_ahead)
+        self.num_async_steps = 0  # steps launched ahead (tests and benchmarks read it)
 
     # -- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
@@ -187,7 +196,7 @@ class LLMEngine:
         self._num_guided -= req.params.guide is not None
 
     def has_unfinished(self) -> bool:
-        return bool(self._requests)
+        return bool(self._requests) or bool(self._carried)  # a flight of ended requests only: nothing to wait for
 
     @property
     def num_unfinished(self) -> int:
@@ -195,29 +204,30 @@ class LLMEngine:
 
     # -- the loop ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled step; return the outputs of requests that got a token or finished in it."""
+        """Run one scheduled step; return the outputs of requests that got a token or finished in it. With
+        async scheduling (async_step.py) a greedy step is left running on the device and its outputs come
+        from the next call, which launches the step after it first."""
         with self._lock:
+            if self._carried:  # outputs of a step finished while the step after it failed (_step_ahead)
+                carried, self._carried = self._carried, []
+                return carried
+            if self._flight is not None:
+                return self._step_ahead(self._flight)
             out = self.scheduler.schedule()
             if out.is_empty:
                 return []
-            scheduled = out.scheduled  # the scheduler's Sequences, in the order of out.seqs
-            if out.num_decodes < len(scheduled):
-                now = time.time()
-                for seq in scheduled[out.num_decodes:]:  # a decode was scheduled before
-                    req = seq.owner.req
-                    if req.first_scheduled_time is None:
-                        req.first_scheduled_time = now
-            # A pure-decode step samples every row: the scheduler's list as it is, no per-row lookups.
-            targets: list[Sequence] = scheduled if out.num_decodes == len(scheduled) else \
-                [seq for seq, s in zip(scheduled, out.seqs, strict=True) if s.sample]
+            targets = self._targets(out)
+            if self._async and targets and samples_on_device(targets):
+                try:
+                    self._flight = self._launch(out, targets, None)
+                except Exception as e:
+                    raise self._batch_failed(out, e) from e
+                return []
             masks = self._start_masks(targets)  # the grammar rows fill while the forward pass runs
             try:
                 logits = self.runner.execute(out)  # [num seqs with sample=True, vocab]
             except Exception as e:  # which request caused it cannot be known: the whole batch fails
-                ids = {seq.request_id for seq in scheduled}
-                for rid in ids:
-                    self._fail(rid, e)
-                raise BatchStepError(sorted(ids), e) from e
+                raise self._batch_failed(out, e) from e
             # Sample first: the argmax streams the [B, V] logits through the caches, so on_step_done's pass
             # after it leaves the sequences warm for the token loop (a failed row's request is ended first,
             # and on_step_done skips it).
@@ -226,6 +236,60 @@ class LLMEngine:
             if sampled is None:
                 return []
             return self._texts(self._advance(targets, sampled))
+
+    def _targets(self, out: SchedulerOutput) -> list[Sequence]:
+        """The scheduled sequences that sample this step, in logits order; stamps first-scheduled times."""
+        scheduled = out.scheduled  # the scheduler's Sequences, in the order of out.seqs
+        if out.num_decodes < len(scheduled):
+            now = time.time()
+            for seq in scheduled[out.num_decodes:]:  # a decode was scheduled before
+                req = seq.owner.req
+                if req.first_scheduled_time is None:
+                    req.first_scheduled_time = now
+        # A pure-decode step samples every row: the scheduler's list as it is, no per-row lookups.
+        return scheduled if out.num_decodes == len(scheduled) else \
+            [seq for seq, s in zip(scheduled, out.seqs, strict=True) if s.sample]
+
+    def _batch_failed(self, out: SchedulerOutput, cause: Exception) -> BatchStepError:
+        """The forward (or the on-device argmax) failed: which request caused it cannot be known, so every
+        request of the step is ended."""
+        ids = {seq.request_id for seq in out.scheduled}
+        for rid in ids:
+            self._fail(rid, cause)
+        return BatchStepError(sorted(ids), cause)
+
+    # -- async scheduling (async_step.py) -----------------------------------------------------------
+    def _launch(self, out: SchedulerOutput, targets: list[Sequence], input_ids: Any) -> InFlight:
+        """Run `out` and take the greedy ids on the device; nothing waits for them here."""
+        logits = self.runner.execute(out) if input_ids is None else self.runner.execute(out, input_ids)
+        self.num_async_steps += 1
+        return launched(out, targets, self.sampler.greedy_ids(logits))
+
+    def _step_ahead(self, flight: InFlight) -> list[RequestOutput]:
+        """Launch the step after `flight` (if it can only be decodes of flight's rows), then finish
+        `flight`: its ids to the host, the token loop, its outputs."""
+        self._flight = None
+        self.scheduler.on_step_done(flight.out)
+        if async_step.can_continue(flight, self.scheduler):
+            async_step.add_placeholders(flight)
+            out = self.scheduler.schedule()
+            if not out.is_empty:
+                try:
+                    self._flight = self._launch(out, out.scheduled, async_step.next_input_ids(flight, out))
+                except Exception as e:  # end the new step's requests (without placeholders), keep flight's
+                    async_step.drop_placeholders(flight)
+                    error = self._batch_failed(out, e)
+                    self._carried = self._finish_flight(flight)
+                    raise error from e
+        outputs = self._finish_flight(flight)
+        if not self._requests:  # what is still in flight belongs to ended requests (their extra tokens)
+            self._flight = None
+        return outputs
+
+    def _finish_flight(self, flight: InFlight) -> list[RequestOutput]:
+        ids = flight.host.tolist()  # waits for this step's ids only (the next one may be running)
+        async_step.drop_placeholders(flight)
+        return self._texts(self._advance(flight.targets, Sampled(ids, [None] * len(ids))))
 
     def _advance(self, targets: list[Sequence], sampled: Sampled) -> list[RequestOutput]:
         """Each row's token onto its sequence and choice, stop checks, one output per request that moved.

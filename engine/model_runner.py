@@ -292,10 +292,16 @@ class ModelRunner:
             self.mixed_graphs = None
 
     # ---- one step -------------------------------------------------------------------------------
-    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+    def execute(self, out: SchedulerOutput, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: a pure-decode step's tokens [B] already on the device (async scheduling feeds the
+        previous step's argmax, engine/async_step.py); out.seqs then hold placeholders."""
         if not out.seqs:
             return torch.empty(0, self.vocab_size, dtype=torch.float32, device=self.device)
-        input_ids, positions, meta, sample_rows = self.prepare(out)
+        prepared_ids, positions, meta, sample_rows = self.prepare(out)
+        if input_ids is None:
+            input_ids = prepared_ids
+        elif input_ids.shape != prepared_ids.shape:
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} for a step of {tuple(prepared_ids.shape)} tokens")
         sampled = meta.num_seqs if sample_rows is None else sample_rows.shape[0]
         if self.graphs is not None and self.graphs.can_run(input_ids, meta, sampled):
             return self.graphs.run(input_ids, positions, meta)
@@ -346,17 +352,22 @@ class ModelRunner:
                 tables += bt
                 tables += pad[:max_blocks - len(bt)]
         dev = self.device
+
+        def to_dev(values: list[int], dtype: torch.dtype) -> torch.Tensor:
+            # non_blocking: a blocking copy waits for the stream, i.e. for the step still running (async
+            # scheduling); from pageable memory CUDA stages the bytes before it returns, so this is safe.
+            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
+
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev).view(len(out.seqs), max_blocks),
+            slot_mapping=to_dev(slots, torch.int64),
+            query_start_loc=to_dev(qsl, torch.int32),
+            seq_lens=to_dev(seq_lens, torch.int32),
+            block_tables=to_dev(tables, torch.int32).view(len(out.seqs), max_blocks),
             max_query_len=max((len(s.token_ids) for s in out.seqs[out.num_decodes:]), default=1),
             max_seq_len=max_seq_len,
         )
-        rows = None if len(sample_rows) == len(ids) else torch.tensor(sample_rows, dtype=torch.int64, device=dev)
-        return torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(pos, dtype=torch.int64, device=dev), \
-            meta, rows
+        rows = None if len(sample_rows) == len(ids) else to_dev(sample_rows, torch.int64)
+        return to_dev(ids, torch.int64), to_dev(pos, torch.int64), meta, rows
 
     def _prepare_decode(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, None] | None:
         """prepare() for a pure-decode step (B sequences, one token each, all sampled), in numpy: one pass
@@ -377,12 +388,13 @@ class ModelRunner:
         block_tables[np.arange(max_blocks) < lens[:, None]] = flat  # row-major fill: row i gets its own table
         slots = block_tables[np.arange(b), pos // bs].astype(np.int64) * bs + pos % bs  # [B]
         dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(slots).to(dev),
+        meta = AttentionMetadata(  # non_blocking: see prepare (no wait for the step still running)
+            slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True),
             query_start_loc=torch.arange(b + 1, dtype=torch.int32, device=dev),
-            seq_lens=torch.from_numpy((pos + 1).astype(np.int32)).to(dev),
-            block_tables=torch.from_numpy(block_tables).to(dev),
+            seq_lens=torch.from_numpy((pos + 1).astype(np.int32)).to(dev, non_blocking=True),
+            block_tables=torch.from_numpy(block_tables).to(dev, non_blocking=True),
             max_query_len=1,
             max_seq_len=max_seq_len,
         )
-        return torch.from_numpy(ids).to(dev), torch.from_numpy(pos).to(dev), meta, None
+        return torch.from_numpy(ids).to(dev, non_blocking=True), torch.from_numpy(pos).to(dev, non_blocking=True), \
+            meta, None

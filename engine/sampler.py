@@ -26,6 +26,12 @@ class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self.generator = torch.Generator().manual_seed(seed)
 
+    @staticmethod
+    def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, V] -> argmax ids [B] int64 where the logits are, not read on the host (async
+        scheduling feeds them to the next step on the device): the same ids sample() gives plain greedy rows."""
+        return argmax_rows(logits)
+
     def sample(self, logits: torch.Tensor, seqs: list[Sequence],
                allowed: tuple[list[int], np.ndarray] | None = None) -> SamplerOutput:
         """logits: [B, V] float (any device); seqs: the B sequences, one per row. allowed: guided rows and

@@ -1,0 +1,130 @@
+"""Async scheduling: step N+1 is scheduled and launched before step N's sampled token ids reach the host.
+
+The idea is vLLM v1's async scheduler (vllm/v1/core/sched/async_scheduler.py; the runner's
+`prev_sampled_token_ids`), kept small. The engine holds at most one launched step (InFlight). Its next
+step() assumes each of that step's rows produced exactly one token: it appends a PLACEHOLDER to each
+row's sequence, schedules (every row is then a one-token decode), and launches the new step with input ids
+taken from the previous step's sampled ids where they are, on the device (no host round trip). Only then
+does it wait for the previous step's ids on the host, drop the placeholders and run the usual token loop
+(stop tokens, max_tokens, outputs). A row of the new step whose request finished in the old one (or was
+aborted, or stopped by a stop string, in between) computes one token nobody reads: the token loop skips
+finished sequences, and their blocks were freed as usual (the device runs steps in launch order, so a
+freed block is written by the stale row before anyone else can use it).
+
+It holds only where the result is known to equal the synchronous engine's:
+- a step is launched async only if every sampled row is plain greedy without a grammar (the argmax is
+  on the device; seeded or temperature sampling, penalties, logprobs and grammar masks run on the host,
+  which needs the previous token first);
+- the step after an in-flight one continues async only if it can be nothing but decodes of the in-flight
+  step's rows (can_continue): no waiting request could be admitted, no running sequence is mid-prefill.
+  Otherwise the in-flight step is finished first and the next step() runs synchronously.
+Preemption is safe: a preempted row keeps its placeholder until the token loop replaces it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from gearshift.engine.scheduler import Scheduler
+    from gearshift.engine.scheduler_output import SchedulerOutput
+    from gearshift.engine.sequence import Sequence
+
+PLACEHOLDER = -1  # the token a row of the in-flight step will have produced; never a real id (they are >= 0)
+
+
+def resolve_async(mode: str, device_type: str, tensor_parallel_size: int) -> bool:
+    """EngineConfig.async_scheduling -> whether the engine schedules ahead. auto: CUDA only (on a CPU the
+    forward is synchronous and the host work shares its cores: nothing overlaps). Never with tensor
+    parallelism: the other ranks get the schedule pickled, not the previous step's device ids."""
+    if mode == "off" or tensor_parallel_size > 1:
+        return False
+    return mode == "on" or device_type == "cuda"
+
+
+def samples_on_device(targets: list[Sequence]) -> bool:
+    """Every sampled row is a greedy argmax with nothing applied first (no bias, penalty, logprobs,
+    grammar): the sampler's ids can stay on the device."""
+    for seq in targets:
+        if not seq.plain_greedy:
+            return False
+        owner = seq.owner
+        if owner is not None and owner.guide is not None:
+            return False
+    return True
+
+
+class HostIds:
+    """A step's sampled ids [R] on their way to the host. On CUDA a non-blocking copy into pinned memory
+    plus an event, so the next step is launched before they arrive; on a CPU they are already here."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.event = None
+        if ids.is_cuda:
+            import torch
+
+            self.host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+            self.host.copy_(ids, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = ids
+
+    def tolist(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()  # only this step's copy, not the step launched after it
+        return self.host.tolist()
+
+
+@dataclass
+class InFlight:
+    """A launched step whose sampled ids have not been read on the host yet."""
+
+    out: SchedulerOutput  # its schedule (on_step_done runs at the next step(), before the next schedule)
+    targets: list[Sequence]  # its sampled rows, in logits order
+    token_ids: torch.Tensor  # [len(targets)] int64 on the device: the next step's input ids
+    host: HostIds  # the same ids, copied to the host
+    row_of: dict[int, int]  # seq_id -> its row in token_ids
+
+
+def launched(out: SchedulerOutput, targets: list[Sequence], token_ids: torch.Tensor) -> InFlight:
+    return InFlight(out, targets, token_ids, HostIds(token_ids), {s.seq_id: i for i, s in enumerate(targets)})
+
+
+def can_continue(flight: InFlight, scheduler: Scheduler) -> bool:
+    """Would the next schedule, with a placeholder token on each of `flight`'s rows, be only decodes of
+    those rows? Then every input id is in flight.token_ids. No: a waiting sequence could be admitted
+    (a prefill), or a running one is not a row of the flight (mid-prefill, or left out by the budget)."""
+    if scheduler.waiting and len(scheduler.running) < scheduler.max_num_seqs:
+        return False
+    row_of = flight.row_of
+    return all(seq.seq_id in row_of for seq in scheduler.running)
+
+
+def add_placeholders(flight: InFlight) -> None:
+    """Each live row of the flight will have one more token: a decode for the scheduler."""
+    for seq in flight.targets:
+        if not seq.is_finished:
+            seq.token_ids.append(PLACEHOLDER)
+
+
+def drop_placeholders(flight: InFlight) -> None:
+    """Before the token loop (which appends the real ids) or any output is built. Idempotent."""
+    for seq in flight.targets:
+        toks = seq.token_ids
+        if toks[-1] == PLACEHOLDER:
+            toks.pop()
+
+
+def next_input_ids(flight: InFlight, out: SchedulerOutput) -> torch.Tensor:
+    """The input ids [B] of `out` (decodes of flight's rows only: can_continue held) from flight's
+    device ids: the same tensor when the rows are the same, in the same order (the steady state)."""
+    rows = [flight.row_of[seq.seq_id] for seq in out.scheduled]
+    if len(rows) == len(flight.targets) and rows == list(range(len(rows))):
+        return flight.token_ids
+    import torch
+
+    ids = flight.token_ids
+    return ids.index_select(0, torch.tensor(rows, dtype=torch.int64).to(ids.device, non_blocking=True))

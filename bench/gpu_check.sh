@@ -61,9 +61,9 @@ step() {
 } >"$OUT/env.log" 2>&1
 cat "$OUT/env.log" >>"$SUMMARY"
 
-step tests 200 env GEARSHIFT_TEST_GGUF=$MODEL python3 -m pytest -q -p no:cacheprovider -m gpu \
+step tests 260 env GEARSHIFT_TEST_GGUF=$MODEL python3 -m pytest -q -p no:cacheprovider -m gpu \
   tests/test_kernels.py tests/test_model_fidelity.py tests/test_gpu_engine.py
-step kernels 120 python3 bench/kernels.py --dtype bfloat16 --iters 30
+step kernels 150 python3 bench/kernels.py --dtype bfloat16 --iters 30
 step offline_smollm2 150 python3 bench/offline.py --device cuda --model $MODEL --dtype bfloat16,float32 \
   --naive-requests 4 --compare-eager
 step offline_1b 100 bash -c "python3 bench/random_model.py /tmp/l1b --shape llama-3.2-1b --tokenizer-from $MODEL &&

@@ -39,7 +39,7 @@ SUMMARY="$OUT/summary.txt"
 step() {
   local name=$1 limit=$2 left
   shift 2
-  [[ " ${STEPS:-tests kernels offline_smollm2 offline_1b offline_8b serve_8b cuda_launcher moe} " == *" $name "* ]] || return 0
+  [[ " ${STEPS:-tests kernels offline_smollm2 offline_1b offline_8b async_8b serve_8b cuda_launcher moe} " == *" $name "* ]] || return 0
   left=$(( END - $(date +%s) ))
   if (( left < limit )); then
     echo "== $name: skipped ($left s left of the budget, needs $limit)" | tee -a "$SUMMARY"
@@ -62,7 +62,7 @@ step() {
 cat "$OUT/env.log" >>"$SUMMARY"
 
 step tests 260 env GEARSHIFT_TEST_GGUF=$MODEL python3 -m pytest -q -p no:cacheprovider -m gpu \
-  tests/test_kernels.py tests/test_model_fidelity.py tests/test_gpu_engine.py
+  tests/test_kernels.py tests/test_model_fidelity.py tests/test_gpu_engine.py tests/test_async_scheduling.py
 step kernels 150 python3 bench/kernels.py --dtype bfloat16 --iters 30
 step offline_smollm2 150 python3 bench/offline.py --device cuda --model $MODEL --dtype bfloat16,float32 \
   --naive-requests 4 --compare-eager
@@ -72,6 +72,12 @@ step offline_1b 100 bash -c "python3 bench/random_model.py /tmp/l1b --shape llam
 step offline_8b 160 bash -c "python3 bench/random_model.py /tmp/l8b --shape llama-3-8b --tokenizer-from $MODEL &&
   python3 bench/offline.py --device cuda --model /tmp/l8b --dtype bfloat16 --naive-requests 2 --compare-eager \
   --kv-cache-memory 16Gi"
+# Async scheduling (issue 15 item 2: step N+1 launched while step N runs): the 8B shape, bf16, async on (the
+# CUDA default) against off in one process, same workload; prints "async scheduling on/off: R x".
+#   STEPS=async_8b bash bench/gpu_check.sh
+step async_8b 200 bash -c "{ [ -f /tmp/l8b/config.json ] || python3 bench/random_model.py /tmp/l8b --shape llama-3-8b \
+  --tokenizer-from $MODEL; } && python3 bench/offline.py --device cuda --model /tmp/l8b --dtype bfloat16 --skip-hf \
+  --compare-async --kv-cache-memory 16Gi"
 # GPU serving (issue 15): bench/serve.py's closed loop against `gearshift serve` on CUDA (the HTTP path users hit),
 # Llama-3-8B shape, bf16 random weights, 512-token prompts, 128 output tokens, concurrency 1/16/64/128. Targets:
 # >= 8,000 output tok/s at 64 streams, ITL p50 <= 6 ms at 1. One device call for it and the offline table:

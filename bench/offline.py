@@ -104,12 +104,13 @@ def hf_static(model, workload: Workload, dtype: str, batch_size: int) -> Result:
 
 
 def paged_row(model: str, dtype: str, args: argparse.Namespace, workload: Workload, system: str,
-              enforce_eager: bool) -> Result:
+              enforce_eager: bool, async_scheduling: str = "auto") -> Result:
     """One paged-engine row: a fresh engine, a small warm-up, then the workload (all submitted at once)."""
-    llm = build_llm(model, dtype, args, enforce_eager=enforce_eager)
+    llm = build_llm(model, dtype, args, enforce_eager=enforce_eager, async_scheduling=async_scheduling)
     run_paged(llm, make_workload(llm.llm_engine.runner.vocab_size, 4, (16, 32), (4, 8), args.seed + 1), dtype)  # warm-up
     r = run_paged(llm, workload, dtype)
-    r.system, r.note = system, f"preemptions {llm.llm_engine.stats().num_preemptions}"
+    r.system, r.note = system, f"preemptions {llm.llm_engine.stats().num_preemptions}, " \
+        f"steps ahead {llm.llm_engine.num_async_steps}"
     return r
 
 
@@ -134,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (every system runs there)")
     ap.add_argument("--compare-eager", action="store_true",
                     help="CUDA: also run the paged engine without CUDA graphs (enforce_eager)")
+    ap.add_argument("--compare-async", action="store_true",
+                    help="also run the paged engine with async scheduling flipped (CUDA: off, CPU: on; the "
+                         "default row is auto: on for CUDA, off on CPU) and print the on/off ratio")
     ap.add_argument("--compare-no-native", action="store_true",
                     help="CPU: also run the paged engine with torch ops only (no engine/csrc kernels)")
     args = ap.parse_args(argv)
@@ -164,15 +168,23 @@ def main(argv: list[str] | None = None) -> int:
             variants.append(("gearshift paged, torch ops only", {"native": False}))
         if args.compare_eager:
             variants.append(("gearshift paged, eager", {"enforce_eager": True}))
+        flipped = "off" if torch.device(args.device).type == "cuda" else "on"
+        if args.compare_async:
+            variants.append((f"gearshift paged, async {flipped}", {"async_scheduling": flipped}))
         for system, how in variants:
             cpu_kernels.set_enabled(how.get("native", True))
             try:
-                r = paged_row(model, dtype, args, workload, system, how.get("enforce_eager", False))
+                r = paged_row(model, dtype, args, workload, system, how.get("enforce_eager", False),
+                              how.get("async_scheduling", "auto"))
             finally:
                 cpu_kernels.set_enabled(True)
             r.peak_flops, r.num_params = peaks[dtype], num_params
             print(f"  {dtype} {system}: {r.output_tok_s:.1f} out tok/s in {r.wall_s:.1f}s", flush=True)
             results.append(r)
+        if args.compare_async:  # the same workload, same process: async on / off
+            on, off = (results[-len(variants)], results[-1])[::1 if flipped == "off" else -1]
+            print(f"  {dtype} async scheduling on/off: {on.output_tok_s / off.output_tok_s:.3f}x "
+                  f"({on.output_tok_s:.1f} vs {off.output_tok_s:.1f} out tok/s)", flush=True)
         if args.skip_hf:
             continue
         hf = load_hf(model, TORCH_DTYPES[dtype], args.device)

@@ -155,12 +155,14 @@ def format_table(results: list[Result], baselines: dict[str, dict[str, Result]] 
     return "\n".join([line, sep, *body])
 
 
-def build_llm(model: str, dtype: str, args: argparse.Namespace, enforce_eager: bool = False):
+def build_llm(model: str, dtype: str, args: argparse.Namespace, enforce_eager: bool = False,
+              async_scheduling: str = "auto"):
     from gearshift.engine.llm import LLM
 
     return LLM(model=model, dtype=dtype, max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-               threads=args.threads, device=args.device, enforce_eager=enforce_eager)
+               threads=args.threads, device=args.device, enforce_eager=enforce_eager,
+               async_scheduling=async_scheduling)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -452,11 +452,13 @@ def test_dense_capable_layers() -> None:
 
 
 def _step_kv(step: Step, case: Case, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This step's keys and values [T, Hkv, D] (the new tokens' K/V the layer writes before attending)."""
+    """This step's keys and values [T, Hkv, D] (the new tokens' K/V the layer writes before attending), as
+    the model hands them over: strided views into one fused projection output [T, 2 * Hkv, D]."""
     gen = torch.Generator().manual_seed(seed)
-    shape = (step.q.shape[0], case.heads[1], case.head_dim)
-    return (torch.randn(shape, generator=gen).to(case.dtype).to(step.q.device),
-            torch.randn(shape, generator=gen).to(case.dtype).to(step.q.device))
+    fused = torch.randn(step.q.shape[0], 2 * case.heads[1], case.head_dim, generator=gen)
+    k, v = fused.to(case.dtype).to(step.q.device).split(case.heads[1], dim=1)
+    assert not k.is_contiguous()
+    return k, v
 
 
 @dataclass(frozen=True)

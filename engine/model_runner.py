@@ -239,11 +239,6 @@ class ModelRunner:
             blocks = list(range(-(-n // bs)))
             self.execute(SchedulerOutput(seqs=[ScheduledSeq(1, [0], 0, [len(blocks)], True),
                                                ScheduledSeq(0, [0] * n, 0, blocks, True)]))
-        n = DENSE_MIN_QUERY_LEN  # a long fresh prompt beside a decode: the unified kernel's seq_skip variant
-        if n < cap and -(-n // bs) < self.num_kv_blocks:
-            blocks = list(range(-(-n // bs)))
-            self.execute(SchedulerOutput(seqs=[ScheduledSeq(1, [0], 0, [len(blocks)], True),
-                                               ScheduledSeq(0, [0] * n, 0, blocks, True)]))
         if self.config.enforce_eager:
             for b in batch_buckets(self.config.max_num_seqs):
                 if b > self.num_kv_blocks:

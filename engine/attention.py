@@ -5,7 +5,7 @@ Two paths behind one function, `paged_attention(q, k, v, k_cache, v_cache, meta,
 - otherwise the torch path below, which is also the reference the kernels are tested against.
 
 Torch path, per step (the gather plan is built once, by the first layer, and reused by every layer):
-- decodes (query length 1), fp32 with the native kernel available (gearshift.engine.cpu_kernels): one call
+- decodes (query length 1), fp32 or bf16 with the native kernel available (gearshift.engine.cpu_kernels): one call
   that reads each context's K/V in place, once;
 - otherwise decodes go in batched SDPAs (one, or two when splitting by context length saves
   >= 20% of the padding) over their contexts gathered from the cache and padded to the group's longest,
@@ -83,7 +83,7 @@ def _batch_lists(meta: AttentionMetadata, device: torch.device) -> tuple[list[in
 
 def build_plan(meta: AttentionMetadata, block_size: int, device: torch.device,
                native: bool = False, window: int | None = None) -> TorchAttentionPlan:
-    """native: route decodes to gearshift.engine.cpu_kernels.paged_decode (fp32 caches, kernel loaded).
+    """native: route decodes to gearshift.engine.cpu_kernels.paged_decode (fp32/bf16 caches, kernel loaded).
     window: a sliding window (a query at position i sees keys i - window < j <= i); cache blocks wholly
     before every query's window are neither gathered nor read."""
     if window is not None:

@@ -5,7 +5,9 @@ Why native: the torch decode-attention path gathers every context into a padded 
 SDPA over it, so each K/V byte moves three times; `paged_decode` reads K and V once, in place. At decode
 batch sizes the elementwise ops cost more in dispatch and memory passes than in arithmetic: `rms_norm`,
 `add_rms_norm_` (residual add fused in), `silu_mul` and `rope_` are one pass each. All use ATen's own
-thread pool (one OpenMP runtime in the process); fp32 only (the CPU dtype without native bf16).
+thread pool (one OpenMP runtime in the process). fp32 (the CPU dtype without native bf16) and bf16 (CPUs
+with it, and the int4 path): bf16 is widened to fp32 by bit shifts (AVX2, no bf16 instructions needed),
+computed in fp32 and rounded once on store; the fp32 arithmetic is unchanged by it.
 
 Where the build lives: `GEARSHIFT_CPU_KERNELS_DIR`, else `<sys.prefix>/share/gearshift/cpu-kernels` (the
 venv or the image's /opt/gearshift: pods and servers started from it find the build made at install time),
@@ -33,6 +35,7 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_decode_cpu.cpp", "fused_ops_cpu.cpp")]
+HEADERS = [Path(__file__).parent / "csrc" / "bf16_cpu.h"]  # part of the fingerprint, not compiled alone
 _lock = threading.Lock()
 _cache: dict[str, ModuleType | None] = {}
 _UNSET = object()
@@ -76,7 +79,7 @@ def default_dir() -> Path:
 def _fingerprint() -> str:
     import torch
 
-    h = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES))
+    h = hashlib.sha256(b"".join(src.read_bytes() for src in [*SOURCES, *HEADERS]))
     h.update(" ".join([*_flags(), torch.__version__, sys.version]).encode())
     return h.hexdigest()[:16]
 
@@ -114,12 +117,17 @@ def _import_built(directory: Path) -> ModuleType | None:
 
 
 def for_tensor(x) -> ModuleType | None:
-    """The kernels when they apply to x (fp32, on CPU), else None: the caller takes its torch path."""
-    import torch
-
-    if x.dtype != torch.float32 or x.device.type != "cpu":
+    """The kernels when they apply to x (fp32 or bf16, on CPU), else None: the caller takes its torch path."""
+    if x.device.type != "cpu" or not handles(x.dtype):
         return None
     return kernels()
+
+
+def handles(dtype) -> bool:
+    """Whether the kernels take tensors of this dtype (every tensor of one call shares it)."""
+    import torch
+
+    return dtype == torch.float32 or dtype == torch.bfloat16
 
 
 def kernels() -> ModuleType | None:

@@ -67,8 +67,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        native = native_kernels(x)
-        if native is not None:  # one pass over x (fp32 CPU: engine/csrc/fused_ops_cpu.cpp)
+        native = native_kernels(x) if x.dtype == self.weight.dtype else None
+        if native is not None:  # one pass over x (fp32/bf16 CPU: engine/csrc/fused_ops_cpu.cpp)
             return native.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32:
             # One fused kernel instead of six ops: measured 15 vs 36 us at a 1-token decode on CPU, and
@@ -81,7 +81,7 @@ class RMSNorm(nn.Module):
 
     def add_(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """The residual step: x += delta in place, then return the normalized x. [T, D] -> [T, D]."""
-        native = native_kernels(x)
+        native = native_kernels(x) if x.dtype == delta.dtype == self.weight.dtype else None
         if native is not None:
             return native.add_rms_norm_(x, delta, self.weight, self.eps)
         x.add_(delta)
@@ -150,7 +150,7 @@ class Attention(nn.Module):
             qk = torch.cat([self.q_norm(q.reshape(-1, self.head_dim)).view(t, self.num_heads, self.head_dim),
                             self.k_norm(k.reshape(-1, self.head_dim)).view(t, self.num_kv_heads, self.head_dim)],
                            dim=1)
-        native = native_kernels(qk)
+        native = native_kernels(qk) if qk.dtype == rope[0].dtype else None
         if native is not None:  # rotated in place, in the projection's output buffer
             native.rope_(qk, rope[0][:, 0], rope[1][:, 0])
         else:

@@ -147,8 +147,8 @@ class LlamaForCausalLM(nn.Module):
                      for w in self.windows}
         else:  # the torch attention path gathers by one plan per window, in every layer
             k_cache = kv_caches[0][0]
-            native = (k_cache.dtype == torch.float32 and cpu_kernels.kernels() is not None
-                      and cfg.attn_softcap is None)
+            native = (cpu_kernels.handles(k_cache.dtype) and k_cache.dtype == self.embed_tokens.weight.dtype
+                      and cpu_kernels.kernels() is not None and cfg.attn_softcap is None)
             plans = {w: build_plan(meta, k_cache.shape[1], input_ids.device, native=native, window=w)
                      for w in self.windows}
         x = self.embed_tokens(input_ids)  # [T, D], a fresh tensor: the residual stream, added to in place

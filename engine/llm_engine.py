@@ -25,6 +25,7 @@ from gearshift.engine.async_step import InFlight, launched, resolve_async, sampl
 from gearshift.engine.block_manager import BlockManager
 from gearshift.engine.config import EngineConfig
 from gearshift.engine.errors import InvalidRequestError
+from gearshift.engine.grammar_rows import GrammarRows
 from gearshift.engine.host_gc import fit_gc_to_batch
 from gearshift.engine.outputs import EngineStats, Logprob, RequestOutput
 from gearshift.engine.pipeline.detokenizer import OutputProcessor
@@ -75,7 +76,7 @@ class LLMEngine:
         self._stop_sets: dict[tuple[tuple[int, ...], bool], frozenset[int]] = {}  # see _stop_set
         self._num_guided = 0  # requests in _requests with a grammar: none, and no step scans for guided rows
         self._failures: dict[str, BaseException] = {}  # request id -> what ended it in a step
-        self._mask_filler: Any = None  # pipeline/guided.MaskFiller, made for the first guided step
+        self._grammar = GrammarRows(self.tokenizer.vocab_size)  # guided rows' masks (grammar_rows.py)
         # request id -> its text (pipeline/detokenizer.py); None: outputs carry token ids only
         self._text: dict[str, OutputProcessor] | None = {} if detokenize else None
         self._lock = threading.RLock()
@@ -223,7 +224,8 @@ class LLMEngine:
                 except Exception as e:
                     raise self._batch_failed(out, e) from e
                 return []
-            masks = self._start_masks(targets)  # the grammar rows fill while the forward pass runs
+            # the grammar rows fill while the forward pass runs; the common step has none to scan for
+            masks = self._grammar.start(targets, self._requests) if self._num_guided else None
             try:
                 logits = self.runner.execute(out)  # [num seqs with sample=True, vocab]
             except Exception as e:  # which request caused it cannot be known: the whole batch fails
@@ -336,7 +338,7 @@ class LLMEngine:
         return outputs
 
     def _sample_isolated(self, logits: Any, targets: list[Sequence], masks: tuple[list[int], Any] | None) -> Any:
-        """Sample the batch (masks: _start_masks'); if that raises, sample row by row so that only the rows
+        """Sample the batch (masks: GrammarRows.start's); if that raises, sample row by row so that only the rows
         that raise fail (their requests go to take_failures, their token ids are None) and the rest goes on."""
         try:
             return self.sampler.sample(logits, targets, masks and (masks[0], masks[1].result()))
@@ -350,7 +352,7 @@ class LLMEngine:
                 logprobs.append(None)
                 continue
             try:
-                one = self.sampler.sample(logits[row : row + 1], [seq], self._grammar_masks([seq]))
+                one = self.sampler.sample(logits[row : row + 1], [seq], self._grammar.fill([seq], self._requests))
                 token_ids.append(one.token_ids[0])
                 logprobs.append(one.logprobs[0])
             except Exception as e:
@@ -358,41 +360,6 @@ class LLMEngine:
                 token_ids.append(None)
                 logprobs.append(None)
         return Sampled(token_ids, logprobs)
-
-    def _guided_rows(self, targets: list[Sequence]) -> tuple[list[int], list[Any]]:
-        """The rows of guided choices and their guides; rows without a grammar are skipped."""
-        rows: list[int] = []
-        guides: list[Any] = []
-        if not self._num_guided:  # the common step: no request has a grammar, so no row is scanned
-            return rows, guides
-        for row, seq in enumerate(targets):
-            req = self._requests.get(seq.request_id)
-            guide = req.choices[seq.index].guide if req is not None else None
-            if guide is not None:
-                rows.append(row)
-                guides.append(guide)
-        return rows, guides
-
-    def _start_masks(self, targets: list[Sequence]) -> tuple[list[int], Any] | None:
-        """Start filling the guided rows' grammar bitmasks (int32 [G, ceil(V/32)], a Future) on the mask
-        filler's threads, so the fill overlaps the forward pass; None when no row is guided."""
-        rows, guides = self._guided_rows(targets)
-        if not guides:
-            return None
-        if self._mask_filler is None:
-            from gearshift.engine.pipeline.guided import MaskFiller
-
-            self._mask_filler = MaskFiller(self.tokenizer.vocab_size)
-        return rows, self._mask_filler.start(guides)
-
-    def _grammar_masks(self, targets: list[Sequence]) -> tuple[list[int], Any] | None:
-        """Like _start_masks, filled here and now (the row-by-row fallback)."""
-        rows, guides = self._guided_rows(targets)
-        if not guides:
-            return None
-        from gearshift.engine.pipeline.guided import fill_bitmask
-
-        return rows, fill_bitmask(guides, self.tokenizer.vocab_size)
 
     def _fail(self, request_id: str, error: BaseException) -> None:
         """End one request because of an error in a step: its blocks are freed, the backend reports it."""

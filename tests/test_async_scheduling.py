@@ -14,7 +14,6 @@ import httpx
 import pytest
 from gearshift.engine import LLM, SamplingParams
 from gearshift.engine.async_step import resolve_async
-
 from server_process import metric, running_server
 
 BLOCK = 4

@@ -11,7 +11,8 @@ forward = time inside `runner.execute` (the model, attention metadata and logits
 (scheduler, sampler, stop checks, outputs; detokenization and stop strings too with --detokenize), as wall
 time and as the engine thread's CPU time (the figure to trust on a shared machine); of the host CPU time,
 the sampler's share (greedy: the argmax over the [B, V] logits) and the rest per sequence. Medians over the
-decode steps.
+decode steps. Async scheduling stays off (as `auto` has it on a CPU): with it on, a step() would also
+launch the next step's forward, and host = step - forward would no longer be one step's host work.
 """
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = EngineConfig(model=tmp, dtype="float32", device="cpu", max_num_seqs=max(batches),
                            max_num_batched_tokens=max(2048, args.prompt_len * 8), max_model_len=512,
                            kv_cache_memory=64 * max(batches) * (args.prompt_len + args.output_len) * 64,
-                           threads=args.threads)
+                           threads=args.threads, async_scheduling="off")
         timed = TimedRunner(ModelRunner(cfg))
         engine = LLMEngine(cfg, runner=timed, detokenize=args.detokenize)
         engine.sampler = TimedSampler(engine.sampler)

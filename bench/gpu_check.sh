@@ -62,7 +62,7 @@ step() {
 cat "$OUT/env.log" >>"$SUMMARY"
 
 step tests 260 env GEARSHIFT_TEST_GGUF=$MODEL python3 -m pytest -q -p no:cacheprovider -m gpu \
-  tests/test_kernels.py tests/test_model_fidelity.py tests/test_gpu_engine.py tests/test_async_scheduling.py
+  tests/test_kernels.py tests/test_prefill_route.py tests/test_model_fidelity.py tests/test_gpu_engine.py tests/test_async_scheduling.py
 step kernels 150 python3 bench/kernels.py --dtype bfloat16 --iters 30
 step offline_smollm2 150 python3 bench/offline.py --device cuda --model $MODEL --dtype bfloat16,float32 \
   --naive-requests 4 --compare-eager

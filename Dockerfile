@@ -40,8 +40,10 @@ RUN CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_CUDA=OFF -DGGML_BLAS=OFF" pip install "
 WORKDIR /src
 # The dependencies first, from pyproject.toml alone: a change to the code or README reuses this layer.
 COPY pyproject.toml ./
-RUN python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
-print("\n".join(p["dependencies"] + p["optional-dependencies"]["gguf"]))' > /tmp/requirements.txt \
+# The build requirements too (setuptools >= 77 for the SPDX license): the build stage installs without isolation.
+RUN python -c 'import tomllib; t = tomllib.load(open("pyproject.toml", "rb")); p = t["project"]; \
+print("\n".join(p["dependencies"] + p["optional-dependencies"]["gguf"] + t["build-system"]["requires"]))' \
+    > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt
 
 # Stage build: the project itself on top (a code change rebuilds from here, in seconds, not the deps).

@@ -47,6 +47,7 @@ from gearshift.engine.load_progress import reported
 from gearshift.engine.loader import open_model
 from gearshift.engine.model.llama import LlamaForCausalLM
 from gearshift.engine.model.quant_int4 import INT4_MAX_ROWS, int4_activation_dtype
+from gearshift.engine.model.quant_int8 import CALIBRATION_TEXT, input_absmax
 from gearshift.engine.scheduler_output import SchedulerOutput
 from gearshift.engine.tokenizer import Tokenizer
 
@@ -128,6 +129,8 @@ class ModelRunner:
         self.prepacked = False  # CPU: matmul weights pre-packed for oneDNN (set by _load_model)
         self.model = self._load_model(src, wanted_len)
         self._allocate_kv_cache(wanted_len)
+        if config.quantization == "int8":  # calibrated by a prefill through the fp32 model and this KV cache
+            self.model.quantize_int8_for_cpu(self.config.max_num_seqs, self._int8_calibration())
         self.graphs: DecodeGraphs | None = None  # CUDA graphs for pure-decode batches (GPU, unless enforce_eager)
         self.mixed_graphs: MixedGraphs | None = None  # and for mixed steps of few tokens (cuda_graphs.py)
         if self.device.type == "cpu":  # a step's [B, V] logits reused from the heap (cpu_malloc.py says why)
@@ -149,15 +152,15 @@ class ModelRunner:
         model.materialize()
         total = sum(p.numel() for p in model.parameters())  # tied weights once, as checkpoints hold them
         model.load_weights(reported(src.weights(), total, self.model_config.num_layers, log.info))
-        if self.config.quantization == "int8":
-            model.quantize_int8_for_cpu(batch_hint=self.config.max_num_seqs)
-        elif self.config.quantization == "int4":
+        if self.config.quantization == "int4":
             blocks = src.q4_blocks() if hasattr(src, "q4_blocks") else ()  # a GGUF's own Q4_0/Q4_1 blocks
             counts = model.quantize_int4_for_cpu(blocks, INT4_MAX_ROWS, batch_hint=self.config.max_num_seqs)
             self.prepacked = True
             release_free_heap()  # the repacking's temporaries: RSS after load 1076 -> 806 MiB on SmolLM2
             log.info("int4 weights: %(kept)d matrices keep the checkpoint's Q4 blocks, %(quantized)d quantized "
                      "by group min/max, %(dense)d stay dense", counts)
+        elif self.config.quantization == "int8":
+            pass  # quantized once the KV cache exists: its calibration prefill runs the plain fp32 weights
         elif self.device.type == "cpu" and (self.dtype == torch.float32 or
                                           (self.dtype == torch.bfloat16 and cpu_has_fast_bf16())):
             try:
@@ -208,6 +211,24 @@ class ModelRunner:
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_layers)]
         log.info("KV cache: %d blocks x %d tokens (%.1f MiB), max_model_len %d", self.num_kv_blocks,
                  self.block_size, self.kv_cache.numel() * elem / 2**20, self.max_model_len)
+
+    def _int8_calibration(self) -> dict[str, torch.Tensor]:
+        """Per-channel max |input| of every smoothable matmul over one prefill of quant_int8's calibration
+        text (at most the KV cache and the step budget), logits at every row; the cache it wrote is free."""
+        from gearshift.engine.scheduler_output import ScheduledSeq
+
+        n_max = min(self.max_model_len, self.num_kv_blocks * self.block_size, self.config.max_num_batched_tokens)
+        ids = self.tokenizer.encode(CALIBRATION_TEXT)[:n_max]
+        out = SchedulerOutput(seqs=[ScheduledSeq(0, ids, 0, list(range(-(-len(ids) // self.block_size))), True)])
+        names = dict(self.model.smoothable_int8())
+        modules = {n: m for n, m in self.model.named_modules() if n in names}
+
+        def run() -> None:
+            input_ids, positions, meta, _ = self.prepare(out)
+            with torch.inference_mode():
+                self.model.compute_logits(self.model(input_ids, positions, meta, self.kv_caches))
+
+        return input_absmax(modules, run)
 
     def _warmup(self) -> None:
         """One small forward so first-call costs (oneDNN/JIT setup) do not land on a user request."""

@@ -134,11 +134,15 @@ def _prefill_logits(r: ModelRunner, ids: list[int]) -> torch.Tensor:
 
 def test_int8_weights_keep_the_fp32_model_within_the_documented_bounds(smollm2_gguf, runner):
     """int8 is not token-for-token fp32: it must agree with fp32's argmax wherever fp32 is not near a tie
-    (top-2 margin > 1 logit) and cost little perplexity (README: 19.0 -> 19.7 on bench/int8_fidelity.py)."""
+    (top-2 margin > 1 logit) and cost little perplexity (README: 19.0 -> 19.4 on bench/int8_fidelity.py,
+    every matmul int8, smoothed; 19.7 before with down_proj and the LM head fp32)."""
     from gearshift.engine.errors import GearshiftError
+    from gearshift.engine.model.quant_int8 import Int8PerTokenWeight
 
     q8 = ModelRunner(EngineConfig(model=str(smollm2_gguf), device="cpu", quantization="int8", kv_cache_memory="48Mi"))
-    assert q8.dtype == torch.float32 and q8.model.layers[0].mlp.gate_up_proj.qpacked is not None
+    mlp = q8.model.layers[0].mlp
+    assert q8.dtype == torch.float32 and mlp.gate_up_proj.qpacked is not None
+    assert isinstance(mlp.down_proj.small, Int8PerTokenWeight) and q8.model.lm_head.qpacked is not None
     text = " ".join(c[-1]["content"] for c in CONVERSATIONS) + " The bicycle changed daily life in many cities, " \
         "because workers could live further from their factories and roads were improved for riders."
     ids = runner.tokenizer.encode(text)

@@ -9,6 +9,7 @@ from gearshift.engine.attention_metadata import AttentionMetadata
 from gearshift.engine.cpu_kernels import for_tensor as native_kernels
 from gearshift.engine.model.config import ModelConfig
 from gearshift.engine.model.quant_int4 import Int4Weight
+from gearshift.engine.model.quant_int8 import Int8PerTokenWeight
 from gearshift.engine.model.quant_int8_rows import Int8RowWeight
 from gearshift.engine.model.rope import apply_rope
 from torch import nn
@@ -24,7 +25,8 @@ class Linear(nn.Linear):
 
     packed: torch.Tensor | None = None
     qpacked: object | None = None  # int8 weights packed for FBGEMM's dynamic int8 linear (quantize_int8)
-    small: Int4Weight | Int8RowWeight | None = None  # weight-only quantized copy for small steps (set_small)
+    # weight-only quantized copy for small steps (set_small); int8 down_proj: per-token int8 for every step
+    small: Int4Weight | Int8RowWeight | Int8PerTokenWeight | None = None
     small_max_rows: int = 0  # steps of at most this many rows use `small`, larger ones the dense path
 
     def set_small(self, weight: Int4Weight | Int8RowWeight, max_rows: int) -> None:
@@ -33,11 +35,15 @@ class Linear(nn.Linear):
         is faster (llama.quantize_int4_for_cpu)."""
         self.small, self.small_max_rows = weight, max_rows
 
-    def quantize_int8(self) -> None:
+    def quantize_int8(self, col_scale: torch.Tensor | None = None) -> None:
         """Per-output-channel symmetric int8 weights; each call quantizes its fp32 input per tensor on the
         fly and runs an int8 GEMM (torch's dynamic quantized linear, FBGEMM/oneDNN with VNNI or AVX2).
-        Measured on an AVX-512-VNNI CPU, one thread: 2-4x fp32's pre-packed matmul, 1.4-2x bf16's."""
+        Measured on an AVX-512-VNNI CPU, one thread: 2-4x fp32's pre-packed matmul, 1.4-2x bf16's.
+        col_scale [K]: input channel k's weights multiplied by it, its input divided upstream (SmoothQuant,
+        quant_int8.py); the plain weight is left as it is (it may be the tied embedding)."""
         w = self.weight.detach().float()  # [N, K]
+        if col_scale is not None:
+            w = w * col_scale
         scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()  # [N]
         q = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
         bias = self.bias.detach().float() if self.bias is not None else None

@@ -7,6 +7,7 @@ q/k/v and gate/up are fused here into one matmul each.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 
 import torch
@@ -19,6 +20,7 @@ from gearshift.engine.model.config import ModelConfig
 from gearshift.engine.model.family_layer import FamilyDecoderLayer
 from gearshift.engine.model.layers import Attention, Linear, RMSNorm, SwiGLU
 from gearshift.engine.model.quant_int4 import Int4Weight, Q4Blocks, from_dense, int4_shape_ok, whole_rows
+from gearshift.engine.model.quant_int8 import SMOOTHED_INT8, Int8PerTokenWeight, smoothing_scales
 from gearshift.engine.model.quant_int8_rows import Int8RowWeight
 from gearshift.engine.model.rope import RotaryEmbedding
 from gearshift.engine.model.weights import locate
@@ -84,20 +86,49 @@ class LlamaForCausalLM(nn.Module):
             if not (m is self.lm_head and self.config.tie_word_embeddings):
                 m.release_weight()
 
-    def quantize_int8_for_cpu(self, batch_hint: int) -> None:
-        """int8 weights for the q/k/v, o and gate/up matmuls (see layers.Linear.quantize_int8). down_proj and
-        the LM head stay fp32, pre-packed: down_proj's input (SiLU(gate) x up) has outlier channels that a
-        per-tensor int8 activation scale crushes (SmolLM2-135M perplexity 19.0 -> 30.9 with it int8, 19.7
-        without; bench/int8_fidelity.py). Call after load_weights."""
+    def quantize_int8_for_cpu(self, batch_hint: int, act_absmax: dict[str, torch.Tensor] | None = None) -> None:
+        """int8 weights (see layers.Linear.quantize_int8). Without act_absmax: the q/k/v, o and gate/up
+        matmuls; down_proj and the LM head stay fp32, pre-packed: down_proj's input (SiLU(gate) x up) has
+        outlier channels that a per-tensor int8 activation scale crushes (SmolLM2-135M perplexity 19.0 -> 30.9
+        with it int8, 19.7 without; bench/int8_fidelity.py). With act_absmax (Linear name -> per-channel
+        max |input| [K], quant_int8.input_absmax over a calibration prefill): the inputs are smoothed
+        (quant_int8.py) and those matmuls are int8 too. Call after load_weights."""
         linears = {name: m for name, m in self.named_modules() if isinstance(m, Linear)}
+        with torch.no_grad():
+            cols = self._smooth_int8(linears, act_absmax) if act_absmax is not None else {}
         for name, m in linears.items():
-            if m is self.lm_head or name.endswith("down_proj"):
+            if name not in cols and (m is self.lm_head or name.endswith("down_proj")):
                 m.prepack(batch_hint)
+            elif name.endswith("down_proj"):  # per-token activation scales (quant_int8.Int8PerTokenWeight says why)
+                m.set_small(Int8PerTokenWeight(m.weight.detach().float() * cols[name]), sys.maxsize)
             else:
-                m.quantize_int8()
+                m.quantize_int8(cols.get(name))
         for m in linears.values():
             if not (m is self.lm_head and self.config.tie_word_embeddings):
                 m.release_weight()
+
+    def smoothable_int8(self) -> list[tuple[str, torch.Tensor]]:
+        """(Linear name, the vector that scales its input channels): the RMSNorm weight before q/k/v, before
+        gate/up and before the LM head, the `up` rows of gate/up before down_proj (SiLU(g) * u is linear in
+        u). Only plain decoder layers (their data flow is the one written here): others keep down_proj fp32."""
+        pairs: list[tuple[str, torch.Tensor]] = []
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, DecoderLayer):
+                mlp = layer.mlp
+                pairs += [(f"layers.{i}.self_attn.qkv_proj", layer.input_layernorm.weight),
+                          (f"layers.{i}.mlp.gate_up_proj", layer.post_attention_layernorm.weight),
+                          (f"layers.{i}.mlp.down_proj", mlp.gate_up_proj.weight[mlp.intermediate:])]
+        return [*pairs, ("lm_head", self.norm.weight)]
+
+    def _smooth_int8(self, linears: dict[str, Linear], act_absmax: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Divide each smoothable input by s [K] where it is produced (in place); -> name -> s for its weight."""
+        cols: dict[str, torch.Tensor] = {}
+        for name, producer in self.smoothable_int8():
+            if name in act_absmax and name.rsplit(".", 1)[-1] in SMOOTHED_INT8:
+                s = smoothing_scales(act_absmax[name], linears[name].weight)  # [K]
+                producer.div_(s.to(producer.dtype) if producer.dim() == 1 else s.to(producer.dtype)[:, None])
+                cols[name] = s
+        return cols
 
     def quantize_int4_for_cpu(self, blocks: Iterable[tuple[str, Q4Blocks]], max_rows: int,
                               batch_hint: int) -> dict[str, int]:

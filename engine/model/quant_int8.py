@@ -1,0 +1,107 @@
+"""SmoothQuant-style smoothing for `--quantization int8`: every matmul int8, down_proj and the LM head included.
+
+torch's dynamic int8 linear quantizes its fp32 input with one scale per call (per tensor), so an input
+with a few outlier channels (down_proj's SiLU(gate) x up, the final norm's output) loses every other
+channel to rounding: SmolLM2-135M perplexity 19.0 -> 30.9 with down_proj int8 as it was. Smoothing
+(Xiao et al. 2022, SmoothQuant) moves that range into the weight, exactly in real arithmetic:
+y = x W^T = (x / s) (W diag(s))^T. The division by s is folded into whatever produced x - an RMSNorm's
+weight, or the `up` rows of the fused gate/up matrix (SiLU(g) * u / s = SiLU(g) * (u / s)) - so it costs
+nothing at run time, and a per-output-channel int8 weight absorbs a row scaling exactly.
+
+s_j = max|x_j|^alpha / max|W_:j|^(1 - alpha), from the inputs' per-channel max over one prefill of a fixed
+calibration text at load (CALIBRATION_TEXT: not the text bench/int8_fidelity.py scores). The calibration
+keeps the first token, whose massive activations (see Int8PerTokenWeight) dominate some layers' maxima:
+leaving it out cost perplexity (19.37 -> 20.13), as the first token's own row then loses its precision.
+q/k/v, gate/up and the LM head read RMSNorm outputs (no massive rows) and keep the per-tensor dynamic
+linear; down_proj takes per-token scales (Int8PerTokenWeight). o_proj is int8 unsmoothed, as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+# SmolLM2-135M, bench/int8_fidelity.py perplexity (fp32 18.98; unsmoothed int8 with down_proj and the LM head
+# fp32 19.67): q/k/v + gate/up smoothed at alpha 0.5 18.81 (0.7: 18.96), + LM head int8 18.92; + down_proj
+# per-token int8 smoothed at alpha 0.2 / 0.5 / 0.8: 19.65 / 19.37 / 19.72, unsmoothed 19.93. down_proj
+# per-tensor int8 (the dynamic linear) smoothed at 0.5 / 0.8 / 0.95: 22.6 / 21.9 / 24.7.
+ALPHA = 0.5
+# The matmuls smoothed (and so int8 where they were fp32: down_proj, the LM head), by Linear name's last part.
+SMOOTHED_INT8 = frozenset({"qkv_proj", "gate_up_proj", "down_proj", "lm_head"})
+# A few hundred tokens of ordinary English and a chat turn: what the served model reads. Its only use is the
+# per-channel maximum of each matmul's input, so its topic matters little; it is not the fidelity text.
+CALIBRATION_TEXT = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHow do I keep bread fresh "
+    "for longer, and why does it go stale?<|im_end|>\n<|im_start|>assistant\nBread goes stale mainly because "
+    "the starch inside it slowly recrystallises and the crumb loses moisture to the crust and the air. To "
+    "keep it fresh, store it at room temperature in a bread box or a paper bag for a day or two; plastic keeps "
+    "it soft but can make the crust chewy and invites mould. For longer storage, slice it and freeze it in a "
+    "sealed bag, then toast the slices straight from the freezer. Avoid the fridge: the cold speeds up "
+    "staling.<|im_end|>\nThe river rose quickly after three days of rain, and the farmers moved their cattle "
+    "to the hills. In the town, shopkeepers piled sandbags against their doors while children watched the "
+    "brown water rush under the old stone bridge. By evening the level had reached the second step of the "
+    "church, the highest mark since 1953, and the mayor asked everyone living near the bank to spend the "
+    "night with friends. def mean(values):\n    return sum(values) / len(values) if values else 0.0\n"
+    "Prices rose 3.2% in March, 14 of 27 regions reported growth, and the central bank held rates at 4.25%."
+)
+
+
+def input_absmax(modules: dict[str, nn.Module], run: Callable[[], None]) -> dict[str, torch.Tensor]:
+    """Per-channel max |input| [K] of each module over whatever `run()` feeds through them (forward pre-hooks)."""
+    stats: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Callable:
+        def pre(_module: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            m = x.reshape(-1, x.shape[-1]).abs().amax(0).float()  # [K]
+            stats[name] = torch.maximum(stats[name], m) if name in stats else m
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def smoothing_scales(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float | None = None) -> torch.Tensor:
+    """act_absmax [K], weight [N, K] -> s [K]: the input is divided by s, the weight's columns multiplied."""
+    alpha = ALPHA if alpha is None else alpha
+    w = weight.detach().float().abs().amax(0).clamp(min=1e-5)  # [K]
+    a = act_absmax.float().clamp(min=1e-5)
+    return (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
+
+
+class Int8PerTokenWeight:
+    """Per-output-channel int8 weight [N, K] with each input row quantized on its own scale (per token):
+    `matmul(x [M, K] fp32) -> [M, N] fp32` by ATen's int8 GEMM (`torch._int_mm`, int32 accumulation).
+
+    For down_proj: its input has "massive activations" - the first token of a text reaches |x| ~2,800 in one
+    channel of SmolLM2's layer 11 where every other token stays under ~15 - so a scale shared by the rows
+    of a step crushes every row that shares a step with such a token, and the result of a request would
+    depend on who else is in its step. Per-token scales make each row's result independent of the others.
+    """
+
+    def __init__(self, w: torch.Tensor) -> None:
+        w = w.detach().float()  # [N, K]
+        self.out_features, self.in_features = w.shape
+        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # [N]
+        q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+        self.qt = q.t()  # [K, N], a transposed view: the layout _int_mm's CPU path reads fastest (measured)
+        self.scale_127 = scale / 127.0  # [N]: the weight's scale and the activation's 1/127 in one
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., K] fp32 -> [..., N] fp32."""
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features)
+        # abs().amax(): 9 us at 32 x 1536 where vector_norm(inf) takes 129 (one thread, measured).
+        amax = x.abs().amax(1, keepdim=True).clamp_(min=1e-12)  # [M, 1]
+        xq = x.mul(127.0 / amax).round_().to(torch.int8)  # [M, K]
+        y = torch._int_mm(xq, self.qt) * (amax * self.scale_127)  # int32 [M, N] x fp32 -> fp32
+        if bias is not None:
+            y = y + bias
+        return y.view(*lead, self.out_features)

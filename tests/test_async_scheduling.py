@@ -13,7 +13,11 @@ import time
 import httpx
 import pytest
 from gearshift.engine import LLM, SamplingParams
-from gearshift.engine.async_step import resolve_async
+from gearshift.engine.async_step import PLACEHOLDER, resolve_async, samples_on_device
+from gearshift.engine.block_manager import BlockManager
+from gearshift.engine.scheduler import Scheduler
+from gearshift.engine.scheduler_output import SchedulerOutput
+from gearshift.engine.sequence import Sequence
 from server_process import metric, running_server
 
 BLOCK = 4
@@ -47,6 +51,54 @@ def choices(outputs) -> list[tuple]:
     ("auto", "cuda", 2, False), ("on", "cuda", 2, False)])
 def test_when_it_is_on(mode, device, tp, on) -> None:
     assert resolve_async(mode, device, tp) is on
+
+
+def _scheduler_with(n: int, cap: int = 4) -> tuple[Scheduler, list[Sequence]]:
+    """A real scheduler whose n greedy sequences have their prompts computed (the step after a prefill)."""
+    sched = Scheduler(BlockManager(64, BLOCK), cap, 64, 256)
+    seqs = [Sequence(f"r{i}", list(range(10 + i, 16 + i)), SamplingParams(temperature=0.0)) for i in range(n)]
+    for seq in seqs:
+        sched.add(seq)
+    sched.on_step_done(sched.schedule())
+    return sched, seqs
+
+
+def test_flight_bookkeeping_placeholders_inputs_and_when_to_continue() -> None:
+    """The pure part of async_step.py on a real scheduler: placeholders turn every live row into a decode
+    and go again without a trace; the next step's inputs are the flight's ids, reordered when its rows
+    are; it continues only when the next schedule can hold nothing but decodes of the flight's rows."""
+    import torch
+    from gearshift.engine import async_step
+
+    sched, seqs = _scheduler_with(3)
+    flight = async_step.launched(SchedulerOutput(), seqs, torch.tensor([7, 8, 9]))
+    before = [list(s.token_ids) for s in seqs]
+    assert async_step.can_continue(flight, sched)
+    sched.finish(seqs[1])  # aborted between steps: no placeholder, not scheduled
+    async_step.add_placeholders(flight)
+    out = sched.schedule()
+    assert out.num_decodes == len(out.seqs) == 2 and [s.token_ids for s in out.seqs] == [[PLACEHOLDER]] * 2
+    assert async_step.next_input_ids(flight, out).tolist() == [7, 9]
+    async_step.drop_placeholders(flight)
+    async_step.drop_placeholders(flight)  # idempotent
+    assert [list(s.token_ids) for s in seqs] == before
+    whole = SchedulerOutput(scheduled=[seqs[0], seqs[2]])
+    assert async_step.next_input_ids(async_step.launched(whole, [seqs[0], seqs[2]], torch.tensor([1, 2])),
+                                     whole).tolist() == [1, 2]
+    sched.add(Sequence("new", [1, 2, 3], SamplingParams(temperature=0.0)))  # a prefill could be admitted
+    assert not async_step.can_continue(flight, sched)
+    full, rows = _scheduler_with(4, cap=4)  # ... unless the running batch is at max_num_seqs
+    full.add(Sequence("new", [1, 2, 3], SamplingParams(temperature=0.0)))
+    assert async_step.can_continue(async_step.launched(SchedulerOutput(), rows, torch.tensor([1, 2, 3, 4])), full)
+    assert not async_step.can_continue(async_step.launched(SchedulerOutput(), rows[:3], torch.tensor([1, 2, 3])), full)
+
+
+@pytest.mark.parametrize(("params", "ok"), [
+    (SamplingParams(temperature=0.0), True), (SamplingParams(temperature=0.8), False),
+    (SamplingParams(temperature=0.0, logprobs=1), False), (SamplingParams(temperature=0.0, logit_bias={5: 1.0}), False),
+    (SamplingParams(temperature=0.0, repetition_penalty=1.2), False)])
+def test_which_rows_sample_on_the_device(params, ok) -> None:
+    assert samples_on_device([Sequence("r", [1, 2], params)]) is ok
 
 
 def test_greedy_batch_with_early_stops_and_preemption_equals_sync(llms) -> None:

@@ -127,4 +127,7 @@ def next_input_ids(flight: InFlight, out: SchedulerOutput) -> torch.Tensor:
     import torch
 
     ids = flight.token_ids
-    return ids.index_select(0, torch.tensor(rows, dtype=torch.int64).to(ids.device, non_blocking=True))
+    idx = torch.tensor(rows, dtype=torch.int64)
+    if ids.is_cuda:  # pinned, non-blocking: nothing here may wait for the step still running
+        idx = idx.pin_memory().to(ids.device, non_blocking=True)
+    return ids.index_select(0, idx)

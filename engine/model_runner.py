@@ -86,6 +86,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
+def to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """A step's host-built input onto the device without waiting for the stream: async scheduling
+    launches a step while the one before still runs, and a blocking copy (or a non-blocking one from
+    pageable memory, which CUDA may stage synchronously) would wait for it. Pinned, then non-blocking; the
+    pinned buffer is held until the copy is done (torch's caching host allocator). On a CPU: `t` itself."""
+    if dev.type == "cpu":
+        return t
+    return t.pin_memory().to(dev, non_blocking=True)
+
+
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A CPU tensor of zeros whose pages become resident only when first written: an anonymous mapping
     reads as zeros (the kernel's zero page) until touched, so a KV cache sized for the worst case costs
@@ -370,9 +380,7 @@ class ModelRunner:
         dev = self.device
 
         def to_dev(values: list[int], dtype: torch.dtype) -> torch.Tensor:
-            # non_blocking: a blocking copy waits for the stream, i.e. for the step still running (async
-            # scheduling); from pageable memory CUDA stages the bytes before it returns, so this is safe.
-            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
+            return to_device(torch.tensor(values, dtype=dtype), dev)  # no wait for the step still running
 
         meta = AttentionMetadata(
             slot_mapping=to_dev(slots, torch.int64),
@@ -404,13 +412,12 @@ class ModelRunner:
         block_tables[np.arange(max_blocks) < lens[:, None]] = flat  # row-major fill: row i gets its own table
         slots = block_tables[np.arange(b), pos // bs].astype(np.int64) * bs + pos % bs  # [B]
         dev = self.device
-        meta = AttentionMetadata(  # non_blocking: see prepare (no wait for the step still running)
-            slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True),
+        meta = AttentionMetadata(  # to_device: no wait for the step still running
+            slot_mapping=to_device(torch.from_numpy(slots), dev),
             query_start_loc=torch.arange(b + 1, dtype=torch.int32, device=dev),
-            seq_lens=torch.from_numpy((pos + 1).astype(np.int32)).to(dev, non_blocking=True),
-            block_tables=torch.from_numpy(block_tables).to(dev, non_blocking=True),
+            seq_lens=to_device(torch.from_numpy((pos + 1).astype(np.int32)), dev),
+            block_tables=to_device(torch.from_numpy(block_tables), dev),
             max_query_len=1,
             max_seq_len=max_seq_len,
         )
-        return torch.from_numpy(ids).to(dev, non_blocking=True), torch.from_numpy(pos).to(dev, non_blocking=True), \
-            meta, None
+        return to_device(torch.from_numpy(ids), dev), to_device(torch.from_numpy(pos), dev), meta, None

@@ -155,5 +155,7 @@ def test_int8_weights_keep_the_fp32_model_within_the_documented_bounds(smollm2_g
     clear = (top2[:, 0] - top2[:, 1]) > 1.0
     assert int(clear.sum()) >= 10
     assert float((ref.argmax(-1) == got.argmax(-1))[clear].float().mean()) >= 0.95
+    # Smoothed, every matmul int8: 96% of all 50 positions (78% before smoothing, down_proj fp32; README).
+    assert float((ref.argmax(-1) == got.argmax(-1)).float().mean()) >= 0.88
     with pytest.raises(GearshiftError, match="int8"):
         ModelRunner(EngineConfig(model=str(smollm2_gguf), device="cpu", dtype="bfloat16", quantization="int8"))

@@ -33,20 +33,50 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
     return sizes
 
 
-class DecodeGraphs:
+class StaticStep:
+    """The static buffers a captured step reads, for up to `tokens` tokens of up to `seqs` sequences, and
+    the copy of a prepared step into them, padded to a bucket (the same for decode and mixed graphs)."""
+
+    def __init__(self, device: torch.device, tokens: int, seqs: int, max_blocks: int) -> None:
+        dev = device
+        self.input_ids = torch.zeros(tokens, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(tokens, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.full((tokens,), -1, dtype=torch.int64, device=dev)
+        self.query_start_loc = torch.zeros(seqs + 1, dtype=torch.int32, device=dev)
+        self.seq_lens = torch.zeros(seqs, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros(seqs, max_blocks, dtype=torch.int32, device=dev)
+
+    def stage_step(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                   t: int, s: int) -> None:
+        """Copy a prepared step (device to device) into the buffers, padded to t tokens of s sequences:
+        tokens past the step's have slot -1 (never written), sequences past its have query length 0,
+        seq_len 0 and an all-zero block table (the Triton kernels skip them)."""
+        n, b = input_ids.shape[0], meta.num_seqs
+        width = meta.block_tables.shape[1]
+        self.input_ids[:n].copy_(input_ids)
+        self.input_ids[n:t].zero_()
+        self.positions[:n].copy_(positions)
+        self.positions[n:t].zero_()
+        self.slot_mapping[:n].copy_(meta.slot_mapping)
+        self.slot_mapping[n:t].fill_(-1)
+        self.query_start_loc[: b + 1].copy_(meta.query_start_loc)
+        self.query_start_loc[b + 1 : s + 1].fill_(n)
+        self.seq_lens[:b].copy_(meta.seq_lens)
+        self.seq_lens[b:s].zero_()
+        self.block_tables[:b, :width].copy_(meta.block_tables)
+        self.block_tables[:b, width:].zero_()
+        self.block_tables[b:s].zero_()
+
+
+class DecodeGraphs(StaticStep):
     def __init__(self, forward: Forward, device: torch.device, max_num_seqs: int, max_blocks: int,
                  block_size: int) -> None:
+        super().__init__(device, max_num_seqs, max_num_seqs, max_blocks)
         self.forward = forward
-        self.device = dev = device
+        self.device = device
         self.max_bs = b = max_num_seqs
         self.max_blocks = max_blocks
         self.block_size = block_size
-        self.input_ids = torch.zeros(b, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(b, dtype=torch.int64, device=dev)
-        self.slot_mapping = torch.full((b,), -1, dtype=torch.int64, device=dev)
-        self.query_start_loc = torch.zeros(b + 1, dtype=torch.int32, device=dev)
-        self.seq_lens = torch.zeros(b, dtype=torch.int32, device=dev)
-        self.block_tables = torch.zeros(b, max_blocks, dtype=torch.int32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.buckets = batch_buckets(b)
@@ -89,22 +119,8 @@ class DecodeGraphs:
         """Copy a prepared decode step of n rows into the static buffers (device to device) and pad them
         to the bucket: rows n..b have query length 0, slot -1, seq_len 0 and an all-zero block table.
         Returns the bucket b."""
-        n = meta.num_seqs
-        b = next(x for x in self.buckets if x >= n)
-        width = meta.block_tables.shape[1]
-        self.input_ids[:n].copy_(input_ids)
-        self.input_ids[n:b].zero_()
-        self.positions[:n].copy_(positions)
-        self.positions[n:b].zero_()
-        self.slot_mapping[:n].copy_(meta.slot_mapping)
-        self.slot_mapping[n:b].fill_(-1)
-        self.query_start_loc[: n + 1].copy_(meta.query_start_loc)
-        self.query_start_loc[n + 1: b + 1].fill_(n)
-        self.seq_lens[:n].copy_(meta.seq_lens)
-        self.seq_lens[n:b].zero_()
-        self.block_tables[:n, :width].copy_(meta.block_tables)
-        self.block_tables[:n, width:].zero_()
-        self.block_tables[n:b].zero_()
+        b = next(x for x in self.buckets if x >= meta.num_seqs)
+        self.stage_step(input_ids, positions, meta, b, b)
         return b
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -144,7 +160,7 @@ def mixed_bucket(num_tokens: int, num_seqs: int, token_buckets: list[int],
 MixedForward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor], torch.Tensor]
 
 
-class MixedGraphs:
+class MixedGraphs(StaticStep):
     """One graph per (token bucket, sequence bucket) for steps that are not pure decode. Padding: tokens
     past the step's belong to no sequence (slot -1: never written; no program attends for them), sequences
     past the step's have query length 0, and sampled rows past the step's read row 0 (their logits are
@@ -153,18 +169,13 @@ class MixedGraphs:
 
     def __init__(self, forward: MixedForward, device: torch.device, token_buckets: list[int],
                  seq_buckets: list[int], max_blocks: int, block_size: int) -> None:
-        self.forward = forward
-        self.device = dev = device
-        self.token_buckets, self.seq_buckets = token_buckets, seq_buckets
         t, s = token_buckets[-1], seq_buckets[-1]
+        super().__init__(device, t, s, max_blocks)
+        self.forward = forward
+        self.device = device
+        self.token_buckets, self.seq_buckets = token_buckets, seq_buckets
         self.max_blocks, self.block_size = max_blocks, block_size
-        self.input_ids = torch.zeros(t, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(t, dtype=torch.int64, device=dev)
-        self.slot_mapping = torch.full((t,), -1, dtype=torch.int64, device=dev)
-        self.query_start_loc = torch.zeros(s + 1, dtype=torch.int32, device=dev)
-        self.seq_lens = torch.zeros(s, dtype=torch.int32, device=dev)
-        self.block_tables = torch.zeros(s, max_blocks, dtype=torch.int32, device=dev)
-        self.sample_rows = torch.zeros(s, dtype=torch.int64, device=dev)
+        self.sample_rows = torch.zeros(s, dtype=torch.int64, device=device)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.logits: dict[tuple[int, int], torch.Tensor] = {}
         self.replays = 0  # steps served by a graph (tests and logs read it)
@@ -215,20 +226,7 @@ class MixedGraphs:
         if shape is None:
             raise ValueError(f"a step of {n} tokens, {b} sequences fits no mixed-step bucket")
         t, s = shape
-        width = meta.block_tables.shape[1]
-        self.input_ids[:n].copy_(input_ids)
-        self.input_ids[n:t].zero_()
-        self.positions[:n].copy_(positions)
-        self.positions[n:t].zero_()
-        self.slot_mapping[:n].copy_(meta.slot_mapping)
-        self.slot_mapping[n:t].fill_(-1)
-        self.query_start_loc[: b + 1].copy_(meta.query_start_loc)
-        self.query_start_loc[b + 1 : s + 1].fill_(n)
-        self.seq_lens[:b].copy_(meta.seq_lens)
-        self.seq_lens[b:s].zero_()
-        self.block_tables[:b, :width].copy_(meta.block_tables)
-        self.block_tables[:b, width:].zero_()
-        self.block_tables[b:s].zero_()
+        self.stage_step(input_ids, positions, meta, t, s)
         self.sample_rows[: sample_rows.shape[0]].copy_(sample_rows)
         self.sample_rows[sample_rows.shape[0] : s].zero_()
         return t, s

@@ -3,7 +3,7 @@
 The idea is vLLM v1's async scheduler (vllm/v1/core/sched/async_scheduler.py; the runner's
 `prev_sampled_token_ids`), kept small. The engine holds at most one launched step (InFlight). Its next
 step() assumes each of that step's rows produced exactly one token: it appends a PLACEHOLDER to each
-row's sequence, schedules (every row is then a one-token decode), and launches the new step with input ids
+row's sequence, schedules (every row is then a one-token decode), and launches the new step with its decodes' input ids
 taken from the previous step's sampled ids where they are, on the device (no host round trip). Only then
 does it wait for the previous step's ids on the host, drop the placeholders and run the usual token loop
 (stop tokens, max_tokens, outputs). A row of the new step whose request finished in the old one (or was
@@ -15,9 +15,10 @@ It holds only where the result is known to equal the synchronous engine's:
 - a step is launched async only if every sampled row is plain greedy without a grammar (the argmax is
   on the device; seeded or temperature sampling, penalties, logprobs and grammar masks run on the host,
   which needs the previous token first);
-- the step after an in-flight one continues async only if it can be nothing but decodes of the in-flight
-  step's rows (can_continue): no waiting request could be admitted, no running sequence is mid-prefill.
-  Otherwise the in-flight step is finished first and the next step() runs synchronously.
+- the step after an in-flight one continues async only if its decodes are all rows of the in-flight step
+  (no running sequence mid-prefill or left out by the budget) and any request it could admit samples on
+  the device too (can_continue); admitted prefills feed host ids as usual. Otherwise the in-flight step
+  is finished first and the next step() runs synchronously.
 Preemption is safe: a preempted row keeps its placeholder until the token loop replaces it.
 """
 
@@ -94,13 +95,15 @@ def launched(out: SchedulerOutput, targets: list[Sequence], token_ids: torch.Ten
 
 
 def can_continue(flight: InFlight, scheduler: Scheduler) -> bool:
-    """Would the next schedule, with a placeholder token on each of `flight`'s rows, be only decodes of
-    those rows? Then every input id is in flight.token_ids. No: a waiting sequence could be admitted
-    (a prefill), or a running one is not a row of the flight (mid-prefill, or left out by the budget)."""
-    if scheduler.waiting and len(scheduler.running) < scheduler.max_num_seqs:
-        return False
+    """May the next step be launched before `flight`'s ids reach the host? With a placeholder on each of
+    flight's rows, every running sequence must be one of those rows (a decode whose input id is in
+    flight.token_ids; not mid-prefill, not left out by the budget), and whatever waiting sequence could
+    be admitted (a prefill from host ids) must sample on the device too."""
     row_of = flight.row_of
-    return all(seq.seq_id in row_of for seq in scheduler.running)
+    if not all(seq.seq_id in row_of for seq in scheduler.running):
+        return False
+    return (not scheduler.waiting or len(scheduler.running) >= scheduler.max_num_seqs
+            or samples_on_device(scheduler.waiting))
 
 
 def add_placeholders(flight: InFlight) -> None:
@@ -119,9 +122,12 @@ def drop_placeholders(flight: InFlight) -> None:
 
 
 def next_input_ids(flight: InFlight, out: SchedulerOutput) -> torch.Tensor:
-    """The input ids [B] of `out` (decodes of flight's rows only: can_continue held) from flight's
-    device ids: the same tensor when the rows are the same, in the same order (the steady state)."""
-    rows = [flight.row_of[seq.seq_id] for seq in out.scheduled]
+    """flight's device ids [num_decodes] aligned with `out`'s decode rows (they come first in the flat
+    batch); the runner takes them where out holds a PLACEHOLDER (a row of any other decode, admitted with
+    one token left, reads 0 here and keeps its own id). The same tensor when the rows are flight's, in
+    its order (the steady state)."""
+    get = flight.row_of.get
+    rows = [get(seq.seq_id, 0) for seq in out.scheduled[:out.num_decodes]]
     if len(rows) == len(flight.targets) and rows == list(range(len(rows))):
         return flight.token_ids
     import torch

@@ -261,15 +261,15 @@ class LLMEngine:
         return BatchStepError(sorted(ids), cause)
 
     # -- async scheduling (async_step.py) -----------------------------------------------------------
-    def _launch(self, out: SchedulerOutput, targets: list[Sequence], input_ids: Any) -> InFlight:
+    def _launch(self, out: SchedulerOutput, targets: list[Sequence], prev_ids: Any) -> InFlight:
         """Run `out` and take the greedy ids on the device; nothing waits for them here."""
-        logits = self.runner.execute(out) if input_ids is None else self.runner.execute(out, input_ids)
+        logits = self.runner.execute(out) if prev_ids is None else self.runner.execute(out, prev_ids)
         self.num_async_steps += 1
         return launched(out, targets, self.sampler.greedy_ids(logits))
 
     def _step_ahead(self, flight: InFlight) -> list[RequestOutput]:
-        """Launch the step after `flight` (if it can only be decodes of flight's rows), then finish
-        `flight`: its ids to the host, the token loop, its outputs."""
+        """Launch the step after `flight` (if async_step.can_continue), then finish `flight`: its ids to
+        the host, the token loop, its outputs."""
         self._flight = None
         self.scheduler.on_step_done(flight.out)
         if async_step.can_continue(flight, self.scheduler):
@@ -277,7 +277,8 @@ class LLMEngine:
             out = self.scheduler.schedule()
             if not out.is_empty:
                 try:
-                    self._flight = self._launch(out, out.scheduled, async_step.next_input_ids(flight, out))
+                    targets = self._targets(out)  # the decodes, and admitted prefills that complete
+                    self._flight = self._launch(out, targets, async_step.next_input_ids(flight, out))
                 except Exception as e:  # end the new step's requests (without placeholders), keep flight's
                     async_step.drop_placeholders(flight)
                     error = self._batch_failed(out, e)

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, get_args
 
 import numpy as np
 import torch
+from gearshift.engine.async_step import PLACEHOLDER
 from gearshift.engine.attention_metadata import AttentionMetadata
 from gearshift.engine.config import DType, EngineConfig, usable_cpus
 from gearshift.engine.cpu_malloc import keep_large_buffers, release_free_heap
@@ -94,6 +95,17 @@ def to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
     if dev.type == "cpu":
         return t
     return t.pin_memory().to(dev, non_blocking=True)
+
+
+def with_previous_ids(input_ids: torch.Tensor, prev_ids: torch.Tensor) -> torch.Tensor:
+    """input_ids [T] with its first len(prev_ids) entries taken from prev_ids where they are PLACEHOLDERs;
+    all on the device, nothing read on the host."""
+    nd = prev_ids.shape[0]
+    if nd > input_ids.shape[0]:
+        raise ValueError(f"{nd} previous ids for a step of {input_ids.shape[0]} tokens")
+    head = input_ids[:nd]
+    head = torch.where(head == PLACEHOLDER, prev_ids, head)
+    return head if nd == input_ids.shape[0] else torch.cat([head, input_ids[nd:]])
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -318,16 +330,14 @@ class ModelRunner:
             self.mixed_graphs = None
 
     # ---- one step -------------------------------------------------------------------------------
-    def execute(self, out: SchedulerOutput, input_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids: a pure-decode step's tokens [B] already on the device (async scheduling feeds the
-        previous step's argmax, engine/async_step.py); out.seqs then hold placeholders."""
+    def execute(self, out: SchedulerOutput, prev_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """prev_ids: async scheduling's previous argmax [num_decodes] on the device, aligned with the decode
+        rows (first in the flat batch); where out holds a PLACEHOLDER (engine/async_step.py) it is the id."""
         if not out.seqs:
             return torch.empty(0, self.vocab_size, dtype=torch.float32, device=self.device)
-        prepared_ids, positions, meta, sample_rows = self.prepare(out)
-        if input_ids is None:
-            input_ids = prepared_ids
-        elif input_ids.shape != prepared_ids.shape:
-            raise ValueError(f"input_ids {tuple(input_ids.shape)} for a step of {tuple(prepared_ids.shape)} tokens")
+        input_ids, positions, meta, sample_rows = self.prepare(out)
+        if prev_ids is not None:
+            input_ids = with_previous_ids(input_ids, prev_ids)
         sampled = meta.num_seqs if sample_rows is None else sample_rows.shape[0]
         if self.graphs is not None and self.graphs.can_run(input_ids, meta, sampled):
             return self.graphs.run(input_ids, positions, meta)

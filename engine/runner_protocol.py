@@ -21,11 +21,11 @@ class Runner(Protocol):
     num_kv_blocks: int  # blocks in the preallocated KV cache (ids 0 .. num_kv_blocks - 1)
     block_size: int  # tokens per block
 
-    def execute(self, out: SchedulerOutput, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def execute(self, out: SchedulerOutput, prev_ids: torch.Tensor | None = None) -> torch.Tensor:
         """float32 logits [seqs of `out` with sample=True, vocab_size], rows in out.seqs order. Each
         ScheduledSeq.block_table covers positions [0, start_pos + len(token_ids)); afterwards the cache
         holds K/V for every scheduled token at its slot and nothing else is written. An empty `out` (no
-        seqs) returns [0, vocab_size]. input_ids (async scheduling, engine/async_step.py; only for a
-        pure-decode `out`): int64 [len(out.seqs)] on the device, the tokens to feed instead of those in
-        out.seqs (placeholders there); the runner must not wait for them on the host."""
+        seqs) returns [0, vocab_size]. prev_ids (async scheduling, engine/async_step.py): int64
+        [out.num_decodes] on the device, aligned with the decode rows; a decode whose token in out is
+        async_step.PLACEHOLDER is fed prev_ids' entry instead. The runner must not read them on the host."""
         ...

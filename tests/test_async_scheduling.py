@@ -79,16 +79,22 @@ def test_flight_bookkeeping_placeholders_inputs_and_when_to_continue() -> None:
     out = sched.schedule()
     assert out.num_decodes == len(out.seqs) == 2 and [s.token_ids for s in out.seqs] == [[PLACEHOLDER]] * 2
     assert async_step.next_input_ids(flight, out).tolist() == [7, 9]
+    from gearshift.engine.model_runner import with_previous_ids
+
+    step_ids = torch.tensor([PLACEHOLDER, 5, PLACEHOLDER, 11, 12])  # 3 decodes (one not the flight's), a prefill
+    assert with_previous_ids(step_ids, torch.tensor([7, 0, 9])).tolist() == [7, 5, 9, 11, 12]
     async_step.drop_placeholders(flight)
     async_step.drop_placeholders(flight)  # idempotent
     assert [list(s.token_ids) for s in seqs] == before
-    whole = SchedulerOutput(scheduled=[seqs[0], seqs[2]])
+    whole = SchedulerOutput(num_decodes=2, scheduled=[seqs[0], seqs[2]])
     assert async_step.next_input_ids(async_step.launched(whole, [seqs[0], seqs[2]], torch.tensor([1, 2])),
                                      whole).tolist() == [1, 2]
-    sched.add(Sequence("new", [1, 2, 3], SamplingParams(temperature=0.0)))  # a prefill could be admitted
+    sched.add(Sequence("new", [1, 2, 3], SamplingParams(temperature=0.0)))  # a greedy prefill may join
+    assert async_step.can_continue(flight, sched)
+    sched.add(Sequence("drawn", [1, 2, 3], SamplingParams(temperature=0.7)))  # one sampled on the host: no
     assert not async_step.can_continue(flight, sched)
     full, rows = _scheduler_with(4, cap=4)  # ... unless the running batch is at max_num_seqs
-    full.add(Sequence("new", [1, 2, 3], SamplingParams(temperature=0.0)))
+    full.add(Sequence("new", [1, 2, 3], SamplingParams(temperature=0.7)))
     assert async_step.can_continue(async_step.launched(SchedulerOutput(), rows, torch.tensor([1, 2, 3, 4])), full)
     assert not async_step.can_continue(async_step.launched(SchedulerOutput(), rows[:3], torch.tensor([1, 2, 3])), full)
 
@@ -210,7 +216,7 @@ def test_abort_stop_string_and_a_new_request_while_a_step_is_in_flight(llms) -> 
 
 
 def test_server_with_async_scheduling_forced_on(smollm2_gguf, llms) -> None:
-    """A real `gearshift serve` (paged, CPU, --async-scheduling on): concurrent streamed completions of
+    """A real `gearshift serve` (paged, CPU, fp32, --async-scheduling on): concurrent streamed completions of
     different lengths, one ended by a stop string, give the offline synchronous engine's text; every
     block is free afterwards."""
     offline = llms["off"]
@@ -236,7 +242,8 @@ def test_server_with_async_scheduling_forced_on(smollm2_gguf, llms) -> None:
 
             return await asyncio.gather(*(one(i) for i in range(len(prompts))))
 
-    with running_server(smollm2_gguf, "paged", "--async-scheduling", "on", "--max-num-seqs", "4") as server:
+    with running_server(smollm2_gguf, "paged", "--async-scheduling", "on", "--max-num-seqs", "4",
+                        "--dtype", "float32") as server:  # fp32 like the reference: batch invariant on CPU
         texts = asyncio.run(run(server.url))
         for _ in range(300):  # the worker publishes its stats after the step that ended the last request
             page = server.metrics()

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     state.on_fatal = fatal
-    asyncio.run(server.serve())
+    _run_loop(server.serve())
     if state.startup_error is not None:
         e = state.startup_error
         raise e if isinstance(e, GearshiftError) else ModelLoadError(f"{type(e).__name__}: {e}")
@@ -84,3 +84,18 @@ def run(args: argparse.Namespace) -> int:
         raise GearshiftError(f"could not listen on {config.host}:{config.port} (see the log above)")
     print(f"gearshift serve: stopped ({'drained' if state.lifecycle.draining else 'exited'})", file=sys.stderr)
     return 0
+
+
+def _run_loop(main: Any) -> None:
+    """uvloop when it is installed (uvicorn[standard] brings it), as `uvicorn.run` would choose: its
+    call_soon_threadsafe wakes the loop without releasing the GIL, so the gguf worker thread is not held up
+    behind the event loop's per-token work on its way back into llama.cpp, and its transports write in C
+    (README, "What our HTTP layer costs the gguf engine")."""
+    import asyncio
+
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)

@@ -54,8 +54,6 @@ def make_backend(config: EngineConfig) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
-
     import uvicorn
     from gearshift.engine.server.app import build_app
     from gearshift.engine.server.lifecycle import DrainingServer

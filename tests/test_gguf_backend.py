@@ -142,6 +142,16 @@ def test_stop_strings_cut_the_text_and_are_never_streamed(backend, reference):
     assert kept.text == final.text + stop
 
 
+def test_each_token_is_its_own_output_and_the_context_is_left_as_found(backend):
+    """Outputs reach the event loop as the next llama_decode starts (gguf_decode._DecodeHandoff), the last
+    one at once: still one output per token, in order, and the context's own decode method afterwards."""
+    prompt = backend.apply_chat_template(MESSAGES)
+    outs = run(collect(backend, prompt, SamplingParams(max_tokens=8, temperature=0.0)))
+    assert [len(o.token_ids) for o in outs] == list(range(1, 9))
+    assert [o.finished for o in outs] == [False] * 7 + [True]
+    assert "decode" not in vars(backend._llm._ctx)
+
+
 def test_eos_ends_with_stop_and_ignore_eos_runs_to_max_tokens(backend):
     prompt = backend.apply_chat_template([{"role": "user", "content": "Say hi."}])
     final = run(collect(backend, prompt, SamplingParams(max_tokens=200, temperature=0.0)))[-1]

@@ -71,6 +71,7 @@ class ChoiceDecoder:
             logits_processor=self._processors() or None,
         )
         out: CompletionOutput | None = None
+        handoff = _DecodeHandoff(self.llm, emit)
         try:
             for token in gen:
                 if cancelled():
@@ -85,10 +86,11 @@ class ChoiceDecoder:
                 if self.logprobs is not None:
                     self.logprobs.append(self._logprob(int(token)))
                 out = self._advance(int(token), llama_cpp.llama_vocab_is_eog(self._vocab, token))
-                emit(out)
+                handoff.emit(out)
                 if out.finished:
                     break
         finally:
+            handoff.close()
             gen.close()
         if out is None:  # cancelled before the first token
             out = self._snapshot("abort", None)
@@ -151,3 +153,48 @@ class ChoiceDecoder:
             idx = idx[np.argsort(-x[idx])]
             top = {int(i): float(x[i] - logz) for i in idx}
         return Logprob(token_id=token, logprob=float(x[token] - logz), top=top)
+
+
+class _DecodeHandoff:
+    """Hands each token's output to `emit` as the context enters its next llama_decode, not as the token
+    is sampled (a finished output goes at once).
+
+    `emit` wakes the event loop, which then wants the GIL for its per-token work (detokenize, one SSE
+    chunk). Woken at sampling time, it took the GIL at the worker's next short ctypes call (Llama.eval's
+    kv_cache_seq_rm) and the worker waited out that whole per-token work before it could decode again;
+    woken right before llama_decode, which releases the GIL for the whole forward pass, that work runs
+    alongside the forward pass. Done by shadowing `decode` on this Llama's context object (the method
+    `Llama.eval` calls) for the length of one choice; without that attribute every output goes at once."""
+
+    def __init__(self, llm: llama_cpp.Llama, emit: Callable[[CompletionOutput], None]) -> None:
+        self._emit = emit
+        self._pending: CompletionOutput | None = None
+        self._ctx = getattr(llm, "_ctx", None)
+        self._hooked = self._ctx is not None and callable(getattr(self._ctx, "decode", None))
+        if self._hooked:
+            decode = self._ctx.decode  # the bound method of the class
+
+            def decode_after_flush(batch: object) -> object:
+                self.flush()
+                return decode(batch)
+
+            self._ctx.decode = decode_after_flush
+
+    def emit(self, out: CompletionOutput) -> None:
+        self.flush()
+        if self._hooked and not out.finished:
+            self._pending = out
+        else:
+            self._emit(out)
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._emit(pending)
+
+    def close(self) -> None:
+        """The choice ended (or failed): what is pending goes now, and the context's own decode is back."""
+        if self._hooked:
+            del self._ctx.decode  # the instance attribute only: the class method shows through again
+            self._hooked = False
+        self.flush()

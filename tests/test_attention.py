@@ -13,6 +13,7 @@ import torch
 from gearshift.engine import cpu_kernels
 from gearshift.engine.attention import build_plan, paged_attention_torch
 from gearshift.engine.attention_metadata import AttentionMetadata
+from paged_steps import scattered_decodes
 
 HQ, HKV, D, BS, NBLOCKS = 6, 2, 16, 4, 64
 
@@ -90,30 +91,13 @@ def test_native_decode_matches_torch_gather_path():
     gen = torch.Generator().manual_seed(1)
     hq, hkv, d, bs = 9, 3, 64, 16
     ctx = [1, 2, 15, 16, 17, 700] + torch.randint(1, 700, (34,), generator=gen).tolist()
-    need = [-(-c // bs) for c in ctx]
-    order = torch.randperm(sum(need) + len(ctx), generator=gen).tolist()
-    tables, used = [], 0
-    for n in need:
-        tables.append(order[used : used + n] + [0] * (max(need) - n))
-        used += n
-    k_cache = torch.randn(len(order), bs, hkv, d, generator=gen)
-    v_cache = torch.randn(len(order), bs, hkv, d, generator=gen)
-    # every decode is followed by a 2-token prefill chunk (a fresh sequence), so decode rows are 0, 3, 6, ...
-    qlens = [x for _ in ctx for x in (1, 2)]
-    qsl = [0]
-    for n in qlens:
-        qsl.append(qsl[-1] + n)
-    fresh = [order[used + i] for i in range(len(ctx))]  # one spare block per prefill chunk
-    all_tables = [t for pair in zip(tables, ([f] + [0] * (max(need) - 1) for f in fresh), strict=True) for t in pair]
-    lens = [x for c in ctx for x in (c, 2)]
-    slots = [x for i, c in enumerate(ctx) for x in (tables[i][(c - 1) // bs] * bs + (c - 1) % bs,
-                                                     fresh[i] * bs, fresh[i] * bs + 1)]
-    meta = AttentionMetadata(torch.tensor(slots), torch.tensor(qsl, dtype=torch.int32),
-                             torch.tensor(lens, dtype=torch.int32), torch.tensor(all_tables, dtype=torch.int32),
-                             2, max(lens))
-    q = torch.randn(qsl[-1], hq, d, generator=gen)
-    k = torch.randn(qsl[-1], hkv, d, generator=gen)
-    v = torch.randn(qsl[-1], hkv, d, generator=gen)
+    meta, _, num_blocks = scattered_decodes(ctx, bs, gen)
+    k_cache = torch.randn(num_blocks, bs, hkv, d, generator=gen)
+    v_cache = torch.randn(num_blocks, bs, hkv, d, generator=gen)
+    t = int(meta.query_start_loc[-1])
+    q = torch.randn(t, hq, d, generator=gen)
+    k = torch.randn(t, hkv, d, generator=gen)
+    v = torch.randn(t, hkv, d, generator=gen)
     outs = []
     for native in (False, True):
         kc, vc = k_cache.clone(), v_cache.clone()

@@ -11,15 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 from gearshift.engine import cpu_kernels
 from gearshift.engine.attention import build_plan, paged_attention_torch
-from gearshift.engine.attention_metadata import AttentionMetadata
 from gearshift.engine.model.rope import apply_rope
+from paged_steps import scattered_decodes
 
 # A bf16 result is the fp32 result rounded once (2^-9 relative) or, for rms_norm's normalize-then-scale,
 # twice, as the torch path and HF round it: 2^-7 relative leaves room for fp32 summation order only.
@@ -132,25 +130,10 @@ def test_fused_ops_refuse_other_and_mixed_dtypes() -> None:
 def _decode_step(ctx: list[int], hq: int, hkv: int, d: int, bs: int, gen: torch.Generator):
     """Decodes of the given context lengths over scattered cache blocks, each decode row followed by a
     2-token prefill chunk (decode rows 0, 3, 6, ...: not contiguous). Returns q, k, v, caches and meta."""
-    need = [-(-c // bs) for c in ctx]
-    order = torch.randperm(sum(need) + len(ctx), generator=gen).tolist()
-    tables, used = [], 0
-    for n in need:
-        tables.append(order[used : used + n] + [0] * (max(need) - n))
-        used += n
-    fresh = [order[used + i] for i in range(len(ctx))]  # one spare block per prefill chunk
-    all_tables = [t for pair in zip(tables, ([f] + [0] * (max(need) - 1) for f in fresh), strict=True) for t in pair]
-    qsl = [0]
-    for _ in ctx:
-        qsl += [qsl[-1] + 1, qsl[-1] + 3]
-    lens = [x for c in ctx for x in (c, 2)]
-    slots = [x for i, c in enumerate(ctx) for x in (tables[i][(c - 1) // bs] * bs + (c - 1) % bs,
-                                                     fresh[i] * bs, fresh[i] * bs + 1)]
-    meta = AttentionMetadata(torch.tensor(slots), torch.tensor(qsl, dtype=torch.int32),
-                             torch.tensor(lens, dtype=torch.int32), torch.tensor(all_tables, dtype=torch.int32),
-                             2, max(lens))
-    caches = [torch.randn(len(order), bs, hkv, d, generator=gen).bfloat16() for _ in range(2)]
-    q, k, v = (torch.randn(qsl[-1], h, d, generator=gen).bfloat16() for h in (hq, hkv, hkv))
+    meta, tables, num_blocks = scattered_decodes(ctx, bs, gen)
+    caches = [torch.randn(num_blocks, bs, hkv, d, generator=gen).bfloat16() for _ in range(2)]
+    t = int(meta.query_start_loc[-1])
+    q, k, v = (torch.randn(t, h, d, generator=gen).bfloat16() for h in (hq, hkv, hkv))
     return q, k, v, caches, meta, tables
 
 

@@ -49,7 +49,7 @@ def _runner_logits(model: str, quant: str, dtype: str, ids_text: str, head_int4:
     """(ids, logits [T, V]) of one teacher-forced prefill. int4: every matmul forced onto its small-step
     weight (4-bit blocks, LM head per-row int8) for all rows, the path decode steps take; head_int4: the
     LM head as min/max int4 blocks instead (the rejected alternative, for the table). quant "int8-unsmoothed":
-    int8 as shipped before 2026-12-01 (no calibration: down_proj and the LM head fp32), for the table."""
+    int8 without calibration (down_proj and the LM head fp32), for the table."""
     import torch
     from gearshift.engine.config import EngineConfig
     from gearshift.engine.model.layers import Linear
@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model = args.model or str(bundled_model_path())
     runs = {"fp32": ("none", "float32", False),
-            "int8 before 2026-12-01 (no smoothing; down_proj, LM head fp32)": ("int8-unsmoothed", "auto", False),
-            "int8 (smoothed; every matmul int8, down_proj per-token)": ("int8", "auto", False)}
+            "int8 without smoothing (down_proj, LM head fp32)": ("int8-unsmoothed", "auto", False),
+            "int8 (smoothed; every matmul per-token int8)": ("int8", "auto", False)}
     if cpu_has_fast_bf16():  # bf16 and int4 need avx512_bf16 (int4 is refused without it)
         runs |= {"bf16": ("none", "bfloat16", False),
                  "int4 (GGUF Q4_1 blocks; LM head per-row int8), bf16 activations": ("int4", "auto", False),

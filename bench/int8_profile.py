@@ -49,9 +49,10 @@ def run_step(runner, out) -> None:
 
 def classify(name: str, shapes: list) -> str:
     if "linear_dynamic" in name or "linear_pointwise" in name or name in ("aten::addmm", "aten::mm"):
-        kind = "int8" if "dynamic" in name else "dense"
+        int8 = "dynamic" in name or "qlinear" in name  # FBGEMM's dynamic linear, oneDNN's (per-token path)
+        kind = "int8" if int8 else "dense"
         try:
-            k, n = shapes[0][-1], (shapes[1][0] if "dynamic" not in name else None)
+            k, n = shapes[0][-1], (shapes[1][0] if not int8 else None)
         except (IndexError, TypeError):
             k, n = None, None
         if k == 1536:

@@ -34,7 +34,8 @@ from types import ModuleType
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_decode_cpu.cpp", "fused_ops_cpu.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name
+           for name in ("paged_decode_cpu.cpp", "fused_ops_cpu.cpp", "quant_cpu.cpp")]
 HEADERS = [Path(__file__).parent / "csrc" / "bf16_cpu.h"]  # part of the fingerprint, not compiled alone
 _lock = threading.Lock()
 _cache: dict[str, ModuleType | None] = {}

@@ -141,8 +141,10 @@ def test_int8_weights_keep_the_fp32_model_within_the_documented_bounds(smollm2_g
 
     q8 = ModelRunner(EngineConfig(model=str(smollm2_gguf), device="cpu", quantization="int8", kv_cache_memory="48Mi"))
     mlp = q8.model.layers[0].mlp
-    assert q8.dtype == torch.float32 and mlp.gate_up_proj.qpacked is not None
-    assert isinstance(mlp.down_proj.small, Int8PerTokenWeight) and q8.model.lm_head.qpacked is not None
+    assert q8.dtype == torch.float32  # every matmul per-token int8, the LM head included
+    linears = [q8.model.layers[0].self_attn.qkv_proj, q8.model.layers[0].self_attn.o_proj, mlp.gate_up_proj,
+               mlp.down_proj, q8.model.lm_head]
+    assert all(isinstance(m.small, Int8PerTokenWeight) for m in linears)
     text = " ".join(c[-1]["content"] for c in CONVERSATIONS) + " The bicycle changed daily life in many cities, " \
         "because workers could live further from their factories and roads were improved for riders."
     ids = runner.tokenizer.encode(text)

@@ -25,6 +25,7 @@ using gearshift::to_float;
 void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& rows,
                   at::Tensor& out, double scale, int64_t window);
+void register_quant_ops(pybind11::module_& m);  // quant_cpu.cpp: per-token int8 matmul ops
 
 namespace {
 
@@ -179,4 +180,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "rmsnorm(x) * w (fp32 or bf16)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up from [T, 2F] (fp32 or bf16)");
   m.def("rope_", &rope_, "NeoX rotary embedding in place (fp32 or bf16)");
+  register_quant_ops(m);
 }

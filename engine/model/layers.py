@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from gearshift.engine.attention import TorchAttentionPlan, paged_attention
@@ -24,30 +26,23 @@ class Linear(nn.Linear):
     """
 
     packed: torch.Tensor | None = None
-    qpacked: object | None = None  # int8 weights packed for FBGEMM's dynamic int8 linear (quantize_int8)
-    # weight-only quantized copy for small steps (set_small); int8 down_proj: per-token int8 for every step
+    # weight-only quantized copy for small steps (set_small); int8: per-token int8 for every step
     small: Int4Weight | Int8RowWeight | Int8PerTokenWeight | None = None
     small_max_rows: int = 0  # steps of at most this many rows use `small`, larger ones the dense path
 
-    def set_small(self, weight: Int4Weight | Int8RowWeight, max_rows: int) -> None:
+    def set_small(self, weight: Int4Weight | Int8RowWeight | Int8PerTokenWeight, max_rows: int) -> None:
         """Decode-sized steps (x with <= max_rows rows, bf16) multiply by a weight-only quantized copy
         (fewer bytes read a token); larger ones keep the dense (pre-packed) weight, where oneDNN's bf16 GEMM
         is faster (llama.quantize_int4_for_cpu)."""
         self.small, self.small_max_rows = weight, max_rows
 
     def quantize_int8(self, col_scale: torch.Tensor | None = None) -> None:
-        """Per-output-channel symmetric int8 weights; each call quantizes its fp32 input per tensor on the
-        fly and runs an int8 GEMM (torch's dynamic quantized linear, FBGEMM/oneDNN with VNNI or AVX2).
-        Measured on an AVX-512-VNNI CPU, one thread: 2-4x fp32's pre-packed matmul, 1.4-2x bf16's.
-        col_scale [K]: input channel k's weights multiplied by it, its input divided upstream (SmoothQuant,
-        quant_int8.py); the plain weight is left as it is (it may be the tied embedding)."""
+        """Per-output-channel symmetric int8 weights, each input row quantized on its own scale on the fly
+        (quant_int8.Int8PerTokenWeight), for every step. col_scale [K]: input channel k's weights multiplied
+        by it, its input divided upstream (SmoothQuant, quant_int8.py); the plain weight is left as it is
+        (it may be the tied embedding)."""
         w = self.weight.detach().float()  # [N, K]
-        if col_scale is not None:
-            w = w * col_scale
-        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()  # [N]
-        q = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
-        bias = self.bias.detach().float() if self.bias is not None else None
-        self.qpacked = torch.ops.quantized.linear_prepack(q, bias)
+        self.set_small(Int8PerTokenWeight(w if col_scale is None else w * col_scale), sys.maxsize)
 
     def prepack(self, batch_hint: int) -> None:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), batch_hint)
@@ -59,8 +54,6 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.small is not None and x.shape[0] <= self.small_max_rows:
             return self.small.matmul(x, self.bias)
-        if self.qpacked is not None:
-            return torch.ops.quantized.linear_dynamic(x, self.qpacked)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return super().forward(x)

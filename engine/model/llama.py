@@ -7,7 +7,6 @@ q/k/v and gate/up are fused here into one matmul each.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable
 
 import torch
@@ -20,7 +19,7 @@ from gearshift.engine.model.config import ModelConfig
 from gearshift.engine.model.family_layer import FamilyDecoderLayer
 from gearshift.engine.model.layers import Attention, Linear, RMSNorm, SwiGLU
 from gearshift.engine.model.quant_int4 import Int4Weight, Q4Blocks, from_dense, int4_shape_ok, whole_rows
-from gearshift.engine.model.quant_int8 import SMOOTHED_INT8, Int8PerTokenWeight, smoothing_scales
+from gearshift.engine.model.quant_int8 import SMOOTHED_INT8, smoothing_scales
 from gearshift.engine.model.quant_int8_rows import Int8RowWeight
 from gearshift.engine.model.rope import RotaryEmbedding
 from gearshift.engine.model.weights import locate
@@ -99,9 +98,7 @@ class LlamaForCausalLM(nn.Module):
         for name, m in linears.items():
             if name not in cols and (m is self.lm_head or name.endswith("down_proj")):
                 m.prepack(batch_hint)
-            elif name.endswith("down_proj"):  # per-token activation scales (quant_int8.Int8PerTokenWeight says why)
-                m.set_small(Int8PerTokenWeight(m.weight.detach().float() * cols[name]), sys.maxsize)
-            else:
+            else:  # per-token activation scales (quant_int8.Int8PerTokenWeight says why)
                 m.quantize_int8(cols.get(name))
         for m in linears.values():
             if not (m is self.lm_head and self.config.tie_word_embeddings):

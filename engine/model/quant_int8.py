@@ -12,8 +12,8 @@ s_j = max|x_j|^alpha / max|W_:j|^(1 - alpha), from the inputs' per-channel max o
 calibration text at load (CALIBRATION_TEXT: not the text bench/int8_fidelity.py scores). The calibration
 keeps the first token, whose massive activations (see Int8PerTokenWeight) dominate some layers' maxima:
 leaving it out cost perplexity (19.37 -> 20.13), as the first token's own row then loses its precision.
-q/k/v, gate/up and the LM head read RMSNorm outputs (no massive rows) and keep the per-tensor dynamic
-linear; down_proj takes per-token scales (Int8PerTokenWeight). o_proj is int8 unsmoothed, as before.
+Every int8 matmul quantizes its input per token (Int8PerTokenWeight; until 2026-12-01 q/k/v, o, gate/up
+and the LM head ran torch's per-tensor dynamic linear). o_proj is int8 unsmoothed, as before.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from gearshift.engine.cpu_kernels import for_tensor as native_kernels
 from torch import nn
 
 # SmolLM2-135M, bench/int8_fidelity.py perplexity (fp32 18.98; unsmoothed int8 with down_proj and the LM head
@@ -78,30 +79,85 @@ def smoothing_scales(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: floa
 
 class Int8PerTokenWeight:
     """Per-output-channel int8 weight [N, K] with each input row quantized on its own scale (per token):
-    `matmul(x [M, K] fp32) -> [M, N] fp32` by ATen's int8 GEMM (`torch._int_mm`, int32 accumulation).
+    `matmul(x [M, K] fp32) -> [M, N] fp32`, int32 accumulation. Every int8 matmul of the CPU model.
 
-    For down_proj: its input has "massive activations" - the first token of a text reaches |x| ~2,800 in one
-    channel of SmolLM2's layer 11 where every other token stays under ~15 - so a scale shared by the rows
-    of a step crushes every row that shares a step with such a token, and the result of a request would
-    depend on who else is in its step. Per-token scales make each row's result independent of the others.
+    Per token, because some inputs have "massive activations" - the first token of a text reaches |x|
+    ~2,800 in one channel of SmolLM2's layer 11 down_proj input where every other token stays under ~15 - so
+    a scale shared by the rows of a step crushes every row that shares a step with such a token, and the
+    result of a request would depend on who else is in its step. Per-token scales make each row's result
+    independent of the others (and are at least as accurate as torch's per-tensor dynamic linear).
+
+    The GEMM: oneDNN's u8 x s8 int8 linear on a weight pre-packed once (`onednn.qlinear_prepack`; measured
+    on the 2-core AVX-512-VNNI EPYC, one thread: as fast as FBGEMM's dynamic linear at 32 rows, 1.2x on the
+    49152-row LM head, 1.1-1.2x at 2048 rows, where `torch._int_mm` - it re-lays out the weight on each
+    call - is 0.6x on the LM head); `torch._int_mm` on a plain int8 weight where oneDNN cannot pack it.
+    The activation's quantization and the scaling are engine/csrc/quant_cpu.cpp's (one pass each, one
+    Python call a matmul), or torch ops without the native module.
     """
 
     def __init__(self, w: torch.Tensor) -> None:
         w = w.detach().float()  # [N, K]
         self.out_features, self.in_features = w.shape
         scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # [N]
-        q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
-        self.qt = q.t()  # [K, N], a transposed view: the layout _int_mm's CPU path reads fastest (measured)
+        q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)  # [N, K]
         self.scale_127 = scale / 127.0  # [N]: the weight's scale and the activation's 1/127 in one
+        self.packed = onednn_pack(q)  # oneDNN's blocked layout of q, or None
+        self.zero_points = torch.zeros(self.out_features, dtype=torch.int32)  # [N], symmetric weights
+        # [K, N], a transposed view: the layout _int_mm's CPU path reads fastest (measured); only without oneDNN
+        self.qt = q.t() if self.packed is None else None
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x [..., K] fp32 -> [..., N] fp32."""
+        """x [..., K] fp32 (or bf16) -> [..., N] fp32."""
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)
-        # abs().amax(): 9 us at 32 x 1536 where vector_norm(inf) takes 129 (one thread, measured).
-        amax = x.abs().amax(1, keepdim=True).clamp_(min=1e-12)  # [M, 1]
-        xq = x.mul(127.0 / amax).round_().to(torch.int8)  # [M, K]
-        y = torch._int_mm(xq, self.qt) * (amax * self.scale_127)  # int32 [M, N] x fp32 -> fp32
-        if bias is not None:
-            y = y + bias
+        native = native_kernels(x)
+        if native is not None:  # quantize, GEMM and scale in one call (engine/csrc/quant_cpu.cpp)
+            x = x if x.stride(-1) == 1 else x.contiguous()
+            if self.packed is not None:
+                y = native.int8_linear_packed(x, self.packed, self.scale_127, self.zero_points, bias)
+            else:
+                y = native.int8_linear(x, self.qt, self.scale_127, bias)
+        elif self.packed is not None:
+            y = per_token_onednn_mm(x.float(), self.packed, self.scale_127, self.zero_points, bias)
+        else:
+            y = per_token_int8_mm(x.float(), self.qt, self.scale_127, bias)
         return y.view(*lead, self.out_features)
+
+
+def onednn_pack(q: torch.Tensor) -> torch.Tensor | None:
+    """int8 [N, K] -> oneDNN's pre-packed weight for `onednn.qlinear_pointwise`, or None where this torch
+    build or CPU has no oneDNN int8 linear."""
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.onednn, "qlinear_prepack"):
+        return None
+    try:
+        return torch.ops.onednn.qlinear_prepack(q, None)
+    except RuntimeError:
+        return None
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] fp32 -> (round(x * 127 / amax) int8 [M, K], amax [M, 1]): quant_cpu.cpp's
+    quantize_rows_int8, bit for bit."""
+    # abs().amax(): 9 us at 32 x 1536 where vector_norm(inf) takes 129 (one thread, measured).
+    amax = x.abs().amax(1, keepdim=True).clamp_(min=1e-12)  # [M, 1]
+    return x.mul(127.0 / amax).round_().to(torch.int8), amax
+
+
+def per_token_int8_mm(x: torch.Tensor, qt: torch.Tensor, col: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    """The torch path of quant_cpu.cpp's int8_linear (bit-identical to it without a bias): x [M, K] fp32,
+    qt int8 [K, N], col [N] = the weight's scale / 127 -> fp32 [M, N]."""
+    xq, amax = quantize_rows(x)
+    y = torch._int_mm(xq, qt) * (amax * col)  # int32 [M, N] x fp32 -> fp32
+    return y if bias is None else y + bias
+
+
+def per_token_onednn_mm(x: torch.Tensor, packed: torch.Tensor, col: torch.Tensor, zero_points: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    """The torch path of quant_cpu.cpp's int8_linear_packed: x [M, K] fp32 -> fp32 [M, N]."""
+    xq, amax = quantize_rows(x)
+    xu = (xq.to(torch.int16) + 128).to(torch.uint8)  # oneDNN's u8 source, zero point 128
+    y = torch.ops.onednn.qlinear_pointwise(xu, 1.0, 128, packed, col, zero_points, None, 1.0, 0,
+                                           torch.float32, "none", [], "")  # acc * col[n]
+    y.mul_(amax)
+    return y if bias is None else y + bias

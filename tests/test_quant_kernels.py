@@ -79,13 +79,13 @@ def test_int8_linear_packed_equals_the_torch_path_and_the_plain_gemm(native, m, 
     packed = onednn_pack(w)
     if packed is None:
         pytest.skip("this torch build has no oneDNN int8 linear")
-    zero = torch.zeros(n, dtype=torch.int32)
-    got = native.int8_linear_packed(x, packed, col, zero, None)
-    assert torch.equal(got, per_token_onednn_mm(x, packed, col, zero, None))
-    # The same int32 products scaled in another order: within a few ulps of the plain _int_mm path.
-    torch.testing.assert_close(got, per_token_int8_mm(x, w.t(), col, None), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(native.int8_linear_packed(x, packed, col, zero, bias),
-                               per_token_onednn_mm(x, packed, col, zero, bias), rtol=1e-6, atol=1e-6)
+    unit, zero = torch.ones(n), torch.zeros(n, dtype=torch.int32)
+    got = native.int8_linear_packed(x, packed, col, None, unit, zero)
+    assert torch.equal(got, per_token_onednn_mm(x, packed, col, None))
+    # The same sums, scaled the same way: a row is the same whichever GEMM a step's size picks.
+    assert torch.equal(got, per_token_int8_mm(x, w.t(), col, None))
+    torch.testing.assert_close(native.int8_linear_packed(x, packed, col, bias, unit, zero),
+                               per_token_onednn_mm(x, packed, col, bias), rtol=1e-6, atol=1e-6)
 
 
 def test_the_weight_class_gives_the_same_rows_native_or_not_and_whatever_shares_the_step():
@@ -104,6 +104,8 @@ def test_the_weight_class_gives_the_same_rows_native_or_not_and_whatever_shares_
     massive = torch.zeros(1, 96)
     massive[0, 3] = 3000.0
     assert torch.equal(q.matmul(torch.cat([x, massive]))[:8], native_y)
+    assert q.qt is not None and q.packed is not None  # one row: _int_mm; more: oneDNN; the same values
+    assert torch.equal(q.matmul(x[5:6]), native_y[5:6])
     assert torch.equal(q.matmul(x.bfloat16()), q.matmul(x.bfloat16().float()))
 
 

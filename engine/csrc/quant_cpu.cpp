@@ -1,4 +1,5 @@
-// Per-token int8 activation quantization around ATen's int8 GEMM (torch._int_mm), for --quantization int8.
+// Per-token int8 activation quantization around ATen's int8 GEMMs (oneDNN's pre-packed linear, torch._int_mm),
+// for --quantization int8.
 //
 // Why: with eager torch ops a per-token int8 matmul is ~8 dispatched ops (abs, amax, clamp, div, mul,
 // round, cast, the GEMM, two multiplies) and as many passes over memory; measured on the 2-core EPYC VM
@@ -10,10 +11,13 @@
 //     amax = max(max_k |x[m, k]|, 1e-12), xq = round_half_even(x * (127 / amax)); x ~ xq * amax / 127
 // dequant_int32(acc int32 [M, N], row [M, 1] fp32, col [N] fp32, bias [N] fp32 or None) -> fp32 [M, N]
 //     acc * (row[m] * col[n]) (+ bias[n])
+// int8_linear_packed(x, packed, col, bias, unit_scales [N] = 1, zero_points [N] = 0) -> fp32 [M, N]
+//     the same with oneDNN's u8 x s8 linear on a weight pre-packed by onednn.qlinear_prepack (xq + 128 as u8,
+//     zero point 128); its fp32 sums are scaled as above, so a row's result is the same on either GEMM
 // int8_linear(x [M, K], qt int8 [K, N], col [N] fp32, bias or None) -> fp32 [M, N]
 //     dequant_int32(_int_mm(xq, qt), amax, col, bias) with (xq, amax) = quantize_rows_int8(x); col carries
 //     the weight's per-output-channel scale and the activations' 1/127 (quant_int8.Int8PerTokenWeight)
-// Each result equals the torch expression it replaces (Int8PerTokenWeight's fallback) bit for bit in fp32.
+// Without a bias each result equals the torch expression it replaces (quant_int8.py's fallbacks) bit for bit.
 // x: fp32 or bf16 (widened to fp32 by bf16_cpu.h), last dimension contiguous.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -21,6 +25,8 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <type_traits>
+#include <vector>
 
 #include "bf16_cpu.h"
 
@@ -93,29 +99,39 @@ namespace {
 
 // out[m, n] = acc[m, n] * (row[m] * col[n]) (+ bias[n]); out may alias acc (same size, each element read
 // before it is written). With a bias the multiply-add may be one FMA: within an ulp of torch's two ops.
+// A = int32_t (torch._int_mm's result) or float (oneDNN's, the same sums converted to fp32 as torch converts
+// an int32 tensor multiplied by a float one: so both GEMMs give a row bit-identical results).
+template <typename A>
 void dequant_rows(const at::Tensor& acc, const at::Tensor& row, const at::Tensor& col,
                   const c10::optional<at::Tensor>& bias, float* op) {
-  TORCH_CHECK(acc.scalar_type() == at::kInt && acc.dim() == 2 && acc.is_contiguous(), "acc must be contiguous int32 [M, N]");
+  TORCH_CHECK(acc.scalar_type() == (sizeof(A) == 4 && std::is_integral<A>::value ? at::kInt : at::kFloat) &&
+              acc.dim() == 2 && acc.is_contiguous(), "acc must be contiguous [M, N] int32 (or float32 sums)");
   const int64_t m = acc.size(0), n = acc.size(1);
   check_vector(row, m, "row");
   check_vector(col, n, "col");
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) check_vector(*bias, n, "bias");
-  const int32_t* ip = acc.data_ptr<int32_t>();
+  const A* ip = reinterpret_cast<const A*>(acc.data_ptr());
   const float* rp = row.data_ptr<float>();
   const float* cp = col.data_ptr<float>();
   const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
   at::parallel_for(0, m, rows_grain(n), [&](int64_t begin, int64_t end) {
+    // rs * col[n] is stored before it multiplies: -ffast-math would otherwise reassociate the product into
+    // (acc * col) * rs, a last-bit difference from torch's acc * (amax * col) (and between the two GEMMs).
+    std::vector<float> scale(static_cast<size_t>(n));
+    float* sc = scale.data();
     for (int64_t r = begin; r < end; ++r) {
-      const int32_t* a = ip + r * n;
+      const A* a = ip + r * n;
       float* o = op + r * n;
       const float rs = rp[r];
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) sc[j] = rs * cp[j];
       if (bp) {
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) o[j] = static_cast<float>(a[j]) * (rs * cp[j]) + bp[j];
+        for (int64_t j = 0; j < n; ++j) o[j] = static_cast<float>(a[j]) * sc[j] + bp[j];
       } else {
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) o[j] = static_cast<float>(a[j]) * (rs * cp[j]);
+        for (int64_t j = 0; j < n; ++j) o[j] = static_cast<float>(a[j]) * sc[j];
       }
     }
   });
@@ -126,7 +142,7 @@ void dequant_rows(const at::Tensor& acc, const at::Tensor& row, const at::Tensor
 at::Tensor dequant_int32(const at::Tensor& acc, const at::Tensor& row, const at::Tensor& col,
                          const c10::optional<at::Tensor>& bias) {
   auto out = at::empty(acc.sizes(), acc.options().dtype(at::kFloat));
-  dequant_rows(acc, row, col, bias, out.data_ptr<float>());
+  dequant_rows<int32_t>(acc, row, col, bias, out.data_ptr<float>());
   return out;
 }
 
@@ -138,53 +154,36 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qt, const at::Tens
   at::Tensor acc = at::_int_mm(xq, qt);  // int32 [M, N]
   // Dequantized in place, into the GEMM's own buffer: a prefill-sized result is megabytes, and a second
   // fresh buffer costs its page faults on every call.
-  dequant_rows(acc, amax, col, bias, reinterpret_cast<float*>(acc.data_ptr<int32_t>()));
+  dequant_rows<int32_t>(acc, amax, col, bias, reinterpret_cast<float*>(acc.data_ptr<int32_t>()));
   return acc.view(at::kFloat);
 }
 
 at::Tensor int8_linear_packed(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& col,
-                              const at::Tensor& col_zero, const c10::optional<at::Tensor>& bias) {
+                              const c10::optional<at::Tensor>& bias, const at::Tensor& unit_scales,
+                              const at::Tensor& zero_points) {
   check_x(x);
-  const int64_t m = x.size(0);
   auto [xq, amax] = quantize_rows_int8(x, true);
   static const c10::OperatorHandle op =
       c10::Dispatcher::singleton().findSchemaOrThrow("onednn::qlinear_pointwise", "");
-  // qx, x_scale 1 (the row scales come after), x_zero_point 128, qw, w_scale = col, w_zero_point, no bias
-  // (it must follow the row scaling), output scale 1 / zero point 0 in fp32, no post-op.
-  torch::jit::Stack stack{xq, 1.0, int64_t{128}, packed, col, col_zero, c10::IValue(), 1.0, int64_t{0},
+  // qx, x_scale 1, x_zero_point 128, qw, w_scale 1 (unit_scales [N]), w_zero_point 0: the plain sums in fp32;
+  // no bias (it follows the scaling), output scale 1 / zero point 0 in fp32, no post-op.
+  torch::jit::Stack stack{xq, 1.0, int64_t{128}, packed, unit_scales, zero_points, c10::IValue(), 1.0, int64_t{0},
                           c10::IValue(at::kFloat), std::string("none"), c10::List<c10::optional<at::Scalar>>(),
                           std::string("")};
   op.callBoxed(&stack);
-  at::Tensor y = stack[0].toTensor();  // fp32 [M, N] = acc * col[n]
-  TORCH_CHECK(y.scalar_type() == at::kFloat && y.dim() == 2 && y.size(0) == m && y.is_contiguous(),
-              "unexpected oneDNN int8 linear output");
-  const int64_t n = y.size(1);
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) check_vector(*bias, n, "bias");
-  float* yp = y.data_ptr<float>();
-  const float* ap = amax.data_ptr<float>();
-  const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
-  at::parallel_for(0, m, rows_grain(n), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      float* o = yp + r * n;
-      const float rs = ap[r];
-      if (bp) {
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) o[j] = o[j] * rs + bp[j];
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) o[j] *= rs;
-      }
-    }
-  });
-  return y;
+  at::Tensor acc = stack[0].toTensor();  // fp32 [M, N]
+  TORCH_CHECK(acc.dim() == 2 && acc.size(0) == x.size(0), "unexpected oneDNN int8 linear output");
+  dequant_rows<float>(acc, amax, col, bias, acc.data_ptr<float>());  // in place
+  return acc;
 }
 
 void register_quant_ops(pybind11::module_& m) {
   m.def("quantize_rows_int8", &quantize_rows_int8, "per-row absmax int8 quantization (fp32 or bf16 x)",
         pybind11::arg("x"), pybind11::arg("offset_u8") = false);
   m.def("int8_linear_packed", &int8_linear_packed,
-        "per-token int8 x @ oneDNN-prepacked int8 weight (onednn.qlinear_prepack) -> fp32, scales applied");
+        "per-token int8 x @ oneDNN-prepacked int8 weight (onednn.qlinear_prepack) -> fp32, scales applied",
+        pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("col"), pybind11::arg("bias"),
+        pybind11::arg("unit_scales"), pybind11::arg("zero_points"));
   m.def("dequant_int32", &dequant_int32, "int32 [M, N] * row [M] * col [N] (+ bias) -> fp32");
   m.def("int8_linear", &int8_linear, "per-token int8 x @ int8 weight [K, N] -> fp32, scales applied");
 }

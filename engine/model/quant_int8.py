@@ -29,6 +29,8 @@ from torch import nn
 # per-token int8 smoothed at alpha 0.2 / 0.5 / 0.8: 19.65 / 19.37 / 19.72, unsmoothed 19.93. down_proj
 # per-tensor int8 (the dynamic linear) smoothed at 0.5 / 0.8 / 0.95: 22.6 / 21.9 / 24.7.
 ALPHA = 0.5
+# Matrices of at most this many weights keep a plain int8 copy for one-row steps (Int8PerTokenWeight).
+GEMV_PLAIN_MAX = 1 << 23
 # The matmuls smoothed (and so int8 where they were fp32: down_proj, the LM head), by Linear name's last part.
 SMOOTHED_INT8 = frozenset({"qkv_proj", "gate_up_proj", "down_proj", "lm_head"})
 # A few hundred tokens of ordinary English and a chat turn: what the served model reads. Its only use is the
@@ -102,9 +104,16 @@ class Int8PerTokenWeight:
         q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)  # [N, K]
         self.scale_127 = scale / 127.0  # [N]: the weight's scale and the activation's 1/127 in one
         self.packed = onednn_pack(q)  # oneDNN's blocked layout of q, or None
-        self.zero_points = torch.zeros(self.out_features, dtype=torch.int32)  # [N], symmetric weights
-        # [K, N], a transposed view: the layout _int_mm's CPU path reads fastest (measured); only without oneDNN
-        self.qt = q.t() if self.packed is None else None
+        # [N] each: oneDNN returns the plain sums (weight scale 1, zero point 0), scaled as _int_mm's are
+        self.unit_scales = torch.ones(self.out_features)
+        self.zero_points = torch.zeros(self.out_features, dtype=torch.int32)
+        # [K, N], a transposed view: the layout _int_mm's CPU path reads fastest (measured). Without oneDNN;
+        # and for one-row steps (a single stream's decode) of matrices up to GEMV_PLAIN_MAX weights, where
+        # oneDNN's ~13 us a call dominates: _int_mm 5 / 4 / 18 / 8 us against 22 / 19 / 42 / 26 on SmolLM2's
+        # q/k/v, o, gate/up, down (one thread; bench/int8_gemm_shapes.py), worth a second int8 copy.
+        # Not the LM head (576 x 49152): there oneDNN is as fast at one row (733 vs 825 us).
+        keep_plain = self.packed is None or self.out_features * self.in_features <= GEMV_PLAIN_MAX
+        self.qt = q.t() if keep_plain else None
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., K] fp32 (or bf16) -> [..., N] fp32."""
@@ -113,12 +122,13 @@ class Int8PerTokenWeight:
         native = native_kernels(x)
         if native is not None:  # quantize, GEMM and scale in one call (engine/csrc/quant_cpu.cpp)
             x = x if x.stride(-1) == 1 else x.contiguous()
-            if self.packed is not None:
-                y = native.int8_linear_packed(x, self.packed, self.scale_127, self.zero_points, bias)
+            if self.packed is not None and (self.qt is None or x.shape[0] > 1):
+                y = native.int8_linear_packed(x, self.packed, self.scale_127, bias, self.unit_scales,
+                                              self.zero_points)
             else:
                 y = native.int8_linear(x, self.qt, self.scale_127, bias)
-        elif self.packed is not None:
-            y = per_token_onednn_mm(x.float(), self.packed, self.scale_127, self.zero_points, bias)
+        elif self.packed is not None and (self.qt is None or x.shape[0] > 1):
+            y = per_token_onednn_mm(x.float(), self.packed, self.scale_127, bias)
         else:
             y = per_token_int8_mm(x.float(), self.qt, self.scale_127, bias)
         return y.view(*lead, self.out_features)
@@ -152,12 +162,14 @@ def per_token_int8_mm(x: torch.Tensor, qt: torch.Tensor, col: torch.Tensor,
     return y if bias is None else y + bias
 
 
-def per_token_onednn_mm(x: torch.Tensor, packed: torch.Tensor, col: torch.Tensor, zero_points: torch.Tensor,
+def per_token_onednn_mm(x: torch.Tensor, packed: torch.Tensor, col: torch.Tensor,
                         bias: torch.Tensor | None) -> torch.Tensor:
-    """The torch path of quant_cpu.cpp's int8_linear_packed: x [M, K] fp32 -> fp32 [M, N]."""
+    """The torch path of quant_cpu.cpp's int8_linear_packed: x [M, K] fp32 -> fp32 [M, N], bit-identical
+    to per_token_int8_mm on the same int8 weight (the sums are exact; scaled the same way)."""
     xq, amax = quantize_rows(x)
     xu = (xq.to(torch.int16) + 128).to(torch.uint8)  # oneDNN's u8 source, zero point 128
-    y = torch.ops.onednn.qlinear_pointwise(xu, 1.0, 128, packed, col, zero_points, None, 1.0, 0,
-                                           torch.float32, "none", [], "")  # acc * col[n]
-    y.mul_(amax)
+    n = col.shape[0]
+    acc = torch.ops.onednn.qlinear_pointwise(xu, 1.0, 128, packed, torch.ones(n), torch.zeros(n, dtype=torch.int32),
+                                             None, 1.0, 0, torch.float32, "none", [], "")  # fp32 sums [M, N]
+    y = acc * (amax * col)
     return y if bias is None else y + bias

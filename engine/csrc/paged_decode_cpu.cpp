@@ -12,14 +12,28 @@
 // rows         [B] int64: each sequence's row in q / out
 // out          [T, Hq, D]; only the `rows` rows are written
 // window       sliding window (0: none): a query at position p sees keys p - window < j <= p
+//
+// Why it is shaped this way (the kernel is instruction-bound, not memory-bound, when written naively):
+// each K and V row is loaded and widened once and used by all the query heads that share its KV head
+// (GQA); a key's dot products stay W-lane vectors until W keys are done, then one transpose-add tree
+// turns W vectors into W scores (no horizontal sum per score). W = 16 (AVX-512, chosen at run time when
+// the CPU has it: the module itself targets x86-64-v3) or 8. Head dims outside kVecDims take a plain loop.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "bf16_cpu.h"
+
+// 64-byte vectors in functions without AVX-512 are only ever inlined into the AVX-512 entry points.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#define GS_INLINE inline __attribute__((always_inline))
+#define GS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 
 using gearshift::bf16;
 using gearshift::data_as;
@@ -27,113 +41,188 @@ using gearshift::to_float;
 
 namespace {
 
-template <typename T>
-inline float dot(const float* __restrict a, const T* __restrict b, int64_t n) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * to_float(b[i]);
-  return s;
+// W floats in one register. `u` types may sit at any address (loads/stores of cache rows and scratch).
+template <int W>
+struct Vec;
+template <>
+struct Vec<8> {
+  typedef float f __attribute__((vector_size(32)));
+  typedef float fu __attribute__((vector_size(32), aligned(4)));
+  typedef uint16_t hu __attribute__((vector_size(16), aligned(2)));
+  typedef uint32_t u __attribute__((vector_size(32)));
+  typedef int32_t i __attribute__((vector_size(32)));
+};
+template <>
+struct Vec<16> {
+  typedef float f __attribute__((vector_size(64)));
+  typedef float fu __attribute__((vector_size(64), aligned(4)));
+  typedef uint16_t hu __attribute__((vector_size(32), aligned(2)));
+  typedef uint32_t u __attribute__((vector_size(64)));
+  typedef int32_t i __attribute__((vector_size(64)));
+};
+
+// Vector c (W lanes) of a row of head_dim elements, widened to fp32. float: elements cW..cW+W-1. bf16 at
+// W = 8: the same, by a zero-extend and a 16-bit shift (vpmovzxwd + vpslld). bf16 at W = 16: one unpack
+// of the 32 elements around it with zeros (vpunpck{l,h}wd, the bf16 bits becoming each float's high half,
+// one instruction where a widening load takes three on GCC 12), which leaves each 32-element group in
+// the order of its 128-bit lanes' 4-element runs, even runs first (vector 2k), then odd (2k + 1): q and
+// the output accumulators are loaded through the same function, so they are in that order too (dot
+// products and sums do not care), and store_row puts the output back in place.
+template <int W>
+GS_INLINE typename Vec<W>::f load(const float* row, int c) {
+  return *reinterpret_cast<const typename Vec<W>::fu*>(row + c * W);
+}
+template <int W>
+GS_INLINE typename Vec<W>::f load(const bf16* row, int c) {
+  using V = Vec<W>;
+  if constexpr (W == 8) {
+    return (typename V::f)(__builtin_convertvector(*reinterpret_cast<const typename V::hu*>(row + c * W),
+                                                   typename V::u) << 16);
+  } else {
+    typedef uint16_t h32 __attribute__((vector_size(64), aligned(2)));
+    typedef int16_t m32 __attribute__((vector_size(64)));
+    const m32 lo = {0, 32, 1, 33, 2, 34, 3, 35, 8, 40, 9, 41, 10, 42, 11, 43,
+                    16, 48, 17, 49, 18, 50, 19, 51, 24, 56, 25, 57, 26, 58, 27, 59};
+    const m32 hi = lo + 4;
+    const h32 x = *reinterpret_cast<const h32*>(row + 32 * (c / 2)), zero = {};
+    return (typename V::f)__builtin_shuffle(zero, x, c % 2 ? hi : lo);
+  }
 }
 
-template <typename T>
-inline void axpy(float* __restrict y, float a, const T* __restrict x, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += a * to_float(x[i]);
+// x[j] (W lanes each, j < W) -> r with r[j] = sum of x[j]'s lanes: a transpose-add tree, log2(W) levels of
+// pairwise unpack + add, instead of W horizontal sums.
+GS_INLINE Vec<8>::f reduce_lanes(const Vec<8>::f* x) {
+  typedef Vec<8>::i I;
+  const I lo1 = {0, 8, 1, 9, 4, 12, 5, 13}, hi1 = {2, 10, 3, 11, 6, 14, 7, 15};
+  const I lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
+  const I lo3 = {0, 1, 2, 3, 8, 9, 10, 11}, hi3 = {4, 5, 6, 7, 12, 13, 14, 15};
+  Vec<8>::f a[4], b[2];
+  for (int k = 0; k < 4; ++k)
+    a[k] = __builtin_shuffle(x[2 * k], x[2 * k + 1], lo1) + __builtin_shuffle(x[2 * k], x[2 * k + 1], hi1);
+  for (int k = 0; k < 2; ++k)
+    b[k] = __builtin_shuffle(a[2 * k], a[2 * k + 1], lo2) + __builtin_shuffle(a[2 * k], a[2 * k + 1], hi2);
+  return __builtin_shuffle(b[0], b[1], lo3) + __builtin_shuffle(b[0], b[1], hi3);
 }
 
-// 8 floats in one register (AVX; GCC lowers it to pairs of SSE/NEON registers elsewhere). aligned(4): the
-// loads and stores through it may be unaligned.
-typedef float v8 __attribute__((vector_size(32), aligned(4)));
-typedef uint16_t u16x8 __attribute__((vector_size(16), aligned(2)));
-typedef uint32_t u32x8 __attribute__((vector_size(32)));
-
-// 8 consecutive elements widened to fp32: a plain load for float; for bf16 a zero-extend and a 16-bit
-// shift (vpmovzxwd + vpslld on AVX2), the bf16 bits becoming the high half of each float.
-inline v8 load8(const float* p) { return *reinterpret_cast<const v8*>(p); }
-inline v8 load8(const bf16* p) {
-  return (v8)(__builtin_convertvector(*reinterpret_cast<const u16x8*>(p), u32x8) << 16);
+GS_INLINE Vec<16>::f reduce_lanes(const Vec<16>::f* x) {
+  typedef Vec<16>::i I;
+  const I lo1 = {0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29};
+  const I hi1 = {2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31};
+  const I lo2 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
+  const I hi2 = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
+  // 128-bit lanes {0, 2} of each input, then {1, 3}: after two rounds lane L holds keys 4L..4L+3.
+  const I lo3 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+  const I hi3 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+  Vec<16>::f a[8], b[4], c[2];
+  for (int k = 0; k < 8; ++k)
+    a[k] = __builtin_shuffle(x[2 * k], x[2 * k + 1], lo1) + __builtin_shuffle(x[2 * k], x[2 * k + 1], hi1);
+  for (int k = 0; k < 4; ++k)
+    b[k] = __builtin_shuffle(a[2 * k], a[2 * k + 1], lo2) + __builtin_shuffle(a[2 * k], a[2 * k + 1], hi2);
+  for (int k = 0; k < 2; ++k)
+    c[k] = __builtin_shuffle(b[2 * k], b[2 * k + 1], lo3) + __builtin_shuffle(b[2 * k], b[2 * k + 1], hi3);
+  return __builtin_shuffle(c[0], c[1], lo3) + __builtin_shuffle(c[0], c[1], hi3);
 }
 
-inline float hsum(v8 x) {
-  float s = 0.f;
-  for (int i = 0; i < 8; ++i) s += x[i];
-  return s;
-}
+// The largest divisor of n that is <= cap (register blocking along head_dim without a remainder loop).
+constexpr int chunk(int n, int cap) { return cap <= 1 ? 1 : (n % cap == 0 ? cap : chunk(n, cap - 1)); }
 
-// head_dim = 8 * NV known at compile time: a query row and an output accumulator live in NV registers
-// while a whole cache block (bs slots) streams past them, so each K/V row is loaded once per query head
-// from L1 and every FMA is a full vector.
-template <int NV, typename T>
-void scores_block(const float* __restrict q, const T* __restrict block, int64_t slot_stride, int64_t n,
-                  float* __restrict out) {
-  v8 qv[NV];
-  for (int k = 0; k < NV; ++k) qv[k] = load8(q + 8 * k);
+// scores of G query heads (q: [G][NV * W], pre-scaled) against n <= W keys of one KV head (key j at
+// key0 + j * stride): out[g * out_stride + j]. Each key is loaded and widened once for all G heads.
+template <int W, int NV, int G, typename T>
+GS_INLINE void scores_tile(const float* __restrict q, const T* __restrict key0, int64_t stride, int64_t n,
+                           float* __restrict out, int64_t out_stride) {
+  using F = typename Vec<W>::f;
+  constexpr int D = NV * W, CH = chunk(NV, 8);  // key vectors held in registers at a time
+  F part[G][W];
   for (int64_t j = 0; j < n; ++j) {
-    const T* key = block + j * slot_stride;
-    v8 a0 = {0}, a1 = {0};
-#pragma GCC unroll 16
-    for (int k = 0; k < NV; k += 2) {
-      a0 += qv[k] * load8(key + 8 * k);
-      if (k + 1 < NV) a1 += qv[k + 1] * load8(key + 8 * (k + 1));
+    const T* key = key0 + j * stride;
+    F s[G] = {};
+#pragma GCC unroll 32
+    for (int c0 = 0; c0 < NV; c0 += CH) {
+      F kv[CH];
+#pragma GCC unroll 8
+      for (int c = 0; c < CH; ++c) kv[c] = load<W>(key, c0 + c);
+#pragma GCC unroll 8
+      for (int g = 0; g < G; ++g)
+#pragma GCC unroll 8
+        for (int c = 0; c < CH; ++c) s[g] += load<W>(q + g * D, c0 + c) * kv[c];
     }
-    out[j] = hsum(a0 + a1);
+    for (int g = 0; g < G; ++g) part[g][j] = s[g];
+  }
+  for (int g = 0; g < G; ++g) {
+    for (int64_t j = n; j < W; ++j) part[g][j] = F{};
+    const F r = reduce_lanes(part[g]);
+    if (n == W) {
+      *reinterpret_cast<typename Vec<W>::fu*>(out + g * out_stride) = r;
+    } else {
+      for (int64_t j = 0; j < n; ++j) out[g * out_stride + j] = r[j];
+    }
   }
 }
 
-template <int NV, typename T>
-void accumulate_block(float* __restrict acc, const float* __restrict p, const T* __restrict block,
-                      int64_t slot_stride, int64_t n) {
-  v8 a[NV];
-  for (int k = 0; k < NV; ++k) a[k] = load8(acc + 8 * k);
-  for (int64_t j = 0; j < n; ++j) {
-    const T* val = block + j * slot_stride;
-    const float w = p[j];
-#pragma GCC unroll 16
-    for (int k = 0; k < NV; ++k) a[k] += w * load8(val + 8 * k);
+// acc[g] (fp32 [NV * W]) += sum_j p[g * p_stride + j] * v_j for n values of one KV head (v_j at
+// val0 + j * stride). Each V row is loaded and widened once for all G heads; accumulators stay in
+// registers for a chunk of head_dim at a time (as many as the register file holds beside the weights).
+template <int W, int NV, int G, typename T>
+GS_INLINE void accumulate_tile(float* __restrict acc, const float* __restrict p, int64_t p_stride,
+                               const T* __restrict val0, int64_t stride, int64_t n) {
+  using F = typename Vec<W>::f;
+  using FU = typename Vec<W>::fu;
+  constexpr int D = NV * W, regs = W == 16 ? 32 : 16, CH = chunk(NV, (regs - G - 2) / G);
+#pragma GCC unroll 32
+  for (int c0 = 0; c0 < NV; c0 += CH) {
+    F a[G][CH];
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < CH; ++c) a[g][c] = load<W>(acc + g * D, c0 + c);
+    for (int64_t j = 0; j < n; ++j) {
+      const T* val = val0 + j * stride;
+      float w[G];
+      for (int g = 0; g < G; ++g) w[g] = p[g * p_stride + j];
+#pragma GCC unroll 8
+      for (int c = 0; c < CH; ++c) {
+        const F x = load<W>(val, c0 + c);
+#pragma GCC unroll 8
+        for (int g = 0; g < G; ++g) a[g][c] += w[g] * x;
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < CH; ++c) *reinterpret_cast<FU*>(acc + g * D + (c0 + c) * W) = a[g][c];
   }
-  for (int k = 0; k < NV; ++k) *reinterpret_cast<v8*>(acc + 8 * k) = a[k];
 }
+
+// One step's shapes and pointers (the same for every task).
+template <typename T>
+struct Args {
+  const T *q, *k, *v;
+  T* out;
+  const int32_t *tables, *lens;
+  const int64_t* rows;
+  int64_t q_s0, q_s1, o_s0, o_s1, bt_s0, bs, hkv, d, group, slot_stride, window, heads_per_task, tasks_per_seq;
+  float scale;
+};
+
+// A thread's scratch: the task's scaled queries, output accumulators and scores (all fp32).
+struct Scratch {
+  std::vector<float> q, acc, scores, inv;
+};
 
 // Blocks sit at random places in the cache, which defeats the hardware prefetcher at every block
 // boundary: ask for the next block's rows (this task's heads) while the current one is computed.
-// One prefetch per 64-byte line.
-template <typename T>
-inline void prefetch_block(const T* first_row, int64_t slot_stride, int64_t n, int64_t elems_per_row) {
+// One prefetch per 64-byte line; Hint 3: into L1, 2: into L2.
+template <int Hint, typename T>
+GS_INLINE void prefetch_block(const T* first_row, int64_t slot_stride, int64_t n, int64_t elems_per_row) {
   constexpr int64_t line = 64 / sizeof(T);
+  if (elems_per_row == slot_stride) elems_per_row *= n, n = 1;  // all heads: the block is one run
   for (int64_t j = 0; j < n; ++j)
-    for (int64_t f = 0; f < elems_per_row; f += line) __builtin_prefetch(first_row + j * slot_stride + f, 0, 3);
+#pragma GCC unroll 8
+    for (int64_t f = 0; f < elems_per_row; f += line) __builtin_prefetch(first_row + j * slot_stride + f, 0, Hint);
 }
 
-// Walks one sequence's context through its block table: fn(block, i, n) gets the first row of this task's
-// heads in block i (n slots used), with block i + 1 already being prefetched.
-// Blocks before `first` (wholly outside a sliding window) are never touched.
-template <typename T, typename Fn>
-void for_each_block(const T* cache, const int32_t* table, int64_t ctx, int64_t bs, int64_t slot_stride,
-                    int64_t head_offset, int64_t elems_per_row, int64_t first, Fn fn) {
-  const int64_t nblk = (ctx + bs - 1) / bs;
-  for (int64_t i = first; i < nblk; ++i) {
-    if (i + 1 < nblk)
-      prefetch_block(cache + int64_t(table[i + 1]) * bs * slot_stride + head_offset, slot_stride,
-                     std::min(bs, ctx - (i + 1) * bs), elems_per_row);
-    fn(cache + int64_t(table[i]) * bs * slot_stride + head_offset, i, std::min(bs, ctx - i * bs));
-  }
-}
-
-// Any head_dim: the same loops with the vector width left to the compiler.
-template <typename T>
-void scores_block_any(const float* q, const T* block, int64_t slot_stride, int64_t n, int64_t d, float* out) {
-  for (int64_t j = 0; j < n; ++j) out[j] = dot(q, block + j * slot_stride, d);
-}
-
-template <typename T>
-void accumulate_block_any(float* acc, const float* p, const T* block, int64_t slot_stride, int64_t n, int64_t d) {
-  for (int64_t j = 0; j < n; ++j) axpy(acc, p[j], block + j * slot_stride, d);
-}
-
-// Softmax of each query head's scores over positions [skip, span) in place; positions before skip (in
-// the first block, outside a sliding window) get probability 0 (skipped, not -inf: -ffast-math).
-// simd loops so expf vectorizes (glibc's libmvec).
-void softmax_rows(float* scores, int64_t rows, int64_t span, int64_t skip) {
+// Unnormalized softmax of each query head's scores over positions [skip, span) in place: exp(s - max),
+// and 1 / their sum into inv (the output is scaled by it once, at the end). Positions before skip (in the
+// first block, outside a sliding window) get weight 0 (skipped, not -inf: -ffast-math). simd loops so
+// expf vectorizes (glibc's libmvec).
+void softmax_rows(float* scores, int64_t rows, int64_t span, int64_t skip, float* inv) {
   for (int64_t r = 0; r < rows; ++r) {
     float* sr = scores + r * span;
     float m = sr[skip];
@@ -145,81 +234,234 @@ void softmax_rows(float* scores, int64_t rows, int64_t span, int64_t skip) {
       sr[pos] = std::exp(sr[pos] - m);
       sum += sr[pos];
     }
-    const float inv = 1.f / sum;
     std::fill(sr, sr + skip, 0.f);
-#pragma omp simd
-    for (int64_t pos = skip; pos < span; ++pos) sr[pos] *= inv;
+    inv[r] = 1.f / sum;
   }
+}
+
+// Where one task's work lies: sequence b, KV heads [h0, h0 + heads_per_task), the window's positions
+// [lo, ctx) as blocks first.. (scores cover positions base.. of which the first `skip` get weight 0).
+struct Span {
+  int64_t b, h0, ctx, first, nblk, span, skip, nrows;
+};
+
+template <typename T>
+GS_INLINE Span task_span(const Args<T>& a, int64_t task) {
+  Span s;
+  s.b = task / a.tasks_per_seq;
+  s.h0 = (task % a.tasks_per_seq) * a.heads_per_task;
+  s.ctx = a.lens[s.b];
+  const int64_t lo = a.window > 0 ? std::max<int64_t>(0, s.ctx - a.window) : 0;
+  s.first = lo / a.bs;
+  s.nblk = (s.ctx + a.bs - 1) / a.bs;
+  s.span = s.ctx - s.first * a.bs;
+  s.skip = lo - s.first * a.bs;
+  s.nrows = a.heads_per_task * a.group;  // query heads h0 * group ..
+  return s;
+}
+
+// Scratch sized for the task (outside the vector code: plain calls); accumulators zeroed.
+template <typename T>
+void task_setup(const Args<T>& a, const Span& s, Scratch& sc) {
+  sc.q.resize(s.nrows * a.d);
+  sc.acc.assign(s.nrows * a.d, 0.f);
+  sc.scores.resize(s.nrows * s.span);
+  sc.inv.resize(s.nrows);
+}
+
+// The task's first query row and output row (query head h0 * group).
+template <typename T>
+GS_INLINE const T* task_q(const Args<T>& a, const Span& s) { return a.q + a.rows[s.b] * a.q_s0 + s.h0 * a.group * a.q_s1; }
+template <typename T>
+GS_INLINE T* task_out(const Args<T>& a, const Span& s) { return a.out + a.rows[s.b] * a.o_s0 + s.h0 * a.group * a.o_s1; }
+
+// dst[0, NV * W) = acc * inv in T, acc in load<W>'s order (so a permuted row lands back in place).
+template <int W, int NV, typename T>
+GS_INLINE void store_row(T* dst, const float* acc, float inv) {
+  using F = typename Vec<W>::f;
+  using U = typename Vec<W>::u;
+  if constexpr (sizeof(T) == 4) {
+    for (int c = 0; c < NV; ++c) *reinterpret_cast<typename Vec<W>::fu*>(dst + c * W) = load<W>(acc, c) * inv;
+  } else {
+    auto round = [](F x) __attribute__((always_inline)) {  // to nearest even, as gearshift::from_float
+      U u = (U)x;
+      return u + 0x7FFFu + ((u >> 16) & 1u);  // bf16 bits in the high half
+    };
+    if constexpr (W == 8) {
+      for (int c = 0; c < NV; ++c)
+        *reinterpret_cast<typename Vec<8>::hu*>(dst + 8 * c) =
+            __builtin_convertvector(round(load<8>(acc, c) * inv) >> 16, typename Vec<8>::hu);
+    } else {  // the inverse of load<16>'s unpacks: each 128-bit lane takes 4 high halves of each of a pair
+      typedef uint16_t h32 __attribute__((vector_size(64)));
+      typedef uint16_t h32u __attribute__((vector_size(64), aligned(2)));
+      typedef int16_t m32 __attribute__((vector_size(64)));
+      const m32 pick = {1,  3,  5,  7,  33, 35, 37, 39, 9,  11, 13, 15, 41, 43, 45, 47,
+                        17, 19, 21, 23, 49, 51, 53, 55, 25, 27, 29, 31, 57, 59, 61, 63};
+      for (int c = 0; c < NV; c += 2)
+        *reinterpret_cast<h32u*>(dst + 16 * c) = __builtin_shuffle((h32)round(load<16>(acc, c) * inv),
+                                                                   (h32)round(load<16>(acc, c + 1) * inv), pick);
+    }
+  }
+}
+
+// Calls fn(block, i, n) for blocks first..nblk of one cache (block: the first row of this task's heads in
+// block i, n slots used), with block i + 1 already being prefetched into L1, and the same block of `also`
+// (the V cache, walked next) into L2.
+template <typename T, typename Fn>
+GS_INLINE void walk_blocks(const Args<T>& a, const Span& s, const T* cache, const T* also, Fn&& fn) {
+  const int32_t* table = a.tables + s.b * a.bt_s0;
+  const int64_t row_elems = a.heads_per_task * a.d, off = s.h0 * a.d, blk = a.bs * a.slot_stride;
+  for (int64_t i = s.first; i < s.nblk; ++i) {
+    if (i + 1 < s.nblk) {
+      const int64_t next = int64_t(table[i + 1]) * blk + off, n = std::min(a.bs, s.ctx - (i + 1) * a.bs);
+      prefetch_block<3>(cache + next, a.slot_stride, n, row_elems);
+      if (also) prefetch_block<2>(also + next, a.slot_stride, n, row_elems);
+    }
+    fn(cache + int64_t(table[i]) * blk + off, i, std::min(a.bs, s.ctx - i * a.bs));
+  }
+}
+
+// Each cache block is walked once per pass for all of the task's query heads: per KV head, its query
+// heads in batches of up to 4 (a batch's accumulators stay in registers).
+template <int W, int NV, typename T, typename Fn>
+GS_INLINE void for_head_batches(const Args<T>& a, Fn&& fn) {
+  for (int64_t hl = 0; hl < a.heads_per_task; ++hl)
+    for (int64_t g0 = 0; g0 < a.group; g0 += 4) {
+      const int64_t r0 = hl * a.group + g0;  // first query row of the batch
+      switch (std::min<int64_t>(4, a.group - g0)) {
+        case 1: fn(std::integral_constant<int, 1>{}, hl, r0); break;
+        case 2: fn(std::integral_constant<int, 2>{}, hl, r0); break;
+        case 3: fn(std::integral_constant<int, 3>{}, hl, r0); break;
+        default: fn(std::integral_constant<int, 4>{}, hl, r0); break;
+      }
+    }
+}
+
+template <int W, int NV, typename T>
+GS_INLINE void task_vec(const Args<T>& a, int64_t task, Scratch& sc) {
+  constexpr int D = NV * W;
+  const Span s = task_span(a, task);
+  if (s.ctx <= 0) return;
+  task_setup(a, s, sc);
+  float *q = sc.q.data(), *acc = sc.acc.data(), *scores = sc.scores.data(), *inv = sc.inv.data();
+  const T* src = task_q(a, s);
+  for (int64_t r = 0; r < s.nrows; ++r)
+    for (int c = 0; c < NV; ++c)
+      *reinterpret_cast<typename Vec<W>::fu*>(q + r * D + c * W) = load<W>(src + r * a.q_s1, c) * a.scale;
+  // Pass 1: scores[r][pos] = q_r . k_pos.
+  walk_blocks(a, s, a.k, a.v, [&](const T* block, int64_t i, int64_t n) __attribute__((always_inline)) {
+    for_head_batches<W, NV>(a, [&](auto g, int64_t hl, int64_t r0) __attribute__((always_inline)) {
+      for (int64_t j0 = 0; j0 < n; j0 += W)
+        scores_tile<W, NV, decltype(g)::value, T>(q + r0 * D, block + hl * D + j0 * a.slot_stride, a.slot_stride,
+                                                  std::min<int64_t>(W, n - j0),
+                                                  scores + r0 * s.span + (i - s.first) * a.bs + j0, s.span);
+    });
+  });
+  softmax_rows(scores, s.nrows, s.span, s.skip, inv);
+  // Pass 2: out_r = sum_pos p[r][pos] * v_pos.
+  walk_blocks(a, s, a.v, static_cast<const T*>(nullptr), [&](const T* block, int64_t i, int64_t n) __attribute__((always_inline)) {
+    for_head_batches<W, NV>(a, [&](auto g, int64_t hl, int64_t r0) __attribute__((always_inline)) {
+      accumulate_tile<W, NV, decltype(g)::value, T>(acc + r0 * D, scores + r0 * s.span + (i - s.first) * a.bs,
+                                                    s.span, block + hl * D, a.slot_stride, n);
+    });
+  });
+  T* dst = task_out(a, s);
+  for (int64_t r = 0; r < s.nrows; ++r) store_row<W, NV>(dst + r * a.o_s1, acc + r * D, inv[r]);
+}
+
+// The entry points whose addresses are taken: the W = 16 one compiled for AVX-512 (everything below it is
+// inlined into it, so its vectors are zmm registers), called only when the CPU has AVX-512.
+template <int NV, typename T>
+void task_w8(const Args<T>& a, int64_t task, Scratch& sc) { task_vec<8, NV, T>(a, task, sc); }
+template <int NV, typename T>
+GS_AVX512 void task_w16(const Args<T>& a, int64_t task, Scratch& sc) { task_vec<16, NV, T>(a, task, sc); }
+
+template <typename T>
+using TaskFn = void (*)(const Args<T>&, int64_t, Scratch&);
+
+// head_dims with a vector kernel (each a multiple of 16 and of 8).
+#define GS_VEC_DIMS(ENTRY, W, T) \
+  case 64: return ENTRY<64 / W, T>; \
+  case 80: return ENTRY<80 / W, T>; \
+  case 96: return ENTRY<96 / W, T>; \
+  case 128: return ENTRY<128 / W, T>; \
+  case 256: return ENTRY<256 / W, T>;
+
+template <typename T>
+TaskFn<T> pick_vector_kernel(int64_t d, bool avx512) {
+  if (avx512 && (sizeof(T) == 4 || d % 32 == 0)) {  // bf16 unpacks whole 32-element groups
+    switch (d) { GS_VEC_DIMS(task_w16, 16, T) }
+  }
+  switch (d) { GS_VEC_DIMS(task_w8, 8, T) }
+  return nullptr;
+}
+
+// Any other head_dim: per query head, one dot product per key and one axpy per value.
+template <typename T>
+void task_any(const Args<T>& a, int64_t task, Scratch& sc) {
+  const Span s = task_span(a, task);
+  if (s.ctx <= 0) return;
+  task_setup(a, s, sc);
+  const int64_t d = a.d;
+  const T* src = task_q(a, s);
+  for (int64_t i = 0; i < s.nrows * d; ++i) sc.q[i] = to_float(src[(i / d) * a.q_s1 + i % d]) * a.scale;
+  for (int64_t r = 0; r < s.nrows; ++r) {
+    const int64_t off = (r / a.group) * d;
+    float *qr = sc.q.data() + r * d, *acc = sc.acc.data() + r * d, *scores = sc.scores.data() + r * s.span;
+    walk_blocks(a, s, a.k, a.v, [&](const T* block, int64_t i, int64_t n) {
+      for (int64_t j = 0; j < n; ++j) {
+        const T* key = block + off + j * a.slot_stride;
+        float dot = 0.f;
+        for (int64_t x = 0; x < d; ++x) dot += qr[x] * to_float(key[x]);
+        scores[(i - s.first) * a.bs + j] = dot;
+      }
+    });
+    softmax_rows(scores, 1, s.span, s.skip, sc.inv.data() + r);
+    walk_blocks(a, s, a.v, static_cast<const T*>(nullptr), [&](const T* block, int64_t i, int64_t n) {
+      for (int64_t j = 0; j < n; ++j) {
+        const T* val = block + off + j * a.slot_stride;
+        const float w = scores[(i - s.first) * a.bs + j];
+        for (int64_t x = 0; x < d; ++x) acc[x] += w * to_float(val[x]);
+      }
+    });
+  }
+  T* dst = task_out(a, s);
+  for (int64_t i = 0; i < s.nrows * d; ++i)
+    dst[(i / d) * a.o_s1 + i % d] = gearshift::from_float<T>(sc.acc[i] * sc.inv[i / d]);
+}
+
+bool has_avx512() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return yes;
+#else
+  return false;
+#endif
 }
 
 template <typename T>
 void paged_decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                        const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& rows,
                        at::Tensor& out, float scale, int64_t window) {
+  Args<T> a;
+  a.q = data_as<T>(q), a.k = data_as<T>(k_cache), a.v = data_as<T>(v_cache), a.out = data_as<T>(out);
+  a.tables = block_tables.data_ptr<int32_t>(), a.lens = seq_lens.data_ptr<int32_t>();
+  a.rows = rows.data_ptr<int64_t>();
+  a.q_s0 = q.stride(0), a.q_s1 = q.stride(1), a.o_s0 = out.stride(0), a.o_s1 = out.stride(1);
+  a.bt_s0 = block_tables.stride(0), a.bs = k_cache.size(1), a.hkv = k_cache.size(2), a.d = q.size(2);
+  a.group = q.size(1) / a.hkv, a.slot_stride = a.hkv * a.d, a.window = window, a.scale = scale;
   const int64_t num_seqs = seq_lens.size(0);
-  const int64_t hq = q.size(1), d = q.size(2);
-  const int64_t bs = k_cache.size(1), hkv = k_cache.size(2);
-  const int64_t group = hq / hkv;
-  const int64_t q_s0 = q.stride(0), q_s1 = q.stride(1), o_s0 = out.stride(0), o_s1 = out.stride(1);
-  const int64_t bt_s0 = block_tables.stride(0);
-  const int64_t slot_stride = hkv * d;  // elements between consecutive slots of one head
-  const T* qp = data_as<T>(q);
-  const T* kp = data_as<T>(k_cache);
-  const T* vp = data_as<T>(v_cache);
-  const int32_t* btp = block_tables.data_ptr<int32_t>();
-  const int32_t* lp = seq_lens.data_ptr<int32_t>();
-  const int64_t* rp = rows.data_ptr<int64_t>();
-  T* op = data_as<T>(out);
-
   // A task is one sequence and a range of its KV heads: all of them when there are enough sequences to
   // keep every thread busy (each cache slot's K/V rows for all heads are then read as one contiguous run),
   // else one head per task.
-  const int64_t heads_per_task = num_seqs >= 2 * at::get_num_threads() ? hkv : 1;
-  const int64_t tasks_per_seq = hkv / heads_per_task;
-  at::parallel_for(0, num_seqs * tasks_per_seq, 1, [&](int64_t begin, int64_t end) {
-    const int64_t rows_per_task = heads_per_task * group;  // query heads one task serves
-    std::vector<float> qs(rows_per_task * d), acc(rows_per_task * d), scores;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / tasks_per_seq, h0 = (task % tasks_per_seq) * heads_per_task;
-      const int64_t ctx = lp[b], row = rp[b];
-      if (ctx <= 0) continue;
-      // A sliding window (window > 0) sees positions [lo, ctx); scores cover blocks first.. only.
-      const int64_t lo = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
-      const int64_t first = lo / bs, base = first * bs, span = ctx - base, skip = lo - base;
-      scores.resize(rows_per_task * span);
-      for (int64_t r = 0; r < rows_per_task; ++r) {  // query head h0 * group + r
-        const T* src = qp + row * q_s0 + (h0 * group + r) * q_s1;
-        for (int64_t i = 0; i < d; ++i) qs[r * d + i] = to_float(src[i]) * scale;
-      }
-      const int32_t* table = btp + b * bt_s0;
-      const int64_t row_elems = heads_per_task * d;
-      // Pass 1: scores[r][pos] = q_r . k_pos, block by block (one block of one head: bs strided rows).
-      for_each_block(kp, table, ctx, bs, slot_stride, h0 * d, row_elems, first, [&](const T* block, int64_t i, int64_t n) {
-        for (int64_t r = 0; r < rows_per_task; ++r) {
-          const T* kb = block + (r / group) * d;
-          float* dst = scores.data() + r * span + (i - first) * bs;
-          if (d == 64) scores_block<8>(qs.data() + r * d, kb, slot_stride, n, dst);
-          else if (d == 128) scores_block<16>(qs.data() + r * d, kb, slot_stride, n, dst);
-          else scores_block_any(qs.data() + r * d, kb, slot_stride, n, d, dst);
-        }
-      });
-      softmax_rows(scores.data(), rows_per_task, span, skip);
-      // Pass 2: out_r = sum_pos p[r][pos] * v_pos, block by block.
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for_each_block(vp, table, ctx, bs, slot_stride, h0 * d, row_elems, first, [&](const T* block, int64_t i, int64_t n) {
-        for (int64_t r = 0; r < rows_per_task; ++r) {
-          const T* vb = block + (r / group) * d;
-          const float* p = scores.data() + r * span + (i - first) * bs;
-          if (d == 64) accumulate_block<8>(acc.data() + r * d, p, vb, slot_stride, n);
-          else if (d == 128) accumulate_block<16>(acc.data() + r * d, p, vb, slot_stride, n);
-          else accumulate_block_any(acc.data() + r * d, p, vb, slot_stride, n, d);
-        }
-      });
-      for (int64_t r = 0; r < rows_per_task; ++r) {
-        T* dst = op + row * o_s0 + (h0 * group + r) * o_s1;
-        for (int64_t i = 0; i < d; ++i) dst[i] = gearshift::from_float<T>(acc[r * d + i]);
-      }
-    }
+  a.heads_per_task = num_seqs >= 2 * at::get_num_threads() ? a.hkv : 1;
+  a.tasks_per_seq = a.hkv / a.heads_per_task;
+  TaskFn<T> fn = pick_vector_kernel<T>(a.d, has_avx512());
+  if (!fn) fn = task_any<T>;
+  at::parallel_for(0, num_seqs * a.tasks_per_seq, 1, [&](int64_t begin, int64_t end) {
+    Scratch sc;
+    for (int64_t task = begin; task < end; ++task) fn(a, task, sc);
   });
 }
 

@@ -127,13 +127,14 @@ def test_fused_ops_refuse_other_and_mixed_dtypes() -> None:
                             torch.zeros(1, dtype=torch.long), torch.empty_like(q), 1.0, 0)
 
 
-def _decode_step(ctx: list[int], hq: int, hkv: int, d: int, bs: int, gen: torch.Generator):
+def _decode_step(ctx: list[int], hq: int, hkv: int, d: int, bs: int, gen: torch.Generator,
+                 dtype: torch.dtype = torch.bfloat16):
     """Decodes of the given context lengths over scattered cache blocks, each decode row followed by a
     2-token prefill chunk (decode rows 0, 3, 6, ...: not contiguous). Returns q, k, v, caches and meta."""
     meta, tables, num_blocks = scattered_decodes(ctx, bs, gen)
-    caches = [torch.randn(num_blocks, bs, hkv, d, generator=gen).bfloat16() for _ in range(2)]
+    caches = [torch.randn(num_blocks, bs, hkv, d, generator=gen).to(dtype) for _ in range(2)]
     t = int(meta.query_start_loc[-1])
-    q, k, v = (torch.randn(t, h, d, generator=gen).bfloat16() for h in (hq, hkv, hkv))
+    q, k, v = (torch.randn(t, h, d, generator=gen).to(dtype) for h in (hq, hkv, hkv))
     return q, k, v, caches, meta, tables
 
 
@@ -149,17 +150,21 @@ def _reference_decode(q, kc, vc, table: list[int], c: int, scale: float, window:
     return torch.einsum("hk,khd->hd", s.softmax(-1), v[lo:])
 
 
-@pytest.mark.parametrize(("hq", "hkv", "d"), [(9, 3, 64), (8, 2, 128), (4, 4, 80)])  # GQA; d=80: any-width loop
-@pytest.mark.parametrize("window", [0, 5, 37])
-def test_bf16_paged_decode_matches_fp64_reference(hq: int, hkv: int, d: int, window: int) -> None:
-    """The native decode over a bf16 cache, through the engine's plan (scattered blocks, GQA, decode rows
+# (Hq, Hkv, head_dim): GQA groups 3, 4, 1, 8 (two batches of 4 query heads), 6 (4 + 2) and 2; head_dims with
+# a vector kernel (64, 128, 96, 256; 80: 5 vectors of 16 in fp32, the 8-wide path in bf16) and without one
+# (72, 40: the plain loop).
+DECODE_SHAPES = [(9, 3, 64), (8, 2, 128), (4, 4, 80), (8, 1, 96), (12, 2, 256), (6, 3, 72), (2, 1, 40)]
+
+
+def _check_native_decode(dtype: torch.dtype, hq: int, hkv: int, d: int, window: int, seqs: int) -> None:
+    """The native decode through the engine's plan (scattered blocks, partial last blocks, decode rows
     between prefill chunks, sliding windows with the blocks outside them NaN-poisoned, so never read):
-    each decode row within bf16 rounding of fp64 attention over the same bf16 K/V, in bf16."""
-    assert cpu_kernels.kernels() is not None
-    gen = torch.Generator().manual_seed(hq * d + window)
+    each decode row within rounding of fp64 attention over the same K/V. seqs 2: one KV head a task;
+    16: all of a sequence's heads a task."""
+    gen = torch.Generator().manual_seed(hq * d + window + seqs)
     bs, scale = 16, d**-0.5
-    ctx = [1, 2, 15, 16, 17, 300] + torch.randint(1, 300, (10,), generator=gen).tolist()
-    q, k, v, (kc, vc), meta, tables = _decode_step(ctx, hq, hkv, d, bs, gen)
+    ctx = ([1, 2, 15, 16, 17, 300] + torch.randint(1, 300, (10,), generator=gen).tolist())[-seqs:]
+    q, k, v, (kc, vc), meta, tables = _decode_step(ctx, hq, hkv, d, bs, gen, dtype)
     if window:
         for t, c in zip(tables, ctx, strict=True):
             for b in range(max(0, c - window) // bs):  # wholly before the window
@@ -167,12 +172,39 @@ def test_bf16_paged_decode_matches_fp64_reference(hq: int, hkv: int, d: int, win
     plan = build_plan(meta, bs, q.device, native=True, window=window or None)
     assert plan.native is not None and not plan.decodes
     out = paged_attention_torch(q, k, v, kc, vc, meta, scale, plan, window or None)
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == dtype
+    rtol, atol = (BF16_RTOL, 1e-3) if dtype == torch.bfloat16 else (1e-5, 1e-5)
     for i, (t, c) in enumerate(zip(tables, ctx, strict=True)):
         want = _reference_decode(q[3 * i], kc, vc, t, c, scale, window)
         got = out[3 * i].double()
         assert torch.isfinite(got).all()
-        torch.testing.assert_close(got, want, rtol=BF16_RTOL, atol=1e-3, msg=f"decode {i} (context {c})")
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=f"{dtype} {hq}/{hkv}x{d} window {window} "
+                                   f"decode {i} (context {c})")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("hq", "hkv", "d"), DECODE_SHAPES)
+@pytest.mark.parametrize("window", [0, 5, 37])
+@pytest.mark.parametrize("seqs", [2, 16])
+def test_paged_decode_matches_fp64_reference(dtype, hq: int, hkv: int, d: int, window: int, seqs: int) -> None:
+    assert cpu_kernels.kernels() is not None
+    _check_native_decode(dtype, hq, hkv, d, window, seqs)
+
+
+def test_paged_decode_8_wide_path_matches_fp64_reference() -> None:
+    """The x86-64-v3 kernels (8 lanes), which an AVX-512 CPU skips unless GEARSHIFT_CPU_AVX512=0: the same
+    checks in a process started with it (the choice is made once a process)."""
+    assert cpu_kernels.kernels() is not None
+    code = ("import torch, test_cpu_kernels as t\n"
+            "for dtype in (torch.float32, torch.bfloat16):\n"
+            "    for shape in t.DECODE_SHAPES:\n"
+            "        for window, seqs in ((0, 16), (37, 2), (5, 16)):\n"
+            "            t._check_native_decode(dtype, *shape, window, seqs)\n"
+            "print('ok')\n")
+    env = {**os.environ, "GEARSHIFT_CPU_AVX512": "0", "PYTHONSAFEPATH": "1",
+           "PYTHONPATH": os.pathsep.join(x for x in [str(Path(__file__).parent), os.environ.get("PYTHONPATH")] if x)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
 def test_bf16_native_decode_matches_torch_bf16_path() -> None:

@@ -23,7 +23,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -430,10 +432,12 @@ void task_any(const Args<T>& a, int64_t task, Scratch& sc) {
     dst[(i / d) * a.o_s1 + i % d] = gearshift::from_float<T>(sc.acc[i] * sc.inv[i / d]);
 }
 
+// GEARSHIFT_CPU_AVX512=0 keeps the x86-64-v3 (W = 8) kernels on an AVX-512 CPU (tests of that path).
 bool has_avx512() {
 #if defined(__x86_64__) && defined(__GNUC__)
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                          !(std::getenv("GEARSHIFT_CPU_AVX512") && std::string(std::getenv("GEARSHIFT_CPU_AVX512")) == "0");
   return yes;
 #else
   return false;

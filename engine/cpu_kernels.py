@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name
            for name in ("paged_decode_cpu.cpp", "fused_ops_cpu.cpp", "quant_cpu.cpp")]
-HEADERS = [Path(__file__).parent / "csrc" / "bf16_cpu.h"]  # part of the fingerprint, not compiled alone
+HEADERS = [Path(__file__).parent / "csrc" / name for name in ("bf16_cpu.h", "simd_cpu.h")]  # fingerprinted
 _lock = threading.Lock()
 _cache: dict[str, ModuleType | None] = {}
 _UNSET = object()

@@ -17,7 +17,8 @@
 // each K and V row is loaded and widened once and used by all the query heads that share its KV head
 // (GQA); a key's dot products stay W-lane vectors until W keys are done, then one transpose-add tree
 // turns W vectors into W scores (no horizontal sum per score). W = 16 (AVX-512, chosen at run time when
-// the CPU has it: the module itself targets x86-64-v3) or 8. Head dims outside kVecDims take a plain loop.
+// the CPU has it: the module itself targets x86-64-v3) or 8 (simd_cpu.h). Head dims without a vector
+// kernel (GS_VEC_DIMS) take a plain loop.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -30,100 +31,18 @@
 #include <vector>
 
 #include "bf16_cpu.h"
+#include "simd_cpu.h"
 
-// 64-byte vectors in functions without AVX-512 are only ever inlined into the AVX-512 entry points.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
-#define GS_INLINE inline __attribute__((always_inline))
-#define GS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 
 using gearshift::bf16;
+using gearshift::simd::load;
+using gearshift::simd::reduce_lanes;
+using gearshift::simd::store_row;
+using gearshift::simd::Vec;
 using gearshift::data_as;
 using gearshift::to_float;
 
 namespace {
-
-// W floats in one register. `u` types may sit at any address (loads/stores of cache rows and scratch).
-template <int W>
-struct Vec;
-template <>
-struct Vec<8> {
-  typedef float f __attribute__((vector_size(32)));
-  typedef float fu __attribute__((vector_size(32), aligned(4)));
-  typedef uint16_t hu __attribute__((vector_size(16), aligned(2)));
-  typedef uint32_t u __attribute__((vector_size(32)));
-  typedef int32_t i __attribute__((vector_size(32)));
-};
-template <>
-struct Vec<16> {
-  typedef float f __attribute__((vector_size(64)));
-  typedef float fu __attribute__((vector_size(64), aligned(4)));
-  typedef uint16_t hu __attribute__((vector_size(32), aligned(2)));
-  typedef uint32_t u __attribute__((vector_size(64)));
-  typedef int32_t i __attribute__((vector_size(64)));
-};
-
-// Vector c (W lanes) of a row of head_dim elements, widened to fp32. float: elements cW..cW+W-1. bf16 at
-// W = 8: the same, by a zero-extend and a 16-bit shift (vpmovzxwd + vpslld). bf16 at W = 16: one unpack
-// of the 32 elements around it with zeros (vpunpck{l,h}wd, the bf16 bits becoming each float's high half,
-// one instruction where a widening load takes three on GCC 12), which leaves each 32-element group in
-// the order of its 128-bit lanes' 4-element runs, even runs first (vector 2k), then odd (2k + 1): q and
-// the output accumulators are loaded through the same function, so they are in that order too (dot
-// products and sums do not care), and store_row puts the output back in place.
-template <int W>
-GS_INLINE typename Vec<W>::f load(const float* row, int c) {
-  return *reinterpret_cast<const typename Vec<W>::fu*>(row + c * W);
-}
-template <int W>
-GS_INLINE typename Vec<W>::f load(const bf16* row, int c) {
-  using V = Vec<W>;
-  if constexpr (W == 8) {
-    return (typename V::f)(__builtin_convertvector(*reinterpret_cast<const typename V::hu*>(row + c * W),
-                                                   typename V::u) << 16);
-  } else {
-    typedef uint16_t h32 __attribute__((vector_size(64), aligned(2)));
-    typedef int16_t m32 __attribute__((vector_size(64)));
-    const m32 lo = {0, 32, 1, 33, 2, 34, 3, 35, 8, 40, 9, 41, 10, 42, 11, 43,
-                    16, 48, 17, 49, 18, 50, 19, 51, 24, 56, 25, 57, 26, 58, 27, 59};
-    const m32 hi = lo + 4;
-    const h32 x = *reinterpret_cast<const h32*>(row + 32 * (c / 2)), zero = {};
-    return (typename V::f)__builtin_shuffle(zero, x, c % 2 ? hi : lo);
-  }
-}
-
-// x[j] (W lanes each, j < W) -> r with r[j] = sum of x[j]'s lanes: a transpose-add tree, log2(W) levels of
-// pairwise unpack + add, instead of W horizontal sums.
-GS_INLINE Vec<8>::f reduce_lanes(const Vec<8>::f* x) {
-  typedef Vec<8>::i I;
-  const I lo1 = {0, 8, 1, 9, 4, 12, 5, 13}, hi1 = {2, 10, 3, 11, 6, 14, 7, 15};
-  const I lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
-  const I lo3 = {0, 1, 2, 3, 8, 9, 10, 11}, hi3 = {4, 5, 6, 7, 12, 13, 14, 15};
-  Vec<8>::f a[4], b[2];
-  for (int k = 0; k < 4; ++k)
-    a[k] = __builtin_shuffle(x[2 * k], x[2 * k + 1], lo1) + __builtin_shuffle(x[2 * k], x[2 * k + 1], hi1);
-  for (int k = 0; k < 2; ++k)
-    b[k] = __builtin_shuffle(a[2 * k], a[2 * k + 1], lo2) + __builtin_shuffle(a[2 * k], a[2 * k + 1], hi2);
-  return __builtin_shuffle(b[0], b[1], lo3) + __builtin_shuffle(b[0], b[1], hi3);
-}
-
-GS_INLINE Vec<16>::f reduce_lanes(const Vec<16>::f* x) {
-  typedef Vec<16>::i I;
-  const I lo1 = {0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29};
-  const I hi1 = {2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31};
-  const I lo2 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
-  const I hi2 = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
-  // 128-bit lanes {0, 2} of each input, then {1, 3}: after two rounds lane L holds keys 4L..4L+3.
-  const I lo3 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
-  const I hi3 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
-  Vec<16>::f a[8], b[4], c[2];
-  for (int k = 0; k < 8; ++k)
-    a[k] = __builtin_shuffle(x[2 * k], x[2 * k + 1], lo1) + __builtin_shuffle(x[2 * k], x[2 * k + 1], hi1);
-  for (int k = 0; k < 4; ++k)
-    b[k] = __builtin_shuffle(a[2 * k], a[2 * k + 1], lo2) + __builtin_shuffle(a[2 * k], a[2 * k + 1], hi2);
-  for (int k = 0; k < 2; ++k)
-    c[k] = __builtin_shuffle(b[2 * k], b[2 * k + 1], lo3) + __builtin_shuffle(b[2 * k], b[2 * k + 1], hi3);
-  return __builtin_shuffle(c[0], c[1], lo3) + __builtin_shuffle(c[0], c[1], hi3);
-}
 
 // The largest divisor of n that is <= cap (register blocking along head_dim without a remainder loop).
 constexpr int chunk(int n, int cap) { return cap <= 1 ? 1 : (n % cap == 0 ? cap : chunk(n, cap - 1)); }
@@ -276,35 +195,6 @@ template <typename T>
 GS_INLINE const T* task_q(const Args<T>& a, const Span& s) { return a.q + a.rows[s.b] * a.q_s0 + s.h0 * a.group * a.q_s1; }
 template <typename T>
 GS_INLINE T* task_out(const Args<T>& a, const Span& s) { return a.out + a.rows[s.b] * a.o_s0 + s.h0 * a.group * a.o_s1; }
-
-// dst[0, NV * W) = acc * inv in T, acc in load<W>'s order (so a permuted row lands back in place).
-template <int W, int NV, typename T>
-GS_INLINE void store_row(T* dst, const float* acc, float inv) {
-  using F = typename Vec<W>::f;
-  using U = typename Vec<W>::u;
-  if constexpr (sizeof(T) == 4) {
-    for (int c = 0; c < NV; ++c) *reinterpret_cast<typename Vec<W>::fu*>(dst + c * W) = load<W>(acc, c) * inv;
-  } else {
-    auto round = [](F x) __attribute__((always_inline)) {  // to nearest even, as gearshift::from_float
-      U u = (U)x;
-      return u + 0x7FFFu + ((u >> 16) & 1u);  // bf16 bits in the high half
-    };
-    if constexpr (W == 8) {
-      for (int c = 0; c < NV; ++c)
-        *reinterpret_cast<typename Vec<8>::hu*>(dst + 8 * c) =
-            __builtin_convertvector(round(load<8>(acc, c) * inv) >> 16, typename Vec<8>::hu);
-    } else {  // the inverse of load<16>'s unpacks: each 128-bit lane takes 4 high halves of each of a pair
-      typedef uint16_t h32 __attribute__((vector_size(64)));
-      typedef uint16_t h32u __attribute__((vector_size(64), aligned(2)));
-      typedef int16_t m32 __attribute__((vector_size(64)));
-      const m32 pick = {1,  3,  5,  7,  33, 35, 37, 39, 9,  11, 13, 15, 41, 43, 45, 47,
-                        17, 19, 21, 23, 49, 51, 53, 55, 25, 27, 29, 31, 57, 59, 61, 63};
-      for (int c = 0; c < NV; c += 2)
-        *reinterpret_cast<h32u*>(dst + 16 * c) = __builtin_shuffle((h32)round(load<16>(acc, c) * inv),
-                                                                   (h32)round(load<16>(acc, c + 1) * inv), pick);
-    }
-  }
-}
 
 // Calls fn(block, i, n) for blocks first..nblk of one cache (block: the first row of this task's heads in
 // block i, n slots used), with block i + 1 already being prefetched into L1, and the same block of `also`

@@ -10,8 +10,8 @@ module (cpu_kernels.kernels()). Part 1, the kernel alone: SmolLM2-135M's attenti
 over 3 KV heads, head_dim 64, block 16) at rows 1/8/32 x context 190/1000, fp32 and bf16, one call per
 layer over 30 layers' own caches (blocks scattered at random, so K/V come from DRAM as in a real step):
 us per layer (lower quartile), old/new, and the largest |old - new| of the outputs. Part 2, the whole
-step: a decode step of 32 rows at context 190 (bench/int8_profile.py's shape) of the bundled model with
---quantization int4 (bf16 KV cache) and int8 (fp32 KV cache), the module swapped step by step.
+step: a decode step of 32 rows (and of 1) at context 190 (bench/int8_profile.py's shape) of the bundled
+model with --quantization int4 (bf16 KV cache) and int8 (fp32 KV cache), the module swapped step by step.
 """
 
 from __future__ import annotations
@@ -85,8 +85,9 @@ def time_kernels(mods: dict, rows: int, ctx: int, dtype, reps: int) -> tuple[dic
     return {name: sorted(ts)[len(ts) // 4] for name, ts in times.items()}, diff
 
 
-def time_steps(mods: dict, quantization: str, threads: int, reps: int) -> dict[str, float]:
-    """ms per decode step of 32 rows at context 190 (lower quartile), the kernel module swapped per step."""
+def time_steps(mods: dict, quantization: str, threads: int, reps: int, rows_list: list[int]) -> dict:
+    """{rows: {module: ms}}: a decode step of `rows` rows at context 190 (lower quartile), the kernel
+    module swapped step by step."""
     import torch
     from gearshift.engine import cpu_kernels
     from gearshift.engine.bundled import bundled_model_path
@@ -99,18 +100,21 @@ def time_steps(mods: dict, quantization: str, threads: int, reps: int) -> dict[s
     runner = ModelRunner(EngineConfig(model=str(bundled_model_path()), dtype="auto", device="cpu",
                                       quantization=quantization, threads=threads, max_model_len=1024,
                                       kv_cache_memory=512 << 20, max_num_seqs=64))
-    out = step(32, 0, 190, runner.block_size)
-    times: dict[str, list[float]] = {name: [] for name in mods}
-    with torch.inference_mode():
-        for i in range(reps + 2):
-            for name, mod in mods.items():
-                cpu_kernels._cache["module"] = mod
-                t = time.perf_counter()
-                run_step(runner, out)
-                if i >= 2:
-                    times[name].append((time.perf_counter() - t) * 1e3)
+    result = {}
+    for rows in rows_list:
+        out = step(rows, 0, 190, runner.block_size)
+        times: dict[str, list[float]] = {name: [] for name in mods}
+        with torch.inference_mode():
+            for i in range(reps + 2):
+                for name, mod in mods.items():
+                    cpu_kernels._cache["module"] = mod
+                    t = time.perf_counter()
+                    run_step(runner, out)
+                    if i >= 2:
+                        times[name].append((time.perf_counter() - t) * 1e3)
+        result[rows] = {name: sorted(ts)[len(ts) // 4] for name, ts in times.items()}
     cpu_kernels._cache["module"] = mods["new"]
-    return {name: sorted(ts)[len(ts) // 4] for name, ts in times.items()}
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,12 +144,13 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"| {str(dtype)[6:]} | {rows} | {ctx} | {t['old']:.1f} | {t['new']:.1f} | "
                           f"{t['old'] / t['new']:.2f}x | {diff:.1e} |", flush=True)
         if not args.no_step:
-            print("\nwhole decode step, 32 rows at context 190 (bundled SmolLM2-135M)")
-            print("| quantization | KV cache | old ms/step | new ms/step | old/new |\n|---|---|---:|---:|---:|")
+            print("\nwhole decode step at context 190 (bundled SmolLM2-135M)")
+            print("| quantization | KV cache | rows | old ms/step | new ms/step | old/new |")
+            print("|---|---|---:|---:|---:|---:|")
             for quant, kv in (("int4", "bf16"), ("int8", "fp32")):
-                t = time_steps(mods, quant, args.threads, args.reps)
-                print(f"| {quant} | {kv} | {t['old']:.2f} | {t['new']:.2f} | {t['old'] / t['new']:.2f}x |",
-                      flush=True)
+                for rows, t in time_steps(mods, quant, args.threads, args.reps, [1, 32]).items():
+                    print(f"| {quant} | {kv} | {rows} | {t['old']:.2f} | {t['new']:.2f} | "
+                          f"{t['old'] / t['new']:.2f}x |", flush=True)
     return 0
 
 

@@ -127,9 +127,7 @@ struct Scratch {
   std::vector<float> q, acc, scores, inv;
 };
 
-// Blocks sit at random places in the cache, which defeats the hardware prefetcher at every block
-// boundary: ask for the next block's rows (this task's heads) while the current one is computed.
-// One prefetch per 64-byte line; Hint 3: into L1, 2: into L2.
+// A block's rows of this task's heads, one prefetch per 64-byte line; Hint 3: into L1, 2: into L2.
 template <int Hint, typename T>
 GS_INLINE void prefetch_block(const T* first_row, int64_t slot_stride, int64_t n, int64_t elems_per_row) {
   constexpr int64_t line = 64 / sizeof(T);
@@ -197,19 +195,24 @@ template <typename T>
 GS_INLINE T* task_out(const Args<T>& a, const Span& s) { return a.out + a.rows[s.b] * a.o_s0 + s.h0 * a.group * a.o_s1; }
 
 // Calls fn(block, i, n) for blocks first..nblk of one cache (block: the first row of this task's heads in
-// block i, n slots used), with block i + 1 already being prefetched into L1, and the same block of `also`
-// (the V cache, walked next) into L2.
+// block i, n slots used). Blocks sit at random places in the cache, which defeats the hardware prefetcher
+// at every block boundary, so while block i is computed block i + 1 is being prefetched into L1 and block
+// i + 2 into L2, and the same blocks of `also` (the V cache, walked next; its first two up front) into L2.
 template <typename T, typename Fn>
 GS_INLINE void walk_blocks(const Args<T>& a, const Span& s, const T* cache, const T* also, Fn&& fn) {
   const int32_t* table = a.tables + s.b * a.bt_s0;
   const int64_t row_elems = a.heads_per_task * a.d, off = s.h0 * a.d, blk = a.bs * a.slot_stride;
+  auto block = [&](const T* c, int64_t i) { return c + int64_t(table[i]) * blk + off; };
+  auto slots = [&](int64_t i) { return std::min(a.bs, s.ctx - i * a.bs); };
+  for (int64_t i = s.first; also && i < std::min(s.first + 2, s.nblk); ++i)
+    prefetch_block<2>(block(also, i), a.slot_stride, slots(i), row_elems);
   for (int64_t i = s.first; i < s.nblk; ++i) {
-    if (i + 1 < s.nblk) {
-      const int64_t next = int64_t(table[i + 1]) * blk + off, n = std::min(a.bs, s.ctx - (i + 1) * a.bs);
-      prefetch_block<3>(cache + next, a.slot_stride, n, row_elems);
-      if (also) prefetch_block<2>(also + next, a.slot_stride, n, row_elems);
+    if (i + 1 < s.nblk) prefetch_block<3>(block(cache, i + 1), a.slot_stride, slots(i + 1), row_elems);
+    if (also && i + 2 < s.nblk) {
+      prefetch_block<2>(block(cache, i + 2), a.slot_stride, slots(i + 2), row_elems);
+      prefetch_block<2>(block(also, i + 2), a.slot_stride, slots(i + 2), row_elems);
     }
-    fn(cache + int64_t(table[i]) * blk + off, i, std::min(a.bs, s.ctx - i * a.bs));
+    fn(block(cache, i), i, slots(i));
   }
 }
 

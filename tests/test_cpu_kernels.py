@@ -156,13 +156,14 @@ def _reference_decode(q, kc, vc, table: list[int], c: int, scale: float, window:
 DECODE_SHAPES = [(9, 3, 64), (8, 2, 128), (4, 4, 80), (8, 1, 96), (12, 2, 256), (6, 3, 72), (2, 1, 40)]
 
 
-def _check_native_decode(dtype: torch.dtype, hq: int, hkv: int, d: int, window: int, seqs: int) -> None:
+def _check_native_decode(dtype: torch.dtype, hq: int, hkv: int, d: int, window: int, seqs: int,
+                         bs: int = 16) -> None:
     """The native decode through the engine's plan (scattered blocks, partial last blocks, decode rows
     between prefill chunks, sliding windows with the blocks outside them NaN-poisoned, so never read):
     each decode row within rounding of fp64 attention over the same K/V. seqs 2: one KV head a task;
     16: all of a sequence's heads a task."""
-    gen = torch.Generator().manual_seed(hq * d + window + seqs)
-    bs, scale = 16, d**-0.5
+    gen = torch.Generator().manual_seed(hq * d + window + seqs + bs)
+    scale = d**-0.5
     ctx = ([1, 2, 15, 16, 17, 300] + torch.randint(1, 300, (10,), generator=gen).tolist())[-seqs:]
     q, k, v, (kc, vc), meta, tables = _decode_step(ctx, hq, hkv, d, bs, gen, dtype)
     if window:
@@ -191,6 +192,15 @@ def test_paged_decode_matches_fp64_reference(dtype, hq: int, hkv: int, d: int, w
     _check_native_decode(dtype, hq, hkv, d, window, seqs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bs", [1, 8, 32, 48])  # a block shorter or longer than one 16-key score tile
+@pytest.mark.parametrize(("hq", "hkv", "d"), DECODE_SHAPES[:3])
+def test_paged_decode_other_block_sizes(dtype, bs: int, hq: int, hkv: int, d: int) -> None:
+    assert cpu_kernels.kernels() is not None
+    for window, seqs in ((0, 16), (37, 16), (5, 2)):
+        _check_native_decode(dtype, hq, hkv, d, window, seqs, bs)
+
+
 def test_paged_decode_8_wide_path_matches_fp64_reference() -> None:
     """The x86-64-v3 kernels (8 lanes), which an AVX-512 CPU skips unless GEARSHIFT_CPU_AVX512=0: the same
     checks in a process started with it (the choice is made once a process)."""
@@ -198,8 +208,8 @@ def test_paged_decode_8_wide_path_matches_fp64_reference() -> None:
     code = ("import torch, test_cpu_kernels as t\n"
             "for dtype in (torch.float32, torch.bfloat16):\n"
             "    for shape in t.DECODE_SHAPES:\n"
-            "        for window, seqs in ((0, 16), (37, 2), (5, 16)):\n"
-            "            t._check_native_decode(dtype, *shape, window, seqs)\n"
+            "        for window, seqs, bs in ((0, 16, 16), (37, 2, 16), (5, 16, 16), (37, 16, 8), (0, 2, 32)):\n"
+            "            t._check_native_decode(dtype, *shape, window, seqs, bs)\n"
             "print('ok')\n")
     env = {**os.environ, "GEARSHIFT_CPU_AVX512": "0", "PYTHONSAFEPATH": "1",
            "PYTHONPATH": os.pathsep.join(x for x in [str(Path(__file__).parent), os.environ.get("PYTHONPATH")] if x)}

@@ -18,6 +18,7 @@ and the LM head ran torch's per-tensor dynamic linear). o_proj is int8 unsmoothe
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import torch
@@ -29,8 +30,10 @@ from torch import nn
 # per-token int8 smoothed at alpha 0.2 / 0.5 / 0.8: 19.65 / 19.37 / 19.72, unsmoothed 19.93. down_proj
 # per-tensor int8 (the dynamic linear) smoothed at 0.5 / 0.8 / 0.95: 22.6 / 21.9 / 24.7.
 ALPHA = 0.5
-# Matrices of at most this many weights keep a plain int8 copy for one-row steps (Int8PerTokenWeight).
+# Matrices of at most this many weights keep a plain int8 copy for small steps (Int8PerTokenWeight says why):
+# steps of one row, or of up to PLAIN_ROWS_SMALL rows where neither side of the matrix exceeds 1024.
 GEMV_PLAIN_MAX = 1 << 23
+PLAIN_ROWS_SMALL = 64
 # The matmuls smoothed (and so int8 where they were fp32: down_proj, the LM head), by Linear name's last part.
 SMOOTHED_INT8 = frozenset({"qkv_proj", "gate_up_proj", "down_proj", "lm_head"})
 # A few hundred tokens of ordinary English and a chat turn: what the served model reads. Its only use is the
@@ -92,7 +95,8 @@ class Int8PerTokenWeight:
     The GEMM: oneDNN's u8 x s8 int8 linear on a weight pre-packed once (`onednn.qlinear_prepack`; measured
     on the 2-core AVX-512-VNNI EPYC, one thread: as fast as FBGEMM's dynamic linear at 32 rows, 1.2x on the
     49152-row LM head, 1.1-1.2x at 2048 rows, where `torch._int_mm` - it re-lays out the weight on each
-    call - is 0.6x on the LM head); `torch._int_mm` on a plain int8 weight where oneDNN cannot pack it.
+    call - is 0.6x on the LM head); `torch._int_mm` on a plain int8 weight for small steps of small
+    matrices (plain_rows below) and where oneDNN cannot pack it. Both give a row bit-identical results.
     The activation's quantization and the scaling are engine/csrc/quant_cpu.cpp's (one pass each, one
     Python call a matmul), or torch ops without the native module.
     """
@@ -107,13 +111,20 @@ class Int8PerTokenWeight:
         # [N] each: oneDNN returns the plain sums (weight scale 1, zero point 0), scaled as _int_mm's are
         self.unit_scales = torch.ones(self.out_features)
         self.zero_points = torch.zeros(self.out_features, dtype=torch.int32)
-        # [K, N], a transposed view: the layout _int_mm's CPU path reads fastest (measured). Without oneDNN;
-        # and for one-row steps (a single stream's decode) of matrices up to GEMV_PLAIN_MAX weights, where
-        # oneDNN's ~13 us a call dominates: _int_mm 5 / 4 / 18 / 8 us against 22 / 19 / 42 / 26 on SmolLM2's
-        # q/k/v, o, gate/up, down (one thread; bench/int8_gemm_shapes.py), worth a second int8 copy.
-        # Not the LM head (576 x 49152): there oneDNN is as fast at one row (733 vs 825 us).
-        keep_plain = self.packed is None or self.out_features * self.in_features <= GEMV_PLAIN_MAX
-        self.qt = q.t() if keep_plain else None
+        # [K, N], a transposed view: the layout _int_mm's CPU path reads fastest (measured). Used without
+        # oneDNN, and for steps of at most plain_rows rows, where oneDNN's ~13 us a call dominates
+        # (bench/int8_gemm_shapes.py, 2 threads, us oneDNN / _int_mm): one row of q/k/v, o, gate/up, down
+        # 20 / 5, 18 / 4, 28 / 9, 23 / 6; 32 rows of q/k/v 40 / 29, of o 26 / 19, while gate/up and down
+        # tie at 32 rows and lose from 8 (K or N over 1024). Worth a second int8 copy of matrices up to
+        # GEMV_PLAIN_MAX weights; not the LM head (576 x 49152: oneDNN as fast at one row, 410 vs 459 us).
+        n, k = self.out_features, self.in_features
+        if self.packed is None:
+            self.plain_rows = sys.maxsize
+        elif n * k <= GEMV_PLAIN_MAX:
+            self.plain_rows = PLAIN_ROWS_SMALL if max(n, k) <= 1024 else 1
+        else:
+            self.plain_rows = 0
+        self.qt = q.t() if self.plain_rows else None
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., K] fp32 (or bf16) -> [..., N] fp32."""
@@ -122,12 +133,12 @@ class Int8PerTokenWeight:
         native = native_kernels(x)
         if native is not None:  # quantize, GEMM and scale in one call (engine/csrc/quant_cpu.cpp)
             x = x if x.stride(-1) == 1 else x.contiguous()
-            if self.packed is not None and (self.qt is None or x.shape[0] > 1):
+            if x.shape[0] > self.plain_rows:
                 y = native.int8_linear_packed(x, self.packed, self.scale_127, bias, self.unit_scales,
                                               self.zero_points)
             else:
                 y = native.int8_linear(x, self.qt, self.scale_127, bias)
-        elif self.packed is not None and (self.qt is None or x.shape[0] > 1):
+        elif x.shape[0] > self.plain_rows:
             y = per_token_onednn_mm(x.float(), self.packed, self.scale_127, bias)
         else:
             y = per_token_int8_mm(x.float(), self.qt, self.scale_127, bias)

@@ -25,14 +25,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <cstring>
 #include <string>
 #include <type_traits>
 #include <vector>
 
 #include "bf16_cpu.h"
 #include "simd_cpu.h"
-
 
 using gearshift::bf16;
 using gearshift::simd::load;
@@ -190,9 +188,13 @@ void task_setup(const Args<T>& a, const Span& s, Scratch& sc) {
 
 // The task's first query row and output row (query head h0 * group).
 template <typename T>
-GS_INLINE const T* task_q(const Args<T>& a, const Span& s) { return a.q + a.rows[s.b] * a.q_s0 + s.h0 * a.group * a.q_s1; }
+GS_INLINE const T* task_q(const Args<T>& a, const Span& s) {
+  return a.q + a.rows[s.b] * a.q_s0 + s.h0 * a.group * a.q_s1;
+}
 template <typename T>
-GS_INLINE T* task_out(const Args<T>& a, const Span& s) { return a.out + a.rows[s.b] * a.o_s0 + s.h0 * a.group * a.o_s1; }
+GS_INLINE T* task_out(const Args<T>& a, const Span& s) {
+  return a.out + a.rows[s.b] * a.o_s0 + s.h0 * a.group * a.o_s1;
+}
 
 // Calls fn(block, i, n) for blocks first..nblk of one cache (block: the first row of this task's heads in
 // block i, n slots used). Blocks sit at random places in the cache, which defeats the hardware prefetcher
@@ -254,7 +256,8 @@ GS_INLINE void task_vec(const Args<T>& a, int64_t task, Scratch& sc) {
   });
   softmax_rows(scores, s.nrows, s.span, s.skip, inv);
   // Pass 2: out_r = sum_pos p[r][pos] * v_pos.
-  walk_blocks(a, s, a.v, static_cast<const T*>(nullptr), [&](const T* block, int64_t i, int64_t n) __attribute__((always_inline)) {
+  const T* none = nullptr;  // nothing to prefetch beside V
+  walk_blocks(a, s, a.v, none, [&](const T* block, int64_t i, int64_t n) __attribute__((always_inline)) {
     for_head_batches<W, NV>(a, [&](auto g, int64_t hl, int64_t r0) __attribute__((always_inline)) {
       accumulate_tile<W, NV, decltype(g)::value, T>(acc + r0 * D, scores + r0 * s.span + (i - s.first) * a.bs,
                                                     s.span, block + hl * D, a.slot_stride, n);
@@ -328,9 +331,10 @@ void task_any(const Args<T>& a, int64_t task, Scratch& sc) {
 // GEARSHIFT_CPU_AVX512=0 keeps the x86-64-v3 (W = 8) kernels on an AVX-512 CPU (tests of that path).
 bool has_avx512() {
 #if defined(__x86_64__) && defined(__GNUC__)
+  const char* env = std::getenv("GEARSHIFT_CPU_AVX512");
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                          !(std::getenv("GEARSHIFT_CPU_AVX512") && std::string(std::getenv("GEARSHIFT_CPU_AVX512")) == "0");
+                          !(env && std::string(env) == "0");
   return yes;
 #else
   return false;

@@ -14,7 +14,11 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 #define GS_INLINE inline __attribute__((always_inline))
+#if defined(__x86_64__)
 #define GS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#else  // other CPUs: plain code, never called (has_avx512() is false there)
+#define GS_AVX512
+#endif
 
 namespace gearshift::simd {
 

@@ -47,7 +47,8 @@ def row(k: int, n: int, m: int) -> tuple[float, float, float]:
     reps = 200 if n * k < 1 << 22 else 20
     onednn = p10_us(lambda: torch.ops.onednn.qlinear_pointwise(xu, 1.0, 128, packed, scale, zp, None, 1.0, 0,
                                                                 torch.float32, "none", [], ""), reps)
-    return onednn, p10_us(lambda: torch._int_mm(xs, wt), reps), p10_us(lambda: torch.ops.quantized.linear_dynamic(x, fb), reps)
+    int_mm = p10_us(lambda: torch._int_mm(xs, wt), reps)
+    return onednn, int_mm, p10_us(lambda: torch.ops.quantized.linear_dynamic(x, fb), reps)
 
 
 def main(argv: list[str] | None = None) -> int:

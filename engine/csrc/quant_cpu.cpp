@@ -56,7 +56,8 @@ inline void quantize_row(const T* __restrict x, Q* __restrict q, float* __restri
   volatile float reciprocal = 1.f / amax;
   const float inv = reciprocal * 127.f;
 #pragma omp simd
-  for (int64_t i = 0; i < k; ++i) q[i] = static_cast<Q>(static_cast<int32_t>(std::nearbyint(to_float(x[i]) * inv)) + kOffset);
+  for (int64_t i = 0; i < k; ++i)
+    q[i] = static_cast<Q>(static_cast<int32_t>(std::nearbyint(to_float(x[i]) * inv)) + kOffset);
   *amax_out = amax;
 }
 
@@ -72,7 +73,8 @@ void quantize_rows(const at::Tensor& x, at::Tensor& xq, at::Tensor& amax) {
 }
 
 void check_x(const at::Tensor& x) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1, "x must be a CPU [M, K] tensor with K contiguous");
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1,
+              "x must be a CPU [M, K] tensor with K contiguous");
 }
 
 void check_vector(const at::Tensor& v, int64_t n, const char* name) {

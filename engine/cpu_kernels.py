@@ -131,6 +131,14 @@ def handles(dtype) -> bool:
     return dtype == torch.float32 or dtype == torch.bfloat16
 
 
+def handles_decode(q_dtype, cache_dtype) -> bool:
+    """Whether paged_decode takes this pair: q (and out) fp32 or bf16 over caches of the same dtype, or fp32
+    q over bf16 caches (--quantization int8's fp32 activations with half the K/V bytes to read)."""
+    import torch
+
+    return handles(q_dtype) and (cache_dtype == q_dtype or (q_dtype, cache_dtype) == (torch.float32, torch.bfloat16))
+
+
 def kernels() -> ModuleType | None:
     """The compiled module, or None when turned off or unavailable (then the torch path runs)."""
     module = _cache.get("module", _UNSET)  # the hot path (every op of every layer): no lock once decided

@@ -157,15 +157,18 @@ DECODE_SHAPES = [(9, 3, 64), (8, 2, 128), (4, 4, 80), (8, 1, 96), (12, 2, 256), 
 
 
 def _check_native_decode(dtype: torch.dtype, hq: int, hkv: int, d: int, window: int, seqs: int,
-                         bs: int = 16) -> None:
+                         bs: int = 16, kv_dtype: torch.dtype | None = None) -> None:
     """The native decode through the engine's plan (scattered blocks, partial last blocks, decode rows
     between prefill chunks, sliding windows with the blocks outside them NaN-poisoned, so never read):
     each decode row within rounding of fp64 attention over the same K/V. seqs 2: one KV head a task;
-    16: all of a sequence's heads a task."""
+    16: all of a sequence's heads a task. kv_dtype: the caches' dtype when not q's (bf16 under fp32 q, as
+    --quantization int8 runs; this step's K/V are rounded into it as written, the reference reads them back)."""
     gen = torch.Generator().manual_seed(hq * d + window + seqs + bs)
     scale = d**-0.5
     ctx = ([1, 2, 15, 16, 17, 300] + torch.randint(1, 300, (10,), generator=gen).tolist())[-seqs:]
     q, k, v, (kc, vc), meta, tables = _decode_step(ctx, hq, hkv, d, bs, gen, dtype)
+    if kv_dtype is not None:
+        kc, vc = kc.to(kv_dtype), vc.to(kv_dtype)
     if window:
         for t, c in zip(tables, ctx, strict=True):
             for b in range(max(0, c - window) // bs):  # wholly before the window
@@ -201,15 +204,43 @@ def test_paged_decode_other_block_sizes(dtype, bs: int, hq: int, hkv: int, d: in
         _check_native_decode(dtype, hq, hkv, d, window, seqs, bs)
 
 
+@pytest.mark.parametrize(("hq", "hkv", "d"), DECODE_SHAPES)
+@pytest.mark.parametrize("window", [0, 5, 37])
+@pytest.mark.parametrize("seqs", [2, 16])
+def test_paged_decode_fp32_q_over_bf16_cache_matches_fp64_reference(hq: int, hkv: int, d: int, window: int,
+                                                                   seqs: int) -> None:
+    """fp32 q and out over bf16 caches (the 16-wide path loads q in the bf16 lanes' shuffled order and puts
+    the output back in place): fp32 accuracy against fp64 over the cache's bf16 values."""
+    assert cpu_kernels.kernels() is not None
+    _check_native_decode(torch.float32, hq, hkv, d, window, seqs, kv_dtype=torch.bfloat16)
+    if window == 0 and seqs == 16:
+        for bs in (1, 8, 48):
+            _check_native_decode(torch.float32, hq, hkv, d, 37, seqs, bs, kv_dtype=torch.bfloat16)
+
+
+def test_paged_decode_refuses_other_dtype_pairs() -> None:
+    """Over bf16 caches, out must be q's fp32 (a clear error, not wrong numbers); bf16 q over fp32 caches
+    is refused too (test_refuses_unsupported_dtypes) and never planned."""
+    native = cpu_kernels.kernels()
+    assert native is not None
+    cache = torch.zeros(1, 16, 1, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        native.paged_decode(torch.zeros(1, 1, 64), cache, cache, torch.zeros(1, 1, dtype=torch.int32),
+                            torch.ones(1, dtype=torch.int32), torch.zeros(1, dtype=torch.long),
+                            torch.zeros(1, 1, 64, dtype=torch.bfloat16), 1.0, 0)
+    assert cpu_kernels.handles_decode(torch.float32, torch.bfloat16)
+    assert not cpu_kernels.handles_decode(torch.bfloat16, torch.float32)
+
+
 def test_paged_decode_8_wide_path_matches_fp64_reference() -> None:
     """The x86-64-v3 kernels (8 lanes), which an AVX-512 CPU skips unless GEARSHIFT_CPU_AVX512=0: the same
     checks in a process started with it (the choice is made once a process)."""
     assert cpu_kernels.kernels() is not None
     code = ("import torch, test_cpu_kernels as t\n"
-            "for dtype in (torch.float32, torch.bfloat16):\n"
+            "for dtype, kv in ((torch.float32, None), (torch.bfloat16, None), (torch.float32, torch.bfloat16)):\n"
             "    for shape in t.DECODE_SHAPES:\n"
             "        for window, seqs, bs in ((0, 16, 16), (37, 2, 16), (5, 16, 16), (37, 16, 8), (0, 2, 32)):\n"
-            "            t._check_native_decode(dtype, *shape, window, seqs, bs)\n"
+            "            t._check_native_decode(dtype, *shape, window, seqs, bs, kv)\n"
             "print('ok')\n")
     env = {**os.environ, "GEARSHIFT_CPU_AVX512": "0", "PYTHONSAFEPATH": "1",
            "PYTHONPATH": os.pathsep.join(x for x in [str(Path(__file__).parent), os.environ.get("PYTHONPATH")] if x)}

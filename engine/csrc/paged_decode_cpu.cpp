@@ -4,8 +4,9 @@
 // fp32, the output is rounded to bf16 once. Parallel over sequences (or sequence x kv head) with ATen's own
 // thread pool (the same OpenMP team as every other op, so threads never fight a second runtime).
 //
-// q            [T, Hq, D]   fp32 or bf16 (the caches and out in the same dtype), head_dim contiguous;
-//                           this step's queries (decode rows picked by `rows`)
+// q            [T, Hq, D]   fp32 or bf16 (out in the same dtype; the caches too, or bf16 under fp32 q:
+//                           --quantization int8's fp32 activations over half the K/V bytes), head_dim
+//                           contiguous; this step's queries (decode rows picked by `rows`)
 // k/v_cache    [num_blocks, block_size, Hkv, D], contiguous
 // block_tables [B, max_blocks] int32 (B = decode sequences)
 // seq_lens     [B] int32: context length including this step's token (already written to the cache)
@@ -109,11 +110,13 @@ GS_INLINE void accumulate_tile(float* __restrict acc, const float* __restrict p,
   }
 }
 
-// One step's shapes and pointers (the same for every task).
-template <typename T>
+// One step's shapes and pointers (the same for every task). T: the caches' element type; Q: q's and out's
+// (T, or fp32 over a bf16 cache: the fp32 activations of --quantization int8 with half the K/V bytes).
+template <typename T, typename Q = T>
 struct Args {
-  const T *q, *k, *v;
-  T* out;
+  const Q* q;
+  const T *k, *v;
+  Q* out;
   const int32_t *tables, *lens;
   const int64_t* rows;
   int64_t q_s0, q_s1, o_s0, o_s1, bt_s0, bs, hkv, d, group, slot_stride, window, heads_per_task, tasks_per_seq;
@@ -162,8 +165,8 @@ struct Span {
   int64_t b, h0, ctx, first, nblk, span, skip, nrows;
 };
 
-template <typename T>
-GS_INLINE Span task_span(const Args<T>& a, int64_t task) {
+template <typename T, typename Q>
+GS_INLINE Span task_span(const Args<T, Q>& a, int64_t task) {
   Span s;
   s.b = task / a.tasks_per_seq;
   s.h0 = (task % a.tasks_per_seq) * a.heads_per_task;
@@ -178,8 +181,8 @@ GS_INLINE Span task_span(const Args<T>& a, int64_t task) {
 }
 
 // Scratch sized for the task (outside the vector code: plain calls); accumulators zeroed.
-template <typename T>
-void task_setup(const Args<T>& a, const Span& s, Scratch& sc) {
+template <typename T, typename Q>
+void task_setup(const Args<T, Q>& a, const Span& s, Scratch& sc) {
   sc.q.resize(s.nrows * a.d);
   sc.acc.assign(s.nrows * a.d, 0.f);
   sc.scores.resize(s.nrows * s.span);
@@ -187,12 +190,12 @@ void task_setup(const Args<T>& a, const Span& s, Scratch& sc) {
 }
 
 // The task's first query row and output row (query head h0 * group).
-template <typename T>
-GS_INLINE const T* task_q(const Args<T>& a, const Span& s) {
+template <typename T, typename Q>
+GS_INLINE const Q* task_q(const Args<T, Q>& a, const Span& s) {
   return a.q + a.rows[s.b] * a.q_s0 + s.h0 * a.group * a.q_s1;
 }
-template <typename T>
-GS_INLINE T* task_out(const Args<T>& a, const Span& s) {
+template <typename T, typename Q>
+GS_INLINE Q* task_out(const Args<T, Q>& a, const Span& s) {
   return a.out + a.rows[s.b] * a.o_s0 + s.h0 * a.group * a.o_s1;
 }
 
@@ -200,8 +203,8 @@ GS_INLINE T* task_out(const Args<T>& a, const Span& s) {
 // block i, n slots used). Blocks sit at random places in the cache, which defeats the hardware prefetcher
 // at every block boundary, so while block i is computed block i + 1 is being prefetched into L1 and block
 // i + 2 into L2, and the same blocks of `also` (the V cache, walked next; its first two up front) into L2.
-template <typename T, typename Fn>
-GS_INLINE void walk_blocks(const Args<T>& a, const Span& s, const T* cache, const T* also, Fn&& fn) {
+template <typename T, typename Q, typename Fn>
+GS_INLINE void walk_blocks(const Args<T, Q>& a, const Span& s, const T* cache, const T* also, Fn&& fn) {
   const int32_t* table = a.tables + s.b * a.bt_s0;
   const int64_t row_elems = a.heads_per_task * a.d, off = s.h0 * a.d, blk = a.bs * a.slot_stride;
   auto block = [&](const T* c, int64_t i) { return c + int64_t(table[i]) * blk + off; };
@@ -220,8 +223,8 @@ GS_INLINE void walk_blocks(const Args<T>& a, const Span& s, const T* cache, cons
 
 // Each cache block is walked once per pass for all of the task's query heads: per KV head, its query
 // heads in batches of up to 4 (a batch's accumulators stay in registers).
-template <int W, int NV, typename T, typename Fn>
-GS_INLINE void for_head_batches(const Args<T>& a, Fn&& fn) {
+template <int W, int NV, typename T, typename Q, typename Fn>
+GS_INLINE void for_head_batches(const Args<T, Q>& a, Fn&& fn) {
   for (int64_t hl = 0; hl < a.heads_per_task; ++hl)
     for (int64_t g0 = 0; g0 < a.group; g0 += 4) {
       const int64_t r0 = hl * a.group + g0;  // first query row of the batch
@@ -234,17 +237,21 @@ GS_INLINE void for_head_batches(const Args<T>& a, Fn&& fn) {
     }
 }
 
-template <int W, int NV, typename T>
-GS_INLINE void task_vec(const Args<T>& a, int64_t task, Scratch& sc) {
+template <int W, int NV, typename T, typename Q>
+GS_INLINE void task_vec(const Args<T, Q>& a, int64_t task, Scratch& sc) {
   constexpr int D = NV * W;
   const Span s = task_span(a, task);
   if (s.ctx <= 0) return;
   task_setup(a, s, sc);
   float *q = sc.q.data(), *acc = sc.acc.data(), *scores = sc.scores.data(), *inv = sc.inv.data();
-  const T* src = task_q(a, s);
+  const Q* src = task_q(a, s);
   for (int64_t r = 0; r < s.nrows; ++r)
-    for (int c = 0; c < NV; ++c)
-      *reinterpret_cast<typename Vec<W>::fu*>(q + r * D + c * W) = load<W>(src + r * a.q_s1, c) * a.scale;
+    for (int c = 0; c < NV; ++c) {
+      typename Vec<W>::f x;  // fp32 q over a bf16 cache: in the order the cache's lanes come in
+      if constexpr (std::is_same_v<Q, T>) x = load<W>(src + r * a.q_s1, c);
+      else x = gearshift::simd::load_in_order_of<W, T>(src + r * a.q_s1, c);
+      *reinterpret_cast<typename Vec<W>::fu*>(q + r * D + c * W) = x * a.scale;
+    }
   // Pass 1: scores[r][pos] = q_r . k_pos.
   walk_blocks(a, s, a.k, a.v, [&](const T* block, int64_t i, int64_t n) __attribute__((always_inline)) {
     for_head_batches<W, NV>(a, [&](auto g, int64_t hl, int64_t r0) __attribute__((always_inline)) {
@@ -263,45 +270,48 @@ GS_INLINE void task_vec(const Args<T>& a, int64_t task, Scratch& sc) {
                                                     s.span, block + hl * D, a.slot_stride, n);
     });
   });
-  T* dst = task_out(a, s);
-  for (int64_t r = 0; r < s.nrows; ++r) store_row<W, NV>(dst + r * a.o_s1, acc + r * D, inv[r]);
+  Q* dst = task_out(a, s);
+  for (int64_t r = 0; r < s.nrows; ++r) {
+    if constexpr (std::is_same_v<Q, T>) store_row<W, NV>(dst + r * a.o_s1, acc + r * D, inv[r]);
+    else gearshift::simd::store_row_in_order_of<W, NV, T>(dst + r * a.o_s1, acc + r * D, inv[r]);
+  }
 }
 
 // The entry points whose addresses are taken: the W = 16 one compiled for AVX-512 (everything below it is
 // inlined into it, so its vectors are zmm registers), called only when the CPU has AVX-512.
-template <int NV, typename T>
-void task_w8(const Args<T>& a, int64_t task, Scratch& sc) { task_vec<8, NV, T>(a, task, sc); }
-template <int NV, typename T>
-GS_AVX512 void task_w16(const Args<T>& a, int64_t task, Scratch& sc) { task_vec<16, NV, T>(a, task, sc); }
+template <int NV, typename T, typename Q>
+void task_w8(const Args<T, Q>& a, int64_t task, Scratch& sc) { task_vec<8, NV>(a, task, sc); }
+template <int NV, typename T, typename Q>
+GS_AVX512 void task_w16(const Args<T, Q>& a, int64_t task, Scratch& sc) { task_vec<16, NV>(a, task, sc); }
 
-template <typename T>
-using TaskFn = void (*)(const Args<T>&, int64_t, Scratch&);
+template <typename T, typename Q>
+using TaskFn = void (*)(const Args<T, Q>&, int64_t, Scratch&);
 
 // head_dims with a vector kernel (each a multiple of 16 and of 8).
-#define GS_VEC_DIMS(ENTRY, W, T) \
-  case 64: return ENTRY<64 / W, T>; \
-  case 80: return ENTRY<80 / W, T>; \
-  case 96: return ENTRY<96 / W, T>; \
-  case 128: return ENTRY<128 / W, T>; \
-  case 256: return ENTRY<256 / W, T>;
+#define GS_VEC_DIMS(ENTRY, W, T, Q) \
+  case 64: return ENTRY<64 / W, T, Q>; \
+  case 80: return ENTRY<80 / W, T, Q>; \
+  case 96: return ENTRY<96 / W, T, Q>; \
+  case 128: return ENTRY<128 / W, T, Q>; \
+  case 256: return ENTRY<256 / W, T, Q>;
 
-template <typename T>
-TaskFn<T> pick_vector_kernel(int64_t d, bool avx512) {
+template <typename T, typename Q>
+TaskFn<T, Q> pick_vector_kernel(int64_t d, bool avx512) {
   if (avx512 && (sizeof(T) == 4 || d % 32 == 0)) {  // bf16 unpacks whole 32-element groups
-    switch (d) { GS_VEC_DIMS(task_w16, 16, T) }
+    switch (d) { GS_VEC_DIMS(task_w16, 16, T, Q) }
   }
-  switch (d) { GS_VEC_DIMS(task_w8, 8, T) }
+  switch (d) { GS_VEC_DIMS(task_w8, 8, T, Q) }
   return nullptr;
 }
 
 // Any other head_dim: per query head, one dot product per key and one axpy per value.
-template <typename T>
-void task_any(const Args<T>& a, int64_t task, Scratch& sc) {
+template <typename T, typename Q>
+void task_any(const Args<T, Q>& a, int64_t task, Scratch& sc) {
   const Span s = task_span(a, task);
   if (s.ctx <= 0) return;
   task_setup(a, s, sc);
   const int64_t d = a.d;
-  const T* src = task_q(a, s);
+  const Q* src = task_q(a, s);
   for (int64_t i = 0; i < s.nrows * d; ++i) sc.q[i] = to_float(src[(i / d) * a.q_s1 + i % d]) * a.scale;
   for (int64_t r = 0; r < s.nrows; ++r) {
     const int64_t off = (r / a.group) * d;
@@ -323,9 +333,9 @@ void task_any(const Args<T>& a, int64_t task, Scratch& sc) {
       }
     });
   }
-  T* dst = task_out(a, s);
+  Q* dst = task_out(a, s);
   for (int64_t i = 0; i < s.nrows * d; ++i)
-    dst[(i / d) * a.o_s1 + i % d] = gearshift::from_float<T>(sc.acc[i] * sc.inv[i / d]);
+    dst[(i / d) * a.o_s1 + i % d] = gearshift::from_float<Q>(sc.acc[i] * sc.inv[i / d]);
 }
 
 // GEARSHIFT_CPU_AVX512=0 keeps the x86-64-v3 (W = 8) kernels on an AVX-512 CPU (tests of that path).
@@ -341,12 +351,12 @@ bool has_avx512() {
 #endif
 }
 
-template <typename T>
+template <typename T, typename Q>
 void paged_decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                        const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& rows,
                        at::Tensor& out, float scale, int64_t window) {
-  Args<T> a;
-  a.q = data_as<T>(q), a.k = data_as<T>(k_cache), a.v = data_as<T>(v_cache), a.out = data_as<T>(out);
+  Args<T, Q> a;
+  a.q = data_as<Q>(q), a.k = data_as<T>(k_cache), a.v = data_as<T>(v_cache), a.out = data_as<Q>(out);
   a.tables = block_tables.data_ptr<int32_t>(), a.lens = seq_lens.data_ptr<int32_t>();
   a.rows = rows.data_ptr<int64_t>();
   a.q_s0 = q.stride(0), a.q_s1 = q.stride(1), a.o_s0 = out.stride(0), a.o_s1 = out.stride(1);
@@ -358,8 +368,8 @@ void paged_decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at:
   // else one head per task.
   a.heads_per_task = num_seqs >= 2 * at::get_num_threads() ? a.hkv : 1;
   a.tasks_per_seq = a.hkv / a.heads_per_task;
-  TaskFn<T> fn = pick_vector_kernel<T>(a.d, has_avx512());
-  if (!fn) fn = task_any<T>;
+  TaskFn<T, Q> fn = pick_vector_kernel<T, Q>(a.d, has_avx512());
+  if (!fn) fn = task_any<T, Q>;
   at::parallel_for(0, num_seqs * a.tasks_per_seq, 1, [&](int64_t begin, int64_t end) {
     Scratch sc;
     for (int64_t task = begin; task < end; ++task) fn(a, task, sc);
@@ -371,14 +381,22 @@ void paged_decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at:
 void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& rows,
                   at::Tensor& out, double scale, int64_t window) {
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type() &&
-              out.scalar_type() == q.scalar_type(), "q, the caches and out must share one dtype");
+  const bool mixed = q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kBFloat16;
+  TORCH_CHECK((k_cache.scalar_type() == q.scalar_type() || mixed) && v_cache.scalar_type() == k_cache.scalar_type() &&
+              out.scalar_type() == q.scalar_type(),
+              "q and out share one dtype, the caches q's or (fp32 q) bfloat16");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, "head_dim must be contiguous");
   TORCH_CHECK(block_tables.dtype() == at::kInt && seq_lens.dtype() == at::kInt &&
               rows.dtype() == at::kLong, "index dtypes");
+  if (mixed) {
+    paged_decode_impl<bf16, float>(q, k_cache, v_cache, block_tables, seq_lens, rows, out, static_cast<float>(scale),
+                                   window);
+    return;
+  }
   gearshift::dispatch_float_bf16(q, "q", [&](auto tag) {
-    paged_decode_impl<decltype(tag)>(q, k_cache, v_cache, block_tables, seq_lens, rows, out,
-                                     static_cast<float>(scale), window);
+    using T = decltype(tag);
+    paged_decode_impl<T, T>(q, k_cache, v_cache, block_tables, seq_lens, rows, out, static_cast<float>(scale),
+                            window);
   });
 }

@@ -133,4 +133,37 @@ GS_INLINE void store_row(T* dst, const float* acc, float inv) {
   }
 }
 
+// An fp32 row (q, or the output) beside a cache of element type T: vector c of the row in the lane order
+// load<W>(const T*) gives cache rows, so dot products and accumulators line up lane by lane. Only bf16 at
+// W = 16 permutes (see load): vector 2k holds elements {0-3, 8-11, 16-19, 24-27} of the 32-element
+// group k, vector 2k + 1 the same plus 4.
+template <int W, typename T>
+GS_INLINE typename Vec<W>::f load_in_order_of(const float* row, int c) {
+  if constexpr (W == 8 || sizeof(T) == 4) {
+    return load<W>(row, c);
+  } else {
+    typedef Vec<16>::i I;
+    const I even = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27}, odd = even + 4;
+    const Vec<16>::f x0 = load<16>(row + 32 * (c / 2), 0), x1 = load<16>(row + 32 * (c / 2), 1);
+    return __builtin_shuffle(x0, x1, c % 2 ? odd : even);
+  }
+}
+
+// dst[0, NV * W) = acc * inv in fp32, acc in load_in_order_of<W, T>'s order (put back in place).
+template <int W, int NV, typename T>
+GS_INLINE void store_row_in_order_of(float* dst, const float* acc, float inv) {
+  if constexpr (W == 8 || sizeof(T) == 4) {
+    store_row<W, NV, float>(dst, acc, inv);
+  } else {  // the inverse of load_in_order_of: runs of 4 alternate between the even and the odd vector
+    typedef Vec<16>::i I;
+    typedef Vec<16>::fu FU;
+    const I first = {0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23}, second = first + 8;
+    for (int c = 0; c < NV; c += 2) {
+      const Vec<16>::f e = load<16>(acc, c) * inv, o = load<16>(acc, c + 1) * inv;
+      *reinterpret_cast<FU*>(dst + 16 * c) = __builtin_shuffle(e, o, first);
+      *reinterpret_cast<FU*>(dst + 16 * c + 16) = __builtin_shuffle(e, o, second);
+    }
+  }
+}
+
 }  // namespace gearshift::simd

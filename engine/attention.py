@@ -14,6 +14,8 @@ Torch path, per step (the gather plan is built once, by the first layer, and reu
   else over the gathered context with a causal mask shifted by the prefix length.
 
 Shapes: q [T, Hq, D]; k, v [T, Hkv, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D].
+The caches may hold bf16 under fp32 q (--quantization int8 on CPUs with native bf16): K/V are rounded to
+bf16 when written and widened back to q's dtype when read (no-op casts when the dtypes match).
 """
 
 from __future__ import annotations
@@ -231,8 +233,8 @@ def paged_attention_torch(
         qd = qd.view(bd, hkv, g, d)  # the G query heads sharing a KV head play the query-length axis
         # index_select, not advanced indexing: measured ~2x faster for this gather on CPU.
         # [Bd * nblk, bs, Hkv, D] -> [Bd, L, Hkv, D] -> [Bd, Hkv, L, D]
-        kd = k_cache.index_select(0, grp.blocks.flatten()).view(bd, -1, hkv, d).transpose(1, 2)
-        vd = v_cache.index_select(0, grp.blocks.flatten()).view(bd, -1, hkv, d).transpose(1, 2)
+        kd = k_cache.index_select(0, grp.blocks.flatten()).view(bd, -1, hkv, d).transpose(1, 2).to(q.dtype)
+        vd = v_cache.index_select(0, grp.blocks.flatten()).view(bd, -1, hkv, d).transpose(1, 2).to(q.dtype)
         od = _sdpa(qd, kd, vd, grp.mask, scale, softcap).reshape(bd, hq, d)
         if isinstance(grp.rows, slice):
             out[grp.rows] = od
@@ -247,6 +249,7 @@ def paged_attention_torch(
         else:
             kp = k_cache.index_select(0, p.ctx_blocks).view(-1, hkv, d).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
             vp = v_cache.index_select(0, p.ctx_blocks).view(-1, hkv, d).transpose(0, 1).unsqueeze(0)
+            kp, vp = kp.to(q.dtype), vp.to(q.dtype)  # a bf16 cache under fp32 activations (int8)
             op = _sdpa(qp, kp, vp, p.mask, scale, softcap, gqa=True)
         out[p.rows] = op.squeeze(0).transpose(0, 1)
     return out

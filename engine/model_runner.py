@@ -10,6 +10,7 @@ LLMEngine reads):
     runner.device           -> torch.device (cpu | cuda)
     runner.dtype            -> torch.dtype chosen (auto: CUDA bf16 (fp16 without bf16); CPU bf16 only with
                                AVX512-BF16/AMX, else fp32 -- on AVX2-only CPUs bf16 matmuls run ~5x slower)
+    runner.kv_dtype         -> torch.dtype of the KV cache (runner.dtype; bf16 under int8 on CPUs with native bf16)
     runner.prepacked        -> bool  CPU matmul weights pre-packed for oneDNN
     runner.num_kv_blocks    -> int   blocks in the preallocated cache (block ids 0 .. num_kv_blocks-1)
     runner.block_size       -> int   tokens per block (= config.block_size)
@@ -69,6 +70,16 @@ def cpu_has_fast_bf16() -> bool:
         return "avx512_bf16" in flags or "amx_bf16" in flags
     except OSError:
         return False
+
+
+def kv_cache_dtype(dtype: torch.dtype, quantization: str | None, device_type: str, fast_bf16: bool) -> torch.dtype:
+    """The KV cache's dtype: the activations' (`dtype`), except bf16 under --quantization int8's fp32
+    activations on a CPU with native bf16: its decode attention is memory-bound at many streams and bf16
+    halves the K/V bytes it reads (written rounded once, widened back to fp32 as read; where bf16 is
+    emulated the widening costs more than it saves, and the cache stays fp32)."""
+    if quantization == "int8" and device_type == "cpu" and fast_bf16 and dtype == torch.float32:
+        return torch.bfloat16
+    return dtype
 
 
 def resolve_device(name: str) -> torch.device:
@@ -134,6 +145,7 @@ class ModelRunner:
             self.dtype = torch.float32
         if config.quantization == "int4":  # 4-bit weights, bf16 activations (what ATen's int4 kernel takes)
             self.dtype = int4_activation_dtype(self.device.type, config.dtype, cpu_has_fast_bf16())
+        self.kv_dtype = kv_cache_dtype(self.dtype, config.quantization, self.device.type, cpu_has_fast_bf16())
         if self.device.type == "cpu":
             torch.set_num_threads(config.threads or usable_cpus())
         log.info("reading %s (configuration, tokenizer), then its weights", config.model)
@@ -209,7 +221,7 @@ class ModelRunner:
 
     def _allocate_kv_cache(self, wanted_len: int) -> None:
         cfg = self.model_config
-        elem = torch.tensor([], dtype=self.dtype).element_size()
+        elem = torch.tensor([], dtype=self.kv_dtype).element_size()
         per_block = 2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim * elem
         budget = self._kv_budget()
         self.num_kv_blocks = budget // per_block
@@ -228,11 +240,11 @@ class ModelRunner:
         # empty: the torch path gathers whole blocks and masks the unused tail, and never-written memory can
         # hold NaN bit patterns, which a zero attention weight does not cancel (0 * NaN = NaN).
         shape = (cfg.num_layers, 2, self.num_kv_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_cache = lazy_zeros(shape, self.dtype) if self.device.type == "cpu" else torch.zeros(
-            shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = lazy_zeros(shape, self.kv_dtype) if self.device.type == "cpu" else torch.zeros(
+            shape, dtype=self.kv_dtype, device=self.device)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_layers)]
-        log.info("KV cache: %d blocks x %d tokens (%.1f MiB), max_model_len %d", self.num_kv_blocks,
-                 self.block_size, self.kv_cache.numel() * elem / 2**20, self.max_model_len)
+        log.info("KV cache: %d blocks x %d tokens (%.1f MiB, %s), max_model_len %d", self.num_kv_blocks,
+                 self.block_size, self.kv_cache.numel() * elem / 2**20, str(self.kv_dtype)[6:], self.max_model_len)
 
     def _int8_calibration(self) -> dict[str, torch.Tensor]:
         """Per-channel max |input| of every smoothable matmul over one prefill of quant_int8's calibration

@@ -103,3 +103,42 @@ def test_native_decode_matches_torch_gather_path():
         kc, vc = k_cache.clone(), v_cache.clone()
         outs.append(paged_attention_torch(q, k, v, kc, vc, meta, d**-0.5, build_plan(meta, bs, q.device, native)))
     torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_cache_under_fp32_q_matches_an_fp32_cache_of_the_same_values(native: bool):
+    """--quantization int8 on CPUs with native bf16: fp32 q/k/v, bf16 caches. Decodes (gathered or native)
+    and prefill chunks over a cached prefix read the bf16 cache widened to fp32: the same output as an fp32
+    cache holding the same (bf16-representable) values, in fp32."""
+    assert cpu_kernels.kernels() is not None
+    gen = torch.Generator().manual_seed(5)
+    hq, hkv, d, bs, num_blocks = 9, 3, 64, 16, 6
+    # a decode at context 37 (blocks 3, 0, 5), a 5-token chunk at positions 20..24 (blocks 1, 4), a first decode
+    meta = AttentionMetadata(torch.tensor([5 * bs + 4, *range(4 * bs + 4, 4 * bs + 9), 2 * bs]),
+                             torch.tensor([0, 1, 6, 7], dtype=torch.int32), torch.tensor([37, 25, 1], dtype=torch.int32),
+                             torch.tensor([[3, 0, 5], [1, 4, 0], [2, 0, 0]], dtype=torch.int32), 5, 37)
+    caches = [torch.randn(num_blocks, bs, hkv, d, generator=gen).bfloat16() for _ in range(2)]
+    t = int(meta.query_start_loc[-1])
+    q = torch.randn(t, hq, d, generator=gen)
+    k, v = (torch.randn(t, hkv, d, generator=gen).bfloat16().float() for _ in range(2))  # exact in bf16
+    plan = build_plan(meta, bs, q.device, native)
+    assert plan.prefills[0].ctx_blocks is not None and (plan.native is not None) == native
+    want = paged_attention_torch(q, k, v, *(c.float() for c in caches), meta, d**-0.5, plan)
+    kc, vc = (c.clone() for c in caches)
+    got = paged_attention_torch(q, k, v, kc, vc, meta, d**-0.5, plan)
+    assert got.dtype == torch.float32 and kc.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("dtype", "quantization", "device", "fast_bf16", "want"), [
+    (torch.float32, "int8", "cpu", True, torch.bfloat16),  # int8's fp32 activations, native bf16: half the bytes
+    (torch.float32, "int8", "cpu", False, torch.float32),  # AVX2: bf16 emulated, the cache stays fp32
+    (torch.float32, None, "cpu", True, torch.float32),  # --dtype float32 asked for fp32 everywhere
+    (torch.bfloat16, "int4", "cpu", True, torch.bfloat16),
+    (torch.bfloat16, None, "cuda", True, torch.bfloat16),
+    (torch.float32, "int8", "cuda", True, torch.float32),
+])
+def test_kv_cache_dtype(dtype, quantization, device, fast_bf16, want):
+    from gearshift.engine.model_runner import kv_cache_dtype
+
+    assert kv_cache_dtype(dtype, quantization, device, fast_bf16) == want

@@ -175,7 +175,7 @@ class LlamaForCausalLM(nn.Module):
                      for w in self.windows}
         else:  # the torch attention path gathers by one plan per window, in every layer
             k_cache = kv_caches[0][0]
-            native = (cpu_kernels.handles(k_cache.dtype) and k_cache.dtype == self.embed_tokens.weight.dtype
+            native = (cpu_kernels.handles_decode(self.embed_tokens.weight.dtype, k_cache.dtype)
                       and cpu_kernels.kernels() is not None and cfg.attn_softcap is None)
             plans = {w: build_plan(meta, k_cache.shape[1], input_ids.device, native=native, window=w)
                      for w in self.windows}

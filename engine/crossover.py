@@ -52,9 +52,9 @@ class Measured:
 # `dtype auto`.
 MEASURED: dict[str, Measured] = {
     # AMD EPYC, flags avx2 avx512f avx512_bf16 avx512_vnni; paged in bf16. docs/bench/serve.json.
-    "avx512_bf16": Measured("bench/serve.py 2026-12-01 05:53 UTC (docs/bench/serve.json)", {
-        1: (95.5, 74.2), 2: (98.8, 143.6), 4: (106.2, 256.0), 8: (108.2, 393.1), 16: (96.9, 546.2),
-        32: (98.1, 689.6)}),
+    "avx512_bf16": Measured("bench/serve.py 2026-12-01 08:45 UTC (docs/bench/serve.json)", {
+        1: (119.1, 91.9), 2: (119.7, 168.4), 4: (118.2, 299.3), 8: (115.3, 470.9), 16: (110.7, 682.7),
+        32: (113.7, 894.2)}),
     # No AVX512-BF16 (bf16 matmuls ~9x slower than fp32 there); paged in fp32, with the native CPU kernels.
     # docs/bench/serve-2026-11-26.json (transcribed from that run's README table).
     "avx2": Measured("bench/serve.py 2026-11-26 06:23 UTC (docs/bench/serve-2026-11-26.json)", {

@@ -139,6 +139,6 @@ def test_bf16_cache_under_fp32_q_matches_an_fp32_cache_of_the_same_values(native
     (torch.float32, "int8", "cuda", True, torch.float32),
 ])
 def test_kv_cache_dtype(dtype, quantization, device, fast_bf16, want):
-    from gearshift.engine.model_runner import kv_cache_dtype
+    from gearshift.engine.dtypes import kv_cache_dtype
 
     assert kv_cache_dtype(dtype, quantization, device, fast_bf16) == want

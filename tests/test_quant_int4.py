@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 import torch
 from gearshift.engine.config import EngineConfig
+from gearshift.engine.dtypes import cpu_has_fast_bf16
 from gearshift.engine.errors import GearshiftError
 from gearshift.engine.loader.gguf_file import open_gguf
 from gearshift.engine.model import quant_int4
 from gearshift.engine.model.layers import Linear
 from gearshift.engine.model.quant_int4 import GROUP, Int4Weight, from_dense, from_gguf_rows
-from gearshift.engine.model_runner import ModelRunner, cpu_has_fast_bf16
+from gearshift.engine.model_runner import ModelRunner
 from gearshift.engine.scheduler_output import ScheduledSeq, SchedulerOutput
 from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize, quantize

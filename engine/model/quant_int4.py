@@ -135,7 +135,7 @@ def kernel_available() -> bool:
 
 def int4_activation_dtype(device_type: str, dtype: str, fast_bf16: bool) -> torch.dtype:
     """The activation dtype --quantization int4 runs with (bf16), or a GearshiftError saying why not here.
-    fast_bf16: the CPU has native bf16 instructions (model_runner.cpu_has_fast_bf16)."""
+    fast_bf16: the CPU has native bf16 instructions (dtypes.cpu_has_fast_bf16)."""
     if device_type != "cpu" or dtype not in ("auto", "bfloat16"):
         raise GearshiftError("quantization int4 runs on CPU with bfloat16 activations: use --device cpu and "
                              f"--dtype auto or bfloat16 (got device {device_type}, dtype {dtype})")

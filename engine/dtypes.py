@@ -1,0 +1,50 @@
+"""Which device and dtypes a paged-engine runner uses: the activations' dtype for `dtype: auto`, the KV
+cache's, and whether this CPU has native bf16. Pure choices, plus one read of /proc/cpuinfo at the edge
+(cpu_has_fast_bf16); the runner (model_runner.py) applies them.
+"""
+
+from __future__ import annotations
+
+from typing import get_args
+
+import torch
+from gearshift.engine.config import DType
+from gearshift.engine.errors import GearshiftError
+
+_DTYPES = {name: getattr(torch, name) for name in get_args(DType) if name != "auto"}  # "float32" -> torch.float32
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bf16 matmuls beat fp32 only with native bf16 instructions (AVX512-BF16 / AMX); AVX2 emulates them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
+
+
+def kv_cache_dtype(dtype: torch.dtype, quantization: str | None, device_type: str, fast_bf16: bool) -> torch.dtype:
+    """The KV cache's dtype: the activations' (`dtype`), except bf16 under --quantization int8's fp32
+    activations on a CPU with native bf16: its decode attention is memory-bound at many streams and bf16
+    halves the K/V bytes it reads (written rounded once, widened back to fp32 as read; where bf16 is
+    emulated the widening costs more than it saves, and the cache stays fp32)."""
+    if quantization == "int8" and device_type == "cpu" and fast_bf16 and dtype == torch.float32:
+        return torch.bfloat16
+    return dtype
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise GearshiftError("device 'cuda' was requested but no CUDA GPU is visible")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32

@@ -18,10 +18,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from int8_profile import cpu_flags, run_step, step  # noqa: E402
+from int8_profile import cpu_flags, interleaved_ms, step  # noqa: E402
 
 
 class DynamicInt8:
@@ -109,7 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=10)
     args = ap.parse_args(argv)
-    import torch
     from gearshift.engine.bundled import bundled_model_path
     from gearshift.engine.model_runner import cpu_has_fast_bf16
 
@@ -122,15 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, out in (("decode 32 rows, ctx 190", step(32, 0, 190, bs)),
                        ("prefill 16 x 128 tokens", prefill_step(16, 128, bs)),
                        ("decode 1 row, ctx 190", step(1, 0, 190, bs))):
-        times: dict[str, list[float]] = {k: [] for k in rs}
-        with torch.inference_mode():
-            for r in rs.values():
-                run_step(r, out)
-            for _ in range(args.rounds):
-                for k, r in rs.items():
-                    t0 = time.perf_counter()
-                    run_step(r, out)
-                    times[k].append((time.perf_counter() - t0) * 1e3)
+        times = interleaved_ms(rs, out, args.rounds)
         med = {k: statistics.median(v) for k, v in times.items()}
         best = {k: min(v) for k, v in times.items()}
         cells = [f"{med[k]:.1f} / {best[k]:.1f}" for k in rs]

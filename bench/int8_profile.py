@@ -47,6 +47,23 @@ def run_step(runner, out) -> None:
     runner.model.compute_logits(hidden if rows is None else hidden[rows])
 
 
+def interleaved_ms(runners: dict, out, rounds: int) -> dict[str, list[float]]:
+    """{name: [ms of each timed step]}: one warm-up step each, then `rounds` passes running every runner's
+    step in turn, so a busy machine's drift lands on all of them alike."""
+    import torch
+
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    with torch.inference_mode():
+        for r in runners.values():
+            run_step(r, out)
+        for _ in range(rounds):
+            for k, r in runners.items():
+                t0 = time.perf_counter()
+                run_step(r, out)
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def classify(name: str, shapes: list) -> str:
     if "linear_dynamic" in name or "linear_pointwise" in name or name in ("aten::addmm", "aten::mm"):
         int8 = "dynamic" in name or "qlinear" in name  # FBGEMM's dynamic linear, oneDNN's (per-token path)

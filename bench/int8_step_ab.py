@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from int8_profile import cpu_flags, run_step, step  # noqa: E402
+from int8_profile import cpu_flags, interleaved_ms, step  # noqa: E402
 
 
 def runners(model: str, threads: int):
@@ -41,7 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=20)
     args = ap.parse_args(argv)
-    import torch
     from gearshift.engine.bundled import bundled_model_path
 
     rs = runners(args.model or str(bundled_model_path()), args.threads)
@@ -51,15 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, out in (("decode 32 rows, ctx 190", step(32, 0, 190, bs)),
                        ("31 decodes + 128-token prefill", step(31, 128, 190, bs)),
                        ("decode 1 row, ctx 190", step(1, 0, 190, bs))):
-        times: dict[str, list[float]] = {k: [] for k in rs}
-        with torch.inference_mode():
-            for r in rs.values():
-                run_step(r, out)
-            for _ in range(args.rounds):
-                for k, r in rs.items():
-                    t0 = time.perf_counter()
-                    run_step(r, out)
-                    times[k].append((time.perf_counter() - t0) * 1e3)
+        times = interleaved_ms(rs, out, args.rounds)
         b, a = statistics.median(times["before"]), statistics.median(times["after"])
         print(f"| {label} | {b:.2f} | {a:.2f} | {b / a:.2f}x |", flush=True)
     return 0

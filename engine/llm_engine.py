@@ -1,7 +1,7 @@
 """LLMEngine: requests in, RequestOutputs out, one `step()` at a time.
 
     engine = LLMEngine(EngineConfig(model=path))
-    engine.add_request("r1", "Hello", SamplingParams(max_tokens=8))   # validates before queuing
+    engine.add_request("r1", "Hello", SamplingParams(max_tokens=8))   # validates (request_intake.py), then queues
     while engine.has_unfinished():
         for out in engine.step(): ...                                  # cumulative text per request
 
@@ -29,7 +29,7 @@ from gearshift.engine.grammar_rows import GrammarRows
 from gearshift.engine.host_gc import fit_gc_to_batch
 from gearshift.engine.outputs import EngineStats, Logprob, RequestOutput
 from gearshift.engine.pipeline.detokenizer import OutputProcessor
-from gearshift.engine.pipeline.request_checks import check_token_ids, context_budget
+from gearshift.engine.request_intake import RequestIntake
 from gearshift.engine.request_state import ChoiceState, RequestState, Sampled, build_output
 from gearshift.engine.sampling_params import SamplingParams
 from gearshift.engine.scheduler import Scheduler
@@ -73,7 +73,7 @@ class LLMEngine:
         self.sampler = Sampler(config.seed)
         fit_gc_to_batch(config.max_num_seqs)  # a step's outputs die before any young-generation collection
         self._requests: dict[str, RequestState] = {}
-        self._stop_sets: dict[tuple[tuple[int, ...], bool], frozenset[int]] = {}  # see _stop_set
+        self._intake = RequestIntake(self.tokenizer, self.vocab_size, self.max_model_len, self.scheduler)
         self._num_guided = 0  # requests in _requests with a grammar: none, and no step scans for guided rows
         self._failures: dict[str, BaseException] = {}  # request id -> what ended it in a step
         self._grammar = GrammarRows(self.tokenizer.vocab_size)  # guided rows' masks (grammar_rows.py)
@@ -97,52 +97,7 @@ class LLMEngine:
     def prepare_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                         arrival_time: float | None = None) -> RequestState:
         """Every check add_request makes, without queuing: lets a batch be validated as a whole first."""
-        params = params if params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError(f"sampling params must be SamplingParams, got {type(params).__name__}",
-                                      param="sampling_params")
-        params.validate()
-        if not isinstance(request_id, str) or not request_id:
-            raise InvalidRequestError("request_id must be a non-empty string", param="request_id")
-        if request_id in self._requests:
-            raise InvalidRequestError(f"request_id {request_id!r} is already running", param="request_id")
-        ids = self._prompt_ids(prompt)
-        max_tokens = context_budget(len(ids), params.max_tokens, self.max_model_len)
-        self.scheduler.check_fits(len(ids), max_tokens, params.n)
-        req = RequestState(request_id, ids, params, max_tokens, arrival_time if arrival_time is not None else time.time())
-        req.stops, req.n = self._stop_set(params), params.n
-        req.choices = [ChoiceState(k, logprobs=[] if params.logprobs is not None else None,
-                               guide=params.guide.fork() if params.guide is not None else None)
-                       for k in range(params.n)]
-        return req
-
-    def _stop_set(self, params: SamplingParams) -> frozenset[int]:
-        """The token ids that end a choice of `params`; one shared set per distinct kind (fewer objects for
-        the token loop to touch)."""
-        key = (tuple(params.stop_token_ids), params.ignore_eos)
-        stops = self._stop_sets.get(key)
-        if stops is None:
-            eos = () if params.ignore_eos else self.tokenizer.eos_token_ids
-            stops = self._stop_sets.setdefault(key, frozenset(params.stop_token_ids) | frozenset(eos))
-            if len(self._stop_sets) > 1024:  # bounded: clients choose stop_token_ids
-                self._stop_sets.clear()
-        return stops
-
-    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("the prompt is empty", param="prompt")
-            ids = self.tokenizer.encode(prompt)
-            if not ids:
-                raise InvalidRequestError("the prompt encodes to no tokens", param="prompt")
-            return ids
-        if not isinstance(prompt, (list, tuple)):
-            raise InvalidRequestError(f"the prompt must be a string or a list of token ids, got {type(prompt).__name__}",
-                                      param="prompt")
-        if not prompt:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        check_token_ids(list(prompt), self.vocab_size, "prompt")
-        return list(prompt)
+        return self._intake.prepare(request_id, prompt, params, arrival_time, self._requests)
 
     def enqueue(self, req: RequestState) -> None:
         """Queue a request prepare_request returned (LLM validates a whole batch before queuing any)."""

@@ -109,6 +109,8 @@ def make_step(
         block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
         max_query_len=max(q for q, _ in s.seqs),
         max_seq_len=max(ctx for _, ctx in s.seqs),
+        query_start_loc_host=qsl,  # what kernels.plan_route reads (as ModelRunner.prepare fills it)
+        seq_lens_host=[ctx for _, ctx in s.seqs],
     )
 
     def rand(*size: int) -> torch.Tensor:

@@ -181,6 +181,9 @@ class MixedGraphs(StaticStep):
         self.replays = 0  # steps served by a graph (tests and logs read it)
 
     def _forward(self, t: int, s: int) -> torch.Tensor:
+        # No host lists (query_start_loc_host, seq_lens_host): a captured step never routes (max_query_len
+        # t < DENSE_MIN_QUERY_LEN, so plan_route returns before it would need them); replays change the
+        # buffers' values, which host lists fixed at capture would not follow.
         meta = AttentionMetadata(
             slot_mapping=self.slot_mapping[:t], query_start_loc=self.query_start_loc[: s + 1],
             seq_lens=self.seq_lens[:s], block_tables=self.block_tables[:s],

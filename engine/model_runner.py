@@ -44,6 +44,7 @@ from gearshift.engine.async_step import PLACEHOLDER
 from gearshift.engine.attention_metadata import AttentionMetadata
 from gearshift.engine.config import EngineConfig, usable_cpus
 from gearshift.engine.cpu_malloc import keep_large_buffers, release_free_heap
+from gearshift.engine.device_copy import to_device
 from gearshift.engine.dtypes import cpu_has_fast_bf16, kv_cache_dtype, resolve_device, resolve_dtype
 from gearshift.engine.errors import GearshiftError
 from gearshift.engine.load_progress import reported
@@ -59,16 +60,6 @@ if TYPE_CHECKING:
     from gearshift.engine.loader import GGUFModel, HFModel
 
 log = logging.getLogger(__name__)
-
-def to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    """A step's host-built input onto the device without waiting for the stream: async scheduling
-    launches a step while the one before still runs, and a blocking copy (or a non-blocking one from
-    pageable memory, which CUDA may stage synchronously) would wait for it. Pinned, then non-blocking; the
-    pinned buffer is held until the copy is done (torch's caching host allocator). On a CPU: `t` itself."""
-    if dev.type == "cpu":
-        return t
-    return t.pin_memory().to(dev, non_blocking=True)
-
 
 def with_previous_ids(input_ids: torch.Tensor, prev_ids: torch.Tensor) -> torch.Tensor:
     """input_ids [T] with its first len(prev_ids) entries taken from prev_ids where they are PLACEHOLDERs;
@@ -127,6 +118,7 @@ class ModelRunner:
         self._allocate_kv_cache(wanted_len)
         if config.quantization == "int8":  # calibrated by a prefill through the fp32 model and this KV cache
             self.model.quantize_int8_for_cpu(self.config.max_num_seqs, self._int8_calibration())
+            release_free_heap()  # the fp32 weights and quantization temporaries: RSS after load -200 MiB on SmolLM2
         self.graphs: DecodeGraphs | None = None  # CUDA graphs for pure-decode batches (GPU, unless enforce_eager)
         self.mixed_graphs: MixedGraphs | None = None  # and for mixed steps of few tokens (cuda_graphs.py)
         if self.device.type == "cpu":  # a step's [B, V] logits reused from the heap (cpu_malloc.py says why)
@@ -373,6 +365,8 @@ class ModelRunner:
             block_tables=to_dev(tables, torch.int32).view(len(out.seqs), max_blocks),
             max_query_len=max((len(s.token_ids) for s in out.seqs[out.num_decodes:]), default=1),
             max_seq_len=max_seq_len,
+            query_start_loc_host=qsl,  # the lists themselves: routing reads these, never the device copies
+            seq_lens_host=seq_lens,
         )
         rows = None if len(sample_rows) == len(ids) else to_dev(sample_rows, torch.int64)
         return to_dev(ids, torch.int64), to_dev(pos, torch.int64), meta, rows
@@ -403,5 +397,7 @@ class ModelRunner:
             block_tables=to_device(torch.from_numpy(block_tables), dev),
             max_query_len=1,
             max_seq_len=max_seq_len,
+            query_start_loc_host=list(range(b + 1)),
+            seq_lens_host=(pos + 1).tolist(),
         )
         return to_device(torch.from_numpy(ids), dev), to_device(torch.from_numpy(pos), dev), meta, None

@@ -51,3 +51,18 @@ def test_a_table_longer_than_the_context_takes_the_general_path() -> None:
     ids, pos, meta, rows = runner.prepare(out)
     assert meta.block_tables.tolist() == [[7, 8], [3, 4]]  # cut to this step's two blocks
     assert meta.slot_mapping.tolist() == [7 * 4 + 2, 4 * 4 + 1]
+
+
+@pytest.mark.parametrize("num_decodes", [0, 2, 3])
+def test_host_lists_hold_what_the_device_tensors_hold(num_decodes: int) -> None:
+    """query_start_loc_host / seq_lens_host (what host decisions such as the prefill route read instead of
+    the device tensors) are the device tensors' values, on the general path and the pure-decode one."""
+    runner = bare_runner(4)
+    decodes = [ScheduledSeq(0, [5], 2, [7], True), ScheduledSeq(1, [6], 9, [3, 4, 5], True),
+               ScheduledSeq(2, [8], 0, [1], True)]
+    prefills = [ScheduledSeq(3, [1, 2, 3, 4, 5], 3, [9, 10], True), ScheduledSeq(4, [7] * 6, 0, [11, 12], False)]
+    seqs = decodes[:num_decodes] + (prefills if num_decodes < 3 else [])
+    meta = runner.prepare(SchedulerOutput(seqs=seqs, num_decodes=num_decodes))[2]
+    assert meta.query_start_loc_host == meta.query_start_loc.tolist()
+    assert meta.seq_lens_host == meta.seq_lens.tolist()
+    assert all(type(x) is int for x in meta.query_start_loc_host + meta.seq_lens_host)  # plain ints, no numpy

@@ -134,6 +134,8 @@ def make_step(case: Case, device: str, seed: int = 0) -> Step:
         block_tables=block_tables.to(device),
         max_query_len=max(query_lens),
         max_seq_len=max(seq_lens),
+        query_start_loc_host=starts,
+        seq_lens_host=seq_lens,
     )
     return Step(
         q=q.to(device),

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from gearshift.engine.attention_metadata import AttentionMetadata
 from gearshift.engine.kernels import paged_attention
 from test_kernels import (
     BF16,
@@ -56,6 +57,157 @@ def test_dense_capable_layers() -> None:
     assert not dense_capable(BF16, 128, 50.0)  # Gemma 2's soft-capped logits: SDPA cannot express them
     assert not dense_capable(F32, 128, None)  # flash is 16-bit only
     assert not dense_capable(F16, 80 + 4, None) and not dense_capable(F16, 512, None)
+
+
+def host_step(qsl: list[int], seq_lens: list[int], device: str) -> AttentionMetadata:
+    """A step's metadata as ModelRunner.prepare builds it: device tensors plus the host lists they came from.
+    On the 'meta' device the tensors hold no data: any read of them (.tolist(), .item(), .cpu()) raises."""
+    t, b = qsl[-1], len(seq_lens)
+    return AttentionMetadata(
+        slot_mapping=torch.arange(t, device=device),
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(device),
+        block_tables=torch.zeros(b, 1, dtype=torch.int32, device=device),
+        max_query_len=max(qsl[i + 1] - qsl[i] for i in range(b)),
+        max_seq_len=max(seq_lens),
+        query_start_loc_host=qsl,
+        seq_lens_host=seq_lens,
+    )
+
+
+PLAN_TABLE = [
+    # (query_start_loc, seq_lens, window, dtype, head_dim, softcap, min_query_len) ->
+    #   None (no route) or (dense rows, seq_skip as a list, or None when nothing is left for the unified kernel)
+    (([0, 4096], [4096], None, BF16, 128, None, 1024), (((0, 4096),), None)),  # one long prompt alone
+    (([0, 1, 2, 2050], [90, 7, 2048], None, BF16, 64, None, 1024), (((2, 2050),), [0, 0, 1])),  # beside decodes
+    (([0, 1100, 2200, 3200], [1100, 1100, 3000], None, F16, 128, None, 1024),  # two fresh, one prefix chunk
+     (((0, 1100), (1100, 2200)), [1, 1, 0])),
+    (([0, 2000, 2000, 3100], [2000, 0, 1100], None, BF16, 128, None, 1024),  # a padding sequence between
+     (((0, 2000), (2000, 3100)), None)),
+    (([0, 500, 1000], [500, 500], None, BF16, 128, None, 1024), None),  # short prompts: all paged
+    (([0, 2048], [4096], None, BF16, 128, None, 1024), None),  # a cached prefix: paged
+    (([0, 1, 2049], [30, 2048], 2048, BF16, 128, None, 1024), (((1, 2049),), [0, 1])),  # window covers it
+    (([0, 1, 2049], [30, 2048], 1024, BF16, 128, None, 1024), None),  # a window that bites
+    (([0, 4096], [4096], None, F32, 128, None, 1024), None),  # fp32: flash is 16-bit only
+    (([0, 4096], [4096], None, F16, 84, None, 1024), None),  # head dims flash does not take
+    (([0, 4096], [4096], None, BF16, 512, None, 1024), None),
+    (([0, 4096], [4096], None, BF16, 256, 50.0, 1024), None),  # soft-capped logits
+    (([0, 1, 9], [20, 8], None, BF16, 64, None, 8), (((1, 9),), [0, 1])),  # a lowered threshold
+]
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize(("args", "expected"), PLAN_TABLE)
+def test_plan_route_table(args: tuple, expected: tuple | None, device: str) -> None:
+    """The route from the step's host lists alone: on 'meta' the device tensors cannot be read, so a route
+    computed there proves plan_route reads none (the read-back that stalled async scheduling is gone)."""
+    from gearshift.engine.kernels import plan_route
+
+    qsl, seq_lens, window, dtype, head_dim, softcap, min_query_len = args
+    meta = host_step(qsl, seq_lens, device)
+    route = plan_route(meta, window, dtype, head_dim, softcap, min_query_len=min_query_len)
+    if expected is None:
+        assert route is None
+        return
+    rows, skip = expected
+    assert route is not None and route.dense_rows == rows
+    if skip is None:
+        assert route.seq_skip is None
+        return
+    assert route.seq_skip is not None and route.seq_skip.device.type == device
+    assert route.seq_skip.dtype == torch.int32 and route.seq_skip.shape == (len(seq_lens),)
+    if device == "cpu":
+        assert route.seq_skip.tolist() == skip
+
+
+def test_route_of_the_runners_metadata_reads_no_device_tensor() -> None:
+    """ModelRunner.prepare's real metadata, its tensors on the 'meta' device (no data: every read raises),
+    routes as on the CPU: the runner carries on the host everything plan_route needs."""
+    from gearshift.engine.kernels import plan_route
+    from gearshift.engine.scheduler_output import ScheduledSeq, SchedulerOutput
+    from test_input_prep import bare_runner
+
+    out = SchedulerOutput(seqs=[ScheduledSeq(1, [5], 40, [200, 201, 202], True),  # a decode
+                                ScheduledSeq(0, [0] * 1500, 0, list(range(94)), True),  # a fresh prompt
+                                ScheduledSeq(2, [0] * 1200, 900, list(range(94, 232)), True)],  # over a prefix
+                          num_decodes=1)
+    routes = []
+    for device in ("cpu", "meta"):
+        runner = bare_runner(16)
+        runner.device = torch.device(device)
+        meta = runner.prepare(out)[2]
+        routes.append(plan_route(meta, None, BF16, 64, None))
+    with pytest.raises(NotImplementedError, match="meta tensor"):
+        meta.query_start_loc.tolist()  # what the route used to read: impossible here
+    on_cpu, on_meta = routes
+    assert on_cpu is not None and on_meta is not None
+    assert on_cpu.dense_rows == on_meta.dense_rows == ((1, 1501),)
+    assert on_cpu.seq_skip.tolist() == [0, 1, 0] and on_meta.seq_skip.is_meta
+
+
+def test_host_lists_are_required_only_when_a_step_could_route() -> None:
+    """Metadata without host lists (CUDA-graph capture, hand-built kernel tests) is fine for steps that
+    cannot route (plan_route returns before needing them); a long step without them is a named error,
+    never a silent device read."""
+    from gearshift.engine.kernels import plan_route
+
+    meta = host_step([0, 4096], [4096], "meta")
+    meta.query_start_loc_host = meta.seq_lens_host = None
+    with pytest.raises(ValueError, match="query_start_loc_host"):
+        plan_route(meta, None, BF16, 128, None)
+    assert plan_route(meta, None, F32, 128, None) is None  # not dense-capable: nothing to read
+    short = host_step([0, 1, 513], [9, 512], "meta")
+    short.query_start_loc_host = short.seq_lens_host = None
+    assert plan_route(short, None, BF16, 128, None) is None
+
+
+def test_graph_captured_steps_never_route() -> None:
+    """The CUDA-graph runners build their captured metadata without host lists: every bucket they capture
+    (decode batches; mixed steps below DENSE_MIN_QUERY_LEN tokens) must give no route, at the engine's own
+    threshold, so a capture never needs host lists nor reads the device."""
+    from gearshift.engine.cuda_graphs import DecodeGraphs, MixedGraphs, batch_buckets, mixed_token_buckets
+    from gearshift.engine.kernels import plan_route
+    from gearshift.engine.kernels.prefill_route import DENSE_MIN_QUERY_LEN
+
+    dev, routes = torch.device("meta"), []
+
+    def forward(ids: torch.Tensor, pos: torch.Tensor, meta: AttentionMetadata, *rows: torch.Tensor) -> torch.Tensor:
+        assert meta.query_start_loc_host is None and meta.query_start_loc.is_meta
+        routes.append(plan_route(meta, None, BF16, 128, None))
+        return ids
+
+    tokens = mixed_token_buckets(8192, DENSE_MIN_QUERY_LEN)
+    mixed = MixedGraphs(forward, dev, tokens, batch_buckets(256), max_blocks=64, block_size=16)
+    decode = DecodeGraphs(forward, dev, 256, max_blocks=64, block_size=16)
+    for t in tokens:
+        for s in batch_buckets(256):
+            if s <= t:
+                mixed._forward(t, s)
+    for b in decode.buckets:
+        decode._forward(b)
+    assert len(routes) > 10 and all(r is None for r in routes)
+
+
+@pytest.mark.gpu
+def test_plan_route_makes_no_cuda_sync() -> None:
+    """On CUDA, routing a long prefill beside a decode (seq_skip built and copied up) makes no call torch
+    counts as a synchronization (set_sync_debug_mode "error" raises on one): async scheduling's overlap holds."""
+    from gearshift.engine.kernels import plan_route
+    from gearshift.engine.scheduler_output import ScheduledSeq, SchedulerOutput
+    from test_input_prep import bare_runner
+
+    runner = bare_runner(16)
+    runner.device = torch.device("cuda")
+    out = SchedulerOutput(seqs=[ScheduledSeq(1, [5], 40, [200, 201, 202], True),
+                                ScheduledSeq(0, [0] * 1500, 0, list(range(94)), True)], num_decodes=1)
+    meta = runner.prepare(out)[2]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        route = plan_route(meta, None, BF16, 128, None)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert route is not None and route.dense_rows == ((1, 1501),) and route.seq_skip.tolist() == [0, 1]
 
 
 def _step_kv(step: Step, case: Case, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from gearshift.engine.attention_metadata import AttentionMetadata
+from gearshift.engine.device_copy import to_device
 
 # From this many query tokens on, a no-prefix prefill goes dense. 1024: at 4096 the unified kernel took
 # 2x flash's time (0.73 vs 0.36 ms an 8B layer), so from ~1k tokens on the attention's compute (tens of
@@ -70,19 +71,24 @@ class PrefillRoute:
 
 def plan_route(meta: AttentionMetadata, window: int | None, dtype: torch.dtype, head_dim: int,
                softcap: float | None, min_query_len: int = DENSE_MIN_QUERY_LEN) -> PrefillRoute | None:
-    """The route of this step, or None when every sequence stays in the paged kernels (then nothing is read
-    back from the device: decode and short-prefill steps, and CUDA-graph capture, never sync here)."""
+    """The route of this step, or None when every sequence stays in the paged kernels. Reads only host
+    facts (max_query_len and the host lists query_start_loc_host / seq_lens_host the runner built the
+    step from), never a device tensor: a read-back here would wait for the step still running and stall
+    async scheduling (engine/async_step.py). seq_skip goes up by a pinned, non-blocking copy."""
     if meta.max_query_len < min_query_len or not dense_capable(dtype, head_dim, softcap):
         return None
-    qsl = meta.query_start_loc.tolist()  # one device->host read per step and window, long prefills only
-    dense = dense_prefill_seqs(qsl, meta.seq_lens.tolist(), window, min_query_len)
+    qsl, seq_lens = meta.query_start_loc_host, meta.seq_lens_host
+    if qsl is None or seq_lens is None:
+        raise ValueError("plan_route needs the step's host lists (AttentionMetadata.query_start_loc_host and "
+                         "seq_lens_host; ModelRunner.prepare fills them)")
+    dense = dense_prefill_seqs(qsl, seq_lens, window, min_query_len)
     if not dense:
         return None
-    skip = [0] * meta.num_seqs
+    skip = [0] * len(seq_lens)
     for i in dense:
         skip[i] = 1
-    rest = any(qsl[i + 1] > qsl[i] and not skip[i] for i in range(meta.num_seqs))
-    seq_skip = torch.tensor(skip, dtype=torch.int32, device=meta.seq_lens.device) if rest else None
+    rest = any(qsl[i + 1] > qsl[i] and not skip[i] for i in range(len(seq_lens)))
+    seq_skip = to_device(torch.tensor(skip, dtype=torch.int32), meta.seq_lens.device) if rest else None
     return PrefillRoute(tuple((qsl[i], qsl[i + 1]) for i in dense), seq_skip)
 
 

@@ -7,6 +7,10 @@ operator and autoscalers see when this engine is outgrown and the paged engine s
 Threads: the worker owns the llama.cpp context. The event loop only tokenizes (read-only vocab, safe
 alongside decoding) and moves requests in and out of the queue under a lock. ctypes releases the GIL during
 llama.cpp calls, so the HTTP layer keeps running while a token is computed.
+
+Around it: a queued request (gguf_request.py), one choice's decoding (gguf_decode.py), loading
+(gguf_loader.py), the model's vocabulary and context (gguf_vocab.py), chat templates (gguf_chat.py),
+embeddings (gguf_embed.py).
 """
 
 from __future__ import annotations
@@ -18,13 +22,19 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from gearshift.engine.backends.base import relay_outputs
 from gearshift.engine.backends.gguf_chat import GGUFChatTemplate
 from gearshift.engine.backends.gguf_decode import ChoiceDecoder
 from gearshift.engine.backends.gguf_loader import load_llama
+from gearshift.engine.backends.gguf_request import GGUFRequest
+from gearshift.engine.backends.gguf_vocab import (
+    build_grammar_vocab,
+    context_limit,
+    control_strings,
+    token_text,
+)
 from gearshift.engine.config import EngineConfig
 from gearshift.engine.control_tokens import ControlShield
 from gearshift.engine.errors import (
@@ -46,28 +56,6 @@ log = logging.getLogger("gearshift.gguf")
 MAX_FAILED_REQUESTS = 3
 
 
-@dataclass(eq=False)  # identity, not field equality: requests are found in the deque by `is`
-class _Request:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    max_tokens: int
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue  # RequestOutput snapshots, or an Exception that ends the stream
-    arrival_time: float = field(default_factory=time.time)
-    first_scheduled_time: float | None = None
-    first_token_time: float | None = None
-    num_cached_tokens: int = 0
-    cancelled: bool = False  # set by the consumer side (iterator closed) or stop(); read by the worker
-    stopped: set[int] = field(default_factory=set)  # choices a stop string ended (set by the event loop)
-
-    def post(self, item: RequestOutput | BaseException) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            self.cancelled = True
-
-
 class GGUFBackend:
     name: Literal["paged", "gguf"] = "gguf"
 
@@ -79,8 +67,8 @@ class GGUFBackend:
         self._llm: llama_cpp.Llama | None = None
         self._chat: GGUFChatTemplate | None = None
         self._cv = threading.Condition()
-        self._waiting: collections.deque[_Request] = collections.deque()
-        self._current: _Request | None = None
+        self._waiting: collections.deque[GGUFRequest] = collections.deque()
+        self._current: GGUFRequest | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._prefix_queries = 0
@@ -103,10 +91,10 @@ class GGUFBackend:
         self.vocab_size = llm.n_vocab()
         self._chat = GGUFChatTemplate(
             llm.metadata.get("tokenizer.chat_template"),
-            bos_token=_token_text(llm, llm.token_bos()),
-            eos_token=_token_text(llm, llm.token_eos()),
+            bos_token=token_text(llm, llm.token_bos()),
+            eos_token=token_text(llm, llm.token_eos()),
         )
-        self._shield = ControlShield(_control_strings(llm))
+        self._shield = ControlShield(control_strings(llm))
         self._stopping = False
         self._thread = threading.Thread(target=self._worker, name="gguf-worker", daemon=True)
         self._thread.start()
@@ -121,7 +109,7 @@ class GGUFBackend:
             self._cv.notify_all()
         for req in pending:
             req.cancelled = True
-            req.post(self._final_abort(req))
+            req.post(req.final_abort())
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
@@ -182,12 +170,7 @@ class GGUFBackend:
     def grammar_vocab(self) -> Any:
         """The grammar engine's view of llama.cpp's vocabulary, built on first use (~0.3 s) and kept."""
         if self._grammar_vocab is None:
-            import llama_cpp
-            from gearshift.engine.pipeline.guided import vocab_from_llama
-
-            vocab = self._model()._model.vocab
-            eog = [t for t in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, t)]
-            self._grammar_vocab = vocab_from_llama(vocab, eog)
+            self._grammar_vocab = build_grammar_vocab(self._model())
         return self._grammar_vocab
 
     # ----- requests -----
@@ -196,7 +179,7 @@ class GGUFBackend:
                        ) -> AsyncIterator[RequestOutput]:
         prompt_ids = self._prompt_ids(prompt)
         max_tokens = self._max_tokens(len(prompt_ids), params)
-        req = _Request(request_id, prompt_ids, params, max_tokens, asyncio.get_running_loop(), asyncio.Queue())
+        req = GGUFRequest(request_id, prompt_ids, params, max_tokens, asyncio.get_running_loop(), asyncio.Queue())
         with self._cv:
             if self._stopping or self._thread is None or not self._thread.is_alive() or self.broken:
                 raise ModelNotReadyError(self.broken or "the gguf engine is not running")
@@ -335,7 +318,7 @@ class GGUFBackend:
             log.exception("the llama.cpp context fails on a one-token prompt")
             return False
 
-    def _serve(self, req: _Request) -> RequestOutput:
+    def _serve(self, req: GGUFRequest) -> RequestOutput:
         llm = self._model()
         req.first_scheduled_time = time.time()
         if not self.config.enable_prefix_caching:
@@ -347,7 +330,7 @@ class GGUFBackend:
             if req.first_token_time is None:
                 req.first_token_time = time.time()
             outputs[out.index] = out
-            req.post(self._output(req, list(outputs), finished=False))
+            req.post(req.output(list(outputs), finished=False))
 
         for i in range(n):
             hit = self._count_prefix_hit(llm, req.prompt_ids)
@@ -359,7 +342,7 @@ class GGUFBackend:
                 for j in range(i + 1, n):
                     outputs[j] = CompletionOutput(index=j, finish_reason="abort")
                 break
-        return self._output(req, outputs, finished=True)
+        return req.output(outputs, finished=True)
 
     def _count_prefix_hit(self, llm: llama_cpp.Llama, prompt_ids: list[int]) -> int:
         # Llama.generate reuses the KV cache of the longest common prefix with what it evaluated last.
@@ -372,40 +355,3 @@ class GGUFBackend:
         hit = min(hit, len(prompt_ids) - 1)
         self._prefix_hits += hit
         return hit
-
-    def _output(self, req: _Request, outputs: list[CompletionOutput], finished: bool) -> RequestOutput:
-        return RequestOutput(
-            request_id=req.request_id,
-            prompt_token_ids=req.prompt_ids,
-            outputs=outputs,
-            finished=finished,
-            num_cached_tokens=req.num_cached_tokens,
-            arrival_time=req.arrival_time,
-            first_scheduled_time=req.first_scheduled_time,
-            first_token_time=req.first_token_time,
-        )
-
-    def _final_abort(self, req: _Request) -> RequestOutput:
-        outs = [CompletionOutput(index=i, finish_reason="abort") for i in range(req.params.n)]
-        return self._output(req, outs, finished=True)
-
-
-def context_limit(llm: llama_cpp.Llama) -> int:
-    """The tokens one sequence may hold: the context asked for, not llama.cpp's. llama.cpp pads its context
-    up to a multiple of 256 (`n_ctx()` is 256 for 64) but llama-cpp-python's token buffer `input_ids` keeps
-    the size asked for, and `Llama.eval` writes every evaluated token there: a prompt past it failed in
-    numpy ("could not broadcast input array from shape (64,) into shape (40,)") instead of a 400."""
-    return min(llm.n_ctx(), len(llm.input_ids))
-
-
-def _control_strings(llm: llama_cpp.Llama) -> list[str]:
-    import llama_cpp
-
-    vocab = llm._model.vocab
-    return [t for i in range(llm.n_vocab())
-            if llama_cpp.llama_vocab_get_attr(vocab, i) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
-            and (t := _token_text(llm, i))]
-
-
-def _token_text(llm: llama_cpp.Llama, token: int) -> str:
-    return llm._model.token_get_text(token) if token >= 0 else ""

@@ -61,6 +61,8 @@ step() {
 } >"$OUT/env.log" 2>&1
 cat "$OUT/env.log" >>"$SUMMARY"
 
+# Among the tests: routing a long prefill makes no CUDA sync (test_prefill_route.py::test_plan_route_makes_no_cuda_sync,
+# set_sync_debug_mode "error"), and async scheduling's steady-state steps make none (test_async_scheduling.py).
 step tests 260 env GEARSHIFT_TEST_GGUF=$MODEL python3 -m pytest -q -p no:cacheprovider -m gpu \
   tests/test_kernels.py tests/test_prefill_route.py tests/test_model_fidelity.py tests/test_gpu_engine.py tests/test_async_scheduling.py
 step kernels 150 python3 bench/kernels.py --dtype bfloat16 --iters 30

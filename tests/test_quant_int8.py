@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from gearshift.engine.model.quant_int8 import Int8PerTokenWeight, input_absmax, smoothing_scales
 from torch import nn
@@ -44,3 +46,51 @@ def test_input_absmax_takes_each_channels_max_over_every_call():
     stats = input_absmax({"lin": lin}, lambda: (lin(torch.tensor([[1.0, -5.0, 0.0]])), lin(torch.tensor([[-2.0, 1.0, 0.5]]))))
     torch.testing.assert_close(stats["lin"], torch.tensor([2.0, 5.0, 0.5]))
     assert not lin._forward_pre_hooks  # hooks removed
+
+
+def test_plain_rows_for_keeps_a_layout_only_where_some_step_size_reads_it():
+    from gearshift.engine.model.quant_int8 import plain_rows_for
+
+    cases = [((960, 576), sys.maxsize),  # q/k/v: plain only, _int_mm at every step size
+             ((576, 576), sys.maxsize),  # o
+             ((1024, 1024), sys.maxsize),
+             ((3072, 576), 1),  # gate/up: plain for one-row steps, packed beyond
+             ((576, 1536), 1),  # down
+             ((4096, 2048), 1),  # 1 << 23 weights: still both
+             ((49152, 576), 0),  # the LM head: packed only
+             ((4097, 2048), 0)]
+    for (n, k), rows in cases:
+        assert plain_rows_for(n, k) == rows, (n, k)
+
+
+def test_int8_model_holds_one_copy_of_each_weight_it_reads(smollm2_gguf):
+    """--quantization int8 on the real model: no quantized matrix keeps its fp32 weight or a dense packed copy,
+    each int8 matrix holds exactly the layouts plain_rows_for names (one for q/k/v, o and the LM head), and
+    the embedding table, now only looked up, is 16-bit and is the tied LM head's weight (the fp32 one freed)."""
+    from gearshift.engine.config import EngineConfig
+    from gearshift.engine.model.layers import Linear
+    from gearshift.engine.model.quant_int8 import plain_rows_for
+    from gearshift.engine.model_runner import ModelRunner
+
+    r = ModelRunner(EngineConfig(model=str(smollm2_gguf), device="cpu", quantization="int8", kv_cache_memory="48Mi"))
+    model = r.model
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, Linear)}
+    assert len(linears) == 4 * model.config.num_layers + 1
+    packed_ok = any(m.small.packed is not None for m in linears.values())  # oneDNN int8 in this torch build
+    for name, m in linears.items():
+        q = m.small
+        assert isinstance(q, Int8PerTokenWeight) and m.small_max_rows == sys.maxsize, name
+        assert m.packed is None, name  # no dense pre-packed copy
+        if m is not model.lm_head:
+            assert m.weight.numel() == 0, name  # the fp32 weight released
+        want = plain_rows_for(q.out_features, q.in_features) if packed_ok else sys.maxsize
+        assert q.plain_rows == want, name
+        assert (q.qt is not None) == (want > 0), name
+        assert (q.packed is not None) == (want != sys.maxsize), name
+        if q.qt is not None:
+            assert q.qt.untyped_storage().nbytes() == q.out_features * q.in_features  # a view, not a copy
+    two = {n.rsplit(".", 1)[-1] for n, m in linears.items() if m.small.qt is not None and m.small.packed is not None}
+    assert two == ({"gate_up_proj", "down_proj"} if packed_ok else set())  # the only matrices with two copies
+    emb = model.embed_tokens.weight
+    assert emb.dtype == torch.float16 and model.lm_head.weight is emb
+    assert {p.dtype for n, p in model.named_parameters() if "embed" not in n} == {torch.float32}  # norms only

@@ -90,7 +90,8 @@ def test_int8_linear_packed_equals_the_torch_path_and_the_plain_gemm(native, m, 
 
 def test_the_weight_class_gives_the_same_rows_native_or_not_and_whatever_shares_the_step():
     g = torch.Generator().manual_seed(4)
-    w, x = torch.randn(48, 96, generator=g), torch.randn(8, 96, generator=g)
+    # 1040 x 96: over PLAIN_ONLY_SIDE, so both layouts (quant_int8.plain_rows_for): one row plain, more packed
+    w, x = torch.randn(1040, 96, generator=g), torch.randn(8, 96, generator=g)
     q = Int8PerTokenWeight(w)
     ref = x @ w.T
     native_y = q.matmul(x)
@@ -105,6 +106,7 @@ def test_the_weight_class_gives_the_same_rows_native_or_not_and_whatever_shares_
     massive[0, 3] = 3000.0
     assert torch.equal(q.matmul(torch.cat([x, massive]))[:8], native_y)
     if q.packed is not None:  # past plain_rows: oneDNN; one row: _int_mm; the same values
+        assert q.plain_rows == 1
         many = torch.randn(q.plain_rows + 6, 96, generator=g)
         assert q.qt is not None and torch.equal(q.matmul(many)[5:6], q.matmul(many[5:6]))
     assert torch.equal(q.matmul(x.bfloat16()), q.matmul(x.bfloat16().float()))

@@ -30,10 +30,11 @@ from torch import nn
 # per-token int8 smoothed at alpha 0.2 / 0.5 / 0.8: 19.65 / 19.37 / 19.72, unsmoothed 19.93. down_proj
 # per-tensor int8 (the dynamic linear) smoothed at 0.5 / 0.8 / 0.95: 22.6 / 21.9 / 24.7.
 ALPHA = 0.5
-# Matrices of at most this many weights keep a plain int8 copy for small steps (Int8PerTokenWeight says why):
-# steps of one row, or of up to PLAIN_ROWS_SMALL rows where neither side of the matrix exceeds 1024.
+# Which int8 layouts a matrix keeps (plain_rows_for; Int8PerTokenWeight says why): matrices with neither side over
+# PLAIN_ONLY_SIDE only the plain one (torch._int_mm at every step size), other matrices of at most GEMV_PLAIN_MAX
+# weights both (plain for one-row steps), larger ones only oneDNN's packed one.
+PLAIN_ONLY_SIDE = 1024
 GEMV_PLAIN_MAX = 1 << 23
-PLAIN_ROWS_SMALL = 64
 # The matmuls smoothed (and so int8 where they were fp32: down_proj, the LM head), by Linear name's last part.
 SMOOTHED_INT8 = frozenset({"qkv_proj", "gate_up_proj", "down_proj", "lm_head"})
 # A few hundred tokens of ordinary English and a chat turn: what the served model reads. Its only use is the
@@ -107,23 +108,17 @@ class Int8PerTokenWeight:
         scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # [N]
         q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)  # [N, K]
         self.scale_127 = scale / 127.0  # [N]: the weight's scale and the activation's 1/127 in one
-        self.packed = onednn_pack(q)  # oneDNN's blocked layout of q, or None
+        # Steps of at most plain_rows rows multiply the plain layout, larger ones the packed one; each layout is
+        # kept only where some step size reads it (plain_rows_for), so most matrices hold one int8 copy.
+        self.plain_rows = plain_rows_for(self.out_features, self.in_features)
+        # oneDNN's blocked layout of q, or None (not needed, or this torch build / CPU cannot pack it)
+        self.packed = onednn_pack(q) if self.plain_rows != sys.maxsize else None
+        if self.packed is None:
+            self.plain_rows = sys.maxsize
         # [N] each: oneDNN returns the plain sums (weight scale 1, zero point 0), scaled as _int_mm's are
         self.unit_scales = torch.ones(self.out_features)
         self.zero_points = torch.zeros(self.out_features, dtype=torch.int32)
-        # [K, N], a transposed view: the layout _int_mm's CPU path reads fastest (measured). Used without
-        # oneDNN, and for steps of at most plain_rows rows, where oneDNN's ~13 us a call dominates
-        # (bench/int8_gemm_shapes.py, 2 threads, us oneDNN / _int_mm): one row of q/k/v, o, gate/up, down
-        # 20 / 5, 18 / 4, 28 / 9, 23 / 6; 32 rows of q/k/v 40 / 29, of o 26 / 19, while gate/up and down
-        # tie at 32 rows and lose from 8 (K or N over 1024). Worth a second int8 copy of matrices up to
-        # GEMV_PLAIN_MAX weights; not the LM head (576 x 49152: oneDNN as fast at one row, 410 vs 459 us).
-        n, k = self.out_features, self.in_features
-        if self.packed is None:
-            self.plain_rows = sys.maxsize
-        elif n * k <= GEMV_PLAIN_MAX:
-            self.plain_rows = PLAIN_ROWS_SMALL if max(n, k) <= 1024 else 1
-        else:
-            self.plain_rows = 0
+        # [K, N], a transposed view: the layout _int_mm's CPU path reads fastest (measured)
         self.qt = q.t() if self.plain_rows else None
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -143,6 +138,21 @@ class Int8PerTokenWeight:
         else:
             y = per_token_int8_mm(x.float(), self.qt, self.scale_127, bias)
         return y.view(*lead, self.out_features)
+
+
+def plain_rows_for(n: int, k: int) -> int:
+    """Which int8 layouts an [N, K] weight keeps: steps of at most the returned rows run torch._int_mm on the plain
+    layout, larger steps oneDNN's packed one; sys.maxsize: only the plain layout, 0: only the packed one.
+
+    oneDNN costs ~13 us a call, which dominates small steps (bench/int8_gemm_shapes.py, 2 threads, us oneDNN /
+    _int_mm): one row of q/k/v, o, gate/up, down 20 / 4, 17 / 4, 28 / 11, 21 / 6; 32 rows of q/k/v 35 / 24, of o
+    29 / 20. Where neither side exceeds PLAIN_ONLY_SIDE (q/k/v, o) _int_mm is no slower at any step size (2048
+    rows: 1200 vs 1232, 706 vs 733), so those keep the plain layout only. gate/up and down tie from 32 rows
+    and oneDNN wins big prefills, so they keep both (the plain copy for one-row steps: ~80 MB on SmolLM2-135M);
+    the LM head (576 x 49152) only the packed one: oneDNN is as fast at one row and 1.2x at many."""
+    if max(n, k) <= PLAIN_ONLY_SIDE:
+        return sys.maxsize
+    return 1 if n * k <= GEMV_PLAIN_MAX else 0
 
 
 def onednn_pack(q: torch.Tensor) -> torch.Tensor | None:

@@ -165,8 +165,16 @@ class InClusterOperator:
         self.wait_ready()
 
     def wait_ready(self) -> None:
-        kubectl("-n", OPERATOR_NS, "rollout", "status", f"deployment/{OPERATOR_DEPLOY}", "--timeout=180s",
-                timeout=200)
+        try:
+            kubectl("-n", OPERATOR_NS, "rollout", "status", f"deployment/{OPERATOR_DEPLOY}", "--timeout=180s",
+                    timeout=200)
+        except RuntimeError as e:
+            # Why it never became ready is usually on the node (DiskPressure, MemoryPressure) or in the pods'
+            # status (Evicted, ImagePullBackOff): say it in the failure, not only in the logs below it.
+            nodes = kubectl("get", "nodes", "-o", "jsonpath={range .items[*]}{.metadata.name}:{range "
+                            ".status.conditions[?(@.status==\"True\")]} {.type}{end}; {end}", check=False)
+            pods = kubectl("-n", OPERATOR_NS, "get", "pods", "-o", "wide", check=False)
+            raise RuntimeError(f"{e}\nnode conditions that hold: {nodes}\noperator pods:\n{pods}") from e
 
     def pod(self) -> str:
         return kubectl("-n", OPERATOR_NS, "get", "pods", "-l", f"app.kubernetes.io/name={OPERATOR_DEPLOY}",

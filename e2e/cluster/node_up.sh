@@ -99,7 +99,10 @@ hairpinMode: hairpin-veth
 serializeImagePulls: false
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
-evictionHard: {"memory.available": "100Mi", "nodefs.available": "2%", "imagefs.available": "2%"}
+# Absolute floors, not percentages: the node shares the host's disk, and 2% of a large volume is several GiB
+# (a CI machine with 4 GiB free tainted the node DiskPressure and evicted the operator). Space is checked
+# before the import (step 3) instead, with a message that says what to free.
+evictionHard: {"memory.available": "100Mi", "nodefs.available": "512Mi", "imagefs.available": "512Mi"}
 maxPods: 50
 syncFrequency: 10s
 fileCheckFrequency: 10s
@@ -134,17 +137,39 @@ done
 start containerd containerd --config "$N/containerd/config.toml"
 export CONTAINERD_ADDRESS=$N/containerd/containerd.sock
 waitfor containerd 30 ctr version
+free_gib() { df -P -k "$1" | awk 'NR==2{printf "%.1f", $4/1048576}'; }
+log "disk: $(free_gib "$N") GiB free for containerd under $N"
 for img in localhost/pause:3.4.1 "$@"; do
   id=$(podman image inspect --format '{{.Id}}' "$img")
   # Labelled with podman's image ID: imported again only when the build changed.
   have=$(ctr -n k8s.io images ls "name==$img" 2>/dev/null | grep -o 'gearshift.dev/id=[0-9a-f]*' || true)
   if [[ $have != "gearshift.dev/id=$id" ]]; then
+    # The import holds the image twice (layers and unpacked); below ~2x its size plus the kubelet's floor
+    # the node would come up tainted DiskPressure and evict every pod: stop here and say so instead.
+    need=$(podman image inspect --format '{{.Size}}' "$img" | awk '{printf "%.1f", 2 * $1 / 1073741824 + 0.75}')
+    if awk -v f="$(free_gib "$N")" -v n="$need" 'BEGIN{exit !(f < n)}'; then
+      log "not enough disk to import $img: $(free_gib "$N") GiB free under $N, $need GiB needed;" \
+          "free space (podman image prune, old clones' .cache/cluster) and run again"
+      exit 1
+    fi
     s=$(date +%s); log "importing $img into containerd"
     podman save "$img" | ctr -n k8s.io images import - >/dev/null
     ctr -n k8s.io images label "$img" "gearshift.dev/id=$id" >/dev/null
     log "imported $img in $(( $(date +%s) - s ))s"
   fi
 done
+# Earlier builds' images in this node's own containerd (ours alone: its root is under $N) are dead weight
+# of several GiB each: remove every image not asked for now, and the CRI's sha256:<id> aliases (which hold
+# their layers) whose target is not a kept image's.
+keep_refs=" localhost/pause:3.4.1 $* " keep_digests=" "
+while read -r ref _ digest _; do
+  [[ $ref == sha256:* ]] && continue
+  if [[ $keep_refs == *" $ref "* ]]; then keep_digests+="$digest "
+  else ctr -n k8s.io images rm "$ref" >/dev/null && log "removed stale $ref"; fi
+done < <(ctr -n k8s.io images ls | tail -n +2)
+while read -r ref _ digest _; do
+  if [[ $ref == sha256:* && $keep_digests != *" $digest "* ]]; then ctr -n k8s.io images rm "$ref" >/dev/null; fi
+done < <(ctr -n k8s.io images ls | tail -n +2)
 
 # 4. the kubelet (client certificate system:node:$NODE_NAME) and kube-proxy
 start kubelet "$BIN/kubelet" --config="$N/kubelet/config.yaml" --kubeconfig="$N/kubelet.kubeconfig" \

@@ -89,13 +89,33 @@ inputs=$( { printf '%s\n' "${ARGS[@]}" "$(podman image inspect --format '{{.Id}}
             git ls-files -co --exclude-standard -- Dockerfile .dockerignore pyproject.toml README.md engine operator \
               | sort | xargs sha256sum; } | sha256sum | cut -c1-12)
 TAG=localhost/gearshift:cpu-$inputs
+# What each build leaves behind (its tag, its untagged build stages: ~6 GB a build) is listed here, so
+# that the next build removes exactly those, never an image this script did not make. Stages the new build
+# used as its cache (their IDs are in its log) are kept.
+LEFTOVERS=${XDG_CACHE_HOME:-$HOME/.cache}/gearshift/image-leftovers
+drop_older_builds() { # new-tag build-log new-stage-ids...
+    local tag=$1 buildlog=$2 item keep=(); shift 2
+    [[ -f $LEFTOVERS ]] && while read -r item; do
+        [[ -z $item || $item == "$tag" ]] && continue
+        if [[ $item != *:* ]] && grep -q "${item:0:12}" "$buildlog"; then keep+=("$item"); continue; fi
+        podman rmi "$item" >/dev/null 2>&1 && log "removed $item (an older build)"
+    done <"$LEFTOVERS"
+    mkdir -p "$(dirname "$LEFTOVERS")"
+    printf '%s\n' "$tag" "${keep[@]}" "$@" | sort -u >"$LEFTOVERS"
+}
 if podman image exists "$TAG"; then
     log "cached: $TAG (inputs unchanged)"
 else
     log "podman build -> $TAG"
     start=$(date +%s)
-    nice -n 10 podman build --runtime runc --network host "${MOUNTS[@]}" "${ARGS[@]}" -t "$TAG" -f Dockerfile . >&2
+    before=$(podman images -q --filter dangling=true | sort -u)
+    buildlog=$(mktemp)
+    nice -n 10 podman build --runtime runc --network host "${MOUNTS[@]}" "${ARGS[@]}" -t "$TAG" -f Dockerfile . \
+        2>&1 | tee "$buildlog" >&2
     log "built $TAG in $(( $(date +%s) - start ))s"
+    drop_older_builds "$TAG" "$buildlog" \
+        $(comm -13 <(echo "$before") <(podman images -q --filter dangling=true | sort -u))
+    rm -f "$buildlog"
 fi
 podman tag "$TAG" "$MANIFEST_IMAGE"
 echo "$TAG"

@@ -144,9 +144,10 @@ for img in localhost/pause:3.4.1 "$@"; do
   # Labelled with podman's image ID: imported again only when the build changed.
   have=$(ctr -n k8s.io images ls "name==$img" 2>/dev/null | grep -o 'gearshift.dev/id=[0-9a-f]*' || true)
   if [[ $have != "gearshift.dev/id=$id" ]]; then
-    # The import holds the image twice (layers and unpacked); below ~2x its size plus the kubelet's floor
+    # The import holds the image three times at its peak (podman save's archive in /var/tmp, containerd's layers,
+    # the unpacked snapshot); below that plus the kubelet's floor
     # the node would come up tainted DiskPressure and evict every pod: stop here and say so instead.
-    need=$(podman image inspect --format '{{.Size}}' "$img" | awk '{printf "%.1f", 2 * $1 / 1073741824 + 0.75}')
+    need=$(podman image inspect --format '{{.Size}}' "$img" | awk '{printf "%.1f", 3 * $1 / 1073741824 + 0.75}')
     if awk -v f="$(free_gib "$N")" -v n="$need" 'BEGIN{exit !(f < n)}'; then
       log "not enough disk to import $img: $(free_gib "$N") GiB free under $N, $need GiB needed;" \
           "free space (podman image prune, old clones' .cache/cluster) and run again"

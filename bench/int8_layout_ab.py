@@ -8,7 +8,7 @@ one row (gate/up, down) or up to 64 rows (q/k/v, o); the embedding table fp32. "
 plain layout only (torch._int_mm at every step size), gate/up and down both, the LM head the packed one only
 (quant_int8.plain_rows_for); the table fp16 (llama._narrow_embedding). Prints the CPU flags, the bytes each
 runner's int8 weights and embedding table hold, and per step ms (median / fastest) and before's over after's
-(> 1: after is faster).
+(> 1: after is faster); first the q/k/v and o matmuls alone at the step sizes where their layout changed.
 """
 
 from __future__ import annotations
@@ -59,12 +59,48 @@ def held_mib(runner) -> tuple[float, float]:
     return int8 / 2**20, emb.numel() * emb.element_size() / 2**20
 
 
+def matmul_ab(threads: int, reps: int) -> None:
+    """q/k/v's and o's int8 matmul alone (quantize, GEMM, scale), before's weight against after's, interleaved, at
+    the step sizes where they differ (over 64 rows: before oneDNN's packed layout, after torch._int_mm)."""
+    import time
+
+    import torch
+    from gearshift.engine.model import quant_int8
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    print("| matmul (N x K) | rows | before us | after us | before / after |")
+    print("|---|---:|---:|---:|---:|")
+    for n, k, label in ((960, 576, "q/k/v"), (576, 576, "o")):
+        w = torch.randn(n, k, generator=g)
+        new_rows, quant_int8.plain_rows_for = quant_int8.plain_rows_for, old_plain_rows
+        try:
+            before = quant_int8.Int8PerTokenWeight(w)
+        finally:
+            quant_int8.plain_rows_for = new_rows
+        after = quant_int8.Int8PerTokenWeight(w)
+        for m in (65, 128, 512, 2048):
+            x = torch.randn(m, k, generator=g)
+            ts: dict[str, list[float]] = {"before": [], "after": []}
+            for i in range(reps):  # alternating which goes first (int8_profile.interleaved_ms says why)
+                for name, q in (("before", before), ("after", after))[:: 1 if i % 2 == 0 else -1]:
+                    t0 = time.perf_counter()
+                    q.matmul(x)
+                    ts[name].append((time.perf_counter() - t0) * 1e6)
+            med = {name: statistics.median(v) for name, v in ts.items()}
+            print(f"| {label} ({n} x {k}) | {m} | {med['before']:.0f} | {med['after']:.0f} "
+                  f"| {med['before'] / med['after']:.3f}x |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--matmul-reps", type=int, default=200, help="interleaved calls per matmul size (0: skip)")
     args = ap.parse_args(argv)
+    if args.matmul_reps:
+        matmul_ab(args.threads, args.matmul_reps)
     from gearshift.engine.bundled import bundled_model_path
     from gearshift.engine.config import EngineConfig
     from gearshift.engine.model_runner import ModelRunner

@@ -96,8 +96,8 @@ class Int8PerTokenWeight:
     The GEMM: oneDNN's u8 x s8 int8 linear on a weight pre-packed once (`onednn.qlinear_prepack`; measured
     on the 2-core AVX-512-VNNI EPYC, one thread: as fast as FBGEMM's dynamic linear at 32 rows, 1.2x on the
     49152-row LM head, 1.1-1.2x at 2048 rows, where `torch._int_mm` - it re-lays out the weight on each
-    call - is 0.6x on the LM head); `torch._int_mm` on a plain int8 weight for small steps of small
-    matrices (plain_rows below) and where oneDNN cannot pack it. Both give a row bit-identical results.
+    call - is 0.6x on the LM head); `torch._int_mm` on a plain int8 weight for one-row steps, for every step of
+    q/k/v and o (plain_rows_for), and where oneDNN cannot pack it. Both give a row bit-identical results.
     The activation's quantization and the scaling are engine/csrc/quant_cpu.cpp's (one pass each, one
     Python call a matmul), or torch ops without the native module.
     """

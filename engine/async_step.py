@@ -12,9 +12,10 @@ finished sequences, and their blocks were freed as usual (the device runs steps 
 freed block is written by the stale row before anyone else can use it).
 
 It holds only where the result is known to equal the synchronous engine's:
-- a step is launched async only if every sampled row is plain greedy without a grammar (the argmax is
-  on the device; seeded or temperature sampling, penalties, logprobs and grammar masks run on the host,
-  which needs the previous token first);
+- a step is launched async only if every sampled row samples on the device: greedy or drawn (temperature,
+  top-k/top-p/min-p, seeded or not: the race's noise is keyed by sequence and position, not by the batch),
+  with penalties (a placeholder's token is read from the device ids) and logit_bias; not a grammar row
+  (its mask needs the previous token on the host) nor a logprobs row (its values are read on the host);
 - the step after an in-flight one continues async only if its decodes are all rows of the in-flight step
   (no running sequence mid-prefill or left out by the budget) and any request it could admit samples on
   the device too (can_continue); admitted prefills feed host ids as usual. Otherwise the in-flight step
@@ -46,13 +47,11 @@ def resolve_async(mode: str, device_type: str, tensor_parallel_size: int) -> boo
 
 
 def samples_on_device(targets: list[Sequence]) -> bool:
-    """Every sampled row is a greedy argmax with nothing applied first (no bias, penalty, logprobs,
-    grammar): the sampler's ids can stay on the device."""
+    """The sampler's ids can stay on the device (Sampler.device_ids): no row has a grammar or logprobs.
+    Greedy, temperature, top-k/top-p/min-p, seeds, penalties and logit_bias all run there."""
     for seq in targets:
-        if not seq.plain_greedy:
-            return False
-        owner = seq.owner
-        if owner is not None and owner.guide is not None:
+        params = seq.params  # a choice's grammar (owner.guide) is a fork of params.guide: one check covers both
+        if params.guide is not None or params.logprobs is not None:
             return False
     return True
 

@@ -217,10 +217,10 @@ class LLMEngine:
 
     # -- async scheduling (async_step.py) -----------------------------------------------------------
     def _launch(self, out: SchedulerOutput, targets: list[Sequence], prev_ids: Any) -> InFlight:
-        """Run `out` and take the greedy ids on the device; nothing waits for them here."""
+        """Run `out` and sample its ids on the device (samples_on_device's rows); nothing waits for them here."""
         logits = self.runner.execute(out) if prev_ids is None else self.runner.execute(out, prev_ids)
         self.num_async_steps += 1
-        return launched(out, targets, self.sampler.greedy_ids(logits))
+        return launched(out, targets, self.sampler.device_ids(logits, targets, prev_ids))
 
     def _step_ahead(self, flight: InFlight) -> list[RequestOutput]:
         """Launch the step after `flight` (if async_step.can_continue), then finish `flight`: its ids to

@@ -1,17 +1,24 @@
-"""Batched sampling from the last-position logits of every sequence that samples this step.
+"""Batched sampling from the last-position logits of every sequence that samples this step, where the logits are.
 
-Order of operations (vLLM's): penalties on the raw logits, then greedy rows take the argmax; the
-others are divided by their temperature, cut by top-k, top-p and min-p, and drawn. A seeded request
-owns a torch.Generator, so its draws depend on nothing else in the batch; unseeded rows share the
-engine's generator. Logprobs are the model's own (log-softmax of the raw logits), like vLLM's default.
+Order of operations (vLLM's): grammar masks and logit_bias, then penalties, then greedy rows take the argmax;
+the others are divided by their temperature, cut by top-k, top-p and min-p, and drawn by an exponential race
+whose noise is keyed per sequence and position (sampler_ops.py): a seeded request's draws depend on nothing
+else in the batch, an unseeded one's on the engine's seed and its request id. Every stage runs on the logits'
+device as batched tensor ops; the host builds the per-row parameters and the penalties' token-history indices
+once per step and copies them over (pinned, non-blocking on a GPU). Only the B chosen ids (and, for logprob
+rows, their top-n) reach the host, so `device_ids` can leave a sampled step running for async scheduling.
+Logprobs are the model's own (log-softmax of the logits before penalties), like vLLM's default.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from gearshift.engine import sampler_ops as ops
+from gearshift.engine.async_step import PLACEHOLDER
 from gearshift.engine.outputs import Logprob
 from gearshift.engine.sequence import Sequence
 
@@ -24,13 +31,17 @@ class SamplerOutput:
 
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed  # unseeded rows' keys derive from it (ops.sequence_key)
 
-    @staticmethod
-    def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
-        """logits [B, V] -> argmax ids [B] int64 where the logits are, not read on the host (async
-        scheduling feeds them to the next step on the device): the same ids sample() gives plain greedy rows."""
-        return argmax_rows(logits)
+    def device_ids(self, logits: torch.Tensor, seqs: list[Sequence], prev_ids: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+        """Async scheduling's sample: ids [B] int64 on the logits' device, nothing read on the host; the same
+        ids sample() gives (async_step.samples_on_device admits the rows: no grammar, no logprobs). prev_ids:
+        the step's decode rows' input ids on the device ([num_decodes], first rows), where a row's last token
+        is still a PLACEHOLDER (its penalties count the id from there)."""
+        if all(s.plain_greedy for s in seqs):
+            return argmax_rows(logits)
+        return self._draw(logits, seqs, prev_ids)[0]
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence],
                allowed: tuple[list[int], np.ndarray] | None = None) -> SamplerOutput:
@@ -39,102 +50,159 @@ class Sampler:
         assert logits.dim() == 2 and logits.shape[0] == len(seqs), (tuple(logits.shape), len(seqs))
         if allowed is not None:
             logits = apply_bitmask(logits, *allowed)
-        plain = all(s.plain_greedy for s in seqs)  # no logit_bias either: one flag per row, set once
-        if not plain and any(s.params.logit_bias for s in seqs):
-            logits = _apply_logit_bias(logits, seqs)
-        if plain or all(s.params.plain_greedy for s in seqs):
+        if all(s.plain_greedy for s in seqs):  # no logit_bias either: one flag per row, set once
             # The common greedy batch: one argmax over [B, V] where the logits are; only B ids reach the host.
             return SamplerOutput(token_ids=argmax_rows(logits).tolist(), logprobs=[None] * len(seqs))
-        raw = logits.float().cpu()  # [B, V]; sampling is tiny next to the model, and generators live on CPU
-        vocab = raw.shape[1]
-        logits = self._apply_penalties(raw, seqs)  # [B, V], a new tensor when any row is penalized
+        ids, raw = self._draw(logits, seqs, None)
+        token_ids = ids.tolist()  # the one wait for the device: B ids
+        return SamplerOutput(token_ids=token_ids, logprobs=_logprobs(raw, ids, token_ids, seqs))
 
-        greedy = torch.tensor([s.params.greedy for s in seqs])
-        chosen = argmax_rows(logits)  # [B]
-        random_rows = (~greedy).nonzero().flatten().tolist()
-        if random_rows:
-            idx = torch.tensor(random_rows)
-            probs = self._filtered_probs(logits[idx], [seqs[i] for i in random_rows])  # [R, V]
-            # Exponential race (Gumbel-max in probability space): argmax p / q with q ~ Exp(1) draws from p.
-            q = torch.empty_like(probs)
-            unseeded = [j for j, i in enumerate(random_rows) if seqs[i].params.seed is None]
-            if unseeded:
-                q[unseeded] = torch.empty(len(unseeded), vocab).exponential_(generator=self.generator)
-            for j, i in enumerate(random_rows):
-                seq = seqs[i]
-                if seq.params.seed is None:
-                    continue
-                if seq.generator is None:
-                    # Choice k of a seeded request draws from seed + k: reproducible, but not n copies.
-                    seq.generator = torch.Generator().manual_seed((seq.params.seed + seq.index) % 2**64)
-                q[j].exponential_(generator=seq.generator)
-            chosen[idx] = (probs / q.clamp_(min=1e-20)).argmax(dim=-1)
+    def _draw(self, logits: torch.Tensor, seqs: list[Sequence], prev_ids: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits [B, V] -> (chosen ids [B] int64, the float32 logits logprobs read [B, V]), on the device."""
+        x = logits.float()  # [B, V]; `logits` itself when float32: copied before anything writes to it
+        x = _with_logit_bias(x, logits, seqs)
+        penalized = _penalize(x, seqs, prev_ids)  # a new tensor when a row is penalized: x stays for logprobs
+        drawn = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if not drawn:
+            return argmax_rows(penalized), x
+        dev, vocab = x.device, x.shape[1]
+        every = len(drawn) == len(seqs)
+        idx = None if every else _to(torch.tensor(drawn), dev)
+        rows = penalized if idx is None else penalized.index_select(0, idx)  # [R, V]
+        params = [seqs[i].params for i in drawn]
+        top_ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+        seeds = [ops.row_seed(self._key(seqs[i]), len(seqs[i].token_ids)) for i in drawn]
+        pack = _to(torch.tensor([[p.temperature for p in params], top_ks, [p.top_p for p in params],
+                                 [p.min_p for p in params], seeds], dtype=torch.float64), dev)  # [5, R]: one copy
+        cols = pack.unsqueeze(-1)  # [5, R, 1]
+        probs = ops.filtered_probs(rows, cols[0].float(), cols[1].long(), cols[2].float(), cols[3].float(),
+                                   any(k < vocab for k in top_ks) or any(p.top_p < 1.0 for p in params),
+                                   any(p.min_p > 0 for p in params))
+        chosen = argmax_rows(ops.race(probs, pack[4].long()))  # [R]
+        if idx is not None:
+            chosen = argmax_rows(penalized).index_copy_(0, idx, chosen)
+        return chosen, x
 
-        token_ids = chosen.tolist()
-        logprobs: list[Logprob | None] = [None] * len(seqs)
-        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-        if want:
-            idx = torch.tensor(want)
-            lp = torch.log_softmax(raw[idx], dim=-1)  # [W, V]
-            k = max(seqs[i].params.logprobs for i in want)
-            top_v, top_i = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long())
-            for j, i in enumerate(want):
-                n = seqs[i].params.logprobs
-                logprobs[i] = Logprob(
-                    token_id=token_ids[i],
-                    logprob=float(lp[j, token_ids[i]]),
-                    top={int(t): float(v) for t, v in zip(top_i[j, :n].tolist(), top_v[j, :n].tolist(), strict=True)},
-                )
-        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+    def _key(self, seq: Sequence) -> int:
+        key = seq.rng_key
+        if key is None:
+            key = seq.rng_key = ops.sequence_key(seq.params.seed, seq.index, self.seed, seq.request_id)
+        return key
 
-    @staticmethod
-    def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        rows = [i for i, s in enumerate(seqs) if _penalized(s)]
-        if not rows:
-            return logits
-        logits = logits.clone()
-        vocab = logits.shape[1]
-        for i in rows:  # a handful of rows at most; each is a few vector ops over the vocabulary
-            p = seqs[i].params
-            row = logits[i]  # [V] view
-            if p.repetition_penalty != 1.0:
-                # CTRL-style, over prompt and output: shrink seen tokens' logits toward "less likely".
-                seen = torch.tensor(sorted(set(seqs[i].token_ids)), dtype=torch.long)
-                seen = seen[seen < vocab]
-                vals = row[seen]
-                row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-            if p.presence_penalty or p.frequency_penalty:
-                out = torch.tensor(seqs[i].output_token_ids, dtype=torch.long)
-                if out.numel():
-                    counts = torch.bincount(out[out < vocab], minlength=vocab).to(row.dtype)  # [V]
-                    row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
-        return logits
 
-    @staticmethod
-    def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """logits: [R, V] -> probabilities after temperature, top-k, top-p and min-p; [R, V]."""
-        temps = torch.tensor([s.params.temperature for s in seqs], dtype=logits.dtype).unsqueeze(1)  # [R, 1]
-        logits = logits / temps
-        vocab = logits.shape[1]
-        top_ks = [s.params.top_k if s.params.top_k > 0 else vocab for s in seqs]
-        top_ps = [s.params.top_p for s in seqs]
-        if any(k < vocab for k in top_ks) or any(p < 1.0 for p in top_ps):
-            sorted_logits, order = logits.sort(dim=-1, descending=True)  # [R, V]
-            ranks = torch.arange(vocab).unsqueeze(0)  # [1, V]
-            cut = ranks >= torch.tensor(top_ks).unsqueeze(1)  # [R, V]: beyond top-k
-            sorted_probs = sorted_logits.masked_fill(cut, float("-inf")).softmax(dim=-1)
-            # Keep the smallest prefix whose mass reaches top_p: drop a token if the mass before it does.
-            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-            cut |= mass_before >= torch.tensor(top_ps, dtype=logits.dtype).unsqueeze(1)
-            cut[:, 0] = False  # the best token always survives
-            logits = torch.empty_like(logits).scatter_(1, order, sorted_logits.masked_fill(cut, float("-inf")))
-        probs = logits.softmax(dim=-1)
-        min_ps = torch.tensor([s.params.min_p for s in seqs], dtype=probs.dtype).unsqueeze(1)  # [R, 1]
-        if bool((min_ps > 0).any()):
-            drop = probs < min_ps * probs.max(dim=-1, keepdim=True).values
-            probs = probs.masked_fill(drop, 0.0)
-            probs = probs / probs.sum(dim=-1, keepdim=True)
-        return probs
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto the logits' device: pinned and non-blocking on a GPU (no wait for the step)."""
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _with_logit_bias(x: torch.Tensor, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """OpenAI's logit_bias: each request's bias added to its tokens' logits (ids past the vocabulary are
+    ignored; the route checks them against the tokenizer). One indexed add for the batch; x [B, V] float32
+    is copied first when it is the caller's `logits`."""
+    vocab = x.shape[1]
+    rows: list[int] = []
+    toks: list[int] = []
+    vals: list[float] = []
+    for i, s in enumerate(seqs):
+        for t, b in s.params.logit_bias.items():
+            if t < vocab:
+                rows.append(i)
+                toks.append(t)
+                vals.append(b)
+    if not rows:
+        return x
+    if x is logits:
+        x = x.clone()
+    dev = x.device
+    x.index_put_((_to(torch.tensor(rows), dev), _to(torch.tensor(toks), dev)),
+                 _to(torch.tensor(vals, dtype=torch.float32), dev), accumulate=True)
+    return x
+
+
+def _penalized(seq: Sequence) -> bool:
+    p = seq.params
+    return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
+
+
+def _penalize(x: torch.Tensor, seqs: list[Sequence], prev_ids: torch.Tensor | None) -> torch.Tensor:
+    """Repetition (over prompt and output), presence and frequency (over the output) penalties for the
+    penalized rows of x [B, V] float32 -> a new [B, V] (x itself when no row is penalized). The token history
+    becomes index tensors on the host, one scatter each on the device; a row whose last token is async
+    scheduling's PLACEHOLDER takes that token from prev_ids[row] on the device."""
+    rows = [i for i, s in enumerate(seqs) if _penalized(s)]
+    if not rows:
+        return x
+    vocab, dev = x.shape[1], x.device
+    seen_r: list[int] = []
+    seen_t: list[int] = []
+    count_r: list[int] = []
+    count_t: list[int] = []
+    counts: list[int] = []
+    late: list[tuple[int, int]] = []  # (penalized row j, batch row i) whose last token is on the device
+    for j, i in enumerate(rows):
+        seq = seqs[i]
+        p, toks = seq.params, seq.token_ids
+        if toks[-1] == PLACEHOLDER:
+            assert prev_ids is not None and i < prev_ids.shape[0], "a placeholder row needs the step's device ids"
+            late.append((j, i))
+        if p.repetition_penalty != 1.0:
+            seen = [t for t in set(toks) if 0 <= t < vocab]
+            seen_r += [j] * len(seen)
+            seen_t += seen
+        if p.presence_penalty or p.frequency_penalty:
+            for t, c in Counter(toks[seq.num_prompt_tokens:]).items():
+                if 0 <= t < vocab:
+                    count_r.append(j)
+                    count_t.append(t)
+                    counts.append(c)
+    params = [seqs[i].params for i in rows]
+    pack = _to(torch.tensor([[p.repetition_penalty for p in params], [p.frequency_penalty for p in params],
+                             [p.presence_penalty for p in params]], dtype=torch.float32), dev).unsqueeze(-1)  # [3, P, 1]
+    idx = _to(torch.tensor(rows), dev)
+    sub = x.index_select(0, idx)  # [P, V]
+    late_j = late_t = None
+    if late:
+        late_j = _to(torch.tensor([j for j, _ in late]), dev)
+        late_t = prev_ids.index_select(0, _to(torch.tensor([i for _, i in late]), dev))
+    if seen_r or (late and any(p.repetition_penalty != 1.0 for p in params)):
+        mask = torch.zeros(sub.shape, dtype=torch.bool, device=dev)  # [P, V]: tokens seen in prompt + output
+        mask[_to(torch.tensor(seen_r, dtype=torch.int64), dev), _to(torch.tensor(seen_t, dtype=torch.int64), dev)] = True
+        if late_j is not None:
+            mask[late_j, late_t] = True
+        sub = ops.repetition(sub, mask, pack[0])  # a row with penalty 1.0 is left exactly as it was
+    if counts or (late and any(p.presence_penalty or p.frequency_penalty for p in params)):
+        occ = torch.zeros(sub.shape, dtype=torch.float32, device=dev)  # [P, V]: occurrences in the output
+        occ.index_put_((_to(torch.tensor(count_r, dtype=torch.int64), dev),
+                        _to(torch.tensor(count_t, dtype=torch.int64), dev)),
+                       _to(torch.tensor(counts, dtype=torch.float32), dev), accumulate=True)
+        if late_j is not None:
+            occ.index_put_((late_j, late_t), torch.ones(len(late), device=dev), accumulate=True)
+        sub = ops.presence_frequency(sub, occ, pack[1], pack[2])  # zero penalties leave a row as it was
+    return x.index_copy(0, idx, sub)
+
+
+def _logprobs(raw: torch.Tensor, ids: torch.Tensor, token_ids: list[int], seqs: list[Sequence]
+              ) -> list[Logprob | None]:
+    """Each logprob row's chosen token and top-n (best first) from log_softmax(raw) on the device; only
+    [W, 1 + n] values and [W, n] ids reach the host."""
+    out: list[Logprob | None] = [None] * len(seqs)
+    want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    if not want:
+        return out
+    idx = _to(torch.tensor(want), raw.device)
+    lp = torch.log_softmax(raw.index_select(0, idx), dim=-1)  # [W, V]
+    chosen = lp.gather(1, ids.index_select(0, idx).unsqueeze(1))  # [W, 1]
+    k = max(seqs[i].params.logprobs for i in want)
+    top_v, top_i = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long())
+    vals, tops = torch.cat([chosen, top_v], dim=1).tolist(), top_i.tolist()
+    for j, i in enumerate(want):
+        n = seqs[i].params.logprobs
+        out[i] = Logprob(token_id=token_ids[i], logprob=vals[j][0],
+                         top={int(t): float(v) for t, v in zip(tops[j][:n], vals[j][1:n + 1], strict=True)})
+    return out
 
 
 def apply_bitmask(logits: torch.Tensor, rows: list[int], bitmask: np.ndarray) -> torch.Tensor:
@@ -197,23 +265,6 @@ def mask_rows_numpy(out: np.ndarray, rows: list[int], words: np.ndarray) -> None
         np.copyto(out[r, :width], -np.inf, where=~allowed[j, :width])
         out[r, width:] = -np.inf  # padded embedding rows beyond the tokenizer: never allowed
 
-
-def _apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """OpenAI's logit_bias: add each request's bias to its tokens' logits (ids past the vocabulary are
-    ignored; the route checks them against the tokenizer). logits [B, V] -> a new [B, V]."""
-    logits = logits.clone()
-    vocab = logits.shape[1]
-    for i, s in enumerate(seqs):
-        bias = {t: b for t, b in s.params.logit_bias.items() if t < vocab}
-        if bias:
-            ids = torch.tensor(list(bias), device=logits.device)
-            logits[i, ids] += torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
-    return logits
-
-
-def _penalized(seq: Sequence) -> bool:
-    p = seq.params
-    return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
 
 
 def argmax_rows(logits: torch.Tensor, chunk: int = 64) -> torch.Tensor:

@@ -27,7 +27,7 @@ class Sequence:
     # on_step_done, the token loop), which mostly meet it cold after the forward, read one block of memory.
     __slots__ = ("seq_id", "request_id", "index", "params", "prompt_token_ids", "token_ids", "num_prompt_tokens",
                  "num_computed_tokens", "block_table", "block_hashes", "num_registered_blocks", "num_cached_tokens",
-                 "status", "max_tokens", "first_sibling", "num_preemptions", "generator", "plain_greedy", "owner")
+                 "status", "max_tokens", "first_sibling", "num_preemptions", "rng_key", "plain_greedy", "owner")
 
     def __init__(
         self,
@@ -57,8 +57,9 @@ class Sequence:
         # n > 1: choices 1.. are admitted only once choice 0 has computed the prompt (then they hit its blocks).
         self.first_sibling: Sequence | None = None
         self.num_preemptions = 0
-        # Sampling state: a seeded request's torch.Generator (set by the sampler; opaque here).
-        self.generator: object | None = None
+        # The 64-bit key of this sequence's random stream (engine/sampler_ops.py), set by the sampler at its
+        # first draw.
+        self.rng_key: int | None = None
         # Greedy, no penalties, logprobs or logit_bias: the sampler's one-argmax fast path. Read every step
         # for every row, so it is decided once here (params do not change once the request is queued).
         self.plain_greedy: bool = params.plain_greedy and not params.logit_bias

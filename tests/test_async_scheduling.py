@@ -91,18 +91,23 @@ def test_flight_bookkeeping_placeholders_inputs_and_when_to_continue() -> None:
                                      whole).tolist() == [1, 2]
     sched.add(Sequence("new", [1, 2, 3], SamplingParams(temperature=0.0)))  # a greedy prefill may join
     assert async_step.can_continue(flight, sched)
-    sched.add(Sequence("drawn", [1, 2, 3], SamplingParams(temperature=0.7)))  # one sampled on the host: no
+    sched.add(Sequence("drawn", [1, 2, 3], SamplingParams(temperature=0.7, top_p=0.9)))  # so may a drawn one
+    assert async_step.can_continue(flight, sched)
+    sched.add(Sequence("lp", [1, 2, 3], SamplingParams(temperature=0.7, logprobs=2)))  # read on the host: no
     assert not async_step.can_continue(flight, sched)
     full, rows = _scheduler_with(4, cap=4)  # ... unless the running batch is at max_num_seqs
-    full.add(Sequence("new", [1, 2, 3], SamplingParams(temperature=0.7)))
+    full.add(Sequence("new", [1, 2, 3], SamplingParams(temperature=0.7, logprobs=0)))
     assert async_step.can_continue(async_step.launched(SchedulerOutput(), rows, torch.tensor([1, 2, 3, 4])), full)
     assert not async_step.can_continue(async_step.launched(SchedulerOutput(), rows[:3], torch.tensor([1, 2, 3])), full)
 
 
 @pytest.mark.parametrize(("params", "ok"), [
-    (SamplingParams(temperature=0.0), True), (SamplingParams(temperature=0.8), False),
-    (SamplingParams(temperature=0.0, logprobs=1), False), (SamplingParams(temperature=0.0, logit_bias={5: 1.0}), False),
-    (SamplingParams(temperature=0.0, repetition_penalty=1.2), False)])
+    (SamplingParams(temperature=0.0), True), (SamplingParams(temperature=0.8), True),
+    (SamplingParams(temperature=0.8, top_k=5, top_p=0.9, min_p=0.1, seed=3), True),
+    (SamplingParams(temperature=0.0, logprobs=1), False), (SamplingParams(temperature=0.9, logprobs=0), False),
+    (SamplingParams(temperature=0.0, logit_bias={5: 1.0}), True),
+    (SamplingParams(temperature=0.7, repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.3), True),
+    (SamplingParams(temperature=0.0, guide=object()), False)])
 def test_which_rows_sample_on_the_device(params, ok) -> None:
     assert samples_on_device([Sequence("r", [1, 2], params)]) is ok
 
@@ -135,7 +140,7 @@ def test_greedy_batch_with_early_stops_and_preemption_equals_sync(llms) -> None:
 
 def test_sampling_guided_logprobs_and_stop_strings_fall_back_and_equal_sync(llms) -> None:
     """Seeded n=2 sampling, a grammar, logprobs and a stop string beside greedy requests: the steps with
-    host-side sampling run synchronously, the greedy rest ahead; every choice is the same."""
+    a grammar or logprobs row run synchronously, the rest ahead; every choice is the same."""
     from gearshift.engine.pipeline.guided import GuidedSpec, compile_guide, vocab_from_hf_json
 
     tok = llms["off"].get_tokenizer()
@@ -162,6 +167,49 @@ def test_sampling_guided_logprobs_and_stop_strings_fall_back_and_equal_sync(llms
     assert results["on"][0].text == full.text[:full.text.find(stop)]
     assert [lp.token_id for lp in results["on"][3].outputs[0].logprobs] == results["off"][3].token_ids
     assert results["on-launched"] > 0 and results["off-launched"] == 0
+
+
+DRAWN = [dict(temperature=0.8, top_p=0.9), dict(temperature=1.0, top_k=20, seed=77), dict(temperature=1.3, min_p=0.1),
+         dict(temperature=0.7, repetition_penalty=1.3), dict(temperature=0.9, presence_penalty=0.8, frequency_penalty=0.6),
+         dict(temperature=0.0, logit_bias={198: 5.0, 13: -100.0}), dict(temperature=0.0), dict(n=2, temperature=1.0),
+         dict(temperature=0.0, repetition_penalty=1.5, frequency_penalty=1.0)]
+
+
+def test_drawn_and_penalized_rows_run_ahead_and_equal_sync(llms) -> None:
+    """Temperature, top-k/top-p/min-p (seeded and not), penalties and logit_bias beside greedy rows, with
+    stop tokens that end some choices early, EOS on others and preemption (more KV than the cache holds):
+    the device-side sampler runs these steps ahead with the synchronous engine's tokens (unseeded rows
+    are keyed by the request id, given by hand here, and their position, so the same in both engines)."""
+    prompts = [list(range(2000 + 40 * i, 2041 + 40 * i + i % 3)) for i in range(16)]
+
+    def params(stops: dict[int, list[int]]) -> list[SamplingParams]:
+        return [SamplingParams(**DRAWN[i % len(DRAWN)], max_tokens=8 + i, ignore_eos=i not in (2, 11),
+                               stop_token_ids=stops.get(i, [])) for i in range(16)]
+
+    def run(engine, tag: str, ps: list[SamplingParams]) -> dict[str, list]:
+        for i, (p, sp) in enumerate(zip(prompts, ps, strict=True)):
+            engine.add_request(f"{tag}{i}", p, sp)
+        seen = _drive(engine, lambda i: None)
+        return {rid[len(tag):]: [(c.index, c.token_ids, c.finish_reason) for c in outs[-1].outputs]
+                for rid, outs in seen.items()}
+
+    first = run(llms["off"].llm_engine, "d", params({}))
+    # stop tokens that end a few sampled choices after 2-4 tokens (the same request ids: the same draws)
+    stops = {i: [first[str(i)][0][1][2 + i % 3]] for i in (0, 4, 9) if len(first[str(i)][0][1]) > 5}
+    assert len(stops) >= 2
+    results = {}
+    for mode, llm in llms.items():
+        engine = llm.llm_engine
+        before = (engine.num_async_steps, engine.stats().num_preemptions)
+        results[mode] = run(engine, "d", params(stops))
+        results[mode + "-counts"] = (engine.num_async_steps - before[0], engine.stats().num_preemptions - before[1])
+        assert_no_leak(llm)
+    assert results["on"] == results["off"]
+    assert any(r[0][2] == "stop" for r in results["on"].values()), "no choice stopped early"
+    assert len({tuple(c[1]) for c in results["on"]["7"]}) == 2, "the two unseeded choices should differ"
+    launched, preempted = results["on-counts"]
+    assert launched >= 10 and preempted > 0, results
+    assert results["off-counts"][0] == 0
 
 
 def _drive(engine, on_step) -> dict[str, list]:

@@ -119,6 +119,7 @@ def test_seeded_request_is_reproducible_whatever_the_batch() -> None:
             batch = seqs(batch_before, temperature=0.8) + [mine] + seqs(batch_after, temperature=0.8)
             out = sampler.sample(logits.repeat(len(batch), 1), batch)
             tokens.append(out.token_ids[batch_before])
+            mine.append_token(tokens[-1])  # as the engine does: the next draw is at the next position
         return tokens
 
     alone = draw(0, 0, seed=123)

@@ -62,9 +62,11 @@ step() {
 cat "$OUT/env.log" >>"$SUMMARY"
 
 # Among the tests: routing a long prefill makes no CUDA sync (test_prefill_route.py::test_plan_route_makes_no_cuda_sync,
-# set_sync_debug_mode "error"), and async scheduling's steady-state steps make none (test_async_scheduling.py).
+# set_sync_debug_mode "error"), async scheduling's steady-state steps make none (test_async_scheduling.py), nor does
+# sampling a drawn, penalized, biased batch on the device (test_sampler_device.py; its noise equals the CPU's).
 step tests 260 env GEARSHIFT_TEST_GGUF=$MODEL python3 -m pytest -q -p no:cacheprovider -m gpu \
-  tests/test_kernels.py tests/test_prefill_route.py tests/test_model_fidelity.py tests/test_gpu_engine.py tests/test_async_scheduling.py
+  tests/test_kernels.py tests/test_prefill_route.py tests/test_model_fidelity.py tests/test_gpu_engine.py tests/test_async_scheduling.py \
+  tests/test_sampler_device.py
 step kernels 150 python3 bench/kernels.py --dtype bfloat16 --iters 30
 step offline_smollm2 150 python3 bench/offline.py --device cuda --model $MODEL --dtype bfloat16,float32 \
   --naive-requests 4 --compare-eager

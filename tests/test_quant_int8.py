@@ -1,7 +1,10 @@
-"""int8 smoothing and per-token int8 matmuls (engine/model/quant_int8.py): the arithmetic, on real tensors."""
+"""int8 smoothing and per-token int8 matmuls (engine/model/quant_int8.py): the arithmetic, on real tensors; and
+what an int8 model holds once loaded (one copy of each weight it reads), on the real model."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 
 import torch
@@ -94,3 +97,17 @@ def test_int8_model_holds_one_copy_of_each_weight_it_reads(smollm2_gguf):
     emb = model.embed_tokens.weight
     assert emb.dtype == torch.float16 and model.lm_head.weight is emb
     assert {p.dtype for n, p in model.named_parameters() if "embed" not in n} == {torch.float32}  # norms only
+
+
+def test_loading_on_cpu_imports_neither_dynamo_nor_triton(smollm2_gguf):
+    """Building the model on the meta device used to run the embedding's random init through a torch._refs op,
+    which imports torch._dynamo and triton: ~145 MiB resident for nothing (llama.LlamaForCausalLM.__init__).
+    A fresh process, as `gearshift serve` loads: the int8 runner built, one step run."""
+    code = ("import sys; from gearshift.engine.config import EngineConfig; "
+            "from gearshift.engine.model_runner import ModelRunner; "
+            f"ModelRunner(EngineConfig(model={str(smollm2_gguf)!r}, device='cpu', quantization='int8', "
+            "kv_cache_memory='48Mi')); print(sorted(m for m in ('torch._dynamo', 'triton') if m in sys.modules))")
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -58,7 +58,10 @@ class LlamaForCausalLM(nn.Module):
         # Gemma 3: sliding layers rotate with their own, unscaled base frequency.
         self.rope_local = (RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_local_theta, None)
                            if cfg.rope_local_theta else None)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # _weight: no random init, which on the meta device (model_runner) runs a torch._refs op that imports
+        # torch._dynamo and triton: +145 MiB resident on CPU, for nothing (the loader overwrites the table)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg) if _is_plain(cfg) else FamilyDecoderLayer(cfg, i)
                                     for i in range(cfg.num_layers))
         self.windows = sorted({cfg.layer_window(i) for i in range(cfg.num_layers)}, key=lambda w: w or 0)

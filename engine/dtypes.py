@@ -5,6 +5,7 @@ cache's, and whether this CPU has native bf16. Pure choices, plus one read of /p
 
 from __future__ import annotations
 
+import os
 from typing import get_args
 
 import torch
@@ -14,14 +15,26 @@ from gearshift.engine.errors import GearshiftError
 _DTYPES = {name: getattr(torch, name) for name in get_args(DType) if name != "auto"}  # "float32" -> torch.float32
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below its native-bf16 level: under one, oneDNN emulates bf16 matmuls
+# whatever the CPU has, so the engine takes an AVX2-only CPU's choices (bench/avx2_paths.py runs it so).
+_ONEDNN_NO_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"})
+
+
+def native_bf16(flags: list[str], onednn_max_isa: str) -> bool:
+    """Native bf16 from /proc/cpuinfo's flags, unless oneDNN is capped below it (ONEDNN_MAX_CPU_ISA)."""
+    if onednn_max_isa.strip().upper() in _ONEDNN_NO_BF16:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def cpu_has_fast_bf16() -> bool:
     """bf16 matmuls beat fp32 only with native bf16 instructions (AVX512-BF16 / AMX); AVX2 emulates them."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "").split()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
     except OSError:
         return False
+    return native_bf16(flags, os.environ.get("ONEDNN_MAX_CPU_ISA", ""))
 
 
 def kv_cache_dtype(dtype: torch.dtype, quantization: str | None, device_type: str, fast_bf16: bool) -> torch.dtype:

@@ -1,0 +1,50 @@
+"""The engine's native-bf16 choice honours a oneDNN ISA cap (ONEDNN_MAX_CPU_ISA): under an AVX2 cap oneDNN
+emulates bf16 whatever the CPU has, so `dtype: auto` must pick fp32 there, as on an AVX2-only CPU."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+import torch
+from gearshift.engine.dtypes import cpu_has_fast_bf16, native_bf16, resolve_dtype
+
+BF16 = ["sse4_2", "avx2", "avx512f", "avx512_bf16"]
+
+
+@pytest.mark.parametrize(("flags", "cap", "want"), [
+    (BF16, "", True),  # no cap: the CPU's flags decide
+    (BF16, "AVX2", False),  # capped to AVX2: bf16 emulated
+    (BF16, "avx2 ", False),  # oneDNN reads the value case-insensitively
+    (BF16, "AVX512_CORE_VNNI", False),  # AVX-512 without its bf16 instructions
+    (BF16, "AVX512_CORE_BF16", True),
+    (BF16, "AVX512_CORE_AMX", True),
+    (["avx2", "amx_bf16"], "", True),
+    (["avx2", "avx512f"], "", False),  # AVX-512 without BF16
+    (["avx2"], "AVX512_CORE_BF16", False),  # a cap above the CPU grants nothing
+])
+def test_native_bf16(flags, cap, want):
+    assert native_bf16(flags, cap) is want
+
+
+def test_auto_dtype_is_fp32_under_an_avx2_cap(monkeypatch):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not cpu_has_fast_bf16()
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="oneDNN's x86 ISA names")
+def test_onednn_runs_avx2_under_the_cap():
+    """The premise: under the cap oneDNN itself reports (and runs) AVX2 on this CPU, not its AVX-512 kernels."""
+    code = ("import torch\n"
+            "p = torch.ops.mkldnn._reorder_linear_weight(torch.randn(64, 64), 4)\n"
+            "with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):\n"
+            "    torch.ops.mkldnn._linear_pointwise(torch.randn(4, 64), p, None, 'none', [], '')\n")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONSAFEPATH": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    isa = [ln for ln in out.stdout.splitlines() if ",isa:" in ln]
+    assert out.returncode == 0 and isa, out.stdout + out.stderr
+    assert "AVX2" in isa[0] and "512" not in isa[0], isa[0]

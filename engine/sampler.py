@@ -77,8 +77,7 @@ class Sampler:
                                  [p.min_p for p in params], seeds], dtype=torch.float64), dev)  # [5, R]: one copy
         cols = pack.unsqueeze(-1)  # [5, R, 1]
         probs = ops.filtered_probs(rows, cols[0].float(), cols[1].long(), cols[2].float(), cols[3].float(),
-                                   any(k < vocab for k in top_ks) or any(p.top_p < 1.0 for p in params),
-                                   any(p.min_p > 0 for p in params))
+                                   _cut(top_ks, params, vocab, dev), any(p.min_p > 0 for p in params))
         chosen = argmax_rows(ops.race(probs, pack[4].long()))  # [R]
         if idx is not None:
             chosen = argmax_rows(penalized).index_copy_(0, idx, chosen)
@@ -89,6 +88,21 @@ class Sampler:
         if key is None:
             key = seq.rng_key = ops.sequence_key(seq.params.seed, seq.index, self.seed, seq.request_id)
         return key
+
+
+def _cut(top_ks: list[int], params: list, vocab: int, device: torch.device) -> ops.Cut | None:
+    """The drawn rows top-k/top-p applies to (ops.Cut): the full-vocabulary sort only where a row without a
+    top-k (or with a large one) has a top_p, and on the CPU not even there when its best tokens suffice."""
+    rows = [j for j, (k, p) in enumerate(zip(top_ks, params, strict=True)) if k < vocab or p.top_p < 1.0]
+    if not rows:
+        return None
+    widest = max(top_ks[j] for j in rows)
+    if widest <= ops.SORT_WIDTH:
+        width, check = widest, False  # exact: every cut row's top-k fits (Ollama's default top_k 40, say)
+    else:
+        width, check = (ops.SORT_WIDTH, True) if device.type == "cpu" else (None, False)
+    idx = None if len(rows) == len(top_ks) else _to(torch.tensor(rows), device)
+    return ops.Cut(idx, width, check)
 
 
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -14,6 +14,7 @@ multipliers stay below 2**31, so no product overflows (signed overflow is undefi
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import torch
 
@@ -84,29 +85,72 @@ def race(probs: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
     return probs / exponentials(seeds, probs.shape[1])
 
 
+SORT_WIDTH = 1024  # top-k/top-p rows look at their best SORT_WIDTH tokens where that is known to suffice
+
+
+@dataclass
+class Cut:
+    """Which rows top-k/top-p cuts and how (the host decides from the parameters: no device read).
+    rows: int64 [C] on the device, None for every row. width: sort only each row's best `width` tokens (a
+    top-k, not a full-vocabulary sort): exact when every cut row's top-k is at most width; with `check` (a
+    row without top-k, on the CPU, where reading a flag costs no device wait) it holds for the rows whose
+    best `width` tokens carry their top_p mass, and the full sort runs otherwise. None: the full sort."""
+
+    rows: torch.Tensor | None
+    width: int | None
+    check: bool = False
+
+
 def filtered_probs(logits: torch.Tensor, temps: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor,
-                   min_ps: torch.Tensor, cut_sorted: bool, cut_min_p: bool) -> torch.Tensor:
+                   min_ps: torch.Tensor, cut: Cut | None, cut_min_p: bool) -> torch.Tensor:
     """logits [R, V] float32 -> probabilities after temperature, top-k, top-p and min-p [R, V].
-    temps, top_ps, min_ps [R, 1] float32; top_ks [R, 1] int64 (V where off). cut_sorted / cut_min_p: whether
-    any row has top-k/top-p / min-p (the host knows; skipping the full-vocabulary sort matters)."""
+    temps, top_ps, min_ps [R, 1] float32; top_ks [R, 1] int64 (V where off). cut: the rows top-k/top-p
+    applies to (None: none); cut_min_p: whether any row has min-p."""
     logits = logits / temps
-    vocab = logits.shape[1]
-    if cut_sorted:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [R, V]
-        ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)  # [1, V]
-        cut = ranks >= top_ks  # [R, V]: beyond top-k
-        sorted_probs = sorted_logits.masked_fill(cut, float("-inf")).softmax(dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p: drop a token if the mass before it does.
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        cut |= mass_before >= top_ps
-        cut[:, 0] = False  # the best token always survives
-        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits.masked_fill(cut, float("-inf")))
+    if cut is not None:
+        pick = (lambda t: t) if cut.rows is None else (lambda t: t.index_select(0, cut.rows))  # noqa: E731
+        sub, ks, ps = pick(logits), pick(top_ks), pick(top_ps)
+        kept = top_k_top_p(sub, ks, ps, cut.width, cut.check) if cut.width is not None else None
+        if kept is None:
+            kept = top_k_top_p(sub, ks, ps, None, False)
+        logits = kept if cut.rows is None else logits.index_copy(0, cut.rows, kept)
     probs = logits.softmax(dim=-1)
     if cut_min_p:
         drop = probs < min_ps * probs.max(dim=-1, keepdim=True).values
-        probs = probs.masked_fill(drop, 0.0)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
+        kept = probs.masked_fill(drop, 0.0)
+        # renormalized on the min-p rows only: a row's probabilities do not depend on its batch, to the bit
+        probs = torch.where(min_ps > 0, kept / kept.sum(dim=-1, keepdim=True), probs)
     return probs
+
+
+def top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor, width: int | None,
+                check: bool) -> torch.Tensor | None:
+    """logits [C, V] -> the same with every token outside each row's top-k, then outside the smallest prefix
+    whose mass (renormalized over the top-k) reaches top_p, set to -inf; the best token always stays.
+    width: look at each row's best `width` tokens only (Cut); None when `check` finds a row whose cut
+    needs more of its vocabulary."""
+    vocab = logits.shape[1]
+    if width is None or width >= vocab:
+        width = vocab
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [C, V]
+    else:
+        sorted_logits, order = logits.topk(width, dim=-1)  # [C, W], best first
+    ranks = torch.arange(width, device=logits.device).unsqueeze(0)  # [1, W]
+    cut = ranks >= top_ks  # [C, W]: beyond top-k
+    masked = sorted_logits.masked_fill(cut, float("-inf"))
+    if width == vocab or not check:
+        sorted_probs = masked.softmax(dim=-1)  # every cut row's top-k is inside the width
+    else:  # rows without a top-k inside the width: their probabilities over the whole row
+        whole = torch.where(top_ks <= width, masked.logsumexp(dim=-1, keepdim=True),
+                            logits.logsumexp(dim=-1, keepdim=True))  # [C, 1]
+        sorted_probs = (masked - whole).exp()
+    # Keep the smallest prefix whose mass reaches top_p: drop a token if the mass before it does.
+    mass = sorted_probs.cumsum(dim=-1)
+    cut |= (mass - sorted_probs) >= top_ps
+    cut[:, 0] = False  # the best token always survives
+    if check and width < vocab and not bool(((top_ks <= width) | (mass[:, -1:] >= top_ps)).all()):
+        return None  # a row's nucleus reaches past its best `width` tokens: the full sort decides
+    return torch.full_like(logits, float("-inf")).scatter_(1, order, sorted_logits.masked_fill(cut, float("-inf")))
 
 
 def repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:

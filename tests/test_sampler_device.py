@@ -70,24 +70,52 @@ PENALTIES = [dict(), dict(repetition_penalty=1.3), dict(repetition_penalty=0.7),
              dict(frequency_penalty=-0.8), dict(repetition_penalty=1.2, presence_penalty=0.4, frequency_penalty=0.9)]
 
 
-def device_filtered(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+def device_filtered(logits: torch.Tensor, params: list[SamplingParams], plan: str = "auto") -> torch.Tensor:
+    """ops.filtered_probs as the sampler calls it; plan "sort" forces the full sort on every cut row, "narrow"
+    a top-64 first with the host check (the CPU's way for large or no top-k)."""
+    from gearshift.engine.sampler import _cut
+
     vocab = logits.shape[1]
     ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     col = lambda xs, dt=torch.float32: torch.tensor(xs, dtype=torch.float64).unsqueeze(1).to(dt)  # noqa: E731
+    cut = _cut(ks, params, vocab, logits.device)
+    if cut is not None and plan != "auto":
+        cut = ops.Cut(cut.rows, None) if plan == "sort" else ops.Cut(cut.rows, 64, True)
     return ops.filtered_probs(logits, col([p.temperature for p in params]), col(ks, torch.int64),
-                              col([p.top_p for p in params]), col([p.min_p for p in params]),
-                              any(k < vocab for k in ks) or any(p.top_p < 1 for p in params),
+                              col([p.top_p for p in params]), col([p.min_p for p in params]), cut,
                               any(p.min_p > 0 for p in params))
 
 
+@pytest.mark.parametrize("plan", ["auto", "sort", "narrow"])
 @pytest.mark.parametrize("rows", [[i] for i in range(len(TABLE))] + [list(range(len(TABLE)))])
-def test_filtered_probs_equal_the_host_implementation(rows: list[int]) -> None:
-    """Each parameter set alone (the flags skip stages) and all together in one batch: bit-identical."""
+def test_filtered_probs_equal_the_host_implementation(rows: list[int], plan: str) -> None:
+    """Each parameter set alone (the flags skip stages) and all together in one batch, through each way of
+    cutting (a top-k of the cut rows' widest top-k, the full sort, a narrow top-k checked on the host, which
+    holds for the peaked rows and falls back to the sort for the flat ones): bit-identical."""
     gen = torch.Generator().manual_seed(len(rows))
     logits = torch.randn(len(rows), 5000, generator=gen) * 3
     logits[:, 17] = logits[:, 18]  # a tie
+    logits[::2, :40] += 12  # peaked rows: a top_p nucleus inside the best 64 tokens
     params = [SamplingParams(**TABLE[i]) for i in rows]
-    assert torch.equal(device_filtered(logits, params), reference_filtered_probs(logits, params))
+    # Each row against the old code on that row alone: in a batch the old code also sent rows with nothing
+    # to cut through the sort, whose rounding (the mass before a tail token reaching 1.0) cut their last
+    # ~1e-9 of probability only because another row had a top-k; now a row's cut depends on it alone.
+    alone = torch.cat([reference_filtered_probs(logits[i:i + 1], [p]) for i, p in enumerate(params)])
+    assert torch.equal(device_filtered(logits, params, plan), alone)
+
+
+def test_narrow_cut_holds_where_the_best_tokens_carry_the_mass_and_defers_otherwise() -> None:
+    """ops.top_k_top_p with a width: on a peaked row it cuts what the full sort cuts; on a flat row whose
+    nucleus reaches past the width it returns None (the caller sorts); with top-k inside it, it never defers."""
+    gen = torch.Generator().manual_seed(3)
+    flat, peaked = torch.randn(1, 4000, generator=gen), torch.randn(1, 4000, generator=gen)
+    peaked[0, :10] += 15
+    k_off, p = torch.tensor([[4000]]), torch.tensor([[0.9]])
+    full = ops.top_k_top_p(peaked, k_off, p, None, False)
+    assert torch.equal(ops.top_k_top_p(peaked, k_off, p, 32, True), full) and int(full.isfinite().sum()) <= 10
+    assert ops.top_k_top_p(flat, k_off, p, 32, True) is None
+    k = torch.tensor([[20]])
+    assert torch.equal(ops.top_k_top_p(flat, k, p, 32, True), ops.top_k_top_p(flat, k, p, None, False))
 
 
 def _history(gen: torch.Generator, n: int, vocab: int) -> list[int]:
@@ -128,7 +156,7 @@ def test_sample_is_the_race_over_the_reference_probabilities() -> None:
     drawn = [i for i, s in enumerate(seqs) if not s.params.greedy]
     keys = [ops.sequence_key(seqs[i].params.seed, 0, 11, seqs[i].request_id) for i in drawn]
     seeds = torch.tensor([ops.row_seed(k, len(seqs[i].token_ids)) for k, i in zip(keys, drawn, strict=True)])
-    probs = reference_filtered_probs(logits[drawn], [seqs[i].params for i in drawn])
+    probs = torch.cat([reference_filtered_probs(logits[i:i + 1], [seqs[i].params]) for i in drawn])
     want = (probs / ops.exponentials(seeds, vocab)).argmax(-1).tolist()
     assert [out.token_ids[i] for i in drawn] == want
     assert out.token_ids[3] == int(logits[3].argmax())

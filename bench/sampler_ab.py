@@ -5,7 +5,7 @@
 
 The baseline is engine/sampler.py as of --baseline-rev (git show; default: the last commit before sampling
 moved to the device), imported as a module beside today's. Each case samples the same [B, V] fp32 logits
-(V = 49,152, SmolLM2's) for B unseeded rows with 84 tokens of history; the two samplers alternate, twice each,
+(V = 49,152, SmolLM2's; standard normal, "peaked": 40 of them +10) for B unseeded rows with 84 tokens of history; the two samplers alternate, twice each,
 ~0.6 s per measurement; the table gives the mean ms per sample() call and new / old. The old sampler kept
 seeded rows' generators on the sequence (a slot that is gone), so the cases are unseeded.
 """
@@ -26,6 +26,7 @@ from gearshift.engine.sampling_params import SamplingParams
 from gearshift.engine.sequence import Sequence
 
 CASES = {"temperature 0.8": dict(temperature=0.8), "top_p 0.95": dict(temperature=0.8, top_p=0.95),
+         "top_p 0.95, peaked": dict(temperature=0.8, top_p=0.95),
          "top_k 50 + repetition 1.2": dict(temperature=0.8, top_k=50, repetition_penalty=1.2),
          "min_p 0.05 + presence 0.5": dict(temperature=0.8, min_p=0.05, presence_penalty=0.5),
          "greedy": dict(temperature=0.0)}
@@ -74,7 +75,10 @@ def main() -> None:
     print("| case | B | old ms | new ms | new / old |\n|---|--:|--:|--:|--:|")
     for name, kw in CASES.items():
         for batch in map(int, args.batches.split(",")):
-            logits = torch.randn(batch, 49152, generator=torch.Generator().manual_seed(batch)).to(args.device)
+            logits = torch.randn(batch, 49152, generator=torch.Generator().manual_seed(batch))
+            if "peaked" in name:  # a language model's shape: a few dozen likely tokens, the nucleus among them
+                logits[:, :40] += 10
+            logits = logits.to(args.device)
             seqs = rows(batch, kw)
             got: dict[str, list[float]] = {"old": [], "new": []}
             samplers = {"new": Sampler(0)} | ({"old": old_cls(0)} if old_cls else {})

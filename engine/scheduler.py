@@ -61,27 +61,42 @@ class Scheduler:
 
     # -- one step --------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        budget = self.max_num_batched_tokens
-        bm = self.block_manager
-        bs = bm.block_size
+        """Running sequences first (oldest first), then waiting ones, until the token budget is spent."""
         decodes: list[Sequence] = []  # one token each, sampled
         prefills: list[tuple[Sequence, int]] = []  # (sequence, new tokens this step)
         preempted: list[int] = []
+        budget = self._schedule_decodes(self.max_num_batched_tokens, decodes)
+        budget = self._schedule_running(budget, decodes, prefills, preempted)
+        if not preempted:  # a step that had to preempt admits nothing: memory is short
+            self._admit_waiting(budget, decodes, prefills)
+        return self._output(decodes, prefills, preempted)
 
-        # 1. Running sequences, oldest first. Sequences not reached (budget spent) simply wait a step.
+    def _schedule_decodes(self, budget: int, decodes: list[Sequence]) -> int:
+        """The steady state in one tight pass: the leading running decodes that fit (a new block only when
+        the last is full). The first sequence that is not a decode, or finds no block, is left to
+        _schedule_running. Returns the budget left."""
+        running = self.running
+        if len(running) > min(budget, self.max_num_seqs):
+            return budget
+        bm = self.block_manager
+        bs = bm.block_size
+        for seq in running:
+            computed = seq.num_computed_tokens
+            if len(seq.token_ids) - computed != 1:
+                break
+            if computed >= len(seq.block_table) * bs and not bm.allocate(seq, 1):
+                break
+            decodes.append(seq)
+        return budget - len(decodes)
+
+    def _schedule_running(self, budget: int, decodes: list[Sequence], prefills: list[tuple[Sequence, int]],
+                          preempted: list[int]) -> int:
+        """The running sequences _schedule_decodes did not take: a decode or a prefill chunk each, preempting
+        the newest when blocks run out. Sequences not reached (budget spent) simply wait a step. Returns the
+        budget left."""
         running = self.running
         cap = self.max_num_seqs
-        if len(running) <= min(budget, cap):
-            # The steady state in one tight pass: decodes that fit (a new block only when the last is full).
-            # The first sequence that is not a decode, or finds no block, goes to the general loop below.
-            for seq in running:
-                computed = seq.num_computed_tokens
-                if len(seq.token_ids) - computed != 1:
-                    break
-                if computed >= len(seq.block_table) * bs and not bm.allocate(seq, 1):
-                    break
-                decodes.append(seq)
-            budget -= len(decodes)
+        bs = self.block_manager.block_size
         i = len(decodes)
         while i < len(running) and budget > 0 and len(decodes) + len(prefills) < cap:
             seq = running[i]
@@ -96,19 +111,31 @@ class Scheduler:
             if num_new <= 0:
                 i += 1  # nothing to run (should not happen: every running sequence has a token to feed)
                 continue
-            while not bm.allocate(seq, num_new):
-                victim = running.pop()  # the newest
-                self._preempt(victim)
-                preempted.append(victim.seq_id)
-                if victim is seq:
-                    break
-            else:
-                self._place(seq, num_new, decodes, prefills)
-                budget -= num_new
-                i += 1
+            if not self._allocate_or_preempt(seq, num_new, preempted):
+                continue  # seq itself was preempted: it was the last running one, the loop ends
+            self._place(seq, num_new, decodes, prefills)
+            budget -= num_new
+            i += 1
+        return budget
 
-        # 2. Waiting sequences, FCFS — but not in a step that had to preempt (memory is short).
-        while self.waiting and budget > 0 and not preempted:
+    def _allocate_or_preempt(self, seq: Sequence, num_new: int, preempted: list[int]) -> bool:
+        """Blocks for `num_new` more tokens of `seq`, preempting the newest running sequences until they
+        fit; False when `seq` itself had to go."""
+        while not self.block_manager.allocate(seq, num_new):
+            victim = self.running.pop()  # the newest
+            self._preempt(victim)
+            preempted.append(victim.seq_id)
+            if victim is seq:
+                return False
+        return True
+
+    def _admit_waiting(self, budget: int, decodes: list[Sequence],
+                       prefills: list[tuple[Sequence, int]]) -> None:
+        """Waiting sequences, FCFS, while the budget, the sequence cap and the free blocks allow."""
+        bm = self.block_manager
+        running = self.running
+        cap = self.max_num_seqs
+        while self.waiting and budget > 0:
             seq = self.waiting[0]
             if len(running) >= cap or len(decodes) + len(prefills) >= cap:
                 break
@@ -125,8 +152,6 @@ class Scheduler:
             running.append(seq)
             self._place(seq, num_new, decodes, prefills)
             budget -= num_new
-
-        return self._output(decodes, prefills, preempted)
 
     @staticmethod
     def _place(seq: Sequence, num_new: int, decodes: list[Sequence], prefills: list[tuple[Sequence, int]]) -> None:

@@ -118,12 +118,37 @@ def deployment(spec: InferenceServiceSpec, plan: EnginePlan, image: str,
     pod_labels = {**spec.pod_template.get("labels", {}), **labels(spec, plan)}  # ours win: the selector
     annotations = {**spec.pod_template.get("annotations", {}), "prometheus.io/scrape": "true",
                    "prometheus.io/port": str(PORT), "prometheus.io/path": "/metrics"}
+    mounts = [{"name": "tmp", "mountPath": "/tmp"}]
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
+    init = _model_source(spec, image, volumes, mounts)
+    dep_spec: dict[str, Any] = {
+        "selector": {"matchLabels": selector_labels(spec.name)},
+        "strategy": rollout_strategy(spec),
+        "revisionHistoryLimit": 3,
+        "progressDeadlineSeconds": STARTUP_SECONDS,
+        "template": {"metadata": {"labels": pod_labels, "annotations": annotations},
+                     "spec": _pod_spec(spec, _engine_container(spec, plan, image, mounts), volumes, init)},
+    }
+    if spec.autoscaling is None:  # with an HPA the replica count is the HPA's field, not ours
+        dep_spec["replicas"] = spec.replicas
+    elif spec.autoscaling.controller == "operator":  # the reconcile sets it from observed load
+        dep_spec["replicas"] = spec.autoscaling.min_replicas
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(spec, plan, spec.name, owner),
+            "spec": dep_spec}
+
+
+def _engine_env(spec: InferenceServiceSpec) -> list[dict[str, Any]]:
     env = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}, *_writable_env()]
     if spec.api_key_secret:
         name, key = spec.api_key_secret
         env.append({"name": "GEARSHIFT_API_KEY", "valueFrom": {"secretKeyRef": {"name": name, "key": key}}})
-    mounts = [{"name": "tmp", "mountPath": "/tmp"}]
-    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
+    return env
+
+
+def _model_source(spec: InferenceServiceSpec, image: str, volumes: list[dict[str, Any]],
+                  mounts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add the model's volume (a claim, or the download target) and its mount; return the init
+    containers that download it (none for a claim or a file in the image)."""
     init: list[dict[str, Any]] = []
     uri = spec.model.uri
     if uri.scheme == "pvc":
@@ -139,15 +164,19 @@ def deployment(spec: InferenceServiceSpec, plan: EnginePlan, image: str,
         if spec.model.ca_config_map:
             name, key = spec.model.ca_config_map  # the key is mapped to a fixed file name: no CR text in args
             volumes.append({"name": "model-ca", "configMap": {"name": name, "items": [{"key": key, "path": "ca.crt"}]}})
+    return init
 
-    container = {
+
+def _engine_container(spec: InferenceServiceSpec, plan: EnginePlan, image: str,
+                      mounts: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
         "name": "engine",
         "image": image,
         "command": ["gearshift"],
         # $(POD_IP) is expanded by the kubelet, not a shell: each pod binds its own address.
         "args": serve_args(spec, plan, model_path(spec), "$(POD_IP)", PORT),
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
-        "env": env,
+        "env": _engine_env(spec),
         "resources": {"requests": dict(plan.requests), "limits": dict(plan.limits)},
         "volumeMounts": mounts,
         "startupProbe": _probe("/health", 5, STARTUP_SECONDS // 5),
@@ -160,6 +189,10 @@ def deployment(spec: InferenceServiceSpec, plan: EnginePlan, image: str,
         "securityContext": _security_context(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+
+
+def _pod_spec(spec: InferenceServiceSpec, container: dict[str, Any], volumes: list[dict[str, Any]],
+              init: list[dict[str, Any]]) -> dict[str, Any]:
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,  # the engine never talks to the API server
         "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
@@ -174,20 +207,7 @@ def deployment(spec: InferenceServiceSpec, plan: EnginePlan, image: str,
     for key in POD_SPEC_PASSTHROUGH:  # the allow-list spec.py validates; all else is ours to set
         if key in spec.pod_template:
             pod_spec[key] = spec.pod_template[key]
-
-    dep_spec: dict[str, Any] = {
-        "selector": {"matchLabels": selector_labels(spec.name)},
-        "strategy": rollout_strategy(spec),
-        "revisionHistoryLimit": 3,
-        "progressDeadlineSeconds": STARTUP_SECONDS,
-        "template": {"metadata": {"labels": pod_labels, "annotations": annotations}, "spec": pod_spec},
-    }
-    if spec.autoscaling is None:  # with an HPA the replica count is the HPA's field, not ours
-        dep_spec["replicas"] = spec.replicas
-    elif spec.autoscaling.controller == "operator":  # the reconcile sets it from observed load
-        dep_spec["replicas"] = spec.autoscaling.min_replicas
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(spec, plan, spec.name, owner),
-            "spec": dep_spec}
+    return pod_spec
 
 
 def rollout_strategy(spec: InferenceServiceSpec) -> dict[str, Any]:

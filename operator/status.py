@@ -12,6 +12,8 @@ Conditions (each with observedGeneration, reason, message, lastTransitionTime):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from gearshift.engine.model.config import UNSUPPORTED_MODEL, reported_architecture
@@ -186,17 +188,7 @@ def compute_status(*, name: str, generation: int, spec: Any, plan: Any, error: s
     """
     previous = previous or {}
     prev_conds = {c["type"]: c for c in previous.get("conditions") or [] if "type" in c}
-    dep_status = (deployment or {}).get("status") or {}
-    desired = ((deployment or {}).get("spec") or {}).get("replicas", 1) if deployment else 0
-    ready = dep_status.get("readyReplicas", 0)
-    updated = dep_status.get("updatedReplicas", 0)
-    total = dep_status.get("replicas", 0)
-    available = dep_status.get("availableReplicas", 0)
-    dep_current = bool(deployment) and dep_status.get("observedGeneration", 0) >= (
-        deployment.get("metadata", {}).get("generation") or 0)
-
-    loaded, m_reason, m_msg = model_state(pods)
-    degraded, d_reason, d_msg = degraded_state(pods, deployment)
+    rollout = _Rollout.of(deployment)
 
     def cond(ctype: str, ok: bool, reason: str, message: str) -> dict[str, Any]:
         return _condition(ctype, ok, reason, message, generation, prev_conds, now)
@@ -205,10 +197,7 @@ def compute_status(*, name: str, generation: int, spec: Any, plan: Any, error: s
     if error is not None:
         status["engine"] = previous.get("engine")  # kept from the last valid spec; dropped when none
         status["engineReason"] = previous.get("engineReason")
-        conditions = [cond("Ready", False, "InvalidSpec", error),
-                      cond("ModelReady", loaded, m_reason, m_msg),
-                      cond("Progressing", False, "InvalidSpec", "the spec is not applied until it is fixed"),
-                      cond("Degraded", True, "InvalidSpec", error)]
+        conditions = _invalid_conditions(cond, error, model_state(pods))
     else:
         status["engine"] = plan.engine
         status["engineReason"] = plan.reason
@@ -216,34 +205,78 @@ def compute_status(*, name: str, generation: int, spec: Any, plan: Any, error: s
         unsupported = known_unsupported(previous, pods, spec.model.uri.display)
         if unsupported:
             status["unsupportedModel"] = {"uri": spec.model.uri.display, "architecture": unsupported}
-        rolled_out = dep_current and updated >= desired and total == updated and available >= desired
-        if deployment is None:
-            progressing = cond("Progressing", True, "Creating", "creating the workload")
-        elif not rolled_out:
-            progressing = cond("Progressing", True, "RollingOut",
-                               f"{updated}/{desired} replicas updated, {ready} ready")
-        else:
-            progressing = cond("Progressing", False, "RolloutComplete", f"{desired} replicas up to date")
-        if deployment is not None and desired == 0:
-            ready_c = cond("Ready", False, "ScaledToZero", "replicas is 0")
-        elif ready >= 1:
-            ready_c = cond("Ready", True, "Available", f"{ready}/{desired} replicas ready at {url(spec)}")
-        elif degraded:
-            ready_c = cond("Ready", False, d_reason, d_msg)
-        else:
-            ready_c = cond("Ready", False, "NoReadyReplicas", m_msg)
-        conditions = [ready_c, cond("ModelReady", loaded, m_reason, m_msg), progressing,
-                      cond("Degraded", degraded, d_reason, d_msg)]
+        conditions = _conditions(cond, spec, rollout, model_state(pods), degraded_state(pods, deployment))
         if blocked is not None:  # the children as written cannot be applied: nothing moves until fixed
             reason, message = blocked
             conditions = [cond("Ready", False, reason, message), conditions[1],
                           cond("Progressing", False, reason, "the spec is not applied until this is resolved"),
                           cond("Degraded", True, reason, message)]
-    status["replicas"] = total
-    status["readyReplicas"] = ready
+    status["replicas"] = rollout.total
+    status["readyReplicas"] = rollout.ready
     status["selector"] = f"app.kubernetes.io/name=gearshift,{INSTANCE_LABEL}={name}"
     status["conditions"] = conditions
     return writable(status)
+
+
+_Cond = Callable[[str, bool, str, str], dict[str, Any]]  # (type, ok, reason, message) -> condition
+
+
+@dataclass(frozen=True)
+class _Rollout:
+    """The Deployment's replica counts as last seen (all 0 when there is none)."""
+
+    exists: bool
+    desired: int
+    ready: int
+    updated: int
+    total: int
+    available: int
+    current: bool  # the Deployment controller has seen its latest spec
+
+    @classmethod
+    def of(cls, deployment: dict[str, Any] | None) -> _Rollout:
+        dep_status = (deployment or {}).get("status") or {}
+        desired = ((deployment or {}).get("spec") or {}).get("replicas", 1) if deployment else 0
+        current = bool(deployment) and dep_status.get("observedGeneration", 0) >= (
+            deployment.get("metadata", {}).get("generation") or 0)
+        return cls(deployment is not None, desired, dep_status.get("readyReplicas", 0),
+                   dep_status.get("updatedReplicas", 0), dep_status.get("replicas", 0),
+                   dep_status.get("availableReplicas", 0), current)
+
+    @property
+    def rolled_out(self) -> bool:
+        return (self.current and self.updated >= self.desired and self.total == self.updated
+                and self.available >= self.desired)
+
+
+def _invalid_conditions(cond: _Cond, error: str, model: tuple[bool, str, str]) -> list[dict[str, Any]]:
+    """An InvalidSpec: nothing is applied until the spec is fixed; the model's state is still reported."""
+    return [cond("Ready", False, "InvalidSpec", error),
+            cond("ModelReady", *model),
+            cond("Progressing", False, "InvalidSpec", "the spec is not applied until it is fixed"),
+            cond("Degraded", True, "InvalidSpec", error)]
+
+
+def _conditions(cond: _Cond, spec: Any, rollout: _Rollout, model: tuple[bool, str, str],
+                degraded: tuple[bool, str, str]) -> list[dict[str, Any]]:
+    """Ready, ModelReady, Progressing, Degraded for a valid spec."""
+    desired, ready, updated = rollout.desired, rollout.ready, rollout.updated
+    if not rollout.exists:
+        progressing = cond("Progressing", True, "Creating", "creating the workload")
+    elif not rollout.rolled_out:
+        progressing = cond("Progressing", True, "RollingOut",
+                           f"{updated}/{desired} replicas updated, {ready} ready")
+    else:
+        progressing = cond("Progressing", False, "RolloutComplete", f"{desired} replicas up to date")
+    if rollout.exists and desired == 0:
+        ready_c = cond("Ready", False, "ScaledToZero", "replicas is 0")
+    elif ready >= 1:
+        ready_c = cond("Ready", True, "Available", f"{ready}/{desired} replicas ready at {url(spec)}")
+    elif degraded[0]:
+        ready_c = cond("Ready", False, degraded[1], degraded[2])
+    else:
+        ready_c = cond("Ready", False, "NoReadyReplicas", model[2])
+    return [ready_c, cond("ModelReady", *model), progressing, cond("Degraded", *degraded)]
 
 
 def writable(value: Any) -> Any:  # noqa: ANN401 - any JSON value

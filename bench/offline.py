@@ -19,6 +19,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 # Before torch loads libgomp: how idle threads wait (GEARSHIFT_THREAD_WAIT=spin|passive, default spin; an
 # OMP_WAIT_POLICY in the environment wins). Same process, same setting for every system.
@@ -114,7 +115,7 @@ def paged_row(model: str, dtype: str, args: argparse.Namespace, workload: Worklo
     return r
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="a .gguf file or HF directory (default: bundled SmolLM2)")
     ap.add_argument("--dtype", default="float32,bfloat16")
@@ -143,6 +144,68 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.num_requests, args.prompt_len, args.output_len = 8, "16:64", "8:32"
+    return args
+
+
+def paged_variants(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+    """(system name, how it differs from the default paged row) for every paged row asked for."""
+    variants: list[tuple[str, dict[str, Any]]] = [("gearshift paged", {})]
+    if args.compare_no_native:
+        variants.append(("gearshift paged, torch ops only", {"native": False}))
+    if args.compare_eager:
+        variants.append(("gearshift paged, eager", {"enforce_eager": True}))
+    if args.compare_async:
+        flipped = flipped_async(args)
+        variants.append((f"gearshift paged, async {flipped}", {"async_scheduling": flipped}))
+    return variants
+
+
+def flipped_async(args: argparse.Namespace) -> str:
+    """The async scheduling setting opposite to the default row's (auto: on for CUDA, off on CPU)."""
+    return "off" if torch.device(args.device).type == "cuda" else "on"
+
+
+def run_paged_rows(model: str, dtype: str, args: argparse.Namespace, workload: Workload, peak: float,
+                   num_params: int) -> list[Result]:
+    """Every paged variant on the workload; with --compare-async, prints the on/off ratio."""
+    variants = paged_variants(args)
+    rows: list[Result] = []
+    for system, how in variants:
+        cpu_kernels.set_enabled(how.get("native", True))
+        try:
+            r = paged_row(model, dtype, args, workload, system, how.get("enforce_eager", False),
+                          how.get("async_scheduling", "auto"))
+        finally:
+            cpu_kernels.set_enabled(True)
+        rows.append(report(r, peak, num_params))
+    if args.compare_async:  # the same workload, same process: async on / off
+        on, off = (rows[-len(variants)], rows[-1])[::1 if flipped_async(args) == "off" else -1]
+        print(f"  {dtype} async scheduling on/off: {on.output_tok_s / off.output_tok_s:.3f}x "
+              f"({on.output_tok_s:.1f} vs {off.output_tok_s:.1f} out tok/s)", flush=True)
+    return rows
+
+
+def run_hf_rows(model: str, dtype: str, args: argparse.Namespace, workload: Workload, peak: float,
+                num_params: int) -> tuple[Result, Result]:
+    """(static, naive): the transformers baselines on the workload."""
+    hf = load_hf(model, TORCH_DTYPES[dtype], args.device)
+    hf.generate(torch.tensor([[100, 101, 102]], device=args.device), max_new_tokens=2, do_sample=False,
+                pad_token_id=0)  # warm-up
+    static = report(hf_static(hf, workload, dtype, args.batch_size), peak, num_params)
+    naive = report(hf_naive(hf, workload, dtype, args.naive_requests), peak, num_params)
+    del hf
+    return static, naive
+
+
+def report(r: Result, peak: float, num_params: int) -> Result:
+    """A finished row: its MFU inputs set, one progress line printed."""
+    r.peak_flops, r.num_params = peak, num_params
+    print(f"  {r.dtype} {r.system}: {r.output_tok_s:.1f} out tok/s in {r.wall_s:.1f}s", flush=True)
+    return r
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     model = args.model or str(bundled_model_path())
     threads = args.threads or usable_cpus()
     torch.set_num_threads(threads)
@@ -163,40 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         num_params = src.num_parameters()
         workload = make_workload(src.vocab_size, args.num_requests, parse_range(args.prompt_len),
                                  parse_range(args.output_len), args.seed)
-        variants = [("gearshift paged", {})]
-        if args.compare_no_native:
-            variants.append(("gearshift paged, torch ops only", {"native": False}))
-        if args.compare_eager:
-            variants.append(("gearshift paged, eager", {"enforce_eager": True}))
-        flipped = "off" if torch.device(args.device).type == "cuda" else "on"
-        if args.compare_async:
-            variants.append((f"gearshift paged, async {flipped}", {"async_scheduling": flipped}))
-        for system, how in variants:
-            cpu_kernels.set_enabled(how.get("native", True))
-            try:
-                r = paged_row(model, dtype, args, workload, system, how.get("enforce_eager", False),
-                              how.get("async_scheduling", "auto"))
-            finally:
-                cpu_kernels.set_enabled(True)
-            r.peak_flops, r.num_params = peaks[dtype], num_params
-            print(f"  {dtype} {system}: {r.output_tok_s:.1f} out tok/s in {r.wall_s:.1f}s", flush=True)
-            results.append(r)
-        if args.compare_async:  # the same workload, same process: async on / off
-            on, off = (results[-len(variants)], results[-1])[::1 if flipped == "off" else -1]
-            print(f"  {dtype} async scheduling on/off: {on.output_tok_s / off.output_tok_s:.3f}x "
-                  f"({on.output_tok_s:.1f} vs {off.output_tok_s:.1f} out tok/s)", flush=True)
+        results += run_paged_rows(model, dtype, args, workload, peaks[dtype], num_params)
         if args.skip_hf:
             continue
-        hf = load_hf(model, TORCH_DTYPES[dtype], args.device)
-        hf.generate(torch.tensor([[100, 101, 102]], device=args.device), max_new_tokens=2, do_sample=False,
-                    pad_token_id=0)  # warm-up
-        for res, store in ((hf_static(hf, workload, dtype, args.batch_size), static),
-                           (hf_naive(hf, workload, dtype, args.naive_requests), naive)):
-            res.peak_flops, res.num_params = peaks[dtype], num_params
-            print(f"  {dtype} {res.system}: {res.output_tok_s:.1f} out tok/s in {res.wall_s:.1f}s", flush=True)
-            store[dtype] = res
-            results.append(res)
-        del hf
+        static[dtype], naive[dtype] = run_hf_rows(model, dtype, args, workload, peaks[dtype], num_params)
+        results += [static[dtype], naive[dtype]]
 
     print(f"\nmodel: {Path(model).name}; {args.num_requests} requests, prompt {args.prompt_len}, "
           f"output {args.output_len} tokens, seed {args.seed}, greedy, ignore_eos; {where}")

@@ -14,8 +14,8 @@ freed block is written by the stale row before anyone else can use it).
 It holds only where the result is known to equal the synchronous engine's:
 - a step is launched async only if every sampled row samples on the device: greedy or drawn (temperature,
   top-k/top-p/min-p, seeded or not: the race's noise is keyed by sequence and position, not by the batch),
-  with penalties (a placeholder's token is read from the device ids) and logit_bias; not a grammar row
-  (its mask needs the previous token on the host) nor a logprobs row (its values are read on the host);
+  with penalties (a placeholder's token is read from the device ids), logit_bias and logprobs (their
+  top-n values travel with the ids); not a grammar row (its mask needs the previous token on the host);
 - the step after an in-flight one continues async only if its decodes are all rows of the in-flight step
   (no running sequence mid-prefill or left out by the budget) and any request it could admit samples on
   the device too (can_continue); admitted prefills feed host ids as usual. Otherwise the in-flight step
@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+    from gearshift.engine.outputs import Logprob
+    from gearshift.engine.sampler import LogprobRows
     from gearshift.engine.scheduler import Scheduler
     from gearshift.engine.scheduler_output import SchedulerOutput
     from gearshift.engine.sequence import Sequence
@@ -47,35 +49,43 @@ def resolve_async(mode: str, device_type: str, tensor_parallel_size: int) -> boo
 
 
 def samples_on_device(targets: list[Sequence]) -> bool:
-    """The sampler's ids can stay on the device (Sampler.device_ids): no row has a grammar or logprobs.
-    Greedy, temperature, top-k/top-p/min-p, seeds, penalties and logit_bias all run there."""
+    """The sampler's ids can stay on the device (Sampler.device_ids): no row has a grammar (its mask needs
+    the previous token on the host). Greedy, temperature, top-k/top-p/min-p, seeds, penalties, logit_bias
+    and logprobs all run there."""
     for seq in targets:
-        params = seq.params  # a choice's grammar (owner.guide) is a fork of params.guide: one check covers both
-        if params.guide is not None or params.logprobs is not None:
+        if seq.params.guide is not None:  # a choice's grammar (owner.guide) is a fork of it: one check for both
             return False
     return True
 
 
 class HostIds:
-    """A step's sampled ids [R] on their way to the host. On CUDA a non-blocking copy into pinned memory
-    plus an event, so the next step is launched before they arrive; on a CPU they are already here."""
+    """A step's sampled ids [R] (and its logprob rows' values, the sampler's LogprobRows) on their way to the
+    host. On CUDA non-blocking copies into pinned memory plus an event, so the next step is launched before
+    they arrive; on a CPU they are already here."""
 
-    def __init__(self, ids: torch.Tensor) -> None:
+    def __init__(self, ids: torch.Tensor, logprobs: LogprobRows | None = None) -> None:
         self.event = None
+        self.logprob_rows = logprobs
+        tensors = [ids, *(logprobs.tensors if logprobs is not None else ())]
         if ids.is_cuda:
             import torch
 
-            self.host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
-            self.host.copy_(ids, non_blocking=True)
+            tensors = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                       for t in tensors]
             self.event = torch.cuda.Event()
             self.event.record()
-        else:
-            self.host = ids
+        self.host, *self.extra = tensors
 
     def tolist(self) -> list[int]:
         if self.event is not None:
-            self.event.synchronize()  # only this step's copy, not the step launched after it
+            self.event.synchronize()  # only this step's copies, not the step launched after it
         return self.host.tolist()
+
+    def logprobs(self, token_ids: list[int]) -> list[Logprob | None]:
+        """After tolist(): each row's Logprob (None where the request asked for none)."""
+        if self.logprob_rows is None:
+            return [None] * len(token_ids)
+        return self.logprob_rows.build(token_ids, *(t.tolist() for t in self.extra))
 
 
 @dataclass
@@ -89,8 +99,9 @@ class InFlight:
     row_of: dict[int, int]  # seq_id -> its row in token_ids
 
 
-def launched(out: SchedulerOutput, targets: list[Sequence], token_ids: torch.Tensor) -> InFlight:
-    return InFlight(out, targets, token_ids, HostIds(token_ids), {s.seq_id: i for i, s in enumerate(targets)})
+def launched(out: SchedulerOutput, targets: list[Sequence], token_ids: torch.Tensor,
+             logprobs: LogprobRows | None = None) -> InFlight:
+    return InFlight(out, targets, token_ids, HostIds(token_ids, logprobs), {s.seq_id: i for i, s in enumerate(targets)})
 
 
 def can_continue(flight: InFlight, scheduler: Scheduler) -> bool:

@@ -220,7 +220,7 @@ class LLMEngine:
         """Run `out` and sample its ids on the device (samples_on_device's rows); nothing waits for them here."""
         logits = self.runner.execute(out) if prev_ids is None else self.runner.execute(out, prev_ids)
         self.num_async_steps += 1
-        return launched(out, targets, self.sampler.device_ids(logits, targets, prev_ids))
+        return launched(out, targets, *self.sampler.device_ids(logits, targets, prev_ids))
 
     def _step_ahead(self, flight: InFlight) -> list[RequestOutput]:
         """Launch the step after `flight` (if async_step.can_continue), then finish `flight`: its ids to
@@ -247,7 +247,7 @@ class LLMEngine:
     def _finish_flight(self, flight: InFlight) -> list[RequestOutput]:
         ids = flight.host.tolist()  # waits for this step's ids only (the next one may be running)
         async_step.drop_placeholders(flight)
-        return self._texts(self._advance(flight.targets, Sampled(ids, [None] * len(ids))))
+        return self._texts(self._advance(flight.targets, Sampled(ids, flight.host.logprobs(ids))))
 
     def _advance(self, targets: list[Sequence], sampled: Sampled) -> list[RequestOutput]:
         """Each row's token onto its sequence and choice, stop checks, one output per request that moved.

@@ -34,14 +34,15 @@ class Sampler:
         self.seed = seed  # unseeded rows' keys derive from it (ops.sequence_key)
 
     def device_ids(self, logits: torch.Tensor, seqs: list[Sequence], prev_ids: torch.Tensor | None = None
-                   ) -> torch.Tensor:
-        """Async scheduling's sample: ids [B] int64 on the logits' device, nothing read on the host; the same
-        ids sample() gives (async_step.samples_on_device admits the rows: no grammar, no logprobs). prev_ids:
-        the step's decode rows' input ids on the device ([num_decodes], first rows), where a row's last token
-        is still a PLACEHOLDER (its penalties count the id from there)."""
+                   ) -> tuple[torch.Tensor, LogprobRows | None]:
+        """Async scheduling's sample: ids [B] int64 on the logits' device and the logprob rows' values there
+        too, nothing read on the host; the same as sample() gives (async_step.samples_on_device admits the
+        rows: no grammar). prev_ids: the step's decode rows' input ids on the device ([num_decodes], first
+        rows), where a row's last token is still a PLACEHOLDER (its penalties count the id from there)."""
         if all(s.plain_greedy for s in seqs):
-            return argmax_rows(logits)
-        return self._draw(logits, seqs, prev_ids)[0]
+            return argmax_rows(logits), None
+        ids, raw = self._draw(logits, seqs, prev_ids)
+        return ids, LogprobRows.of(raw, ids, seqs)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence],
                allowed: tuple[list[int], np.ndarray] | None = None) -> SamplerOutput:
@@ -54,8 +55,11 @@ class Sampler:
             # The common greedy batch: one argmax over [B, V] where the logits are; only B ids reach the host.
             return SamplerOutput(token_ids=argmax_rows(logits).tolist(), logprobs=[None] * len(seqs))
         ids, raw = self._draw(logits, seqs, None)
+        rows = LogprobRows.of(raw, ids, seqs)
         token_ids = ids.tolist()  # the one wait for the device: B ids
-        return SamplerOutput(token_ids=token_ids, logprobs=_logprobs(raw, ids, token_ids, seqs))
+        if rows is None:
+            return SamplerOutput(token_ids=token_ids, logprobs=[None] * len(seqs))
+        return SamplerOutput(token_ids=token_ids, logprobs=rows.build(token_ids, *(t.tolist() for t in rows.tensors)))
 
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence], prev_ids: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,25 +202,37 @@ def _penalize(x: torch.Tensor, seqs: list[Sequence], prev_ids: torch.Tensor | No
     return x.index_copy(0, idx, sub)
 
 
-def _logprobs(raw: torch.Tensor, ids: torch.Tensor, token_ids: list[int], seqs: list[Sequence]
+@dataclass
+class LogprobRows:
+    """The logprob rows of a step, computed on the device: each one's chosen token's logprob and its top-n
+    (best first) from log_softmax of the logits before penalties. tensors: values [W, 1 + n_max] float32
+    and ids [W, n_max] int64, the only part of [B, V] that reaches the host (async scheduling copies them
+    with the step's ids, async_step.HostIds)."""
+
+    rows: list[int]  # their rows in the batch
+    ns: list[int]  # each one's top-n
+    tensors: tuple[torch.Tensor, torch.Tensor]
+
+    @staticmethod
+    def of(raw: torch.Tensor, ids: torch.Tensor, seqs: list[Sequence]) -> LogprobRows | None:
+        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if not want:
+            return None
+        idx = _to(torch.tensor(want), raw.device)
+        lp = torch.log_softmax(raw.index_select(0, idx), dim=-1)  # [W, V]
+        chosen = lp.gather(1, ids.index_select(0, idx).unsqueeze(1))  # [W, 1]
+        ns = [seqs[i].params.logprobs for i in want]
+        top_v, top_i = lp.topk(max(ns), dim=-1) if max(ns) > 0 else (lp[:, :0], lp[:, :0].long())
+        return LogprobRows(want, ns, (torch.cat([chosen, top_v], dim=1), top_i))
+
+    def build(self, token_ids: list[int], values: list[list[float]], top_ids: list[list[int]]
               ) -> list[Logprob | None]:
-    """Each logprob row's chosen token and top-n (best first) from log_softmax(raw) on the device; only
-    [W, 1 + n] values and [W, n] ids reach the host."""
-    out: list[Logprob | None] = [None] * len(seqs)
-    want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-    if not want:
+        """values / top_ids: `tensors` on the host, as lists -> one Logprob per batch row (None elsewhere)."""
+        out: list[Logprob | None] = [None] * len(token_ids)
+        for j, (i, n) in enumerate(zip(self.rows, self.ns, strict=True)):
+            out[i] = Logprob(token_id=token_ids[i], logprob=values[j][0],
+                             top={int(t): float(v) for t, v in zip(top_ids[j][:n], values[j][1:n + 1], strict=True)})
         return out
-    idx = _to(torch.tensor(want), raw.device)
-    lp = torch.log_softmax(raw.index_select(0, idx), dim=-1)  # [W, V]
-    chosen = lp.gather(1, ids.index_select(0, idx).unsqueeze(1))  # [W, 1]
-    k = max(seqs[i].params.logprobs for i in want)
-    top_v, top_i = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long())
-    vals, tops = torch.cat([chosen, top_v], dim=1).tolist(), top_i.tolist()
-    for j, i in enumerate(want):
-        n = seqs[i].params.logprobs
-        out[i] = Logprob(token_id=token_ids[i], logprob=vals[j][0],
-                         top={int(t): float(v) for t, v in zip(tops[j][:n], vals[j][1:n + 1], strict=True)})
-    return out
 
 
 def apply_bitmask(logits: torch.Tensor, rows: list[int], bitmask: np.ndarray) -> torch.Tensor:

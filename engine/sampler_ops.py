@@ -74,9 +74,16 @@ def uniform_bits(seeds: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 def exponentials(seeds: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[R] seeds -> [R, V] float32 Exp(1) noise: u = (top 24 bits + 1/2) / 2**24 in (0, 1), q = -log(u)."""
-    u = (uniform_bits(seeds, vocab) >> 8).to(torch.float32).add_(0.5).mul_(2.0**-24)
-    return u.log_().neg_()
+    """[R] seeds -> [R, V] float32 Exp(1) noise."""
+    return exp_from_bits(uniform_bits(seeds, vocab))
+
+
+def exp_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """int64 hashes < 2**32 -> float32 Exp(1): u = (top 23 bits + 1/2) / 2**23, q = -log(u). 23 bits, not
+    24: (2**24 - 1/2) / 2**24 rounds to 1.0 in float32, and a q of 0 turns a forbidden token's 0 / q into a
+    NaN that the argmax picks. The largest u is 1 - 2**-24 (q = 6e-8), and the clamp keeps it so."""
+    u = (bits >> 9).to(torch.float32).add_(0.5).mul_(2.0**-23)
+    return u.log_().neg_().clamp_(min=1e-20)
 
 
 def race(probs: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:

@@ -93,10 +93,12 @@ def test_flight_bookkeeping_placeholders_inputs_and_when_to_continue() -> None:
     assert async_step.can_continue(flight, sched)
     sched.add(Sequence("drawn", [1, 2, 3], SamplingParams(temperature=0.7, top_p=0.9)))  # so may a drawn one
     assert async_step.can_continue(flight, sched)
-    sched.add(Sequence("lp", [1, 2, 3], SamplingParams(temperature=0.7, logprobs=2)))  # read on the host: no
+    sched.add(Sequence("lp", [1, 2, 3], SamplingParams(temperature=0.7, logprobs=2)))  # and a logprobs one
+    assert async_step.can_continue(flight, sched)
+    sched.add(Sequence("json", [1, 2, 3], SamplingParams(guide=object())))  # a grammar row's mask: no
     assert not async_step.can_continue(flight, sched)
     full, rows = _scheduler_with(4, cap=4)  # ... unless the running batch is at max_num_seqs
-    full.add(Sequence("new", [1, 2, 3], SamplingParams(temperature=0.7, logprobs=0)))
+    full.add(Sequence("new", [1, 2, 3], SamplingParams(temperature=0.7, guide=object())))
     assert async_step.can_continue(async_step.launched(SchedulerOutput(), rows, torch.tensor([1, 2, 3, 4])), full)
     assert not async_step.can_continue(async_step.launched(SchedulerOutput(), rows[:3], torch.tensor([1, 2, 3])), full)
 
@@ -104,7 +106,7 @@ def test_flight_bookkeeping_placeholders_inputs_and_when_to_continue() -> None:
 @pytest.mark.parametrize(("params", "ok"), [
     (SamplingParams(temperature=0.0), True), (SamplingParams(temperature=0.8), True),
     (SamplingParams(temperature=0.8, top_k=5, top_p=0.9, min_p=0.1, seed=3), True),
-    (SamplingParams(temperature=0.0, logprobs=1), False), (SamplingParams(temperature=0.9, logprobs=0), False),
+    (SamplingParams(temperature=0.0, logprobs=1), True), (SamplingParams(temperature=0.9, logprobs=0), True),
     (SamplingParams(temperature=0.0, logit_bias={5: 1.0}), True),
     (SamplingParams(temperature=0.7, repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.3), True),
     (SamplingParams(temperature=0.0, guide=object()), False)])
@@ -140,7 +142,7 @@ def test_greedy_batch_with_early_stops_and_preemption_equals_sync(llms) -> None:
 
 def test_sampling_guided_logprobs_and_stop_strings_fall_back_and_equal_sync(llms) -> None:
     """Seeded n=2 sampling, a grammar, logprobs and a stop string beside greedy requests: the steps with
-    a grammar or logprobs row run synchronously, the rest ahead; every choice is the same."""
+    a grammar row run synchronously, the rest ahead; every choice is the same."""
     from gearshift.engine.pipeline.guided import GuidedSpec, compile_guide, vocab_from_hf_json
 
     tok = llms["off"].get_tokenizer()
@@ -169,17 +171,21 @@ def test_sampling_guided_logprobs_and_stop_strings_fall_back_and_equal_sync(llms
     assert results["on-launched"] > 0 and results["off-launched"] == 0
 
 
-DRAWN = [dict(temperature=0.8, top_p=0.9), dict(temperature=1.0, top_k=20, seed=77), dict(temperature=1.3, min_p=0.1),
+DRAWN = [dict(temperature=0.8, top_p=0.9, logprobs=3), dict(temperature=1.0, top_k=20, seed=77),
+         dict(temperature=1.3, min_p=0.1, logprobs=0),
          dict(temperature=0.7, repetition_penalty=1.3), dict(temperature=0.9, presence_penalty=0.8, frequency_penalty=0.6),
-         dict(temperature=0.0, logit_bias={198: 5.0, 13: -100.0}), dict(temperature=0.0), dict(n=2, temperature=1.0),
+         dict(temperature=0.0, logit_bias={198: 5.0, 13: -100.0}), dict(temperature=0.0, logprobs=2),
+         dict(n=2, temperature=1.0),
          dict(temperature=0.0, repetition_penalty=1.5, frequency_penalty=1.0)]
 
 
 def test_drawn_and_penalized_rows_run_ahead_and_equal_sync(llms) -> None:
-    """Temperature, top-k/top-p/min-p (seeded and not), penalties and logit_bias beside greedy rows, with
+    """Temperature, top-k/top-p/min-p (seeded and not), penalties, logit_bias and logprobs beside greedy rows, with
     stop tokens that end some choices early, EOS on others and preemption (more KV than the cache holds):
     the device-side sampler runs these steps ahead with the synchronous engine's tokens (unseeded rows
     are keyed by the request id, given by hand here, and their position, so the same in both engines)."""
+    import torch
+
     prompts = [list(range(2000 + 40 * i, 2041 + 40 * i + i % 3)) for i in range(16)]
 
     def params(stops: dict[int, list[int]]) -> list[SamplingParams]:
@@ -190,7 +196,8 @@ def test_drawn_and_penalized_rows_run_ahead_and_equal_sync(llms) -> None:
         for i, (p, sp) in enumerate(zip(prompts, ps, strict=True)):
             engine.add_request(f"{tag}{i}", p, sp)
         seen = _drive(engine, lambda i: None)
-        return {rid[len(tag):]: [(c.index, c.token_ids, c.finish_reason) for c in outs[-1].outputs]
+        return {rid[len(tag):]: [(c.index, c.token_ids, c.finish_reason,
+                                  [(lp.token_id, lp.logprob, lp.top) for lp in c.logprobs or []]) for c in outs[-1].outputs]
                 for rid, outs in seen.items()}
 
     first = run(llms["off"].llm_engine, "d", params({}))
@@ -204,8 +211,17 @@ def test_drawn_and_penalized_rows_run_ahead_and_equal_sync(llms) -> None:
         results[mode] = run(engine, "d", params(stops))
         results[mode + "-counts"] = (engine.num_async_steps - before[0], engine.stats().num_preemptions - before[1])
         assert_no_leak(llm)
-    assert results["on"] == results["off"]
+    # Tokens, finish reasons and the logprobs' token ids exactly; their values to 1e-4: the CPU forward's fp32
+    # logits move by ~1e-6 with the batch's shape (a stale row, a recompute after preemption), never a token.
+    exact = {mode: {k: [(c[:3], [(t, list(top)) for t, _, top in c[3]]) for c in v] for k, v in results[mode].items()}
+             for mode in ("on", "off")}
+    assert exact["on"] == exact["off"]
+    on, off = ([v for k in sorted(results[mode]) for c in results[mode][k] for _, lp, top in c[3] for v in (lp, *top.values())]
+               for mode in ("on", "off"))
+    assert len(on) > 100 and torch.allclose(torch.tensor(on), torch.tensor(off), atol=1e-4, rtol=0)
     assert any(r[0][2] == "stop" for r in results["on"].values()), "no choice stopped early"
+    assert [lp[0] for lp in results["on"]["0"][0][3]] == results["on"]["0"][0][1]  # a logprob per token
+    assert all(len(lp[2]) == 3 for lp in results["on"]["0"][0][3])
     assert len({tuple(c[1]) for c in results["on"]["7"]}) == 2, "the two unseeded choices should differ"
     launched, preempted = results["on-counts"]
     assert launched >= 10 and preempted > 0, results

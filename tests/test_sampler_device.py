@@ -190,8 +190,8 @@ def test_noise_is_uniform_exact_and_keyed_by_sequence_and_position() -> None:
 
 
 def _batch_with_history(vocab: int) -> list[Sequence]:
-    kws = [dict(temperature=0.9, top_p=0.9), dict(temperature=0.8, repetition_penalty=1.4, seed=3),
-           dict(temperature=0.0, frequency_penalty=1.2, presence_penalty=0.5), dict(temperature=0.0),
+    kws = [dict(temperature=0.9, top_p=0.9, logprobs=4), dict(temperature=0.8, repetition_penalty=1.4, seed=3),
+           dict(temperature=0.0, frequency_penalty=1.2, presence_penalty=0.5), dict(temperature=0.0, logprobs=0),
            dict(temperature=1.1, min_p=0.05, logit_bias={5: 8.0, 6: -100.0}), dict(temperature=0.0, logit_bias={9: 30.0})]
     gen = torch.Generator().manual_seed(2)
     seqs = []
@@ -210,11 +210,14 @@ def test_device_ids_equal_sample_also_with_the_previous_token_on_the_device() ->
     seqs = _batch_with_history(vocab)
     logits = torch.randn(len(seqs), vocab, generator=torch.Generator().manual_seed(4)) * 2
     prev = [int(s.token_ids[-1]) for s in seqs]
-    sync = Sampler(seed=3).sample(logits.clone(), seqs).token_ids
-    assert Sampler(seed=3).device_ids(logits, seqs).tolist() == sync
+    out = Sampler(seed=3).sample(logits.clone(), seqs)
+    sync = out.token_ids
+    ids, rows = Sampler(seed=3).device_ids(logits, seqs)
+    assert ids.tolist() == sync and rows.rows == [0, 3]
+    assert rows.build(sync, *(t.tolist() for t in rows.tensors)) == out.logprobs  # what the flight reports
     for s in seqs:
         s.token_ids[-1] = PLACEHOLDER
-    assert Sampler(seed=3).device_ids(logits, seqs, torch.tensor(prev + [0, 0])).tolist() == sync
+    assert Sampler(seed=3).device_ids(logits, seqs, torch.tensor(prev + [0, 0]))[0].tolist() == sync
     with pytest.raises(AssertionError, match="placeholder"):
         Sampler(seed=3).device_ids(logits, seqs)
 
@@ -242,7 +245,21 @@ def test_on_cuda_a_drawn_penalized_biased_batch_makes_no_sync_and_agrees_with_th
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        ids = sampler.device_ids(dev_logits, seqs, prev)
+        ids, _ = sampler.device_ids(dev_logits, seqs, prev)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert ids.is_cuda and ids.shape == (len(seqs),)
+
+
+def test_noise_is_positive_at_the_extremes_so_a_masked_row_draws_only_its_allowed_token() -> None:
+    """The largest and smallest hashes give finite, positive Exp noise (a q of 0 made p / q = 0 / 0 = NaN
+    for a forbidden token, and the argmax took it: a grammar row once drew a token its mask forbade). Then
+    rows that allow one token (a grammar's forced step) at many positions always draw it."""
+    q = ops.exp_from_bits(torch.tensor([[0, 1, 2**32 - 512, 2**32 - 1]]))
+    assert bool((q > 0).all()) and bool(q.isfinite().all())
+    vocab = 49_152
+    logits = torch.full((256, vocab), float("-inf"))
+    logits[:, 35_769] = 22.0
+    for call in range(4):  # 1,024 rows x 49,152 tokens: ~6 would meet the top hash value, ~3 the old bug
+        batch = [Sequence(f"m{call}-{i}", [1] * 40, SamplingParams(temperature=0.8, seed=i % 3)) for i in range(256)]
+        assert set(Sampler(0).sample(logits.clone(), batch).token_ids) == {35_769}

@@ -135,8 +135,8 @@ def _with_logit_bias(x: torch.Tensor, logits: torch.Tensor, seqs: list[Sequence]
     if x is logits:
         x = x.clone()
     dev = x.device
-    x.index_put_((_to(torch.tensor(rows), dev), _to(torch.tensor(toks), dev)),
-                 _to(torch.tensor(vals, dtype=torch.float32), dev), accumulate=True)
+    at = (_to(torch.tensor(rows), dev), _to(torch.tensor(toks), dev))  # unique (row, token) pairs: a dict's keys
+    x.index_put_(at, x[at] + _to(torch.tensor(vals, dtype=torch.float32), dev))  # no accumulate: its CUDA path may sort
     return x
 
 
@@ -195,9 +195,9 @@ def _penalize(x: torch.Tensor, seqs: list[Sequence], prev_ids: torch.Tensor | No
         occ = torch.zeros(sub.shape, dtype=torch.float32, device=dev)  # [P, V]: occurrences in the output
         occ.index_put_((_to(torch.tensor(count_r, dtype=torch.int64), dev),
                         _to(torch.tensor(count_t, dtype=torch.int64), dev)),
-                       _to(torch.tensor(counts, dtype=torch.float32), dev), accumulate=True)
-        if late_j is not None:
-            occ.index_put_((late_j, late_t), torch.ones(len(late), device=dev), accumulate=True)
+                       _to(torch.tensor(counts, dtype=torch.float32), dev))  # unique pairs (a Counter's)
+        if late_j is not None:  # one per row: plain indexed writes, no accumulate
+            occ[late_j, late_t] = occ[late_j, late_t] + 1
         sub = ops.presence_frequency(sub, occ, pack[1], pack[2])  # zero penalties leave a row as it was
     return x.index_copy(0, idx, sub)
 

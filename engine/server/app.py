@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -41,6 +41,32 @@ def build_app(backend: Backend, config: EngineConfig, *, load_in_background: boo
     startup waits for the model (in-process clients that want it loaded before their first call)."""
     from gearshift.engine.server import completions_routes, ollama_routes, openai_routes, responses_routes
 
+    state = ServerState(backend=backend, config=config,
+                        metrics=ServerMetrics(config.served_model_name or backend.model_name, backend.stats),
+                        lifecycle=Lifecycle(backend.ready))
+    # /docs and /openapi.json are routes of ours below: behind the API key when one is set.
+    app = FastAPI(title="gearshift", version=__version__, lifespan=_lifespan(state, load_in_background),
+                  docs_url=None, openapi_url=None,
+                  description="OpenAI- and Ollama-compatible serving for the paged and gguf engines.")
+    app.state.gearshift = state
+    app.add_middleware(RequestGuard, max_body=config.max_request_body, read_timeout=config.read_timeout,
+                       api_key=config.api_key)
+    errors.install(app)
+    app.include_router(_ops_router(state))
+    app.include_router(_api_router(app, state))
+    app.include_router(completions_routes.router, dependencies=[Depends(require_api_key)])
+    app.include_router(openai_routes.router, dependencies=[Depends(require_api_key)])
+    app.include_router(ollama_routes.router, dependencies=[Depends(require_api_key)])
+    app.include_router(responses_routes.router, dependencies=[Depends(require_api_key)])
+    return app
+
+
+def _lifespan(state: ServerState,
+              load_in_background: bool) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """Start the backend with the app (in the background: /health answers at once, /ready and generation
+    once loaded) and stop it with the app."""
+    backend = state.backend
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if state.started:
@@ -49,21 +75,7 @@ def build_app(backend: Backend, config: EngineConfig, *, load_in_background: boo
             yield
             return
         state.started = True
-        # Load in the background: /health answers at once, /ready (and generation) once loaded.
-        async def load() -> None:
-            t0 = time.monotonic()
-            log.info("loading the model (%s engine); /ready answers 503 until it is done", backend.name)
-            try:
-                await backend.start()
-                state.loaded = True
-                log.info("model loaded in %.1fs; /ready answers 200", time.monotonic() - t0)
-            except Exception as e:  # one line for the user; `gearshift serve` exits 2 with it
-                state.startup_error = e
-                log.error("the model failed to load: %s", e)
-                if state.on_fatal is not None:
-                    state.on_fatal()
-
-        task = asyncio.create_task(load())
+        task = asyncio.create_task(_load(state, backend))
         if not load_in_background:
             await task
             if state.startup_error is not None:
@@ -75,17 +87,27 @@ def build_app(backend: Backend, config: EngineConfig, *, load_in_background: boo
             if state.startup_error is None:
                 await state.stop_backend()
 
-    # /docs and /openapi.json are routes of ours below: behind the API key when one is set.
-    app = FastAPI(title="gearshift", version=__version__, lifespan=lifespan, docs_url=None, openapi_url=None,
-                  description="OpenAI- and Ollama-compatible serving for the paged and gguf engines.")
-    state = ServerState(backend=backend, config=config,
-                        metrics=ServerMetrics(config.served_model_name or backend.model_name, backend.stats),
-                        lifecycle=Lifecycle(backend.ready))
-    app.state.gearshift = state
-    app.add_middleware(RequestGuard, max_body=config.max_request_body, read_timeout=config.read_timeout,
-                       api_key=config.api_key)
-    errors.install(app)
+    return lifespan
 
+
+async def _load(state: ServerState, backend: Backend) -> None:
+    """Load the model; a failure is kept in state.startup_error (and ends the server via on_fatal)."""
+    t0 = time.monotonic()
+    log.info("loading the model (%s engine); /ready answers 503 until it is done", backend.name)
+    try:
+        await backend.start()
+        state.loaded = True
+        log.info("model loaded in %.1fs; /ready answers 200", time.monotonic() - t0)
+    except Exception as e:  # one line for the user; `gearshift serve` exits 2 with it
+        state.startup_error = e
+        log.error("the model failed to load: %s", e)
+        if state.on_fatal is not None:
+            state.on_fatal()
+
+
+def _ops_router(state: ServerState) -> APIRouter:
+    """/health, /ready and /metrics: open to probes and scrapers, no API key."""
+    backend = state.backend
     ops = APIRouter()
 
     @ops.get("/health")
@@ -107,6 +129,12 @@ def build_app(backend: Backend, config: EngineConfig, *, load_in_background: boo
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
+    return ops
+
+
+def _api_router(app: FastAPI, state: ServerState) -> APIRouter:
+    """The model list, tokenizer endpoints and API docs, behind the API key."""
+    backend = state.backend
     api = APIRouter(dependencies=[Depends(require_api_key)])
 
     @api.get("/v1/models")
@@ -141,10 +169,4 @@ def build_app(backend: Backend, config: EngineConfig, *, load_in_background: boo
     async def docs() -> Response:
         return get_swagger_ui_html(openapi_url="/openapi.json", title="gearshift API")
 
-    app.include_router(ops)
-    app.include_router(api)
-    app.include_router(completions_routes.router, dependencies=[Depends(require_api_key)])
-    app.include_router(openai_routes.router, dependencies=[Depends(require_api_key)])
-    app.include_router(ollama_routes.router, dependencies=[Depends(require_api_key)])
-    app.include_router(responses_routes.router, dependencies=[Depends(require_api_key)])
-    return app
+    return api

@@ -1,5 +1,5 @@
 """`POST /v1/chat/completions` and `POST /v1/embeddings` in OpenAI's shapes, and the helpers
-completions_routes.py shares (SSE framing, the stream cursor, logprobs).
+completions_routes.py shares (request checks, SSE framing, the stream cursor, logprobs, usage).
 
 Engines hand over cumulative outputs; streaming diffs them per choice into deltas. Usage counts come
 from the engine's token ids, so streamed and non-streamed replies agree.
@@ -8,6 +8,7 @@ from the engine's token ids, so streamed and non-streamed replies agree.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,10 +19,12 @@ from gearshift.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from gearshift.engine.pipeline import chat, structured
 from gearshift.engine.pipeline import embeddings as embedding
 from gearshift.engine.pipeline.tools import parse_tools
+from gearshift.engine.sampling_params import SamplingParams
 from gearshift.engine.server.errors import APIError, error_payload
 from gearshift.engine.server.generation import ClientGone, Generation, GenerationStream
 from gearshift.engine.server.protocol import (
     ChatCompletionRequest,
+    CompletionRequest,
     EmbeddingRequest,
     new_id,
     now,
@@ -62,8 +65,33 @@ def completion_logprobs(state: ServerState, lps: list[Logprob], k: int, offset: 
             "text_offset": offsets}
 
 
-def _usage(out: RequestOutput) -> dict[str, Any]:
-    return usage(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs), out.num_cached_tokens)
+def usage_of(outputs: list[RequestOutput | None]) -> dict[str, Any]:
+    """Token counts summed over the finished engine requests of one reply (None: not finished)."""
+    done = [f for f in outputs if f is not None]
+    completion = sum(len(c.token_ids) for f in done for c in f.outputs)
+    return usage(sum(len(f.prompt_token_ids) for f in done), completion, sum(f.num_cached_tokens for f in done))
+
+
+def checked_params(request: Request,
+                   body: ChatCompletionRequest | CompletionRequest) -> tuple[ServerState, SamplingParams]:
+    """The app's state and the request's sampling parameters, once its model and logit_bias are valid."""
+    state = get_state(request)
+    state.check_model(body.model)
+    params = body.sampling_params()
+    state.vocab_check(list(params.logit_bias), "logit_bias")
+    return state, params
+
+
+async def sse_events(path: str, events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """`events` framed as an OpenAI stream: an APIError mid-stream becomes an error event, and the
+    stream always ends with `[DONE]`."""
+    try:
+        async with contextlib.aclosing(events):  # type: ignore[type-var]
+            async for event in events:
+                yield event
+    except APIError as e:
+        yield sse(error_payload(path, e))
+    yield "data: [DONE]\n\n"
 
 
 async def _run(request: Request, state: ServerState, prompt_ids: list[int], body: Any, params: Any,
@@ -104,71 +132,84 @@ class Cursor:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    state = get_state(request)
-    state.check_model(body.model)
-    params = body.sampling_params()
-    state.vocab_check(list(params.logit_bias), "logit_bias")
+    state, params = checked_params(request, body)
     tools = parse_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
     spec = structured.openai_spec(body.response_format, body.guided_json, body.guided_regex, body.guided_choice)
     # Off the event loop: a long conversation takes seconds to render and tokenize, /health shares the loop.
     plan = await asyncio.to_thread(chat.prepare_chat, state.backend, [m.as_dict() for m in body.messages], tools, params,
                                    spec, body.add_generation_prompt)
-    ids = plan.prompt_ids
-    rid, created, model, k = new_id("chatcmpl"), now(), state.model_name, params.logprobs
+    chat_reply = _ChatReply(state, body, params, plan)
+    return await _run(request, state, plan.prompt_ids, body, params, chat_reply.stream, chat_reply.reply)
 
-    def logprobs(lps: list[Logprob]) -> dict[str, Any] | None:
-        return chat_logprobs(state, lps, k) if k is not None else None
 
-    async def stream(gen: Generation) -> AsyncIterator[str]:
-        cur = Cursor(params.n)
-        splitters = [chat.ToolStream(plan) for _ in range(params.n)]
-        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "system_fingerprint": None}
-        if body.include_usage:
+class _ChatReply:
+    """One chat completion's answer in OpenAI's shapes: the SSE chunks of a stream, or the whole reply."""
+
+    def __init__(self, state: ServerState, body: ChatCompletionRequest, params: SamplingParams,
+                 plan: chat.ChatPlan) -> None:
+        self.state, self.body, self.params, self.plan = state, body, params, plan
+        self.rid, self.created, self.model = new_id("chatcmpl"), now(), state.model_name
+        self.k = params.logprobs
+
+    def logprobs(self, lps: list[Logprob]) -> dict[str, Any] | None:
+        return chat_logprobs(self.state, lps, self.k) if self.k is not None else None
+
+    def stream(self, gen: Generation) -> AsyncIterator[str]:
+        return sse_events("/v1/chat/completions", self._chunks(gen))
+
+    async def _chunks(self, gen: Generation) -> AsyncIterator[str]:
+        n = self.params.n
+        cur = Cursor(n)
+        splitters = [chat.ToolStream(self.plan) for _ in range(n)]
+        base = {"id": self.rid, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "system_fingerprint": None}
+        if self.body.include_usage:
             base["usage"] = None
-        try:
-            for i in range(params.n):  # the role comes first, as OpenAI sends it
-                yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                "logprobs": None, "finish_reason": None}]})
-            async for out in gen.outputs():
-                for c in out.outputs:
-                    step = cur.advance(c)
-                    if step is None:
-                        continue
-                    split = splitters[c.index]
-                    content, calls = split.update(c.text, c.finished)
-                    delta: dict[str, Any] = {"content": content} if content else {}
-                    if calls:
-                        first = len(split.calls) - len(calls)
-                        delta["tool_calls"] = [{"index": first + j, **call.openai()} for j, call in enumerate(calls)]
-                    if not delta and not c.finished and not step[1]:
-                        continue
-                    finish = "tool_calls" if c.finished and split.calls else c.finish_reason
-                    yield sse({**base, "choices": [{"index": c.index, "delta": delta, "logprobs": logprobs(step[1]),
-                                                    "finish_reason": finish, "stop_reason": c.stop_reason}]})
-            if body.include_usage and gen.final is not None:
-                yield sse({**base, "choices": [], "usage": _usage(gen.final)})
-        except APIError as e:
-            yield sse(error_payload("/v1/chat/completions", e))
-        yield "data: [DONE]\n\n"
+        for i in range(n):  # the role comes first, as OpenAI sends it
+            yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}]})
+        async for out in gen.outputs():
+            for c in out.outputs:
+                step = cur.advance(c)
+                if step is None:
+                    continue
+                choice = self._delta_choice(splitters[c.index], c, step[1])
+                if choice is not None:
+                    yield sse({**base, "choices": [choice]})
+        if self.body.include_usage and gen.final is not None:
+            yield sse({**base, "choices": [], "usage": usage_of([gen.final])})
 
-    def message(c: CompletionOutput) -> tuple[dict[str, Any], str | None]:
-        content, calls = chat.final_message(plan, c.text)
+    def _delta_choice(self, split: chat.ToolStream, c: CompletionOutput,
+                      lps: list[Logprob]) -> dict[str, Any] | None:
+        """The streamed choice for choice `c`'s new text (content, or tool calls as they complete); None when
+        there is nothing to send."""
+        content, calls = split.update(c.text, c.finished)
+        delta: dict[str, Any] = {"content": content} if content else {}
+        if calls:
+            first = len(split.calls) - len(calls)
+            delta["tool_calls"] = [{"index": first + j, **call.openai()} for j, call in enumerate(calls)]
+        if not delta and not c.finished and not lps:
+            return None
+        finish = "tool_calls" if c.finished and split.calls else c.finish_reason
+        return {"index": c.index, "delta": delta, "logprobs": self.logprobs(lps),
+                "finish_reason": finish, "stop_reason": c.stop_reason}
+
+    def _message(self, c: CompletionOutput) -> tuple[dict[str, Any], str | None]:
+        content, calls = chat.final_message(self.plan, c.text)
         msg: dict[str, Any] = {"role": "assistant", "content": content}
         if calls:
             msg["tool_calls"] = [call.openai() for call in calls]
         return msg, ("tool_calls" if calls else c.finish_reason)
 
-    def reply(out: RequestOutput) -> Response:
+    def reply(self, out: RequestOutput) -> Response:
         choices = []
         for c in out.outputs:
-            msg, finish = message(c)
-            choices.append({"index": c.index, "message": msg, "logprobs": logprobs(c.logprobs or []),
+            msg, finish = self._message(c)
+            choices.append({"index": c.index, "message": msg, "logprobs": self.logprobs(c.logprobs or []),
                             "finish_reason": finish, "stop_reason": c.stop_reason})
-        return json_response({"id": rid, "object": "chat.completion", "created": created, "model": model,
-                      "choices": choices, "usage": _usage(out), "system_fingerprint": None})
-
-    return await _run(request, state, ids, body, params, stream, reply)
+        return json_response({"id": self.rid, "object": "chat.completion", "created": self.created,
+                              "model": self.model, "choices": choices, "usage": usage_of([out]),
+                              "system_fingerprint": None})
 
 
 def json_response(obj: dict[str, Any]) -> Response:

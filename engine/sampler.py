@@ -80,9 +80,12 @@ class Sampler:
         pack = _to(torch.tensor([[p.temperature for p in params], top_ks, [p.top_p for p in params],
                                  [p.min_p for p in params], seeds], dtype=torch.float64), dev)  # [5, R]: one copy
         cols = pack.unsqueeze(-1)  # [5, R, 1]
-        probs = ops.filtered_probs(rows, cols[0].float(), cols[1].long(), cols[2].float(), cols[3].float(),
-                                   _cut(top_ks, params, vocab, dev), any(p.min_p > 0 for p in params))
-        chosen = argmax_rows(ops.race(probs, pack[4].long()))  # [R]
+        probs, candidates = ops.filtered_probs(rows, cols[0].float(), cols[1].long(), cols[2].float(),
+                                               cols[3].float(), _cut(top_ks, params, vocab, dev),
+                                               any(p.min_p > 0 for p in params))
+        seeds = pack[4].long()
+        chosen = argmax_rows(ops.race(probs, seeds)) if candidates is None else \
+            ops.race_among(probs, seeds, candidates)  # [R]
         if idx is not None:
             chosen = argmax_rows(penalized).index_copy_(0, idx, chosen)
         return chosen, x

@@ -92,6 +92,15 @@ def race(probs: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
     return probs / exponentials(seeds, probs.shape[1])
 
 
+def race_among(probs: torch.Tensor, seeds: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """The race when every token a row may draw is among its candidates [R, W] (token ids; top-k/top-p cut
+    the rest to probability 0): the same noise at the same tokens, hashed for W tokens instead of V, so the
+    same draw as argmax(race(probs, seeds)) (ratios tie exactly only at 0). probs [R, V] -> ids [R]."""
+    bits = _mix32(vocab_hash(probs.shape[1], probs.device)[candidates] ^ seeds.unsqueeze(1))  # [R, W]
+    ratio = probs.gather(1, candidates) / exp_from_bits(bits)
+    return candidates.gather(1, ratio.argmax(dim=-1, keepdim=True)).squeeze(1)
+
+
 SORT_WIDTH = 1024  # top-k/top-p rows look at their best SORT_WIDTH tokens where that is known to suffice
 
 
@@ -109,33 +118,39 @@ class Cut:
 
 
 def filtered_probs(logits: torch.Tensor, temps: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor,
-                   min_ps: torch.Tensor, cut: Cut | None, cut_min_p: bool) -> torch.Tensor:
-    """logits [R, V] float32 -> probabilities after temperature, top-k, top-p and min-p [R, V].
+                   min_ps: torch.Tensor, cut: Cut | None, cut_min_p: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits [R, V] float32 -> (probabilities after temperature, top-k, top-p and min-p [R, V], candidates).
     temps, top_ps, min_ps [R, 1] float32; top_ks [R, 1] int64 (V where off). cut: the rows top-k/top-p
-    applies to (None: none); cut_min_p: whether any row has min-p."""
+    applies to (None: none); cut_min_p: whether any row has min-p. candidates: int64 [R, W] token ids that
+    hold every nonzero probability, when every row was cut within a width (race_among), else None."""
     logits = logits / temps
+    candidates = None
     if cut is not None:
         pick = (lambda t: t) if cut.rows is None else (lambda t: t.index_select(0, cut.rows))  # noqa: E731
         sub, ks, ps = pick(logits), pick(top_ks), pick(top_ps)
         kept = top_k_top_p(sub, ks, ps, cut.width, cut.check) if cut.width is not None else None
         if kept is None:
             kept = top_k_top_p(sub, ks, ps, None, False)
-        logits = kept if cut.rows is None else logits.index_copy(0, cut.rows, kept)
+        kept, order = kept
+        if cut.rows is None:
+            logits, candidates = kept, order
+        else:
+            logits = logits.index_copy(0, cut.rows, kept)
     probs = logits.softmax(dim=-1)
     if cut_min_p:
         drop = probs < min_ps * probs.max(dim=-1, keepdim=True).values
         kept = probs.masked_fill(drop, 0.0)
         # renormalized on the min-p rows only: a row's probabilities do not depend on its batch, to the bit
         probs = torch.where(min_ps > 0, kept / kept.sum(dim=-1, keepdim=True), probs)
-    return probs
+    return probs, candidates
 
 
 def top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor, width: int | None,
-                check: bool) -> torch.Tensor | None:
+                check: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """logits [C, V] -> the same with every token outside each row's top-k, then outside the smallest prefix
-    whose mass (renormalized over the top-k) reaches top_p, set to -inf; the best token always stays.
-    width: look at each row's best `width` tokens only (Cut); None when `check` finds a row whose cut
-    needs more of its vocabulary."""
+    whose mass (renormalized over the top-k) reaches top_p, set to -inf; the best token always stays. With
+    a width: look at each row's best `width` tokens only (Cut), and return their ids [C, W] too (None after
+    the full sort); None when `check` finds a row whose cut needs more of its vocabulary."""
     vocab = logits.shape[1]
     if width is None or width >= vocab:
         width = vocab
@@ -157,7 +172,8 @@ def top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor
     cut[:, 0] = False  # the best token always survives
     if check and width < vocab and not bool(((top_ks <= width) | (mass[:, -1:] >= top_ps)).all()):
         return None  # a row's nucleus reaches past its best `width` tokens: the full sort decides
-    return torch.full_like(logits, float("-inf")).scatter_(1, order, sorted_logits.masked_fill(cut, float("-inf")))
+    kept = torch.full_like(logits, float("-inf")).scatter_(1, order, sorted_logits.masked_fill(cut, float("-inf")))
+    return kept, (order if width < vocab else None)
 
 
 def repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:

@@ -83,7 +83,7 @@ def device_filtered(logits: torch.Tensor, params: list[SamplingParams], plan: st
         cut = ops.Cut(cut.rows, None) if plan == "sort" else ops.Cut(cut.rows, 64, True)
     return ops.filtered_probs(logits, col([p.temperature for p in params]), col(ks, torch.int64),
                               col([p.top_p for p in params]), col([p.min_p for p in params]), cut,
-                              any(p.min_p > 0 for p in params))
+                              any(p.min_p > 0 for p in params))[0]
 
 
 @pytest.mark.parametrize("plan", ["auto", "sort", "narrow"])
@@ -111,11 +111,31 @@ def test_narrow_cut_holds_where_the_best_tokens_carry_the_mass_and_defers_otherw
     flat, peaked = torch.randn(1, 4000, generator=gen), torch.randn(1, 4000, generator=gen)
     peaked[0, :10] += 15
     k_off, p = torch.tensor([[4000]]), torch.tensor([[0.9]])
-    full = ops.top_k_top_p(peaked, k_off, p, None, False)
-    assert torch.equal(ops.top_k_top_p(peaked, k_off, p, 32, True), full) and int(full.isfinite().sum()) <= 10
+    full, no_ids = ops.top_k_top_p(peaked, k_off, p, None, False)
+    narrow, ids = ops.top_k_top_p(peaked, k_off, p, 32, True)
+    assert torch.equal(narrow, full) and int(full.isfinite().sum()) <= 10 and no_ids is None
+    assert ids.shape == (1, 32) and set(full.isfinite().nonzero()[:, 1].tolist()) <= set(ids[0].tolist())
     assert ops.top_k_top_p(flat, k_off, p, 32, True) is None
     k = torch.tensor([[20]])
-    assert torch.equal(ops.top_k_top_p(flat, k, p, 32, True), ops.top_k_top_p(flat, k, p, None, False))
+    assert torch.equal(ops.top_k_top_p(flat, k, p, 32, True)[0], ops.top_k_top_p(flat, k, p, None, False)[0])
+
+
+def test_race_among_the_candidates_draws_what_the_full_race_draws() -> None:
+    """Top-k rows (Ollama's default 40, and 1,000): hashing only the candidates' noise gives the full race's
+    ids, row for row, over 512 rows of different seeds."""
+    gen = torch.Generator().manual_seed(8)
+    for k in (40, 1000):
+        logits = torch.randn(512, 8000, generator=gen) * 2
+        params = [SamplingParams(temperature=0.9, top_k=k, top_p=0.95 if i % 2 else 1.0) for i in range(512)]
+        from gearshift.engine.sampler import _cut
+
+        col = lambda xs, dt=torch.float32: torch.tensor(xs, dtype=torch.float64).unsqueeze(1).to(dt)  # noqa: E731
+        probs, cand = ops.filtered_probs(logits, col([0.9] * 512), col([k] * 512, torch.int64),
+                                         col([p.top_p for p in params]), col([0.0] * 512),
+                                         _cut([k] * 512, params, 8000, logits.device), False)
+        seeds = torch.arange(512, dtype=torch.int64) * 2654435761 % 2**32
+        assert cand.shape == (512, k)
+        assert torch.equal(ops.race_among(probs, seeds, cand), ops.race(probs, seeds).argmax(-1))
 
 
 def _history(gen: torch.Generator, n: int, vocab: int) -> list[int]:

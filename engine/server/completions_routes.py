@@ -13,11 +13,21 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from gearshift.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from gearshift.engine.pipeline import structured
-from gearshift.engine.server.errors import APIError, error_payload
+from gearshift.engine.sampling_params import SamplingParams
+from gearshift.engine.server.errors import APIError
 from gearshift.engine.server.generation import ClientGone, Generation, GenerationStream
-from gearshift.engine.server.openai_routes import SSE_HEADERS, Cursor, completion_logprobs, json_response, sse
-from gearshift.engine.server.protocol import CompletionRequest, new_id, now, usage
-from gearshift.engine.server.state import ServerState, get_state
+from gearshift.engine.server.openai_routes import (
+    SSE_HEADERS,
+    Cursor,
+    checked_params,
+    completion_logprobs,
+    json_response,
+    sse,
+    sse_events,
+    usage_of,
+)
+from gearshift.engine.server.protocol import CompletionRequest, new_id, now
+from gearshift.engine.server.state import ServerState
 
 router = APIRouter()
 
@@ -27,6 +37,19 @@ class _Batch:
 
     def __init__(self, gens: list[Generation]) -> None:
         self.gens = gens
+
+    async def start(self, request: Request) -> bool:
+        """Start every generation; False when the client went away first. Any failure closes them all."""
+        try:
+            for g in self.gens:
+                await g.start(request)
+        except ClientGone:
+            await self.close()
+            return False
+        except BaseException:
+            await self.close()
+            raise
+        return True
 
     async def close(self) -> None:
         for g in self.gens:
@@ -42,68 +65,68 @@ async def _prompt_ids(state: ServerState, prompt: str | list[int]) -> list[int]:
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Response:
-    state = get_state(request)
-    state.check_model(body.model)
-    params = body.sampling_params()
-    state.vocab_check(list(params.logit_bias), "logit_bias")
+    state, params = checked_params(request, body)
     structured.attach(params, structured.openai_spec(None, body.guided_json, body.guided_regex, body.guided_choice),
                       state.backend)
     prompts = body.prompts()
     ids = [await _prompt_ids(state, p) for p in prompts]
     echo = [(p if isinstance(p, str) else state.backend.decode(p)) if body.echo else "" for p in prompts]
     batch = _Batch([Generation(state, i, params) for i in ids])
-    try:
-        for g in batch.gens:
-            await g.start(request)
-    except ClientGone:
-        await batch.close()
+    if not await batch.start(request):
         return Response(status_code=499)
-    except BaseException:
-        await batch.close()
-        raise
-    rid, created, model, n, k = new_id("cmpl"), now(), state.model_name, params.n, params.logprobs
-    base = {"id": rid, "object": "text_completion", "created": created, "model": model}
+    answer = _CompletionReply(state, body, params, echo, batch)
+    if body.stream:
+        events = sse_events("/v1/completions", answer.chunks())
+        return GenerationStream(events, batch,  # type: ignore[arg-type]
+                                media_type="text/event-stream", headers=SSE_HEADERS)
+    return await answer.reply(request)
 
-    def choice(index: int, text: str, lps: list[Logprob], offset: int, c: CompletionOutput) -> dict[str, Any]:
-        return {"index": index, "text": text,
-                "logprobs": completion_logprobs(state, lps, k, offset) if k is not None else None,
+
+class _CompletionReply:
+    """One completions request's answer in OpenAI's shapes: the SSE chunks of a stream, or the whole reply.
+    `echo[p]`: the text put before prompt p's choices ("" without echo)."""
+
+    def __init__(self, state: ServerState, body: CompletionRequest, params: SamplingParams, echo: list[str],
+                 batch: _Batch) -> None:
+        self.state, self.body, self.echo, self.batch = state, body, echo, batch
+        self.n, self.k = params.n, params.logprobs
+        self.base = {"id": new_id("cmpl"), "object": "text_completion", "created": now(),
+                     "model": state.model_name}
+
+    def _choice(self, index: int, text: str, lps: list[Logprob], offset: int,
+                c: CompletionOutput) -> dict[str, Any]:
+        logprobs = completion_logprobs(self.state, lps, self.k, offset) if self.k is not None else None
+        return {"index": index, "text": text, "logprobs": logprobs,
                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
 
-    def total_usage(finals: list[RequestOutput | None]) -> dict[str, Any]:
-        done = [f for f in finals if f is not None]
-        return usage(sum(len(f.prompt_token_ids) for f in done),
-                     sum(len(c.token_ids) for f in done for c in f.outputs), sum(f.num_cached_tokens for f in done))
+    async def chunks(self) -> AsyncIterator[str]:
+        n, echo = self.n, self.echo
+        cursors = [Cursor(n) for _ in echo]
+        head = {**self.base, "usage": None} if self.body.include_usage else self.base
+        async for p, out in _merged(self.batch.gens):
+            for c in out.outputs:
+                cur, first = cursors[p], cursors[p].chars[c.index] == 0 and cursors[p].tokens[c.index] == 0
+                offset = cur.offset[c.index]
+                step = cur.advance(c)
+                if step is not None:
+                    cur.offset[c.index] += len(step[0])
+                    text = (echo[p] if first else "") + step[0]
+                    yield sse({**head, "choices": [self._choice(p * n + c.index, text, step[1], offset, c)]})
+        if self.body.include_usage:
+            yield sse({**head, "choices": [], "usage": usage_of([g.final for g in self.batch.gens])})
 
-    async def stream() -> AsyncIterator[str]:
-        cursors = [Cursor(n) for _ in prompts]
-        head = {**base, "usage": None} if body.include_usage else base
+    async def reply(self, request: Request) -> Response:
+        """The non-streamed answer once every prompt's generation has finished; 499 when the client left."""
         try:
-            async for p, out in _merged(batch.gens):
-                for c in out.outputs:
-                    cur, first = cursors[p], cursors[p].chars[c.index] == 0 and cursors[p].tokens[c.index] == 0
-                    offset = cur.offset[c.index]
-                    step = cur.advance(c)
-                    if step is not None:
-                        cur.offset[c.index] += len(step[0])
-                        text = (echo[p] if first else "") + step[0]
-                        yield sse({**head, "choices": [choice(p * n + c.index, text, step[1], offset, c)]})
-            if body.include_usage:
-                yield sse({**head, "choices": [], "usage": total_usage([g.final for g in batch.gens])})
-        except APIError as e:
-            yield sse(error_payload("/v1/completions", e))
-        yield "data: [DONE]\n\n"
-
-    if body.stream:
-        return GenerationStream(stream(), batch, media_type="text/event-stream", headers=SSE_HEADERS)  # type: ignore[arg-type]
-    try:
-        finals = await asyncio.gather(*(g.collect(request) for g in batch.gens))
-    except ClientGone:
-        return Response(status_code=499)
-    finally:
-        await batch.close()
-    choices = [choice(p * n + c.index, echo[p] + c.text, c.logprobs or [], 0, c)
-               for p, out in enumerate(finals) for c in out.outputs]
-    return json_response({**base, "choices": choices, "usage": total_usage(list(finals)), "system_fingerprint": None})
+            finals = await asyncio.gather(*(g.collect(request) for g in self.batch.gens))
+        except ClientGone:
+            return Response(status_code=499)
+        finally:
+            await self.batch.close()
+        choices = [self._choice(p * self.n + c.index, self.echo[p] + c.text, c.logprobs or [], 0, c)
+                   for p, out in enumerate(finals) for c in out.outputs]
+        return json_response({**self.base, "choices": choices, "usage": usage_of(list(finals)),
+                              "system_fingerprint": None})
 
 
 async def _merged(gens: list[Generation]) -> AsyncIterator[tuple[int, RequestOutput]]:

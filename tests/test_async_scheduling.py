@@ -323,15 +323,18 @@ def test_server_with_async_scheduling_forced_on(smollm2_gguf, llms) -> None:
 
 @pytest.mark.gpu
 def test_on_cuda_async_equals_sync_and_a_launch_never_waits_for_the_device(smollm2_gguf) -> None:
-    """CUDA, fp32 (batch invariant there too: tests/test_gpu_engine.py), CUDA graphs: the same greedy batch
-    with different lengths gives the same tokens async on and off; and in the steady state a whole step()
-    (schedule, input prep, launch, the previous step's ids read from pinned memory after its event) makes
-    no call torch counts as a synchronization (set_sync_debug_mode "error" raises on one)."""
+    """CUDA, fp32 (batch invariant there too: tests/test_gpu_engine.py), CUDA graphs: the same batch of
+    greedy and drawn rows (temperature, top-p/top-k, seeds, penalties, logprobs) with different lengths gives
+    the same tokens async on and off; and in the steady state a whole step() (schedule, input prep, launch,
+    sampling on the device, the previous step's ids and logprobs read from pinned memory after its event)
+    makes no call torch counts as a synchronization (set_sync_debug_mode "error" raises on one)."""
     import torch
 
     settings = dict(SETTINGS, device="cuda", kv_cache_memory=64 * 2**20)
     prompts = [list(range(1000 + 50 * i, 1020 + 50 * i + i % 7)) for i in range(12)]
-    params = [SamplingParams(temperature=0.0, max_tokens=6 + 3 * i, ignore_eos=True) for i in range(12)]
+    drawn = [dict(temperature=0.0), dict(temperature=0.8, top_p=0.9), dict(temperature=1.0, top_k=40, seed=5),
+             dict(temperature=0.7, repetition_penalty=1.2, frequency_penalty=0.5, logprobs=2)]
+    params = [SamplingParams(**drawn[i % 4], max_tokens=6 + 3 * i, ignore_eos=True) for i in range(12)]
     outs = {}
     for mode in ("off", "on"):
         llm = LLM(model=smollm2_gguf, async_scheduling=mode, **settings)
@@ -339,7 +342,7 @@ def test_on_cuda_async_equals_sync_and_a_launch_never_waits_for_the_device(smoll
         if mode == "on":
             engine = llm.llm_engine
             for i, p in enumerate(prompts):
-                engine.add_request(f"s{i}", p, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+                engine.add_request(f"s{i}", p, SamplingParams(**drawn[i % 4], max_tokens=40, ignore_eos=True))
             for _ in range(4):  # the prefill, then decodes launched ahead
                 engine.step()
             before = engine.num_async_steps

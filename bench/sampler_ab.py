@@ -5,8 +5,9 @@
 
 The baseline is engine/sampler.py as of --baseline-rev (git show; default: the last commit before sampling
 moved to the device), imported as a module beside today's. Each case samples the same [B, V] fp32 logits
-(V = 49,152, SmolLM2's; standard normal, "peaked": 40 of them +10) for B unseeded rows with 84 tokens of history; the two samplers alternate, twice each,
-~0.6 s per measurement; the table gives the mean ms per sample() call and new / old. The old sampler kept
+(V = 49,152, SmolLM2's; standard normal, "peaked": 40 of them +10) for B unseeded rows with 84 tokens of
+history; the two samplers alternate, twice each, ~0.6 s per measurement; the table gives the mean ms per
+sample() call and new / old. The old sampler kept
 seeded rows' generators on the sequence (a slot that is gone), so the cases are unseeded.
 """
 

@@ -1,4 +1,4 @@
-"""Batched sampling from the last-position logits of every sequence that samples this step, where the logits are.
+"""Batched sampling, where the logits are, from the last-position logits of every sequence sampling this step.
 
 Order of operations (vLLM's): grammar masks and logit_bias, then penalties, then greedy rows take the argmax;
 the others are divided by their temperature, cut by top-k, top-p and min-p, and drawn by an exponential race
@@ -59,7 +59,8 @@ class Sampler:
         token_ids = ids.tolist()  # the one wait for the device: B ids
         if rows is None:
             return SamplerOutput(token_ids=token_ids, logprobs=[None] * len(seqs))
-        return SamplerOutput(token_ids=token_ids, logprobs=rows.build(token_ids, *(t.tolist() for t in rows.tensors)))
+        return SamplerOutput(token_ids=token_ids,
+                             logprobs=rows.build(token_ids, *(t.tolist() for t in rows.tensors)))
 
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence], prev_ids: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor]:

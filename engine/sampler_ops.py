@@ -6,8 +6,8 @@ Randomness is counter-based: row r's noise at token v is a hash of (its sequence
 it samples at, v), so a row's draw depends on nothing else in the batch or the schedule. That is what lets
 async scheduling (engine/async_step.py) run sampled rows ahead with the synchronous engine's exact tokens (a
 shared generator's stream would shift with every stale row of a finished request, every admission a step
-later), and makes a seeded request's tokens the same on every run, batch and device (integer hashing is exact
-on CPU and CUDA alike). The hash is integer arithmetic on int64 tensors whose values stay below 2**32 and whose
+later), and makes a seeded request's tokens the same on every run and in every batch; the noise's bits are
+the same on CPU and CUDA too (integer hashing is exact), the tokens up to float rounding at near-ties. The hash is integer arithmetic on int64 tensors whose values stay below 2**32 and whose
 multipliers stay below 2**31, so no product overflows (signed overflow is undefined in the kernels' C++).
 """
 

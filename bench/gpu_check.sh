@@ -90,6 +90,11 @@ step serve_8b 330 bash -c "{ [ -f /tmp/l8b/config.json ] || python3 bench/random
   --tokenizer-from $MODEL; } && python3 bench/serve.py --targets paged --model /tmp/l8b --concurrency 1,16,64,128 \
   --prompt-tokens 512 --max-tokens 128 --rounds 2 --level-timeout 90 --threads 8 \
   --paged-args '--device cuda --dtype bfloat16 --kv-cache-memory 40Gi --max-num-batched-tokens 8192'"
+# Sampling on the device (engine/sampler.py) against the old host sampler (which copied [B, V] to the host), Llama-3's
+# vocabulary, per sample() call; opt-in: STEPS=sampler bash bench/gpu_check.sh
+# (prepare the baseline here: git show b20a687:engine/sampler.py >.dev/sampler_baseline.py)
+step sampler 90 python3 bench/sampler_ab.py --device cuda --vocab 128256 --batches 1,16,64 --seconds 0.3 \
+  --baseline-file .dev/sampler_baseline.py
 # The CUDA image's runtime stage (Dockerfile): Triton's launcher needs a C compiler; fails without, serves with.
 step cuda_launcher 150 bash bench/cuda_launcher_check.sh $MODEL
 # MoE vs dense at equal active parameters (Qwen3-30B-A3B shape, 2 layers, bf16): expert GEMMs (Triton grouped

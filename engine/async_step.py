@@ -28,6 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from gearshift.engine.sequence import PLACEHOLDER
+
 if TYPE_CHECKING:
     import torch
     from gearshift.engine.outputs import Logprob
@@ -35,8 +37,6 @@ if TYPE_CHECKING:
     from gearshift.engine.scheduler import Scheduler
     from gearshift.engine.scheduler_output import SchedulerOutput
     from gearshift.engine.sequence import Sequence
-
-PLACEHOLDER = -1  # the token a row of the in-flight step will have produced; never a real id (they are >= 0)
 
 
 def resolve_async(mode: str, device_type: str, tensor_parallel_size: int) -> bool:

@@ -40,7 +40,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from gearshift.engine.async_step import PLACEHOLDER
 from gearshift.engine.attention_metadata import AttentionMetadata
 from gearshift.engine.config import EngineConfig, usable_cpus
 from gearshift.engine.cpu_malloc import keep_large_buffers, release_free_heap
@@ -53,6 +52,7 @@ from gearshift.engine.model.llama import LlamaForCausalLM
 from gearshift.engine.model.quant_int4 import INT4_MAX_ROWS, int4_activation_dtype
 from gearshift.engine.model.quant_int8 import CALIBRATION_TEXT, input_absmax
 from gearshift.engine.scheduler_output import SchedulerOutput
+from gearshift.engine.sequence import PLACEHOLDER
 from gearshift.engine.tokenizer import Tokenizer
 
 if TYPE_CHECKING:

@@ -27,5 +27,5 @@ class Runner(Protocol):
         holds K/V for every scheduled token at its slot and nothing else is written. An empty `out` (no
         seqs) returns [0, vocab_size]. prev_ids (async scheduling, engine/async_step.py): int64
         [out.num_decodes] on the device, aligned with the decode rows; a decode whose token in out is
-        async_step.PLACEHOLDER is fed prev_ids' entry instead. The runner must not read them on the host."""
+        sequence.PLACEHOLDER is fed prev_ids' entry instead. The runner must not read them on the host."""
         ...

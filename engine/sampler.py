@@ -18,9 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from gearshift.engine import sampler_ops as ops
-from gearshift.engine.async_step import PLACEHOLDER
 from gearshift.engine.outputs import Logprob
-from gearshift.engine.sequence import Sequence
+from gearshift.engine.sequence import PLACEHOLDER, Sequence
 
 
 @dataclass

@@ -15,6 +15,11 @@ from gearshift.engine.sampling_params import SamplingParams
 
 _seq_ids = itertools.count()
 
+# The token a row of an in-flight step will have produced (async scheduling, engine/async_step.py puts it in
+# token_ids until the step's ids reach the host); never a real id (they are >= 0). Here, beside the tokens,
+# so that the sampler and the runner that read it do not import the async step (which imports them).
+PLACEHOLDER = -1
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # queued, or preempted and waiting to recompute

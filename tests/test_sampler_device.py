@@ -12,10 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 from gearshift.engine import sampler_ops as ops
-from gearshift.engine.async_step import PLACEHOLDER
 from gearshift.engine.sampler import Sampler
 from gearshift.engine.sampling_params import SamplingParams
-from gearshift.engine.sequence import Sequence
+from gearshift.engine.sequence import PLACEHOLDER, Sequence
 
 
 # -- the previous host implementation (engine/sampler.py before the move to the device), verbatim ------------

@@ -1,6 +1,6 @@
 """A request that ends inside its stream (the request timeout passes mid-generation) ends the stream the
 OpenAI way on both generating routes of a real `gearshift serve` (gguf, SmolLM2): an error event with the
-408's body, then `data: [DONE]`, never a cut connection (openai_routes.sse_events, which
+408's body, then `data: [DONE]`, never a cut connection (framing.sse_events, which
 /v1/chat/completions and /v1/completions share). A timeout before the first token is a plain 408
 (test_server_lifecycle.py)."""
 

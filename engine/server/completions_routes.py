@@ -15,17 +15,9 @@ from gearshift.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from gearshift.engine.pipeline import structured
 from gearshift.engine.sampling_params import SamplingParams
 from gearshift.engine.server.errors import APIError
+from gearshift.engine.server.framing import SSE_HEADERS, json_response, sse, sse_events
 from gearshift.engine.server.generation import ClientGone, Generation, GenerationStream
-from gearshift.engine.server.openai_routes import (
-    SSE_HEADERS,
-    Cursor,
-    checked_params,
-    completion_logprobs,
-    json_response,
-    sse,
-    sse_events,
-    usage_of,
-)
+from gearshift.engine.server.openai_routes import Cursor, checked_params, completion_logprobs, usage_of
 from gearshift.engine.server.protocol import CompletionRequest, new_id, now
 from gearshift.engine.server.state import ServerState
 

@@ -213,6 +213,20 @@ class Generation:
                 self.state.lifecycle.leave()
 
 
+async def answer(request: Request, gen: Generation, stream: bool, events: Callable[[], AsyncIterator[str]],
+                 render: Callable[[RequestOutput], Response], media_type: str,
+                 headers: dict[str, Any] | None = None) -> Response:
+    """Start `gen` and answer with a stream of `events()` or the rendered last output; 499 when the client
+    went away before the first output."""
+    try:
+        await gen.start(request)
+    except ClientGone:
+        return Response(status_code=499)
+    if stream:
+        return GenerationStream(events(), gen, media_type=media_type, headers=headers)
+    return await gen.reply(request, render)
+
+
 class GenerationStream(StreamingResponse):
     """A streaming response that always closes its generation, even when the client leaves before the
     body iterator ever runs (Starlette would then never close the iterator)."""

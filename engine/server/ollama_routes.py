@@ -25,15 +25,15 @@ from gearshift.engine.pipeline import structured
 from gearshift.engine.pipeline.tools import parse_tools
 from gearshift.engine.sampling_params import SamplingParams
 from gearshift.engine.server.errors import APIError
-from gearshift.engine.server.generation import ClientGone, Generation, GenerationStream
+from gearshift.engine.server.framing import NDJSON, ndjson_line
+from gearshift.engine.server.generation import Generation, answer
 from gearshift.engine.server.protocol import ChatMessage
-from gearshift.engine.server.state import ServerState, get_state
+from gearshift.engine.server.state import ServerState, checked_state, get_state
 from pydantic import BaseModel, ConfigDict
 
 router = APIRouter()
 # The Ollama API level these routes follow; VS Code's agent mode refuses servers below 0.6.4.
 OLLAMA_API_VERSION = "0.6.4"
-NDJSON = "application/x-ndjson"
 
 
 class _Strict(BaseModel):
@@ -119,96 +119,104 @@ def _timings(gen: Generation, out: RequestOutput) -> dict[str, Any]:
             "eval_count": len(out.outputs[0].token_ids), "eval_duration": int((end - first) * ns)}
 
 
-def _line(obj: dict[str, Any]) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n"
+def _json(obj: dict[str, Any]) -> Response:
+    """A whole (non-streamed) reply: one JSON line, newline included, as Ollama sends it."""
+    return Response(ndjson_line(obj), media_type="application/json")
+
+
+def _reply_line(model: str, part: dict[str, Any], done: bool, **rest: Any) -> dict[str, Any]:
+    """One line of a reply: `part` is its payload ({"response": text} or {"message": {...}})."""
+    return {"model": model, "created_at": _created_at(), **part, "done": done, **rest}
+
+
+def _loaded(model: str, piece: Any) -> Response:
+    """Ollama's "load the model" call (no prompt): the model is always loaded here."""
+    return _json(_reply_line(model, piece(""), True, done_reason="load"))
+
+
+def _text_only(has_images: bool) -> None:
+    if has_images:
+        raise InvalidRequestError("images are not supported: the served model reads text only", param="images")
 
 
 async def _serve(request: Request, state: ServerState, body: _OllamaRequest, ids: list[int],
                  params: SamplingParams, piece: Any, extra_final: Any, plan: chat_pipeline.ChatPlan | None = None) -> Response:
     gen = Generation(state, ids, params)
-    try:
-        await gen.start(request)
-    except ClientGone:
-        return Response(status_code=499)
     model = body.model
 
     def final(out: RequestOutput, text: str, calls: list[Any] | None = None) -> dict[str, Any]:
-        body = piece(text)
+        part = piece(text)
         if calls:
-            body["message"]["tool_calls"] = [c.ollama() for c in calls]
-        return {"model": model, "created_at": _created_at(), **body, "done": True,
-                "done_reason": out.outputs[0].finish_reason or "stop", **_timings(gen, out), **extra_final(out)}
+            part["message"]["tool_calls"] = [c.ollama() for c in calls]
+        return _reply_line(model, part, True, done_reason=out.outputs[0].finish_reason or "stop",
+                           **_timings(gen, out), **extra_final(out))
 
-    if body.stream:
-        async def lines() -> AsyncIterator[str]:
-            split = chat_pipeline.ToolStream(plan or chat_pipeline.ChatPlan([], chat_pipeline.NO_TOOLS, "hermes"))
-            try:
-                async for out in gen.outputs():
-                    delta, calls = split.update(out.outputs[0].text, out.finished)
-                    if out.finished:
-                        if delta:
-                            yield _line({"model": model, "created_at": _created_at(), **piece(delta), "done": False})
-                        yield _line(final(out, "", split.calls))
-                    elif delta or calls:
-                        line = {"model": model, "created_at": _created_at(), **piece(delta), "done": False}
-                        if calls:
-                            line["message"]["tool_calls"] = [c.ollama() for c in calls]
-                        yield _line(line)
-            except APIError as e:
-                yield _line({"error": e.message})
-
-        return GenerationStream(lines(), gen, media_type=NDJSON)
+    async def lines() -> AsyncIterator[str]:
+        split = chat_pipeline.ToolStream(plan or chat_pipeline.ChatPlan([], chat_pipeline.NO_TOOLS, "hermes"))
+        try:
+            async for out in gen.outputs():
+                delta, calls = split.update(out.outputs[0].text, out.finished)
+                if out.finished:
+                    if delta:
+                        yield ndjson_line(_reply_line(model, piece(delta), False))
+                    yield ndjson_line(final(out, "", split.calls))
+                elif delta or calls:
+                    line = _reply_line(model, piece(delta), False)
+                    if calls:
+                        line["message"]["tool_calls"] = [c.ollama() for c in calls]
+                    yield ndjson_line(line)
+        except APIError as e:
+            yield ndjson_line({"error": e.message})
 
     def render(out: RequestOutput) -> Response:
         text = out.outputs[0].text
         text, calls = chat_pipeline.final_message(plan, text) if plan is not None else (text, [])
-        return Response(_line(final(out, text or "", calls)), media_type="application/json")
+        return _json(final(out, text or "", calls))
 
-    return await gen.reply(request, render)
+    return await answer(request, gen, body.stream, lines, render, NDJSON)
 
 
 @router.post("/api/generate")
 async def generate(body: OllamaGenerateRequest, request: Request) -> Response:
-    state = get_state(request)
-    state.check_model(body.model, ollama=True)
-    if body.images:
-        raise InvalidRequestError("images are not supported: the served model reads text only", param="images")
+    state = checked_state(request, body.model, ollama=True)
+    _text_only(bool(body.images))
     if body.suffix:
         raise InvalidRequestError("suffix (fill-in-the-middle) is not supported: the chat template has no "
                                   "fill-in-the-middle form", param="suffix")
     params = body.sampling_params(state.backend.max_model_len)
     structured.attach(params, structured.ollama_spec(body.format), state.backend)
     if not body.prompt and not body.system:
-        # Ollama's "load the model" call: the model is always loaded here.
-        return Response(_line({"model": body.model, "created_at": _created_at(), "response": "", "done": True,
-                               "done_reason": "load"}), media_type="application/json")
+        return _loaded(body.model, _response)
     if body.raw:
         ids = await state.encode(body.prompt, add_special_tokens=True)
     else:
         msgs = ([ChatMessage(role="system", content=body.system)] if body.system else []) + [
             ChatMessage(role="user", content=body.prompt)]
         ids = await state.encode(state.render_chat(msgs, True), add_special_tokens=False)
-    return await _serve(request, state, body, ids, params, lambda t: {"response": t},
+    return await _serve(request, state, body, ids, params, _response,
                         lambda out: {"context": list(out.prompt_token_ids) + list(out.outputs[0].token_ids)})
 
 
 @router.post("/api/chat")
 async def chat(body: OllamaChatRequest, request: Request) -> Response:
-    state = get_state(request)
-    state.check_model(body.model, ollama=True)
-    if any(m.images for m in body.messages):
-        raise InvalidRequestError("images are not supported: the served model reads text only", param="images")
+    state = checked_state(request, body.model, ollama=True)
+    _text_only(any(m.images for m in body.messages))
     params = body.sampling_params(state.backend.max_model_len)
     if not body.messages:
-        return Response(_line({"model": body.model, "created_at": _created_at(),
-                               "message": {"role": "assistant", "content": ""}, "done": True,
-                               "done_reason": "load"}), media_type="application/json")
+        return _loaded(body.model, _assistant)
     tools = parse_tools(body.tools, None, None)
     # Off the event loop: a long conversation takes seconds to render and tokenize, /health shares the loop.
     plan = await asyncio.to_thread(chat_pipeline.prepare_chat, state.backend, [_message_dict(m) for m in body.messages],
                                    tools, params, structured.ollama_spec(body.format))
-    return await _serve(request, state, body, plan.prompt_ids, params,
-                        lambda t: {"message": {"role": "assistant", "content": t}}, lambda out: {}, plan)
+    return await _serve(request, state, body, plan.prompt_ids, params, _assistant, lambda out: {}, plan)
+
+
+def _response(text: str) -> dict[str, Any]:  # /api/generate's payload
+    return {"response": text}
+
+
+def _assistant(text: str) -> dict[str, Any]:  # /api/chat's payload
+    return {"message": {"role": "assistant", "content": text}}
 
 
 def _message_dict(m: OllamaMessage) -> dict[str, Any]:
@@ -269,18 +277,17 @@ class OllamaShowRequest(_Strict):
 @router.post("/api/show")
 async def show(body: OllamaShowRequest, request: Request) -> Response:
     """What Ollama clients probe before listing a model: details, capabilities, template, parameters."""
-    state = get_state(request)
-    state.check_model(body.model or body.name, ollama=True)
+    state = checked_state(request, body.model or body.name, ollama=True)
     entry = _model_entry(state)
     template = state.backend.chat_template_source() or ""
     caps = ["completion", "tools", "embedding"]  # every Backend embeds
     ctx = state.backend.max_model_len
-    return Response(_line({
+    return _json({
         "modelfile": f"FROM {entry['name']}\n", "template": template, "parameters": f"num_ctx {ctx}",
         "details": entry["details"], "capabilities": caps, "modified_at": entry["modified_at"],
         "model_info": {"general.architecture": entry["details"]["family"] or "llama",
                        "general.context_length": ctx, "gearshift.engine": state.backend.name},
-    }), media_type="application/json")
+    })
 
 
 class OllamaEmbedRequest(_Strict):
@@ -310,24 +317,22 @@ async def _embed(state: ServerState, texts: list[str], truncate: bool) -> tuple[
 
 @router.post("/api/embed")
 async def embed(body: OllamaEmbedRequest, request: Request) -> Response:
-    state = get_state(request)
-    state.check_model(body.model, ollama=True)
+    state = checked_state(request, body.model, ollama=True)
     embedding.check_dimensions(body.dimensions)
     texts = [body.input] if isinstance(body.input, str) else list(body.input)
     if not texts or any(t == "" for t in texts):
         raise InvalidRequestError("input must be a non-empty string or list of strings", param="input")
     start = time.monotonic()
     vectors, n = await _embed(state, texts, body.truncate)
-    return Response(_line({"model": body.model, "embeddings": [[float(x) for x in v] for v in vectors],
-                           "total_duration": int((time.monotonic() - start) * 1e9), "load_duration": 0,
-                           "prompt_eval_count": n}), media_type="application/json")
+    return _json({"model": body.model, "embeddings": [[float(x) for x in v] for v in vectors],
+                  "total_duration": int((time.monotonic() - start) * 1e9), "load_duration": 0,
+                  "prompt_eval_count": n})
 
 
 @router.post("/api/embeddings")
 async def embeddings_legacy(body: OllamaEmbeddingsRequest, request: Request) -> Response:
-    state = get_state(request)
-    state.check_model(body.model, ollama=True)
+    state = checked_state(request, body.model, ollama=True)
     if not body.prompt:
-        return Response(_line({"embedding": []}), media_type="application/json")  # Ollama's answer, too
+        return _json({"embedding": []})  # Ollama's answer, too
     vectors, _ = await _embed(state, [body.prompt], truncate=True)
-    return Response(_line({"embedding": [float(x) for x in vectors[0]]}), media_type="application/json")
+    return _json({"embedding": [float(x) for x in vectors[0]]})

@@ -1,5 +1,6 @@
 """`POST /v1/chat/completions` and `POST /v1/embeddings` in OpenAI's shapes, and the helpers
-completions_routes.py shares (request checks, SSE framing, the stream cursor, logprobs, usage).
+completions_routes.py shares (request checks, the stream cursor, logprobs, usage; the wire framing is
+framing.py's).
 
 Engines hand over cumulative outputs; streaming diffs them per choice into deltas. Usage counts come
 from the engine's token ids, so streamed and non-streamed replies agree.
@@ -8,8 +9,6 @@ from the engine's token ids, so streamed and non-streamed replies agree.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,8 +19,8 @@ from gearshift.engine.pipeline import chat, structured
 from gearshift.engine.pipeline import embeddings as embedding
 from gearshift.engine.pipeline.tools import parse_tools
 from gearshift.engine.sampling_params import SamplingParams
-from gearshift.engine.server.errors import APIError, error_payload
-from gearshift.engine.server.generation import ClientGone, Generation, GenerationStream
+from gearshift.engine.server.framing import SSE_HEADERS, json_response, sse, sse_events
+from gearshift.engine.server.generation import Generation, answer
 from gearshift.engine.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -30,14 +29,9 @@ from gearshift.engine.server.protocol import (
     now,
     usage,
 )
-from gearshift.engine.server.state import ServerState, get_state
+from gearshift.engine.server.state import ServerState, checked_state
 
 router = APIRouter()
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-def sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
 def _top(lp: Logprob, k: int) -> list[tuple[int, float]]:
@@ -75,35 +69,10 @@ def usage_of(outputs: list[RequestOutput | None]) -> dict[str, Any]:
 def checked_params(request: Request,
                    body: ChatCompletionRequest | CompletionRequest) -> tuple[ServerState, SamplingParams]:
     """The app's state and the request's sampling parameters, once its model and logit_bias are valid."""
-    state = get_state(request)
-    state.check_model(body.model)
+    state = checked_state(request, body.model)
     params = body.sampling_params()
     state.vocab_check(list(params.logit_bias), "logit_bias")
     return state, params
-
-
-async def sse_events(path: str, events: AsyncIterator[str]) -> AsyncIterator[str]:
-    """`events` framed as an OpenAI stream: an APIError mid-stream becomes an error event, and the
-    stream always ends with `[DONE]`."""
-    try:
-        async with contextlib.aclosing(events):  # type: ignore[type-var]
-            async for event in events:
-                yield event
-    except APIError as e:
-        yield sse(error_payload(path, e))
-    yield "data: [DONE]\n\n"
-
-
-async def _run(request: Request, state: ServerState, prompt_ids: list[int], body: Any, params: Any,
-               stream_body: Any, reply: Any) -> Response:
-    gen = Generation(state, prompt_ids, params)
-    try:
-        await gen.start(request)
-    except ClientGone:
-        return Response(status_code=499)
-    if body.stream:
-        return GenerationStream(stream_body(gen), gen, media_type="text/event-stream", headers=SSE_HEADERS)
-    return await gen.reply(request, reply)
 
 
 class Cursor:
@@ -139,7 +108,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     plan = await asyncio.to_thread(chat.prepare_chat, state.backend, [m.as_dict() for m in body.messages], tools, params,
                                    spec, body.add_generation_prompt)
     chat_reply = _ChatReply(state, body, params, plan)
-    return await _run(request, state, plan.prompt_ids, body, params, chat_reply.stream, chat_reply.reply)
+    gen = Generation(state, plan.prompt_ids, params)
+    return await answer(request, gen, body.stream, lambda: chat_reply.stream(gen), chat_reply.reply,
+                        "text/event-stream", SSE_HEADERS)
 
 
 class _ChatReply:
@@ -212,15 +183,10 @@ class _ChatReply:
                               "system_fingerprint": None})
 
 
-def json_response(obj: dict[str, Any]) -> Response:
-    return Response(json.dumps(obj, ensure_ascii=False, separators=(",", ":")), media_type="application/json")
-
-
 @router.post("/v1/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     """Last-token pooled, L2-normalised vectors from the served model (both engines; README: Embeddings)."""
-    state = get_state(request)
-    state.check_model(body.model)
+    state = checked_state(request, body.model)
     embedding.check_dimensions(body.dimensions)
     inputs = embedding.token_inputs(state.backend, body.input)
     vectors = await state.embed(inputs)

@@ -16,8 +16,9 @@ from gearshift.engine.pipeline import responses as rs
 from gearshift.engine.pipeline.tools import parse_tools
 from gearshift.engine.sampling_params import SamplingParams
 from gearshift.engine.server.errors import APIError
-from gearshift.engine.server.generation import ClientGone, Generation, GenerationStream
-from gearshift.engine.server.state import get_state
+from gearshift.engine.server.framing import SSE_HEADERS, compact
+from gearshift.engine.server.generation import Generation, answer
+from gearshift.engine.server.state import checked_state
 from pydantic import BaseModel, ConfigDict
 
 router = APIRouter()
@@ -44,13 +45,12 @@ class ResponsesRequest(BaseModel):
 def _sse(event: dict[str, Any], seq: list[int]) -> str:
     event["sequence_number"] = seq[0]
     seq[0] += 1
-    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"event: {event['type']}\ndata: {compact(event)}\n\n"
 
 
 @router.post("/v1/responses")
 async def responses(body: ResponsesRequest, request: Request) -> Response:
-    state = get_state(request)
-    state.check_model(body.model)
+    state = checked_state(request, body.model)
     if body.previous_response_id:
         raise InvalidRequestError("this server keeps no responses (stateless): send the whole conversation as "
                                   "input instead of previous_response_id", param="previous_response_id")
@@ -61,10 +61,6 @@ async def responses(body: ResponsesRequest, request: Request) -> Response:
     plan = chat.prepare_chat(state.backend, rs.to_messages(body.instructions, body.input), tools, params,
                              rs.text_format_spec(body.text))
     gen = Generation(state, plan.prompt_ids, params)
-    try:
-        await gen.start(request)
-    except ClientGone:
-        return Response(status_code=499)
     rid, model = rs.new_id("resp"), state.model_name
 
     def finished(out: RequestOutput, output: list[dict[str, Any]]) -> dict[str, Any]:
@@ -73,16 +69,13 @@ async def responses(body: ResponsesRequest, request: Request) -> Response:
         return rs.response_object(rid, model, body, output, "incomplete" if incomplete else "completed",
                                   rs.usage_of(len(out.prompt_token_ids), len(c.token_ids)), incomplete)
 
-    if body.stream:
-        return GenerationStream(_events(gen, plan, rid, model, body, finished), gen, media_type="text/event-stream",
-                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
     def render(out: RequestOutput) -> Response:
         content, calls = chat.final_message(plan, out.outputs[0].text)
         output = ([rs.message_item(rs.new_id("msg"), content)] if content else []) + [rs.call_item(c) for c in calls]
         return Response(json.dumps(finished(out, output), ensure_ascii=False), media_type="application/json")
 
-    return await gen.reply(request, render)
+    return await answer(request, gen, body.stream, lambda: _events(gen, plan, rid, model, body, finished), render,
+                        "text/event-stream", SSE_HEADERS)
 
 
 async def _events(gen: Generation, plan: chat.ChatPlan, rid: str, model: str, body: ResponsesRequest,

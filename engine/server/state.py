@@ -87,3 +87,10 @@ class ServerState:
 
 def get_state(request: Request) -> ServerState:
     return request.app.state.gearshift
+
+
+def checked_state(request: Request, model: str | None, *, ollama: bool = False) -> ServerState:
+    """The app's state, once `model` names the served model (404 otherwise; Ollama also takes `name:latest`)."""
+    state = get_state(request)
+    state.check_model(model, ollama=ollama)
+    return state

@@ -48,3 +48,13 @@ def test_onednn_runs_avx2_under_the_cap():
     isa = [ln for ln in out.stdout.splitlines() if ",isa:" in ln]
     assert out.returncode == 0 and isa, out.stdout + out.stderr
     assert "AVX2" in isa[0] and "512" not in isa[0], isa[0]
+
+
+def test_serve_under_an_avx2_cap_refuses_int4_as_an_avx2_cpu_does(smollm2_gguf):
+    """End to end, in a real `gearshift serve`: the cap alone makes the engine take the AVX2 CPU's int4 refusal."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONSAFEPATH": "1"}
+    proc = subprocess.run([sys.executable, "-m", "gearshift.engine.cli", "serve", "--engine", "paged",
+                           "--model", str(smollm2_gguf), "--quantization", "int4"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "avx512_bf16" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]

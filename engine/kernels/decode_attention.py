@@ -10,12 +10,18 @@ launch depends only on B, Hkv and NUM_SPLITS: fit for CUDA-graph capture.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
-from gearshift.engine.kernels.unified_attention import _load_kv_tile, _scores
-
-LOG2E = 1.4426950408889634
+from gearshift.engine.kernels.unified_attention import (
+    LOG2E,
+    _load_kv_tile,
+    _scores,
+    kv_strides,
+    variant_flags,
+)
 
 
 @triton.jit
@@ -155,6 +161,26 @@ def _decode_merge_kernel(
 INTERPRETED = type(_decode_split_kernel).__name__ == "InterpretedFunction"
 
 
+@dataclass(frozen=True)
+class DecodeLaunch:
+    split_grid: tuple[int, int, int]  # (B, Hkv, NUM_SPLITS): stage 1
+    merge_grid: tuple[int, int]  # (B, Hq): stage 2
+    group: int  # G = Hq / Hkv query heads per kv head, folded into rows
+    block_m: int  # rows per stage-1 program: a power of two >= max(16, G)
+    head_dim_padded: int
+    merge_warps: int
+
+
+def plan_decode(num_seqs: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                num_splits: int) -> DecodeLaunch:
+    """The launch shapes of both stages: pure, from the shapes alone."""
+    group = num_q_heads // num_kv_heads
+    head_dim_padded = max(16, triton.next_power_of_2(head_dim))
+    return DecodeLaunch(split_grid=(num_seqs, num_kv_heads, num_splits), merge_grid=(num_seqs, num_q_heads),
+                        group=group, block_m=max(16, triton.next_power_of_2(group)),
+                        head_dim_padded=head_dim_padded, merge_warps=1 if head_dim_padded <= 64 else 2)
+
+
 def decode_attention(
     q: torch.Tensor,  # [T, Hq, D], head_dim contiguous, one token per sequence
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
@@ -169,63 +195,35 @@ def decode_attention(
     softcap: float | None = None,
 ) -> torch.Tensor:
     num_q_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads = k_cache.shape[2]
-    group = num_q_heads // num_kv_heads
     num_seqs = seq_lens.shape[0]
-    head_dim_padded = max(16, triton.next_power_of_2(head_dim))
+    plan = plan_decode(num_seqs, num_q_heads, k_cache.shape[2], head_dim, num_splits)
     part_acc = torch.empty(
-        (num_seqs, num_q_heads, num_splits, head_dim_padded), dtype=torch.float32, device=q.device
+        (num_seqs, num_q_heads, num_splits, plan.head_dim_padded), dtype=torch.float32, device=q.device
     )
     part_max = torch.empty((num_seqs, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
     part_sum = torch.empty_like(part_max)
-    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        part_acc,
-        part_max,
-        part_sum,
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        seq_lens,
-        query_start_loc,
-        scale * LOG2E,
-        window or 0,
-        softcap or 0.0,
-        q.stride(0),
-        q.stride(1),
-        block_tables.stride(0),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
+    _decode_split_kernel[plan.split_grid](
+        part_acc, part_max, part_sum, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+        scale * LOG2E, window or 0, softcap or 0.0,
+        q.stride(0), q.stride(1), block_tables.stride(0), *kv_strides(k_cache, v_cache),
         NUM_Q_HEADS=num_q_heads,
-        GROUP=group,
+        GROUP=plan.group,
         HEAD_DIM=head_dim,
-        HEAD_DIM_PADDED=head_dim_padded,
+        HEAD_DIM_PADDED=plan.head_dim_padded,
         BLOCK_SIZE=k_cache.shape[1],
         TILE=32,
-        BLOCK_M=max(16, triton.next_power_of_2(group)),
+        BLOCK_M=plan.block_m,
         NUM_SPLITS=num_splits,
-        DOT_FP32=INTERPRETED and q.dtype == torch.bfloat16,
-        HAS_WINDOW=window is not None,
-        HAS_SOFTCAP=softcap is not None,
+        **variant_flags(q, window, softcap),
         num_warps=4,
         num_stages=2,
     )
-    _decode_merge_kernel[(num_seqs, num_q_heads)](
-        out,
-        part_acc,
-        part_max,
-        part_sum,
-        query_start_loc,
-        out.stride(0),
-        out.stride(1),
+    _decode_merge_kernel[plan.merge_grid](
+        out, part_acc, part_max, part_sum, query_start_loc, out.stride(0), out.stride(1),
         NUM_Q_HEADS=num_q_heads,
         HEAD_DIM=head_dim,
-        HEAD_DIM_PADDED=head_dim_padded,
+        HEAD_DIM_PADDED=plan.head_dim_padded,
         NUM_SPLITS=num_splits,
-        num_warps=1 if head_dim_padded <= 64 else 2,
+        num_warps=plan.merge_warps,
     )
     return out

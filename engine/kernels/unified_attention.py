@@ -8,6 +8,8 @@ attention does), so K/V tiles are read once per kv head. Online softmax in fp32 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -186,6 +188,41 @@ def _unified_attention_kernel(
 INTERPRETED = type(_unified_attention_kernel).__name__ == "InterpretedFunction"
 
 
+def kv_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, ...]:
+    """The cache strides every paged kernel takes: k's block, slot and head strides, then v's."""
+    return (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2))
+
+
+def variant_flags(q: torch.Tensor, window: int | None, softcap: float | None) -> dict[str, bool]:
+    """The compile-time switches the attention kernels share (each picks a compiled variant)."""
+    return {"DOT_FP32": INTERPRETED and q.dtype == torch.bfloat16, "HAS_WINDOW": window is not None,
+            "HAS_SOFTCAP": softcap is not None}
+
+
+@dataclass(frozen=True)
+class UnifiedLaunch:
+    grid: tuple[int, int]  # (q blocks: an upper bound over all sequences, Hkv)
+    group: int  # G = Hq / Hkv query heads per kv head
+    block_q: int  # query tokens per program
+    block_m: int  # rows per program: BLOCK_Q * G, a power of two >= 16
+    tile: int  # keys per inner step
+    head_dim_padded: int
+
+
+def plan_unified(num_tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int, num_seqs: int,
+                 max_query_len: int) -> UnifiedLaunch:
+    """The launch shape of one step: pure, from the shapes alone."""
+    group = num_q_heads // num_kv_heads
+    # Decode-heavy steps want small q blocks (little waste per sequence); prefill wants tall ones.
+    rows = 16 if max_query_len * group <= 16 else 64
+    block_m = max(rows, triton.next_power_of_2(group))
+    block_q = block_m // group
+    return UnifiedLaunch(grid=(num_tokens // block_q + num_seqs, num_kv_heads), group=group, block_q=block_q,
+                         block_m=block_m, tile=32 if head_dim <= 128 else 16,
+                         head_dim_padded=max(16, triton.next_power_of_2(head_dim)))
+
+
 def unified_attention(
     q: torch.Tensor,  # [T, Hq, D], head_dim contiguous
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
@@ -201,49 +238,22 @@ def unified_attention(
     seq_skip: torch.Tensor | None = None,  # [B] int32, 1 = skip this sequence (see prefill_route.py)
 ) -> torch.Tensor:
     num_tokens, num_q_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    group = num_q_heads // num_kv_heads
     num_seqs = seq_lens.shape[0]
-    # Decode-heavy steps want small q blocks (little waste per sequence); prefill wants tall ones.
-    rows = 16 if max_query_len * group <= 16 else 64
-    block_m = max(rows, triton.next_power_of_2(group))
-    block_q = block_m // group
-    tile = 32 if head_dim <= 128 else 16
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads)
-    _unified_attention_kernel[grid](
-        out,
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        seq_lens,
-        query_start_loc,
+    plan = plan_unified(num_tokens, num_q_heads, k_cache.shape[2], head_dim, num_seqs, max_query_len)
+    _unified_attention_kernel[plan.grid](
+        out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
         seq_lens if seq_skip is None else seq_skip,  # any int32 pointer when unused
-        num_seqs,
-        scale * LOG2E,
-        window or 0,
-        softcap or 0.0,
-        q.stride(0),
-        q.stride(1),
-        out.stride(0),
-        out.stride(1),
-        block_tables.stride(0),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        GROUP=group,
+        num_seqs, scale * LOG2E, window or 0, softcap or 0.0,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        *kv_strides(k_cache, v_cache),
+        GROUP=plan.group,
         HEAD_DIM=head_dim,
-        HEAD_DIM_PADDED=max(16, triton.next_power_of_2(head_dim)),
+        HEAD_DIM_PADDED=plan.head_dim_padded,
         BLOCK_SIZE=k_cache.shape[1],
-        TILE=tile,
-        BLOCK_Q=block_q,
-        BLOCK_M=block_m,
-        DOT_FP32=INTERPRETED and q.dtype == torch.bfloat16,
-        HAS_WINDOW=window is not None,
-        HAS_SOFTCAP=softcap is not None,
+        TILE=plan.tile,
+        BLOCK_Q=plan.block_q,
+        BLOCK_M=plan.block_m,
+        **variant_flags(q, window, softcap),
         HAS_SKIP=seq_skip is not None,
         num_warps=4,
         num_stages=2,

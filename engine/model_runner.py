@@ -33,8 +33,6 @@ Contract on K/V: after execute, the cache holds K/V for every scheduled token at
 from __future__ import annotations
 
 import logging
-import mmap
-import os
 from itertools import chain
 from typing import TYPE_CHECKING
 
@@ -46,6 +44,7 @@ from gearshift.engine.cpu_malloc import keep_large_buffers, release_free_heap
 from gearshift.engine.device_copy import to_device
 from gearshift.engine.dtypes import cpu_has_fast_bf16, kv_cache_dtype, resolve_device, resolve_dtype
 from gearshift.engine.errors import GearshiftError
+from gearshift.engine.kv_cache import allocate_kv_cache, block_bytes, kv_budget, plan_kv_cache
 from gearshift.engine.load_progress import reported
 from gearshift.engine.loader import open_model
 from gearshift.engine.model.llama import LlamaForCausalLM
@@ -70,20 +69,6 @@ def with_previous_ids(input_ids: torch.Tensor, prev_ids: torch.Tensor) -> torch.
     head = input_ids[:nd]
     head = torch.where(head == PLACEHOLDER, prev_ids, head)
     return head if nd == input_ids.shape[0] else torch.cat([head, input_ids[nd:]])
-
-
-def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A CPU tensor of zeros whose pages become resident only when first written: an anonymous mapping
-    reads as zeros (the kernel's zero page) until touched, so a KV cache sized for the worst case costs
-    memory only for the blocks requests really fill. torch.zeros would write (and keep) every page."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    nbytes = elem
-    for n in shape:
-        nbytes *= n
-    # Private, not mmap's default shared mapping: shared anonymous memory is shmem, and reading it
-    # allocates pages; a private one maps the zero page on read and allocates only on write.
-    buf = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return torch.frombuffer(buf, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)
 
 
 class ModelRunner:
@@ -161,44 +146,18 @@ class ModelRunner:
                 log.warning("oneDNN weight pre-packing unavailable (%s); using plain matmuls", e)
         return model.eval()
 
-    def _kv_budget(self) -> int:
-        if self.config.kv_cache_memory:
-            return int(self.config.kv_cache_memory)
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return int(free * 0.8)  # leave room for activations and the graphs' pools
-        try:
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError):
-            avail = 8 << 30
-        return int(min(max(avail * 0.15, 256 << 20), 4 << 30))
+    def _kv_budget(self) -> int:  # distributed/runner.py takes the smallest over the ranks
+        return kv_budget(self.config.kv_cache_memory, self.device)
 
     def _allocate_kv_cache(self, wanted_len: int) -> None:
-        cfg = self.model_config
-        elem = torch.tensor([], dtype=self.kv_dtype).element_size()
-        per_block = 2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim * elem
-        budget = self._kv_budget()
-        self.num_kv_blocks = budget // per_block
-        if self.num_kv_blocks < 2:
-            raise GearshiftError(
-                f"kv_cache_memory {budget} bytes holds fewer than 2 blocks of {per_block} bytes; raise it"
-            )
-        capacity = self.num_kv_blocks * self.block_size
-        if self.config.max_model_len is not None and self.config.max_model_len > capacity:
-            raise GearshiftError(
-                f"max_model_len {self.config.max_model_len} needs {self.config.max_model_len * per_block // self.block_size} "
-                f"bytes of KV cache; kv_cache_memory allows {capacity} tokens"
-            )
-        self.max_model_len = min(wanted_len, capacity)
-        # [layers, 2, blocks, block_size, Hkv, D] in one tensor; per layer (k, v) views of it. Zeros, not
-        # empty: the torch path gathers whole blocks and masks the unused tail, and never-written memory can
-        # hold NaN bit patterns, which a zero attention weight does not cancel (0 * NaN = NaN).
-        shape = (cfg.num_layers, 2, self.num_kv_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_cache = lazy_zeros(shape, self.kv_dtype) if self.device.type == "cpu" else torch.zeros(
-            shape, dtype=self.kv_dtype, device=self.device)
-        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_layers)]
+        """The cache (engine/kv_cache.py) the budget holds, and the context length it leaves."""
+        plan = plan_kv_cache(self._kv_budget(), block_bytes(self.model_config, self.block_size, self.kv_dtype),
+                             self.block_size, self.config.max_model_len, wanted_len)
+        self.num_kv_blocks, self.max_model_len = plan.num_blocks, plan.max_model_len
+        self.kv_cache, self.kv_caches = allocate_kv_cache(self.model_config, plan.num_blocks, self.block_size,
+                                                          self.kv_dtype, self.device)
         log.info("KV cache: %d blocks x %d tokens (%.1f MiB, %s), max_model_len %d", self.num_kv_blocks,
-                 self.block_size, self.kv_cache.numel() * elem / 2**20, str(self.kv_dtype)[6:], self.max_model_len)
+                 self.block_size, self.kv_cache.nbytes / 2**20, str(self.kv_dtype)[6:], self.max_model_len)
 
     def _int8_calibration(self) -> dict[str, torch.Tensor]:
         """Per-channel max |input| of every smoothable matmul over one prefill of quant_int8's calibration

@@ -213,7 +213,7 @@ def _rss_bytes() -> int:
 
 def test_kv_cache_pages_are_zero_and_resident_only_once_written() -> None:
     import torch
-    from gearshift.engine.model_runner import lazy_zeros
+    from gearshift.engine.kv_cache import lazy_zeros
 
     size = 256 << 20
     before = _rss_bytes()

@@ -3,7 +3,7 @@ streamed as Responses events or not, on the same chat pipeline as /v1/chat/compl
 
 from __future__ import annotations
 
-import json
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -58,8 +58,10 @@ async def responses(body: ResponsesRequest, request: Request) -> Response:
                             temperature=1.0 if body.temperature is None else body.temperature,
                             top_p=1.0 if body.top_p is None else body.top_p)
     tools = parse_tools(rs.chat_tools(body.tools), rs.chat_tool_choice(body.tool_choice), body.parallel_tool_calls)
-    plan = chat.prepare_chat(state.backend, rs.to_messages(body.instructions, body.input), tools, params,
-                             rs.text_format_spec(body.text))
+    # Templating, tokenizing and compiling a text.format grammar take a while on a long conversation: a worker
+    # thread, as the chat and Ollama routes do, keeps the event loop (and /health) answering meanwhile.
+    plan = await asyncio.to_thread(chat.prepare_chat, state.backend, rs.to_messages(body.instructions, body.input),
+                                   tools, params, rs.text_format_spec(body.text))
     gen = Generation(state, plan.prompt_ids, params)
     rid, model = rs.new_id("resp"), state.model_name
 
@@ -72,7 +74,7 @@ async def responses(body: ResponsesRequest, request: Request) -> Response:
     def render(out: RequestOutput) -> Response:
         content, calls = chat.final_message(plan, out.outputs[0].text)
         output = ([rs.message_item(rs.new_id("msg"), content)] if content else []) + [rs.call_item(c) for c in calls]
-        return Response(json.dumps(finished(out, output), ensure_ascii=False), media_type="application/json")
+        return Response(compact(finished(out, output)), media_type="application/json")
 
     return await answer(request, gen, body.stream, lambda: _events(gen, plan, rid, model, body, finished), render,
                         "text/event-stream", SSE_HEADERS)

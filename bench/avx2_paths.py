@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
           + " | ".join(f"{n} x" for n in names[1:]) + " |")
     print("|---|" + "---:|" * (2 * len(names) - 1))
     for label, out, rounds in (("decode 1 row, ctx 190", step(1, 0, 190, bs), args.rounds),
+                               ("decode 4 rows, ctx 190", step(4, 0, 190, bs), args.rounds),
                                ("decode 32 rows, ctx 190", step(32, 0, 190, bs), args.rounds),
                                ("prefill 16 x 128 tokens", prefill_step(16, 128, bs), args.prefill_rounds)):
         # forced int4's prefill runs unpacked emulated-bf16 matmuls over 2048 rows: minutes a step, skipped

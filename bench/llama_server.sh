@@ -6,7 +6,7 @@
 # defaults (GGML_NATIVE, OpenMP), the same ones pip used to build llama-cpp-python. No curl, no web UI
 # (nothing to fetch at build time). ~7 min on 2 cores; tests never need it.
 #   bench/llama_server.sh [--force]     env: PYTHON (default .venv/bin/python), JOBS (default 2)
-# LLAMA_CMAKE_ARGS (default none) adds cmake flags, e.g. an AVX2-only build into its own cache (bench/avx2_paths.py):
+# LLAMA_CMAKE_ARGS (default none) adds cmake flags, e.g. an AVX2-only build into its own cache (README, AVX2):
 #   GEARSHIFT_CACHE=/tmp/avx2 LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
 #     -DGGML_F16C=ON -DGGML_BMI2=ON" bench/llama_server.sh
 set -euo pipefail

@@ -52,6 +52,15 @@ def metric(text: str, name: str, labels: str = "") -> float:
     raise AssertionError(f"{name}{{{labels}}} not in /metrics")
 
 
+def wait_queued(server: Server, at_least: int = 1, timeout: float = 120) -> None:
+    """Until `server`'s gearshift:num_requests_waiting reads `at_least`: a failure, never a hang, when the
+    request meant to queue never does (e.g. the one ahead of it already finished)."""
+    deadline = time.monotonic() + timeout
+    while metric(server.metrics(), "gearshift:num_requests_waiting") < at_least:
+        assert time.monotonic() < deadline, f"no {at_least} request(s) waiting after {timeout:.0f} s"
+        time.sleep(0.05)
+
+
 class Server:
     def __init__(self, proc: subprocess.Popen, port: int, log: Path, model: str) -> None:
         self.proc, self.port, self.log, self.model = proc, port, log, model

@@ -12,12 +12,11 @@ import json
 import socket
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from server_process import engine_param, metric, running_server
+from server_process import engine_param, running_server, wait_queued
 
 PROMPT = "Write a long story about a lighthouse keeper and the storm."
 FAULT_SERVE = [sys.executable, str(Path(__file__).with_name("fault_serve.py"))]
@@ -311,17 +310,17 @@ def test_paged_step_failures_fail_only_their_requests_then_break_health(smollm2_
 def test_gguf_request_failures_fail_only_themselves_then_break_health(smollm2_gguf):
     pytest.importorskip("llama_cpp")
     with running_server(smollm2_gguf, "gguf", env={"GEARSHIFT_TEST_FAULT": "1"}, entry=FAULT_SERVE) as server:
-        first = Stream(server.url, completion(24, True))
+        # Long enough that the culprit queues behind it even on a loaded machine (24 tokens could finish first).
+        first = Stream(server.url, completion(200, True))
         first.start()
         assert first.started.wait(120)
         culprit = Stream(server.url, completion(8, True, seed=SAMPLE))
         culprit.start()
-        while metric(server.metrics(), "gearshift:num_requests_waiting") < 1:  # the culprit is queued
-            time.sleep(0.05)
+        wait_queued(server)  # the culprit is queued
         after = Stream(server.url, completion(8, True))  # queued behind the culprit
         after.start()
         ended_with_server_error(culprit)
-        assert_intact(first, 24)
+        assert_intact(first, 200)
         assert_intact(after, 8)
         for _ in range(3):  # a request's own failures, however many, do not break the engine
             r = httpx.post(server.url + "/v1/completions", json=completion(4, False, seed=SAMPLE), timeout=120)
@@ -343,8 +342,7 @@ def test_a_dead_worker_ends_every_stream_and_fails_health(smollm2_gguf, engine):
         killer = Stream(server.url, completion(8, True, seed=KILL))
         killer.start()
         if engine == "gguf":  # one request at a time: the killer runs after `running`; one waits behind it
-            while metric(server.metrics(), "gearshift:num_requests_waiting") < 1:  # the killer is queued
-                time.sleep(0.05)
+            wait_queued(server)  # the killer is queued
             behind = Stream(server.url, completion(8, True))
             behind.start()
             assert_intact(running, 200)

@@ -182,7 +182,12 @@ class _DecodeHandoff:
 
     def emit(self, out: CompletionOutput) -> None:
         self.flush()
-        if self._hooked and not out.finished:
+        if out.finished:
+            # The choice is over: its hook goes before anyone sees the end (a consumer that acts on the final
+            # output, e.g. the next request, finds the context as it was).
+            self._unhook()
+            self._emit(out)
+        elif self._hooked:
             self._pending = out
         else:
             self._emit(out)
@@ -193,8 +198,11 @@ class _DecodeHandoff:
             self._emit(pending)
 
     def close(self) -> None:
-        """The choice ended (or failed): what is pending goes now, and the context's own decode is back."""
+        """The choice ended (or failed): the context's own decode is back, and what is pending goes now."""
+        self._unhook()
+        self.flush()
+
+    def _unhook(self) -> None:
         if self._hooked:
             del self._ctx.decode  # the instance attribute only: the class method shows through again
             self._hooked = False
-        self.flush()

@@ -29,7 +29,6 @@ from kernel_harness import (  # importing it switches Triton's interpreter on wh
     F32,
     INTERPRETING,
     Case,
-    Step,  # noqa: F401  (test_prefill_route.py imports the harness from here)
     _params,
     assert_close,
     cpu_in_process,

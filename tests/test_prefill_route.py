@@ -4,7 +4,7 @@ with no cached prefix by dense SDPA, every other sequence by the unified paged k
 The route's choice is a table test; its output is checked against the unified kernel alone and against
 the torch path (the CPU engine's attention, itself tested against dense attention in test_attention.py).
 CPU cases run the kernels under Triton's interpreter with the route's threshold lowered to a few tokens;
-test_kernels.py sets the interpreter up (or re-runs this file's CPU cases in an interpreting process).
+tests/kernel_harness.py sets the interpreter up (or re-runs this file's CPU cases in an interpreting process).
 The `gpu` cases use the engine's own threshold and check that flash is the SDPA backend taken.
 """
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 from gearshift.engine.attention_metadata import AttentionMetadata
 from gearshift.engine.kernels import paged_attention
-from test_kernels import (
+from kernel_harness import (
     BF16,
     F16,
     F32,

@@ -22,8 +22,8 @@ from int8_kernels_ab import prefill_step  # noqa: E402
 from int8_profile import cpu_flags, interleaved_ms, step  # noqa: E402
 
 
-def old_plain_rows(n: int, k: int) -> int:
-    """The layout choice before: both layouts for every matrix up to GEMV_PLAIN_MAX weights."""
+def old_plain_rows(n: int, k: int, _int8_dot: bool = True) -> int:
+    """The layout choice before: both layouts for every matrix up to GEMV_PLAIN_MAX weights (VNNI or not)."""
     from gearshift.engine.model import quant_int8
 
     if n * k > quant_int8.GEMV_PLAIN_MAX:

@@ -37,6 +37,28 @@ def cpu_has_fast_bf16() -> bool:
     return native_bf16(flags, os.environ.get("ONEDNN_MAX_CPU_ISA", ""))
 
 
+# oneDNN ISA caps below its int8 dot-product (VNNI) levels; AVX2_VNNI(_2) needs the CPU's VEX avx_vnni itself.
+_ONEDNN_NO_VNNI = frozenset({"SSE41", "AVX", "AVX2", "AVX512_CORE"})
+
+
+def cpu_has_int8_dot(flags: list[str] | None = None, onednn_max_isa: str | None = None) -> bool:
+    """int8 dot-product instructions (VNNI: avx512_vnni or avx_vnni), unless oneDNN is capped below them
+    (ONEDNN_MAX_CPU_ISA); without them oneDNN's packed u8 x s8 GEMM loses to torch._int_mm at decode sizes
+    (quant_int8.plain_rows_for). flags / onednn_max_isa: /proc/cpuinfo's and the environment's when None."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA", "") if onednn_max_isa is None else onednn_max_isa).strip().upper()
+    if cap in _ONEDNN_NO_VNNI:
+        return False
+    if flags is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = next((line for line in f if line.startswith("flags")), "").split()
+        except OSError:
+            return False
+    if cap.startswith("AVX2_VNNI"):
+        return "avx_vnni" in flags
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
 def kv_cache_dtype(dtype: torch.dtype, quantization: str | None, device_type: str, fast_bf16: bool) -> torch.dtype:
     """The KV cache's dtype: the activations' (`dtype`), except bf16 under --quantization int8's fp32
     activations on a CPU with native bf16: its decode attention is memory-bound at many streams and bf16

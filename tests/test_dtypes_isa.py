@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from gearshift.engine.dtypes import cpu_has_fast_bf16, native_bf16, resolve_dtype
+from gearshift.engine.dtypes import cpu_has_fast_bf16, cpu_has_int8_dot, native_bf16, resolve_dtype
 
 BF16 = ["sse4_2", "avx2", "avx512f", "avx512_bf16"]
 
@@ -28,6 +28,29 @@ BF16 = ["sse4_2", "avx2", "avx512f", "avx512_bf16"]
 ])
 def test_native_bf16(flags, cap, want):
     assert native_bf16(flags, cap) is want
+
+
+@pytest.mark.parametrize(("flags", "cap", "want"), [
+    (["avx2", "avx512f", "avx512_vnni"], "", True),  # no cap: the CPU's flags decide
+    (["avx2", "avx_vnni"], "", True),  # AVX-VNNI (VEX) on an AVX2-only core
+    (["avx2", "avx512f"], "", False),  # AVX-512 without VNNI (Skylake-SP)
+    (["avx2"], "", False),
+    (["avx2", "avx512_vnni", "avx_vnni"], "AVX2", False),  # capped below VNNI: oneDNN emulates the dot products
+    (["avx2", "avx512_vnni"], "avx2 ", False),  # read case-insensitively
+    (["avx2", "avx512_vnni"], "AVX512_CORE", False),
+    (["avx2", "avx512_vnni"], "AVX512_CORE_VNNI", True),
+    (["avx2", "avx512_vnni"], "AVX512_CORE_AMX", True),
+    (["avx2", "avx512_vnni"], "AVX2_VNNI", False),  # the AVX2 VNNI level needs the VEX form itself
+    (["avx2", "avx512_vnni", "avx_vnni"], "AVX2_VNNI", True),
+    (["avx2"], "AVX512_CORE_VNNI", False),  # a cap above the CPU grants nothing
+])
+def test_cpu_has_int8_dot(flags, cap, want):
+    assert cpu_has_int8_dot(flags, cap) is want
+
+
+def test_int8_dot_reads_the_cap_from_the_environment(monkeypatch):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not cpu_has_int8_dot()
 
 
 def test_auto_dtype_is_fp32_under_an_avx2_cap(monkeypatch):

@@ -64,6 +64,18 @@ def test_plain_rows_for_keeps_a_layout_only_where_some_step_size_reads_it():
              ((4097, 2048), 0)]
     for (n, k), rows in cases:
         assert plain_rows_for(n, k) == rows, (n, k)
+        assert plain_rows_for(n, k, int8_dot=True) == rows, (n, k)  # with VNNI: the choice above, unchanged
+        assert plain_rows_for(n, k, int8_dot=False) == sys.maxsize, (n, k)  # without: the plain layout only
+
+
+def test_without_vnni_a_weight_holds_only_the_plain_layout_and_gives_the_same_values():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(1040, 96, generator=g)  # over PLAIN_ONLY_SIDE: both layouts with VNNI
+    with_dot, without = Int8PerTokenWeight(w, int8_dot=True), Int8PerTokenWeight(w, int8_dot=False)
+    assert without.plain_rows == sys.maxsize and without.packed is None and without.qt is not None
+    for rows in (1, 2, 8, 33):  # with VNNI past one row: oneDNN's packed GEMM, where oneDNN is available
+        x = torch.randn(rows, 96, generator=g)
+        torch.testing.assert_close(without.matmul(x), with_dot.matmul(x), rtol=0, atol=0)
 
 
 def test_int8_model_holds_one_copy_of_each_weight_it_reads(smollm2_gguf):
@@ -71,6 +83,7 @@ def test_int8_model_holds_one_copy_of_each_weight_it_reads(smollm2_gguf):
     each int8 matrix holds exactly the layouts plain_rows_for names (one for q/k/v, o and the LM head), and
     the embedding table, now only looked up, is 16-bit and is the tied LM head's weight (the fp32 one freed)."""
     from gearshift.engine.config import EngineConfig
+    from gearshift.engine.dtypes import cpu_has_int8_dot
     from gearshift.engine.model.layers import Linear
     from gearshift.engine.model.quant_int8 import plain_rows_for
     from gearshift.engine.model_runner import ModelRunner
@@ -86,14 +99,14 @@ def test_int8_model_holds_one_copy_of_each_weight_it_reads(smollm2_gguf):
         assert m.packed is None, name  # no dense pre-packed copy
         if m is not model.lm_head:
             assert m.weight.numel() == 0, name  # the fp32 weight released
-        want = plain_rows_for(q.out_features, q.in_features) if packed_ok else sys.maxsize
+        want = plain_rows_for(q.out_features, q.in_features, cpu_has_int8_dot()) if packed_ok else sys.maxsize
         assert q.plain_rows == want, name
         assert (q.qt is not None) == (want > 0), name
         assert (q.packed is not None) == (want != sys.maxsize), name
         if q.qt is not None:
             assert q.qt.untyped_storage().nbytes() == q.out_features * q.in_features  # a view, not a copy
     two = {n.rsplit(".", 1)[-1] for n, m in linears.items() if m.small.qt is not None and m.small.packed is not None}
-    assert two == ({"gate_up_proj", "down_proj"} if packed_ok else set())  # the only matrices with two copies
+    assert two == ({"gate_up_proj", "down_proj"} if packed_ok and cpu_has_int8_dot() else set())  # the only matrices with two copies
     emb = model.embed_tokens.weight
     assert emb.dtype == torch.float16 and model.lm_head.weight is emb
     assert {p.dtype for n, p in model.named_parameters() if "embed" not in n} == {torch.float32}  # norms only

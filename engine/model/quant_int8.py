@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 from gearshift.engine.cpu_kernels import for_tensor as native_kernels
+from gearshift.engine.dtypes import cpu_has_int8_dot
 from torch import nn
 
 # SmolLM2-135M, bench/int8_fidelity.py perplexity (fp32 18.98; unsmoothed int8 with down_proj and the LM head
@@ -32,7 +33,8 @@ from torch import nn
 ALPHA = 0.5
 # Which int8 layouts a matrix keeps (plain_rows_for; Int8PerTokenWeight says why): matrices with neither side over
 # PLAIN_ONLY_SIDE only the plain one (torch._int_mm at every step size), other matrices of at most GEMV_PLAIN_MAX
-# weights both (plain for one-row steps), larger ones only oneDNN's packed one.
+# weights both (plain for one-row steps), larger ones only oneDNN's packed one; on a CPU without int8 dot-product
+# instructions (VNNI) every matrix only the plain one.
 PLAIN_ONLY_SIDE = 1024
 GEMV_PLAIN_MAX = 1 << 23
 # The matmuls smoothed (and so int8 where they were fp32: down_proj, the LM head), by Linear name's last part.
@@ -102,7 +104,8 @@ class Int8PerTokenWeight:
     Python call a matmul), or torch ops without the native module.
     """
 
-    def __init__(self, w: torch.Tensor) -> None:
+    def __init__(self, w: torch.Tensor, int8_dot: bool | None = None) -> None:
+        """int8_dot: whether the CPU has VNNI (dtypes.cpu_has_int8_dot when None); it picks the layouts."""
         w = w.detach().float()  # [N, K]
         self.out_features, self.in_features = w.shape
         scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # [N]
@@ -110,7 +113,8 @@ class Int8PerTokenWeight:
         self.scale_127 = scale / 127.0  # [N]: the weight's scale and the activation's 1/127 in one
         # Steps of at most plain_rows rows multiply the plain layout, larger ones the packed one; each layout is
         # kept only where some step size reads it (plain_rows_for), so most matrices hold one int8 copy.
-        self.plain_rows = plain_rows_for(self.out_features, self.in_features)
+        int8_dot = cpu_has_int8_dot() if int8_dot is None else int8_dot
+        self.plain_rows = plain_rows_for(self.out_features, self.in_features, int8_dot)
         # oneDNN's blocked layout of q, or None (not needed, or this torch build / CPU cannot pack it)
         self.packed = onednn_pack(q) if self.plain_rows != sys.maxsize else None
         if self.packed is None:
@@ -140,7 +144,7 @@ class Int8PerTokenWeight:
         return y.view(*lead, self.out_features)
 
 
-def plain_rows_for(n: int, k: int) -> int:
+def plain_rows_for(n: int, k: int, int8_dot: bool = True) -> int:
     """Which int8 layouts an [N, K] weight keeps: steps of at most the returned rows run torch._int_mm on the plain
     layout, larger steps oneDNN's packed one; sys.maxsize: only the plain layout, 0: only the packed one.
 
@@ -149,7 +153,17 @@ def plain_rows_for(n: int, k: int) -> int:
     29 / 20. Where neither side exceeds PLAIN_ONLY_SIDE (q/k/v, o) _int_mm is no slower at any step size (2048
     rows: 1200 vs 1232, 706 vs 733), so those keep the plain layout only. gate/up and down tie from 32 rows
     and oneDNN wins big prefills, so they keep both (the plain copy for one-row steps: ~80 MB on SmolLM2-135M);
-    the LM head (576 x 49152) only the packed one: oneDNN is as fast at one row and 1.2x at many."""
+    the LM head (576 x 49152) only the packed one: oneDNN is as fast at one row and 1.2x at many.
+
+    Without VNNI (int8_dot False: an AVX2-only CPU, or oneDNN capped below it) oneDNN's u8 x s8 GEMM emulates the
+    dot products and loses (bench/int8_gemm_shapes.py --threads 2 --rows ... under ONEDNN_MAX_CPU_ISA=AVX2
+    ATEN_CPU_CAPABILITY=avx2, 2026-12-01 12:13, under contention; us oneDNN / _int_mm at
+    1 / 2 / 8 / 32 / 512 rows: gate/up 103/98, 181/106, 219/152, 401/307, 7950/3559; down 58/63, 94/68, 115/89,
+    199/175, 7912/1910; at 2048 rows 27531/14681, 7475/7247; the LM head 2273/1518, 4506/1673, 5200/2356,
+    8162/5152 (64-256 rows, the most sequences a step has: 0.9-1.35x for oneDNN). So every matrix keeps only
+    the plain layout there: one int8 copy each, gate/up and down's packed copies dropped."""
+    if not int8_dot:
+        return sys.maxsize
     if max(n, k) <= PLAIN_ONLY_SIDE:
         return sys.maxsize
     return 1 if n * k <= GEMV_PLAIN_MAX else 0

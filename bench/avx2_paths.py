@@ -50,17 +50,25 @@ def onednn_isa() -> str:
         return next((ln.split("isa:", 1)[1].strip() for ln in f if "isa:" in ln), "unknown")
 
 
-def runners(model: str, threads: int, int4: bool) -> dict:
-    """dense (`dtype: auto`: fp32 where bf16 is not native), int8, and int4 (past its refusal where refused)."""
+def runners(model: str, threads: int, int4: bool, vnni_layouts: bool = False) -> dict:
+    """dense (`dtype: auto`: fp32 where bf16 is not native), int8, and int4 (past its refusal where refused);
+    vnni_layouts: also int8 with the layouts a VNNI CPU keeps (oneDNN's packed GEMM), the choice before 2026-12-01."""
     from gearshift.engine import model_runner
     from gearshift.engine.config import EngineConfig
     from gearshift.engine.errors import GearshiftError
+    from gearshift.engine.model import quant_int8
 
     def cfg(quant: str) -> EngineConfig:  # the A/B scripts' settings (bench/int8_kernels_ab.py)
         return EngineConfig(model=model, device="cpu", quantization=quant, threads=threads,
                             max_model_len=1024, kv_cache_memory=512 << 20, max_num_seqs=64)
 
     rs = {"dense": model_runner.ModelRunner(cfg("none")), "int8": model_runner.ModelRunner(cfg("int8"))}
+    if vnni_layouts:
+        probe, quant_int8.cpu_has_int8_dot = quant_int8.cpu_has_int8_dot, (lambda: True)
+        try:
+            rs["int8 (VNNI layouts)"] = model_runner.ModelRunner(cfg("int8"))
+        finally:
+            quant_int8.cpu_has_int8_dot = probe
     if int4:
         try:
             rs["int4"] = model_runner.ModelRunner(cfg("int4"))
@@ -102,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=10, help="interleaved decode steps per runner")
     ap.add_argument("--prefill-rounds", type=int, default=3, help="interleaved 16 x 128 prefill steps per runner")
     ap.add_argument("--no-int4", action="store_true")
+    ap.add_argument("--decode-rows", default="1,4,32", help="decode step sizes (rows), comma-separated")
+    ap.add_argument("--int8-vnni-layouts", action="store_true",
+                    help="also int8 with a VNNI CPU's layouts (quant_int8.plain_rows_for), the choice before 2026-12-01")
     args = ap.parse_args(argv)
     if args.isa == "avx2":  # before torch loads: ATen and oneDNN read them once
         os.environ.update(AVX2_ENV)
@@ -113,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"forced ISA ({args.isa}): " + " ".join(f"{k}={os.environ.get(k, '')}" for k in AVX2_ENV))
     print(f"ATen capability {torch.backends.cpu.get_cpu_capability()}; oneDNN isa {onednn_isa()}; "
           f"engine native bf16: {cpu_has_fast_bf16()}")
-    rs = runners(args.model or str(bundled_model_path()), args.threads, not args.no_int4)
+    rs = runners(args.model or str(bundled_model_path()), args.threads, not args.no_int4, args.int8_vnni_layouts)
     for name, r in rs.items():
         print(f"{name}: activations {r.dtype}, KV cache {r.kv_dtype}")
     bs = rs["dense"].block_size
@@ -123,10 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| step | " + " | ".join(f"{n} ms" for n in names) + " | "
           + " | ".join(f"{n} x" for n in names[1:]) + " |")
     print("|---|" + "---:|" * (2 * len(names) - 1))
-    for label, out, rounds in (("decode 1 row, ctx 190", step(1, 0, 190, bs), args.rounds),
-                               ("decode 4 rows, ctx 190", step(4, 0, 190, bs), args.rounds),
-                               ("decode 32 rows, ctx 190", step(32, 0, 190, bs), args.rounds),
-                               ("prefill 16 x 128 tokens", prefill_step(16, 128, bs), args.prefill_rounds)):
+    decodes = [(f"decode {m} row{'s' if m > 1 else ''}, ctx 190", step(m, 0, 190, bs), args.rounds)
+               for m in (int(r) for r in args.decode_rows.split(","))]
+    for label, out, rounds in [*decodes, ("prefill 16 x 128 tokens", prefill_step(16, 128, bs), args.prefill_rounds)]:
         # forced int4's prefill runs unpacked emulated-bf16 matmuls over 2048 rows: minutes a step, skipped
         timed = {n: r for n, r in rs.items() if not (n == "int4 (forced)" and out.num_decodes == 0)}
         times = interleaved_ms(timed, out, rounds)

@@ -108,12 +108,13 @@ class Int8PerTokenWeight:
         """int8_dot: whether the CPU has VNNI (dtypes.cpu_has_int8_dot when None); it picks the layouts."""
         w = w.detach().float()  # [N, K]
         self.out_features, self.in_features = w.shape
-        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # [N]
-        q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)  # [N, K]
+        int8_dot = cpu_has_int8_dot() if int8_dot is None else int8_dot
+        wmax = weight_qmax(int8_dot)
+        scale = (w.abs().amax(dim=1) / wmax).clamp(min=1e-12)  # [N]
+        q = (w / scale[:, None]).round().clamp(-wmax, wmax).to(torch.int8)  # [N, K]
         self.scale_127 = scale / 127.0  # [N]: the weight's scale and the activation's 1/127 in one
         # Steps of at most plain_rows rows multiply the plain layout, larger ones the packed one; each layout is
         # kept only where some step size reads it (plain_rows_for), so most matrices hold one int8 copy.
-        int8_dot = cpu_has_int8_dot() if int8_dot is None else int8_dot
         self.plain_rows = plain_rows_for(self.out_features, self.in_features, int8_dot)
         # oneDNN's blocked layout of q, or None (not needed, or this torch build / CPU cannot pack it)
         self.packed = onednn_pack(q) if self.plain_rows != sys.maxsize else None
@@ -142,6 +143,14 @@ class Int8PerTokenWeight:
         else:
             y = per_token_int8_mm(x.float(), self.qt, self.scale_127, bias)
         return y.view(*lead, self.out_features)
+
+
+def weight_qmax(int8_dot: bool) -> int:
+    """The largest |q| of a weight. 127 with VNNI. Without it oneDNN (under torch._int_mm too) shifts the int8
+    activations to u8 and sums pairs of u8 x s8 products in saturating int16 (vpmaddubsw): 2 * 255 * 127
+    overflows, and the results were off by up to ~20% of a dot product (measured under ONEDNN_MAX_CPU_ISA=AVX2).
+    7-bit weights keep every pair within int16 (2 * 255 * 63 = 32130), so the sums are exact again."""
+    return 127 if int8_dot else 63
 
 
 def plain_rows_for(n: int, k: int, int8_dot: bool = True) -> int:

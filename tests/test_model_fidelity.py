@@ -136,6 +136,7 @@ def test_int8_weights_keep_the_fp32_model_within_the_documented_bounds(smollm2_g
     """int8 is not token-for-token fp32: it must agree with fp32's argmax wherever fp32 is not near a tie
     (top-2 margin > 1 logit) and cost little perplexity (README: 19.0 -> 19.4 on bench/int8_fidelity.py,
     every matmul int8, smoothed; 19.7 before with down_proj and the LM head fp32)."""
+    from gearshift.engine.dtypes import cpu_has_int8_dot
     from gearshift.engine.errors import GearshiftError
     from gearshift.engine.model.quant_int8 import Int8PerTokenWeight
 
@@ -157,7 +158,9 @@ def test_int8_weights_keep_the_fp32_model_within_the_documented_bounds(smollm2_g
     clear = (top2[:, 0] - top2[:, 1]) > 1.0
     assert int(clear.sum()) >= 10
     assert float((ref.argmax(-1) == got.argmax(-1))[clear].float().mean()) >= 0.95
-    # Smoothed, every matmul int8: 96% of all 50 positions (78% before smoothing, down_proj fp32; README).
-    assert float((ref.argmax(-1) == got.argmax(-1)).float().mean()) >= 0.88
+    # Smoothed, every matmul int8: 96% of all 50 positions (78% before smoothing, down_proj fp32; README). Without
+    # VNNI the weights are 7-bit (quant_int8.weight_qmax, exact int16 sums): 82% under ONEDNN_MAX_CPU_ISA=AVX2
+    # (README "On AVX2-only CPUs"); the clear-margin bound above holds on both.
+    assert float((ref.argmax(-1) == got.argmax(-1)).float().mean()) >= (0.88 if cpu_has_int8_dot() else 0.78)
     with pytest.raises(GearshiftError, match="int8"):
         ModelRunner(EngineConfig(model=str(smollm2_gguf), device="cpu", dtype="bfloat16", quantization="int8"))

@@ -140,6 +140,10 @@ class PrivateAPIServer:
         self.argv = [a.replace(state_pki, str(pki)) if state_pki in a else a
                      for a in local._command("kube-apiserver")]
         self.argv = [f"--secure-port={self.port}" if a.startswith("--secure-port=") else a for a in self.argv]
+        # Never the `kubernetes` Service's endpoints: on the shared etcd, its lease reconciler wrote its own
+        # port there (same IP as the shared server), which stayed after it stopped, so pods reaching
+        # kubernetes.default (the in-cluster operator of the e2e tests that run later) were refused.
+        self.argv.append("--endpoint-reconciler-type=none")
         self.server = f"https://{host}:{self.port}"
         self.log = work / "private-apiserver.log"
         self.proc: subprocess.Popen | None = None
